@@ -1,0 +1,108 @@
+"""The result row (the column names are the contract) and the one Parquet writer."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, fields
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATUSES = ("ok", "unreachable", "failed")
+
+
+@dataclass
+class ResultRow:
+    combo_id: str
+    sweep: str
+    model: str
+    dataset: str
+    method: str
+    seed: int
+    target_speedup: float
+    achieved_speedup: float | None = None  # base MACs / pruned MACs
+    status: str = "failed"  # ok | unreachable | failed
+    error: str | None = None
+    base_macs: int | None = None
+    base_params: int | None = None
+    pruned_macs: int | None = None
+    pruned_params: int | None = None
+    prune_steps: int | None = None
+    prune_seconds: float | None = None
+    base_top1: float | None = None
+    pruned_top1: float | None = None  # before fine-tuning
+    final_top1: float | None = None
+    base_top5: float | None = None
+    final_top5: float | None = None
+    base_latency_ms: float | None = None
+    pruned_latency_ms: float | None = None
+    latency_speedup: float | None = None
+    device: str | None = None
+    finetune_epochs: int | None = None
+    finetune_seconds: float | None = None
+    artifact_uri: str | None = None
+    torch_version: str | None = None
+    torch_pruning_version: str | None = None
+    ray_version: str | None = None
+    progprune_version: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    # beyond the contract
+    global_pruning: bool | None = None
+    iterative_steps: int | None = None
+    round_to: int | None = None
+    overshoot_pct: float | None = None  # (achieved / target - 1) * 100
+    compression_ratio: float | None = None  # base params / pruned params
+    num_classes: int | None = None
+    base_epochs: int | None = None
+    sparse_epochs: int | None = None
+    latency_batch_size: int | None = None
+    finetune_workers: int | None = None
+    config_json: str | None = None  # the resolved ComboConfig, so the row can be rerun
+
+
+_ARROW_TYPES = {
+    int: pa.int64(),
+    float: pa.float64(),
+    str: pa.string(),
+    bool: pa.bool_(),
+}
+
+
+def _arrow_type(annotation: str) -> pa.DataType:
+    base = annotation.split("|")[0].strip()
+    return _ARROW_TYPES[{"int": int, "float": float, "str": str, "bool": bool}[base]]
+
+
+SCHEMA = pa.schema([pa.field(f.name, _arrow_type(f.type)) for f in fields(ResultRow)])
+COLUMNS = tuple(SCHEMA.names)
+
+
+def rows_to_table(rows) -> pa.Table:
+    dicts = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in rows]
+    cols = {name: [d.get(name) for d in dicts] for name in COLUMNS}
+    return pa.Table.from_pydict(cols, schema=SCHEMA)
+
+
+def write_rows(rows, path: str | os.PathLike) -> str:
+    """Write rows to a local Parquet file atomically (temp file in the same dir + rename)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=directory)
+    os.close(fd)
+    try:
+        pq.write_table(rows_to_table(rows), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_rows(path) -> list[ResultRow]:
+    table = pq.read_table(path)
+    known = {f.name for f in fields(ResultRow)}
+    return [ResultRow(**{k: v for k, v in rec.items() if k in known}) for rec in table.to_pylist()]
