@@ -1,0 +1,410 @@
+"""The sweep spec: shipped recipes load, every bad field is named by path, the grid expands
+deterministically, and no input makes `load_spec_dict` raise anything but SpecError."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from progprune.config import ComboConfig, TrainConfig
+from progprune.errors import ProgpruneError, SpecError
+from progprune.spec import (
+    FinetuneSpec,
+    ModelEntry,
+    SweepSpec,
+    load_spec,
+    load_spec_dict,
+)
+
+RAY_JOBS = Path(__file__).resolve().parent.parent / "ray_jobs"
+SPECS = sorted(p for p in RAY_JOBS.glob("*.yaml") if p.name != "runtime_env.yaml")
+HAVE_PRUNING = importlib.util.find_spec("progprune.pruning") is not None
+
+VALID = {
+    "name": "t",
+    "dataset": "digits",
+    "models": ["resnet20", "vgg11"],
+    "speedups": [1.5, 2.0],
+    "methods": ["group_norm"],
+    "seeds": [0, 1],
+}
+
+
+def spec_with(**changes) -> dict:
+    d = copy.deepcopy(VALID)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = d
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return d
+
+
+def problems(data, **kw) -> list[str]:
+    with pytest.raises(SpecError) as e:
+        load_spec_dict(data, **kw)
+    return e.value.problems
+
+
+# ---- shipped specs ------------------------------------------------------------------
+def test_ray_jobs_has_the_recipes():
+    names = {p.name for p in SPECS}
+    assert {"digits_smoke.yaml", "cifar10_resnet56.yaml", "cifar100_vgg19.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_shipped_spec_loads(path):
+    spec = load_spec(path, check_paths=False)
+    assert spec.combinations()
+    assert load_spec_dict(spec.to_dict(), check_paths=False) == spec
+
+
+def test_digits_smoke_checks_paths_too():
+    spec = load_spec(RAY_JOBS / "digits_smoke.yaml")  # no data_dir: nothing to skip
+    assert spec.finetune.use_gpu is False and spec.resources.gpus_per_task == 0
+    assert len(spec.combinations()) == 2 * 3
+
+
+def test_gpu_recipe_missing_data_dir_is_reported_when_checked(tmp_path):
+    d = load_spec(RAY_JOBS / "cifar10_resnet56.yaml", check_paths=False).to_dict()
+    d["dataset"]["data_dir"] = str(tmp_path / "nope")
+    (msg,) = problems(d)
+    assert msg.startswith("dataset.data_dir:") and "nope" in msg
+
+
+def test_cifar10_recipe_matches_the_reference():
+    s = load_spec(RAY_JOBS / "cifar10_resnet56.yaml", check_paths=False)
+    assert s.base_training.milestones == (120, 150, 180) and s.base_training.epochs == 200
+    assert s.sparse_learning.reg == 5e-4 and s.sparse_learning.milestones == (60, 80)
+    assert s.finetune.train.weight_decay == 5e-4 and s.finetune.train.batch_size == 128
+    assert s.methods == ("group_norm", "group_sl") and s.seeds == (0, 1, 2)
+
+
+def test_runtime_env_excludes_heavy_paths():
+    env = yaml.safe_load((RAY_JOBS / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "."
+    assert {".git", ".venv", "runs/"} <= set(env["excludes"])
+    assert all(isinstance(v, str) for v in env["env_vars"].values())
+
+
+# ---- defaults and shapes --------------------------------------------------------------
+def test_minimal_spec_fills_defaults():
+    s = load_spec_dict({"name": "m", "models": "resnet20", "speedups": 2})
+    assert s.models == (ModelEntry("resnet20", None),)
+    assert s.speedups == (2.0,) and s.methods == ("group_norm",) and s.seeds == (0,)
+    assert s.dataset.name == "digits" and s.output == "./runs/m"
+    assert s.finetune == FinetuneSpec(TrainConfig(epochs=0, lr=0.01), 1, False, 1)
+    assert (s.latency_batch_size, s.latency_repeats) == (1, 20)
+    assert s.resources.max_concurrent == 4
+
+
+def test_dataset_mapping_form():
+    s = load_spec_dict(spec_with(dataset={"name": "synthetic", "num_classes": 4,
+                                          "synthetic_samples": 64}))
+    assert (s.dataset.name, s.dataset.num_classes, s.dataset.synthetic_samples) == (
+        "synthetic", 4, 64)
+
+
+def test_absurd_speedup_is_not_a_spec_error():
+    assert load_spec_dict(spec_with(speedups=[1000])).speedups == (1000.0,)
+
+
+def test_yaml_scalars(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: y\nmodels: [resnet20]\nspeedups: [2]\n"
+                 "finetune: {weight_decay: 5e-4, lr: 1E-2, use_gpu: false}\n")
+    s = load_spec(p)
+    assert s.finetune.train.weight_decay == 5e-4 and s.finetune.train.lr == 0.01
+
+
+# ---- one test per bad field, exact path in the message ----------------------------------
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"finetune__epochs": -1}, "finetune.epochs: must be an integer >= 0, got -1"),
+        ({"speedups": [1.5, 0.5]}, "speedups[1]: must be a number > 1, got 0.5"),
+        ({"speedups": "fast"}, "speedups: must be a list of numbers > 1, got 'fast'"),
+        ({"speedups": [1.0]}, "speedups[0]: must be a number > 1, got 1.0"),
+        ({"speedups": [2, float("nan")]}, "speedups[1]: must be a number > 1, got nan"),
+        ({"speedups": [True]}, "speedups[0]: must be a number > 1, got True"),
+        ({"speedups": [2.0, 2]}, "speedups: duplicate entry 2.0"),
+        ({"speedups": []}, "speedups: must not be empty"),
+        ({"models": []}, "models: must not be empty"),
+        ({"models": ["resnet20", "resnet20"]}, "models: duplicate entry 'resnet20'"),
+        ({"models": [{"checkpoint": None}]}, "models[0].name: required field missing"),
+        ({"models": [{"name": "resnet20", "checkpont": "x"}]},
+         "models[0].checkpont: unknown field; did you mean 'checkpoint'?"),
+        ({"models": [42]}, "models[0]: must be a model name or a mapping"),
+        ({"methods": []}, "methods: must not be empty"),
+        ({"methods": ["group_norm", "group_norm"]}, "methods: duplicate entry 'group_norm'"),
+        ({"seeds": [0, 0]}, "seeds: duplicate entry 0"),
+        ({"seeds": [-1]}, "seeds[0]: must be an integer >= 0, got -1"),
+        ({"seeds": [1.5]}, "seeds[0]: must be an integer >= 0, got 1.5"),
+        ({"base_training__lr": 0}, "base_training.lr: must be a number > 0, got 0"),
+        ({"base_training__lr": -0.1}, "base_training.lr: must be a number > 0, got -0.1"),
+        ({"base_training__lr": "0.1"}, "base_training.lr: must be a number > 0, got '0.1'"),
+        ({"base_training__epochs": True}, "base_training.epochs: must be an integer >= 0, got True"),
+        ({"base_training__batch_size": 0}, "base_training.batch_size: must be an integer >= 1"),
+        ({"base_training__schedule": "step"}, "base_training.schedule: must be one of cosine, multistep"),
+        ({"base_training__milestones": [80, 60]}, "base_training.milestones: must be a list of increasing"),
+        ({"base_training__augment": "yes"}, "base_training.augment: must be true or false, got 'yes'"),
+        ({"sparse_learning__reg": -1}, "sparse_learning.reg: must be a number >= 0, got -1"),
+        ({"sparse_learning__epochs": -5}, "sparse_learning.epochs: must be an integer >= 0, got -5"),
+        ({"pruning__iterative_steps": 0}, "pruning.iterative_steps: must be an integer >= 1, got 0"),
+        ({"pruning__max_pruning_ratio": 0}, "pruning.max_pruning_ratio: must be a number in (0, 1]"),
+        ({"pruning__max_pruning_ratio": 1.5}, "pruning.max_pruning_ratio: must be a number in (0, 1]"),
+        ({"pruning__round_to": 0}, "pruning.round_to: must be an integer >= 1, got 0 (or null)"),
+        ({"pruning__global_pruning": 1}, "pruning.global_pruning: must be true or false, got 1"),
+        ({"pruning__method": "l1"}, "pruning.method: unknown field; list methods in the top-level"),
+        ({"finetune__num_workers": -1}, "finetune.num_workers: must be an integer >= 0, got -1"),
+        ({"finetune__use_gpu": "true"}, "finetune.use_gpu: must be true or false, got 'true'"),
+        ({"finetune__batch_size": 0}, "finetune.batch_size: must be an integer >= 1, got 0"),
+        ({"finetune__max_failures": -1}, "finetune.max_failures: must be an integer >= 0"),
+        ({"evaluation__latency_repeats": 0}, "evaluation.latency_repeats: must be an integer >= 1"),
+        ({"resources__max_concurrent": 0}, "resources.max_concurrent: must be an integer >= 1, got 0"),
+        ({"resources__gpus_per_task": -1}, "resources.gpus_per_task: must be a number >= 0"),
+        ({"finetune": [1]}, "finetune: must be a mapping, got [1]"),
+        ({"name": "Bad Name"}, "name: must match [a-z0-9][a-z0-9_.-]*"),
+        ({"name": 3}, "name: must match"),
+        ({"output": "ftp://host/x"},
+         "output: unsupported scheme 'ftp'; use a local path, file://, s3:// or gs://"),
+        ({"output": "s3://"}, "output: s3:// needs a bucket"),
+        ({"output": ""}, "output: must be a non-empty string"),
+        ({"dataset": {"name": "digits", "image_size": 0}},
+         "dataset.image_size: must be an integer >= 1, got 0"),
+        ({"dataset": "mnist"}, "dataset.name: unknown dataset 'mnist'"),
+        ({"dataset": {"name": "cifar10"}}, "dataset.data_dir: cifar10 reads"),
+        ({"models": ["resnet21"]}, "models[0]: unknown model 'resnet21'; did you mean 'resnet20'?"),
+        ({"models": [{"name": "vgg12"}]}, "models[0].name: unknown model 'vgg12'"),
+        ({"finetune__epoch": 3}, "finetune.epoch: unknown field; did you mean 'epochs'?"),
+        ({"finetun": {}}, "finetun: unknown field; did you mean 'finetune'?"),
+        ({"zzz": 1}, "zzz: unknown field; valid: name, dataset"),
+    ],
+    ids=lambda v: str(v)[:40] if isinstance(v, dict) else "",
+)
+def test_bad_field_is_named(changes, expected):
+    msgs = problems(spec_with(**changes))
+    assert any(m.startswith(expected) for m in msgs), msgs
+
+
+@pytest.mark.skipif(not HAVE_PRUNING, reason="progprune.pruning not written yet")
+def test_unknown_method_is_named():
+    msgs = problems(spec_with(methods=["group_norm", "grup_norm"]))
+    assert any(m.startswith("methods[1]: unknown method 'grup_norm'; did you mean 'group_norm'?")
+               for m in msgs), msgs
+
+
+@pytest.mark.parametrize("key", ["name", "models", "speedups"])
+def test_required_fields(key):
+    d = copy.deepcopy(VALID)
+    del d[key]
+    assert f"{key}: required field missing" in problems(d)
+
+
+def test_every_problem_is_reported_together():
+    d = spec_with(finetune__epochs=-1, speedups=[1.5, 0.5], pruning__iterative_steps=0,
+                  output="ftp://x/y", models=["resnet20", "nope"])
+    msgs = problems(d)
+    assert len(msgs) == 5, msgs
+    for path in ("finetune.epochs", "speedups[1]", "pruning.iterative_steps", "output",
+                 "models[1]"):
+        assert any(m.startswith(path + ":") for m in msgs), (path, msgs)
+    err = SpecError(msgs, source="x.yaml")
+    assert isinstance(err, ProgpruneError) and str(err).startswith("x.yaml: ")
+
+
+def test_tv_models_are_allowed():
+    assert load_spec_dict(spec_with(models=["tv:resnet18"])).models[0].name == "tv:resnet18"
+
+
+def test_spec_must_be_a_mapping():
+    assert problems([1, 2])[0].startswith("spec must be a mapping")
+    assert problems(None) == ["spec is empty"]
+
+
+# ---- paths ----------------------------------------------------------------------------
+def test_checkpoint_resolves_against_spec_dir(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "base.pt").write_bytes(b"x")
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(spec_with(
+        models=["resnet20", {"name": "vgg11", "checkpoint": "ck/base.pt"}])))
+    s = load_spec(p)
+    assert s.models[1] == ModelEntry("vgg11", str(tmp_path / "ck" / "base.pt"))
+    assert s.combinations()[-1].base_checkpoint == str(tmp_path / "ck" / "base.pt")
+    assert s.combinations()[0].base_checkpoint is None
+
+
+def test_missing_checkpoint(tmp_path):
+    d = spec_with(models=["resnet20", {"name": "vgg11", "checkpoint": "no/such.pt"}])
+    msgs = problems(d, base_dir=str(tmp_path))
+    assert msgs == [f"models[1].checkpoint: file not found: {tmp_path / 'no' / 'such.pt'}"]
+    # check_paths=False skips the filesystem, not the other rules
+    assert load_spec_dict(d, base_dir=str(tmp_path), check_paths=False).models[1].checkpoint
+    assert problems({**d, "seeds": [-1]}, check_paths=False) == [
+        "seeds[0]: must be an integer >= 0, got -1"]
+
+
+@pytest.mark.parametrize("out", ["./runs/x", "/abs/x", "file:///tmp/x", "s3://b/x", "gs://b/x"])
+def test_supported_outputs(out):
+    assert load_spec_dict(spec_with(output=out)).output == out
+
+
+def test_output_override(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(VALID))
+    assert load_spec(p, output_override="s3://bucket/run").output == "s3://bucket/run"
+    with pytest.raises(SpecError, match="unsupported scheme 'ftp'"):
+        load_spec(p, output_override="ftp://h/x")
+
+
+# ---- file and YAML errors -----------------------------------------------------------------
+def test_yaml_syntax_error_has_line_and_column(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: t\nmodels: [resnet20\nspeedups: [2]\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    (msg,) = e.value.problems
+    assert "YAML syntax error at line 3, column" in msg, msg
+    assert e.value.source == str(p)
+
+
+def test_duplicate_yaml_key(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: t\nmodels: [resnet20]\nspeedups: [2]\nspeedups: [3]\n")
+    with pytest.raises(SpecError, match=r"line 4, column 1: .*duplicate key 'speedups'"):
+        load_spec(p)
+
+
+def test_yaml_yes_is_not_a_boolean(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: t\nmodels: [resnet20]\nspeedups: [2]\nfinetune: {use_gpu: yes}\n")
+    with pytest.raises(SpecError, match="finetune.use_gpu: must be true or false, got 'yes'"):
+        load_spec(p)
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe\x00bad", "", "- a\n- b\n"])
+def test_unreadable_or_empty_file(tmp_path, content):
+    p = tmp_path / "s.yaml"
+    if content is not None:
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SpecError):
+        load_spec(p)
+
+
+def test_directory_is_not_a_spec(tmp_path):
+    with pytest.raises(SpecError, match="cannot read spec"):
+        load_spec(tmp_path)
+
+
+# ---- round trip and combinations -------------------------------------------------------------
+def test_round_trip_through_yaml(tmp_path):
+    s = load_spec(RAY_JOBS / "cifar10_resnet56.yaml", check_paths=False)
+    d = s.to_dict()
+    assert load_spec_dict(d, check_paths=False) == s
+    p = tmp_path / "resolved.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert load_spec(p, check_paths=False) == s
+    assert d["pruning"].keys() == {"global_pruning", "iterative_steps", "max_pruning_ratio",
+                                   "round_to", "tolerance"}
+
+
+def test_combinations_count_order_and_ids():
+    s = load_spec_dict(spec_with(methods=["group_norm", "l1"] if HAVE_PRUNING else ["group_norm"]))
+    combos = s.combinations()
+    n_methods = len(s.methods)
+    assert len(combos) == 2 * 2 * n_methods * 2
+    assert all(isinstance(c, ComboConfig) and c.sweep == "t" for c in combos)
+    keys = [(c.model, c.target_speedup, c.method, c.seed) for c in combos]
+    assert keys == sorted(keys, key=lambda k: (
+        s.models.index(ModelEntry(k[0])), s.speedups.index(k[1]), s.methods.index(k[2]), k[3]))
+    assert keys[:2] == [("resnet20", 1.5, "group_norm", 0), ("resnet20", 1.5, "group_norm", 1)]
+    ids = [c.combo_id() for c in combos]
+    assert len(set(ids)) == len(ids)
+    again = load_spec_dict(copy.deepcopy(spec_with(
+        methods=list(s.methods)))).combinations()
+    assert [c.combo_id() for c in again] == ids
+    # the sweep name is display only
+    renamed = load_spec_dict(spec_with(name="other", methods=list(s.methods))).combinations()
+    assert [c.combo_id() for c in renamed] == ids
+
+
+def test_combo_carries_settings():
+    s = load_spec_dict(spec_with(pruning={"iterative_steps": 50, "round_to": 8},
+                                 finetune={"epochs": 2, "lr": 0.02},
+                                 evaluation={"latency_repeats": 3}))
+    c = s.combinations()[0]
+    assert c.prune.iterative_steps == 50 and c.prune.round_to == 8
+    assert c.prune.method == "group_norm"
+    assert c.finetune.epochs == 2 and c.finetune.lr == 0.02
+    assert c.latency_repeats == 3 and c.dataset == s.dataset
+
+
+# ---- property: nothing but SpecError escapes -------------------------------------------------
+_KEYS = [
+    "name", "dataset", "models", "speedups", "methods", "seeds", "base_training",
+    "sparse_learning", "pruning", "finetune", "evaluation", "resources", "output",
+    "epochs", "lr", "milestones", "checkpoint", "data_dir", "num_classes", "round_to",
+    "use_gpu", "num_workers", "max_concurrent", "iterative_steps", "max_pruning_ratio",
+    "schedule", "augment", "gamma", "reg", "image_size", "batch_size",
+]
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
+    st.sampled_from(["resnet20", "vgg11", "group_norm", "digits", "cifar10", "s3://b/x",
+                     "ftp://x", "tv:", "multistep", "../x.pt", "\x00"]),
+    st.just(10**400),
+)
+_keys = st.one_of(st.sampled_from(_KEYS), st.text(max_size=8), st.integers(), st.none())
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_keys, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _check(data):
+    try:
+        spec = load_spec_dict(data)
+    except SpecError:
+        return
+    assert isinstance(spec, SweepSpec)
+    assert load_spec_dict(spec.to_dict()) == spec
+    spec.combinations()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_keys, _values, max_size=8))
+def test_random_specs_raise_only_spec_error(data):
+    _check(data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_valid_specs_raise_only_spec_error(data):
+    d = load_spec(RAY_JOBS / "digits_smoke.yaml").to_dict()
+    for _ in range(data.draw(st.integers(1, 3))):
+        node = d
+        # walk down a random path of existing keys/indices, then replace/delete/add there
+        while isinstance(node, (dict, list)) and node and data.draw(st.booleans()):
+            key = data.draw(st.sampled_from(list(node) if isinstance(node, dict)
+                                            else range(len(node))))
+            if not isinstance(node[key], (dict, list)):
+                break
+            node = node[key]
+        if isinstance(node, dict):
+            key = data.draw(st.sampled_from(list(node) + ["extra"]) | _keys)
+        elif isinstance(node, list) and node:
+            key = data.draw(st.integers(0, len(node) - 1))
+        else:
+            continue
+        if data.draw(st.booleans()) and isinstance(node, dict):
+            node.pop(key, None)
+        else:
+            node[key] = data.draw(_values)
+    _check(d)
