@@ -1,0 +1,316 @@
+"""`progprune report`: aggregation checked against numbers computed here, the plots, the
+Markdown/HTML, bad input, and the real CLI in a subprocess."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+
+import matplotlib.image as mpimg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from progprune.errors import ProgpruneError
+from progprune.report import build_report, report_command
+from progprune.results import ResultRow, write_rows
+
+MODELS = ("resnet20", "vgg11")
+METHODS = ("group_norm", "l1")
+TARGETS = (1.5, 2.0, 3.0)
+SEEDS = (0, 1, 2)
+SLOW = ("vgg11", "l1", 1.5)  # MACs fall, latency rises: must be flagged
+VERSIONS = dict(torch_version="2.13.0", torch_pruning_version="1.6.1", ray_version="2.60.0",
+                progprune_version="0.1.0")
+
+
+def _ok_row(model, method, target, seed) -> ResultRow:
+    # distinct, seed-dependent numbers so a wrong grouping or ddof shows up in the means/stds
+    k = MODELS.index(model) * 0.01 + METHODS.index(method) * 0.003
+    base_params = 270_000 + 1000 * MODELS.index(model)
+    pruned_params = int(base_params / (target * (0.9 + 0.01 * seed)))
+    base_ms = 4.0 + seed * 0.1
+    pruned_ms = base_ms / (0.9 - 0.02 * seed) if (model, method, target) == SLOW \
+        else base_ms / (target * (0.7 + 0.05 * seed))
+    return ResultRow(
+        combo_id=f"{model}-{method}-{target}-{seed}", sweep="unit-sweep", model=model,
+        dataset="cifar10", method=method, seed=seed, target_speedup=target,
+        achieved_speedup=target * (1.0 + 0.004 * (seed + 1)), status="ok",
+        base_macs=41_000_000, base_params=base_params, pruned_macs=int(41e6 / target),
+        pruned_params=pruned_params,
+        base_top1=0.91 + 0.003 * seed + k, pruned_top1=0.40 + 0.05 * seed - 0.02 * target,
+        final_top1=0.90 - 0.01 * target + 0.004 * seed ** 2 + k,
+        base_latency_ms=base_ms, pruned_latency_ms=pruned_ms,
+        latency_speedup=base_ms / pruned_ms, device="cpu", finetune_epochs=3, **VERSIONS,
+    )
+
+
+UNREACHABLE = ResultRow(
+    combo_id="unreach", sweep="unit-sweep", model="resnet20", dataset="cifar10", method="l1",
+    seed=3, target_speedup=3.0, achieved_speedup=2.41, status="unreachable",
+    final_top1=0.05, error="target 3x unreachable: stopped at 2.41x after 400 steps", **VERSIONS,
+)
+FAILED = ResultRow(
+    combo_id="fail", sweep="unit-sweep", model="vgg11", dataset="cifar10", method="group_norm",
+    seed=7, target_speedup=2.0, status="failed",
+    error="RuntimeError: out of memory\n  while fine-tuning", **VERSIONS,
+)
+
+
+def _rows():
+    ok = [_ok_row(m, meth, t, s) for m in MODELS for meth in METHODS for t in TARGETS
+          for s in SEEDS]
+    return ok + [UNREACHABLE, FAILED]
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    d = tmp_path / "sweep"
+    write_rows(_rows(), d / "results.parquet")
+    return d
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One md+html report shared by the read-only checks (rendering is the slow part)."""
+    d = tmp_path_factory.mktemp("shared") / "sweep"
+    write_rows(_rows(), d / "results.parquet")
+    return build_report(str(d), fmt="html")
+
+
+def _read(path) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+# ---- numbers ---------------------------------------------------------------------------------
+def test_aggregates_match_independent_computation(report):
+    table = report["table"]
+    assert len(table) == len(MODELS) * len(METHODS) * len(TARGETS)
+    for model in MODELS:
+        for method in METHODS:
+            for target in TARGETS:
+                rows = [_ok_row(model, method, target, s) for s in SEEDS]
+                got = table[(table.model == model) & (table.method == method)
+                            & (table.target_speedup == target)]
+                assert len(got) == 1, (model, method, target)
+                got = got.iloc[0]
+                assert got["n"] == 3
+                expected = {
+                    "final_top1": [r.final_top1 for r in rows],
+                    "base_top1": [r.base_top1 for r in rows],
+                    "pruned_top1": [r.pruned_top1 for r in rows],
+                    "achieved_speedup": [r.achieved_speedup for r in rows],
+                    "compression_ratio": [r.base_params / r.pruned_params for r in rows],
+                    "latency_speedup": [r.base_latency_ms / r.pruned_latency_ms for r in rows],
+                }
+                for name, values in expected.items():
+                    assert got[f"{name}_mean"] == pytest.approx(statistics.mean(values)), name
+                    assert got[f"{name}_std"] == pytest.approx(statistics.stdev(values)), name
+
+
+def test_not_ok_rows_are_listed_apart_and_kept_out_of_the_means(report):
+    table, probs = report["table"], report["problems"]
+    assert sorted(probs["status"]) == ["failed", "unreachable"]
+    unreach = probs[probs.status == "unreachable"].iloc[0]
+    assert unreach["error"] == UNREACHABLE.error and unreach["achieved_speedup"] == 2.41
+    # the multi-line error is kept, on one line
+    assert probs[probs.status == "failed"].iloc[0]["error"] == \
+        "RuntimeError: out of memory while fine-tuning"
+    # the unreachable row's final_top1 of 0.05 must not pull the group's mean down
+    grp = table[(table.model == "resnet20") & (table.method == "l1")
+                & (table.target_speedup == 3.0)].iloc[0]
+    assert grp["n"] == 3 and grp["not_ok"] == 1
+    assert grp["final_top1_mean"] == pytest.approx(
+        statistics.mean(_ok_row("resnet20", "l1", 3.0, s).final_top1 for s in SEEDS))
+    md = _read(report["markdown"])
+    section = md.split("## Not ok")[1]
+    assert UNREACHABLE.error in section
+    assert "RuntimeError: out of memory while fine-tuning" in section
+    assert "| unreachable |" in section and "| failed |" in section
+
+
+def test_latency_rise_is_flagged(report):
+    table = report["table"]
+    rose = table[table["latency_rose"]]
+    assert [tuple(r) for r in rose[["model", "method", "target_speedup"]].to_numpy()] == [SLOW]
+    md = _read(report["markdown"])
+    section = md.split("## Latency rose although MACs fell")[1].split("##")[0]
+    assert "vgg11 / `l1` at target 1.5x" in section
+    assert md.count("(latency rose)") == 1  # in the vgg11 table's latency cell
+
+
+# ---- files -----------------------------------------------------------------------------------
+def test_plots_are_real_pngs(report):
+    assert set(report["plots"]) == {"accuracy", "latency"}
+    for path in report["plots"].values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        img = mpimg.imread(path)
+        h, w = img.shape[:2]
+        assert w >= 400 and h >= 300, (path, w, h)
+        assert np.ptp(img[..., :3]) > 0.5, f"{path} is (nearly) one colour"
+
+
+def test_markdown_embeds_plots_tables_and_setup(report):
+    md = _read(report["markdown"])
+    assert report["out_dir"].endswith(os.path.join("sweep", "report"))
+    assert "](accuracy_vs_speedup.png)" in md and "](latency_vs_speedup.png)" in md
+    for name in ("accuracy_vs_speedup.png", "latency_vs_speedup.png", "summary.csv"):
+        assert os.path.exists(os.path.join(report["out_dir"], name))
+    for version in VERSIONS.values():
+        assert version in md
+    assert "| Sweep | unit-sweep |" in md
+    assert "| Fine-tune epochs | 3 |" in md
+    assert "| Devices | cpu |" in md
+    assert "### cifar10 / resnet20" in md and "### cifar10 / vgg11" in md
+    # one computed cell, spelled out: final top-1 % of resnet20/group_norm at 2x
+    vals = [100 * _ok_row("resnet20", "group_norm", 2.0, s).final_top1 for s in SEEDS]
+    assert f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}" in md
+
+
+def test_html_is_self_contained(report):
+    assert report["report"] == report["html"] and report["html"].endswith("report.html")
+    page = _read(report["html"])
+    assert page.count('src="data:image/png;base64,') == 2
+    assert 'src="accuracy_vs_speedup.png"' not in page
+    assert "<table>" in page and "2.60.0" in page and "<code>l1</code>" in page
+    assert 'class="rose"' in page
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+def test_cli_prints_table_problems_and_report_path(sweep_dir, tmp_path):
+    out = tmp_path / "rep"
+    result = CliRunner().invoke(report_command, [str(sweep_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert f"report: {out / 'report.md'}" in text
+    assert "cifar10 / vgg11" in text and "group_norm" in text
+    assert "unreachable" in text and "failed" in text and UNREACHABLE.error in text
+    assert "latency rose" in text
+    assert (out / "report.md").exists() and not (out / "report.html").exists()
+
+
+def test_cli_in_a_real_subprocess(sweep_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "progprune.report", str(sweep_dir / "results.parquet"),
+         "--format", "html"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"report: {sweep_dir / 'report' / 'report.html'}" in proc.stdout
+    assert (sweep_dir / "report" / "latency_vs_speedup.png").exists()
+
+
+def _not_parquet(tmp_path):
+    p = tmp_path / "results.parquet"
+    p.write_text("combo_id,model\nabc,resnet20\n")
+    return p
+
+
+def _missing_columns(tmp_path):
+    p = tmp_path / "results.parquet"
+    pq.write_table(pa.table({"model": ["resnet20"], "seed": [0]}), p)
+    return p
+
+
+def _dir_without_results(tmp_path):
+    d = tmp_path / "emptydir"
+    d.mkdir()
+    return d
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "nope" / "results.parquet", "results not found"),
+    (_not_parquet, "not a Parquet file"),
+    (_missing_columns, "lacks required columns"),
+    (_dir_without_results, "no results.parquet in directory"),
+    (lambda tmp: "file://" + str(tmp / "gone.parquet"), "results not found"),
+], ids=["missing", "not-parquet", "missing-columns", "dir-without-results", "file-uri-missing"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, make, message):
+    src = make(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(report_command, [str(src), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
+    # default out dir too: nothing appears next to the bad file
+    assert CliRunner().invoke(report_command, [str(src)]).exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(ProgpruneError, match=message):
+        build_report(str(src))
+
+
+def test_bad_input_in_a_real_subprocess_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "progprune.report", str(_missing_columns(tmp_path))],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "report").exists()
+
+
+def test_empty_table_reports_empty(tmp_path):
+    write_rows([], tmp_path / "results.parquet")
+    result = CliRunner().invoke(report_command, [str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "empty" in result.stdout
+    md = _read(tmp_path / "report" / "report.md")
+    assert "The results table is empty" in md
+    assert not list((tmp_path / "report").glob("*.png"))
+
+
+def test_all_failed_lists_failures_without_plots(tmp_path):
+    write_rows([FAILED, UNREACHABLE], tmp_path / "results.parquet")
+    out = build_report(str(tmp_path))
+    assert out["table"].empty and out["plots"] == {} and len(out["problems"]) == 2
+    md = _read(out["markdown"])
+    assert "No combination finished ok" in md and UNREACHABLE.error in md
+
+
+def test_single_seed_has_no_std(tmp_path):
+    write_rows([_ok_row("resnet20", "l1", 2.0, 0)], tmp_path / "results.parquet")
+    out = build_report(str(tmp_path))
+    row = out["table"].iloc[0]
+    assert row["n"] == 1 and np.isnan(row["final_top1_std"])
+    assert "single ok seed" in _read(out["markdown"])
+
+
+# ---- locations and atomic writes ---------------------------------------------------------------
+def test_file_uri_and_default_out_dir(sweep_dir):
+    out = build_report("file://" + str(sweep_dir / "results.parquet"))
+    assert out["out_dir"] == str(sweep_dir / "report")
+    assert os.path.exists(out["markdown"])
+
+
+def test_rerun_replaces_the_report_and_failure_keeps_the_old_one(sweep_dir, monkeypatch):
+    first = build_report(str(sweep_dir))
+    marker = os.path.join(first["out_dir"], "stale.txt")
+    open(marker, "w").close()
+    build_report(str(sweep_dir))  # replaces the whole directory
+    assert not os.path.exists(marker)
+
+    import progprune.report._plots as plots
+
+    def boom(*a, **k):
+        raise RuntimeError("plotting broke")
+
+    monkeypatch.setattr(plots, "latency_plot", boom)
+    open(marker, "w").close()
+    with pytest.raises(RuntimeError, match="plotting broke"):
+        build_report(str(sweep_dir))
+    assert os.path.exists(marker), "a failed run must leave the previous report as it was"
+    leftovers = [n for n in os.listdir(sweep_dir) if n.startswith(".report")]
+    assert leftovers == []
+    assert sorted(os.listdir(sweep_dir)) == ["report", "results.parquet"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_report(sweep_dir):
+    result = CliRunner().invoke(report_command, [str(sweep_dir), "--out", str(sweep_dir)])
+    assert result.exit_code == 2 and "refusing to replace" in result.stderr
+    assert sorted(os.listdir(sweep_dir)) == ["results.parquet"]
