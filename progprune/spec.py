@@ -378,19 +378,6 @@ def _unknown(key, valid) -> str:
     return f"unknown field; valid: {', '.join(valid)}"
 
 
-def _registry(module: str, fn: str):
-    """Names from a registry module, or None while that module is not written yet."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None
-        raise
-    return getattr(mod, fn)
-
-
 class _Validator:
     def __init__(self, base_dir: str, check_paths: bool):
         self.base_dir = base_dir
@@ -449,12 +436,10 @@ class _Validator:
                 self.bad(path, f"duplicate entry {_show(key(x))}")
             seen.add(key(x))
 
-    def known(self, path: str, names, registry, kind: str, allow=lambda n: False) -> None:
-        if registry is None:
-            return
-        valid = list(registry())
+    def known(self, path: str, names, valid: list[str], kind: str) -> None:
+        """Registry names; `path` is formatted with the item's index."""
         for i, n in enumerate(names):
-            if n not in valid and not allow(n):
+            if n not in valid and not (kind == "model" and n.startswith("tv:") and len(n) > 3):
                 close = _closest(n, valid)
                 hint = f"did you mean {close!r}? " if close else ""
                 self.bad(path.format(i), f"unknown {kind} {n!r}; {hint}valid: {', '.join(valid)}")
@@ -474,8 +459,9 @@ class _Validator:
         self.unique("speedups", speedups)
         methods = self.grid(d.get("methods", ["group_norm"]), "methods", _str, "method names")
         self.unique("methods", methods)
-        self.known("methods[{}]", methods, _registry("progprune.pruning", "list_methods"),
-                   "method")
+        from progprune.pruning import list_methods  # lazy: torch + torch-pruning
+
+        self.known("methods[{}]", methods, list_methods(), "method")
         seeds = self.grid(d.get("seeds", [0]), "seeds", _int(0), "integers >= 0")
         self.unique("seeds", seeds)
         ft = self.section(d.get("finetune"), "finetune", _FINETUNE, _FINETUNE_DEFAULTS)
@@ -550,12 +536,11 @@ class _Validator:
             out.append(ModelEntry(f["name"], ckpt))
             paths.append(f"models[{i}].name")
         self.unique("models", out, key=lambda m: m.name)
-        registry = _registry("progprune.models", "list_models")
-        if registry is not None:
-            valid = set(registry())
-            for p, m in zip(paths, out):
-                self.known(p, [m.name], registry, "model",
-                           allow=lambda n: n in valid or (n.startswith("tv:") and len(n) > 3))
+        from progprune.models import list_models  # lazy: imports torch
+
+        valid = list_models()
+        for p, m in zip(paths, out):
+            self.known(p, [m.name], valid, "model")
         return tuple(out)
 
     def dataset(self, data) -> DatasetConfig:
@@ -568,20 +553,18 @@ class _Validator:
         cfg = DatasetConfig(**f)
         if len(self.problems) > before:
             return cfg
-        if self.check_paths:
-            check = _registry("progprune.data", "check_dataset")
-            if check is not None:
-                try:
-                    check(cfg)
-                except (ProgpruneError, OSError) as e:
-                    msg = str(e)  # data.py already names the field ("dataset.data_dir: ...")
-                    if re.match(r"dataset[.:]", msg):
-                        self.problems.append(msg)
-                    else:
-                        self.bad("dataset", msg)
-        else:
-            self.known("dataset.name", [cfg.name],
-                       _registry("progprune.data", "list_datasets"), "dataset")
+        from progprune.data import check_dataset  # lazy: imports torch
+
+        try:
+            check_dataset(cfg)
+        except (ProgpruneError, OSError) as e:
+            msg = str(e)  # data.py names the field itself ("dataset.data_dir: ...")
+            if not re.match(r"dataset[.:]", msg):
+                msg = f"dataset: {msg}"
+            # check_paths=False: the data lives on the cluster, not here
+            skip = not self.check_paths and cfg.data_dir and msg.startswith("dataset.data_dir:")
+            if not skip:
+                self.problems.append(msg)
         return cfg
 
     def output(self, v) -> str:

@@ -251,6 +251,27 @@ def test_missing_checkpoint(tmp_path):
         "seeds[0]: must be an integer >= 0, got -1"]
 
 
+@pytest.mark.parametrize(
+    "dataset, expected",
+    [
+        ("mnist", "dataset.name: unknown dataset 'mnist'"),
+        ({"name": "synthetic", "num_classes": 1}, "dataset.num_classes: synthetic needs >= 2"),
+        ({"name": "cifar10"}, "dataset.data_dir: cifar10 reads"),  # missing, not unreadable
+    ],
+)
+def test_dataset_rules_kept_without_path_checks(dataset, expected):
+    (msg,) = problems(spec_with(dataset=dataset), check_paths=False)
+    assert msg.startswith(expected), msg
+
+
+def test_data_dir_resolves_against_spec_dir(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(spec_with(dataset={"name": "cifar10", "data_dir": "data/c10"})))
+    assert load_spec(p, check_paths=False).dataset.data_dir == str(tmp_path / "data" / "c10")
+    with pytest.raises(SpecError, match=r"dataset\.data_dir: .*data/c10"):
+        load_spec(p)
+
+
 @pytest.mark.parametrize("out", ["./runs/x", "/abs/x", "file:///tmp/x", "s3://b/x", "gs://b/x"])
 def test_supported_outputs(out):
     assert load_spec_dict(spec_with(output=out)).output == out
