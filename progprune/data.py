@@ -142,7 +142,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, mean, std, shu
         xb = x[b].to(device, non_blocking=True).float()
         if augment:
             xb = _augment(xb, generator)
-        yield (xb - mean_t) / std_t, y[b].to(device, non_blocking=True)
+        yield (xb - mean_t) / std_t, y[b.to(y.device)].to(device, non_blocking=True)
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4) -> torch.Tensor:

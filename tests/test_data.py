@@ -1,0 +1,190 @@
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from fixtures_data import write_cifar10, write_cifar100, write_imagefolder, write_malicious_pickle
+from progprune.config import DatasetConfig
+from progprune.data import Splits, batches, check_dataset, list_datasets, load_dataset
+from progprune.errors import ProgpruneError
+
+
+def _ids(x: torch.Tensor) -> set:
+    return {bytes(t.numpy()) for t in x}
+
+
+def _check_splits(s: Splits, num_classes: int):
+    assert s.num_classes == num_classes
+    for x, y in ((s.train_x, s.train_y), (s.val_x, s.val_y), (s.test_x, s.test_y)):
+        assert x.dtype == torch.uint8 and y.dtype == torch.int64
+        assert tuple(x.shape[1:]) == s.input_shape and len(x) == len(y) > 0
+        assert 0 <= y.min() and y.max() < num_classes
+    assert len(s.mean) == len(s.std) == s.input_shape[0]
+
+
+def test_registry_names():
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
+    with pytest.raises(ProgpruneError, match="unknown dataset 'mnist'; valid: cifar10, cifar100"):
+        check_dataset(DatasetConfig("mnist"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DatasetConfig("digits"))
+
+
+def test_digits_split_sizes_stratified_and_fixed(digits):
+    _check_splits(digits, 10)
+    assert digits.input_shape == (3, 32, 32)
+    assert (len(digits.train_y), len(digits.val_y), len(digits.test_y)) == (1257, 270, 270)
+    total = torch.bincount(torch.cat([digits.train_y, digits.val_y, digits.test_y]))
+    for y in (digits.val_y, digits.test_y, digits.train_y):
+        expected = total * len(y) / total.sum()
+        assert (torch.bincount(y, minlength=10) - expected).abs().max() <= 1
+    assert torch.equal(digits.train_x[:, 0], digits.train_x[:, 2])  # grey replicated to RGB
+    assert digits.train_x.max() > 200  # 0..16 scaled to 0..255
+    other_seed = load_dataset(DatasetConfig("digits"), seed=123)  # split ignores the run seed
+    assert torch.equal(other_seed.val_x, digits.val_x) and torch.equal(other_seed.test_y, digits.test_y)
+
+
+def test_digits_num_classes_mismatch():
+    with pytest.raises(ProgpruneError, match="dataset.num_classes: digits has 10 classes, got 7"):
+        check_dataset(DatasetConfig("digits", num_classes=7))
+    check_dataset(DatasetConfig("digits", num_classes=10))
+
+
+def test_cifar10_pickle_layout(tmp_path):
+    d = write_cifar10(tmp_path / "c10", per_batch=10, n_test=20)
+    s = load_dataset(DatasetConfig("cifar10", data_dir=str(d)))
+    _check_splits(s, 10)
+    assert (len(s.train_y), len(s.val_y), len(s.test_y)) == (45, 5, 20)
+    assert len(set(s.val_y.tolist())) == 5  # stratified: 5 different classes among 5 held out
+    assert not _ids(s.train_x) & _ids(s.val_x)
+    assert s.mean == (0.4914, 0.4822, 0.4465)
+
+
+def test_cifar100_pickle_layout(tmp_path):
+    d = write_cifar100(tmp_path / "c100", n_train=60, n_test=20)
+    s = load_dataset(DatasetConfig("cifar100", data_dir=str(d), num_classes=100))
+    _check_splits(s, 100)
+    assert (len(s.train_y), len(s.val_y), len(s.test_y)) == (54, 6, 20)
+    assert not _ids(s.train_x) & _ids(s.val_x)
+    with pytest.raises(ProgpruneError, match="cifar100 has 100 classes, got 10"):
+        check_dataset(DatasetConfig("cifar100", data_dir=str(d), num_classes=10))
+
+
+def test_cifar_missing_files_named(tmp_path):
+    d = write_cifar10(tmp_path / "c10")
+    (d / "data_batch_3").unlink()
+    (d / "test_batch").unlink()
+    with pytest.raises(ProgpruneError) as e:
+        check_dataset(DatasetConfig("cifar10", data_dir=str(d)))
+    assert str(d) in str(e.value) and "data_batch_3, test_batch" in str(e.value)
+    with pytest.raises(ProgpruneError, match="set dataset.data_dir"):
+        load_dataset(DatasetConfig("cifar100"))
+    with pytest.raises(ProgpruneError, match="is not a directory"):
+        check_dataset(DatasetConfig("cifar100", data_dir=str(tmp_path / "nope")))
+
+
+def test_malicious_pickle_refused(tmp_path):
+    d = write_cifar10(tmp_path / "c10")
+    marker = tmp_path / "pwned"
+    write_malicious_pickle(d / "data_batch_2", marker)
+    with pytest.raises(ProgpruneError, match=r"data_batch_2: not a CIFAR python-pickle .*system is not allowed"):
+        load_dataset(DatasetConfig("cifar10", data_dir=str(d)))
+    assert not marker.exists()
+
+
+def test_imagefolder(tmp_path):
+    d = write_imagefolder(tmp_path / "f", n_train=4, n_val=2)
+    s = load_dataset(DatasetConfig("imagefolder", data_dir=str(d), image_size=16))
+    _check_splits(s, 3)
+    assert s.input_shape == (3, 16, 16)
+    assert (len(s.train_y), len(s.val_y)) == (12, 6)
+    assert torch.equal(s.test_x, s.val_x)  # no test/ -> val
+    assert s.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # classes sorted: cat, dog, frog
+    write_imagefolder(tmp_path / "g", n_train=2, n_val=1, n_test=3)
+    s = load_dataset(DatasetConfig("imagefolder", data_dir=str(tmp_path / "g"), image_size=8))
+    assert len(s.test_y) == 9 and s.train_x.shape[1:] == (3, 8, 8)
+
+
+def test_imagefolder_errors(tmp_path):
+    d = write_imagefolder(tmp_path / "f")
+    with pytest.raises(ProgpruneError, match="imagefolder has 3 classes, got 5"):
+        check_dataset(DatasetConfig("imagefolder", data_dir=str(d), num_classes=5))
+    shutil.rmtree(d / "val")
+    with pytest.raises(ProgpruneError, match=f"{d / 'val'} is missing"):
+        check_dataset(DatasetConfig("imagefolder", data_dir=str(d)))
+
+
+def test_synthetic_seeded():
+    cfg = DatasetConfig("synthetic", num_classes=4, image_size=12, synthetic_samples=40)
+    a, b, c = load_dataset(cfg, seed=1), load_dataset(cfg, seed=1), load_dataset(cfg, seed=2)
+    _check_splits(a, 4)
+    assert a.input_shape == (3, 12, 12) and (len(a.train_y), len(a.val_y)) == (40, 10)
+    assert torch.equal(a.train_x, b.train_x) and not torch.equal(a.train_x, c.train_x)
+    with pytest.raises(ProgpruneError, match="dataset.synthetic_samples"):
+        check_dataset(dataclasses.replace(cfg, synthetic_samples=0))
+
+
+def test_batches_normalize_and_augment(digits):
+    x, y = digits.train_x[:64], digits.train_y[:64]
+    (plain, py), = batches(x, y, 64, mean=digits.mean, std=digits.std)
+    assert plain.dtype == torch.float32 and plain.shape == (64, 3, 32, 32) and torch.equal(py, y)
+    assert abs(plain.mean().item()) < 0.5
+    g = torch.Generator().manual_seed(0)
+    (aug, ay), = batches(x, y, 64, mean=digits.mean, std=digits.std, augment=True, generator=g)
+    assert aug.shape == plain.shape and torch.equal(ay, y)
+    assert not torch.equal(aug, plain)
+    # every augmented image is a (possibly flipped) shifted copy: same value range
+    assert aug.min() >= plain.min() - 1e-5 and aug.max() <= plain.max() + 1e-5
+    g = torch.Generator().manual_seed(0)
+    (again, _), = batches(x, y, 64, mean=digits.mean, std=digits.std, augment=True, generator=g)
+    assert torch.equal(aug, again)
+
+
+def test_batches_crop_is_a_shift_and_flip():
+    x = torch.arange(16 * 16, dtype=torch.float32).reshape(1, 1, 16, 16).div(256 / 255).to(torch.uint8)
+    x = x.expand(200, 3, 16, 16).contiguous()
+    y = torch.zeros(200, dtype=torch.int64)
+    (out, _), = batches(x, y, 200, mean=(0, 0, 0), std=(1 / 255,) * 3, augment=True,
+                        generator=torch.Generator().manual_seed(1))
+    centre = out[:, 0, 4:12, 4:12]  # away from the reflected border
+    src = x[0, 0].float()
+    flipped = 0
+    for img in centre:
+        found = [(dy, dx, f) for f in (False, True) for dy in range(-4, 5) for dx in range(-4, 5)
+                 if torch.equal(img, (src.flip(1) if f else src)[4 + dy:12 + dy, 4 + dx:12 + dx])]
+        assert found
+        flipped += found[0][2]
+    assert 50 < flipped < 150
+
+
+@pytest.mark.parametrize("n, world_size, drop_last", [(100, 4, False), (103, 4, False), (103, 4, True)])
+def test_batches_shard_across_ranks(n, world_size, drop_last):
+    x = torch.arange(n, dtype=torch.int64).view(n, 1, 1, 1).to(torch.uint8)
+    y = torch.arange(n)
+    shards = []
+    for rank in range(world_size):
+        g = torch.Generator().manual_seed(7)  # every rank seeds alike
+        ys = [yb for _, yb in batches(x, y, 5, mean=(0,), std=(1,), shuffle=True, generator=g,
+                                      rank=rank, world_size=world_size, drop_last=drop_last)]
+        shards.append(torch.cat(ys).tolist())
+    sizes = {len(s) for s in shards}
+    assert len(sizes) == 1
+    seen = [i for s in shards for i in s]
+    if n % world_size == 0:
+        assert sorted(seen) == list(range(n))  # disjoint and covering
+    elif drop_last:
+        assert len(set(seen)) == len(seen) == (n // world_size) * world_size  # disjoint, tail trimmed
+    else:
+        assert set(seen) == set(range(n))  # covering; the tail wraps to pad the last shard
+        assert len(seen) - n == world_size - n % world_size
+
+
+def test_batches_drop_last():
+    x = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
+    y = torch.arange(10)
+    assert [len(b) for _, b in batches(x, y, 4, mean=(0,), std=(1,))] == [4, 4, 2]
+    assert [len(b) for _, b in batches(x, y, 4, mean=(0,), std=(1,), drop_last=True)] == [4, 4]

@@ -1,0 +1,95 @@
+"""The model registry drives these tests: every registered model builds, runs and prunes."""
+import importlib.util
+
+import pytest
+import torch
+import torch_pruning as tp
+
+from progprune.errors import ProgpruneError
+from progprune.models import MODELS, build_model, classifier_layers, example_inputs, list_models
+
+
+def _prune_once(model, num_classes):
+    ignored = classifier_layers(model, num_classes)
+    assert len(ignored) == 1
+    x = example_inputs()
+    pruner = tp.pruner.BasePruner(
+        model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=0.3, ignored_layers=ignored,
+    )
+    pruner.step()
+    return ignored[0]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_builds_runs_and_prunes(name):
+    torch.manual_seed(0)
+    models = {k: build_model(name, k).eval() for k in (10, 100)}
+    for num_classes, model in models.items():
+        with torch.no_grad():
+            assert model(torch.randn(2, 3, 32, 32)).shape == (2, num_classes)
+    model = models[10]  # pruning once is enough; tracing is the slow part
+    macs0, params0 = tp.utils.count_ops_and_params(model, example_inputs())
+    classifier = _prune_once(model, 10)
+    macs1, params1 = tp.utils.count_ops_and_params(model, example_inputs())
+    assert macs1 < macs0 and params1 < params0
+    assert getattr(classifier, "out_features", getattr(classifier, "out_channels", None)) == 10
+    assert classifier in classifier_layers(model, 10)  # the classifier stayed whole
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name, num_classes, macs_m, params_m", [
+    ("resnet56", 10, 127.12, 0.86),   # Torch-Pruning reproduce/readme.md, ResNet-56 / CIFAR-10
+    ("vgg19", 100, 512.73, 20.09),    # VGG-19 / CIFAR-100
+])
+def test_published_base_figures(name, num_classes, macs_m, params_m):
+    macs, params = tp.utils.count_ops_and_params(build_model(name, num_classes).eval(), example_inputs())
+    assert round(macs / 1e6, 2) == macs_m
+    assert round(params / 1e6, 2) == params_m
+
+
+def test_names_match_torch_pruning_benchmark_registry():
+    expected = {f"resnet{d}" for d in (20, 32, 44, 56, 110)} | {f"vgg{d}" for d in (11, 13, 16, 19)} | {"mobilenetv2"}
+    assert set(list_models()) == expected == set(MODELS)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ProgpruneError) as e:
+        build_model("resnet57", 10)
+    msg = str(e.value)
+    assert "unknown model 'resnet57'" in msg and "tv:NAME" in msg
+    assert all(n in msg for n in list_models())
+
+
+def test_bad_num_classes():
+    with pytest.raises(ProgpruneError, match="num_classes"):
+        build_model("resnet20", 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision installed")
+def test_torchvision_prefix_without_torchvision():
+    with pytest.raises(ProgpruneError, match=r"pip install 'progprune\[torchvision\]'"):
+        build_model("tv:resnet18", 10)
+
+
+def test_torchvision_prefix_wiring(monkeypatch):
+    """With a stand-in torchvision: get_model gets the name, weights=None and num_classes."""
+    import sys
+    import types
+
+    calls = []
+    fake_models = types.SimpleNamespace(
+        list_models=lambda module=None: ["resnet18"],
+        get_model=lambda name, **kw: calls.append((name, kw)) or torch.nn.Linear(1, kw["num_classes"]),
+    )
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=fake_models))
+    assert build_model("tv:resnet18", 7).out_features == 7
+    assert calls == [("resnet18", {"weights": None, "num_classes": 7})]
+    with pytest.raises(ProgpruneError, match="unknown torchvision model 'tv:resnet19'; valid .*resnet18"):
+        build_model("tv:resnet19", 7)
+
+
+def test_example_inputs_shape():
+    assert example_inputs().shape == (1, 3, 32, 32)
+    assert example_inputs((1, 64, 48)).shape == (1, 1, 64, 48)
