@@ -117,8 +117,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, mean, std, shu
     alike agree on it. With `world_size > 1` rank r takes positions r, r+W, ... of that
     permutation, like DistributedSampler: shards are disjoint and equal; the tail is wrapped
     around to pad the last shard (drop_last=False) or trimmed (drop_last=True, which also
-    drops an incomplete last batch). Augmentation is a random 32+8 reflect-padded crop and
-    a horizontal flip, drawn per sample from `generator` and applied as batched tensor ops.
+    drops an incomplete last batch). Augmentation is a random crop of the image padded by 4
+    (reflect; zeros below 5 pixels) and a horizontal flip, drawn per sample from `generator` and applied as batched tensor ops.
     """
     if batch_size < 1:
         raise ProgpruneError(f"batch_size: must be >= 1, got {batch_size}")
@@ -150,7 +150,8 @@ def _augment(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4) -
     # draw on the CPU generator (reproducible, shared across ranks), then move the few ints
     dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
     flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    mode = "reflect" if min(h, w) > pad else "constant"  # reflect needs pad < side
+    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = torch.where(flip[:, None], dx[:, None] + torch.arange(w - 1, -1, -1, device=x.device),
                        dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
@@ -258,7 +259,7 @@ def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _DataUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+    except Exception as e:  # any parse failure is a bad file, not a bug here
         raise ProgpruneError(f"{path}: not a CIFAR python-pickle data file ({e}); "
                              "use the 'python version' archive from cs.toronto.edu/~kriz") from None
     if not isinstance(obj, dict):

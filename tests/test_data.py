@@ -183,6 +183,12 @@ def test_batches_shard_across_ranks(n, world_size, drop_last):
         assert len(seen) - n == world_size - n % world_size
 
 
+def test_batches_augment_tiny_images():
+    x = torch.randint(0, 256, (6, 3, 3, 3), dtype=torch.uint8)
+    (out, _), = batches(x, torch.zeros(6, dtype=torch.int64), 6, mean=(0.5,) * 3, std=(0.5,) * 3, augment=True)
+    assert out.shape == (6, 3, 3, 3)
+
+
 def test_batches_drop_last():
     x = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
     y = torch.arange(10)
