@@ -104,8 +104,12 @@ class ComboConfig:
 
     def combo_id(self) -> str:
         """Stable hash of every setting that changes this combination's result row."""
+        from progprune.pruning import get_method  # lazy: pruning imports this module
+
         d = dataclasses.asdict(self)
         d.pop("sweep")
+        if not get_method(self.prune.method).sparse:
+            d.pop("sparse")  # settings a method never reads must not change its identity
         return _digest(d)
 
 

@@ -1,0 +1,164 @@
+"""MACs counting that costs no forward pass per pruning step.
+
+Channel pruning changes layer widths, never spatial sizes. So one traced forward pass
+records, for every counted module call, the sizes that pruning cannot change (output
+positions, kernel size, leading dims); afterwards MACs are recomputed from the layers'
+current widths alone, in microseconds. The formulas are those of
+`torch_pruning.utils.count_ops_and_params` (conv/linear incl. bias, 2x elements for
+affine BN, elements for activations and pooling, zero for functional ops), and the
+result is cross-checked against it at the start and end of every prune.
+
+Activations and pools carry no width of their own: each call is tied to the most
+recent module call whose output had the same shape as its input (the BN/conv that fed
+it, or the residual branch it follows), whose width it then inherits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+_ACTS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU)
+_POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Any other module type that tp counts makes the fast counter decline (exact fallback).
+_UNSUPPORTED = tuple(
+    t for t in tp.utils.op_counter.MODULES_MAPPING
+    if not issubclass(t, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _ACTS + _POOLS + _BNS)
+)
+
+
+def count_exact(model: nn.Module, example_inputs) -> tuple[int, int]:
+    """MACs and params as torch-pruning reports them (deep copy + forward)."""
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _width(module: nn.Module, out: bool = True) -> int:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.weight.shape[0] if out else module.weight.shape[1] * module.groups
+    if isinstance(module, nn.Linear):
+        return module.weight.shape[0] if out else module.weight.shape[1]
+    if isinstance(module, _BNS):
+        return module.num_features
+    raise TypeError(type(module))
+
+
+class MacsCounter:
+    """Recomputes MACs of a model from its current layer widths.
+
+    `ok` is False when the model holds a module type this counter does not model, or when
+    its first count disagrees with torch-pruning's; callers then count exactly instead.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, expected: int | None = None):
+        self.model = model
+        self.calls: list[tuple] = []  # (kind, module, positions, source_module)
+        self.ok = not any(isinstance(m, _UNSUPPORTED) for m in model.modules())
+        if self.ok:
+            self._trace(example_inputs)
+        if self.ok and expected is not None and self.macs() != expected:
+            self.ok = False
+
+    def _trace(self, example_inputs):
+        last_by_shape: dict[tuple, nn.Module] = {}  # output shape -> module that made it
+        handles = []
+
+        def hook(module, inputs, output):
+            x = inputs[0]
+            shape_in = tuple(x.shape)
+            if isinstance(module, nn.modules.conv._ConvNd):
+                self.calls.append(("conv", module, math.prod(output.shape[2:]) * output.shape[0], None))
+                last_by_shape[tuple(output.shape)] = module
+            elif isinstance(module, nn.Linear):
+                self.calls.append(("linear", module, math.prod(x.shape[:-1]), None))
+                last_by_shape[tuple(output.shape)] = module
+            elif isinstance(module, _BNS):
+                self.calls.append(("bn", module, math.prod(x.shape) // x.shape[1], None))
+                last_by_shape[tuple(output.shape)] = module
+            else:  # activation or pool: width comes from whoever produced the input
+                src = last_by_shape.get(shape_in)
+                if src is None:
+                    self.ok = False
+                    return
+                kind = "act" if isinstance(module, _ACTS) else "pool"
+                numel = output.numel() if kind == "act" else x.numel()
+                per_channel = numel // _width(src)
+                if per_channel * _width(src) != numel:
+                    self.ok = False
+                    return
+                self.calls.append((kind, module, per_channel, src))
+                last_by_shape[tuple(output.shape)] = src
+
+        counted = (nn.modules.conv._ConvNd, nn.Linear) + _ACTS + _POOLS + _BNS
+        for m in self.model.modules():
+            if isinstance(m, counted):
+                handles.append(m.register_forward_hook(hook))
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(example_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was_training)
+
+    def macs(self, cut: dict | None = None) -> int:
+        """Current MACs. `cut` maps module -> (out channels removed, in channels removed)
+        to ask what the MACs would be after a prune, without pruning."""
+        cut = cut or {}
+        total = 0
+        for kind, m, positions, src in self.calls:
+            if kind == "conv":
+                co_cut, ci_cut = cut.get(m, (0, 0))
+                cout = m.weight.shape[0] - co_cut
+                cin_per_group = m.weight.shape[1]
+                if m.groups > 1 and m.groups == m.weight.shape[0]:  # depthwise: in == out == groups
+                    cout = m.weight.shape[0] - max(co_cut, ci_cut)
+                else:
+                    cin_per_group -= ci_cut // m.groups
+                k = math.prod(m.weight.shape[2:])
+                total += k * cin_per_group * cout * positions
+                if m.bias is not None:
+                    total += cout * positions
+            elif kind == "linear":
+                co_cut, ci_cut = cut.get(m, (0, 0))
+                fout = m.weight.shape[0] - co_cut
+                total += positions * (m.weight.shape[1] - ci_cut) * fout
+                if m.bias is not None:
+                    total += fout
+            elif kind == "bn":
+                c = m.num_features - max(cut.get(m, (0, 0)))
+                total += c * positions * (2 if m.affine else 1)
+            else:
+                c = _width(src) - cut.get(src, (0, 0))[0]
+                total += c * positions
+        return int(total)
+
+    def macs_if_pruned(self, group, is_out_fn, n: int | None = None) -> int:
+        """MACs after pruning `group` (only its first `n` root channels if given)."""
+        n_root = len(group[0].idxs)
+        cut: dict = {}
+        for dep, idxs in group:
+            m = dep.target.module
+            if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear) + _BNS):
+                continue
+            k = len(idxs) if n is None else len(idxs) * n // max(n_root, 1)
+            co, ci = cut.get(m, (0, 0))
+            if is_out_fn(dep.handler):
+                co = max(co, k)
+            else:
+                ci = max(ci, k)
+            cut[m] = (co, ci)
+        return self.macs(cut)

@@ -1,0 +1,230 @@
+"""The stages of one combination, each a function with plain inputs and outputs.
+
+`progprune prune` runs them one after another in one process (`run_combination`);
+`progprune sweep` runs the same functions inside Ray tasks and the Ray Train worker,
+storing what passes between them as artifacts. No Ray import here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.metadata as _md
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from progprune import __version__
+from progprune.artifacts import load_artifact, save_artifact
+from progprune.config import ComboConfig
+from progprune.data import Splits, load_dataset
+from progprune.macs import count_exact
+from progprune.models import build_model, example_inputs
+from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
+from progprune.results import ResultRow, write_rows
+from progprune.training import FitResult, calibration_batch, evaluate, fit, measure_latency
+
+Log = Callable[[str], None]
+
+
+def _noop(msg: str) -> None:
+    pass
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    def v(pkg):
+        try:
+            return _md.version(pkg)
+        except _md.PackageNotFoundError:
+            return None
+
+    return {"torch_version": torch.__version__, "torch_pruning_version": v("torch-pruning"),
+            "ray_version": v("ray"), "progprune_version": __version__}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+# ---- stage 1: the base model ----------------------------------------------------------
+@dataclass
+class BaseInfo:
+    source: str  # "trained", "checkpoint" or "init" (0 epochs: seeded random weights)
+    top1: float
+    top5: float
+    val_top1: float | None
+    epochs: int
+    seconds: float
+
+
+def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tuple[nn.Module, BaseInfo]:
+    """Load the base model from cfg.base_checkpoint, or train it from a seeded init."""
+    t0 = time.perf_counter()
+    if cfg.base_checkpoint:
+        model, _ = load_artifact(cfg.base_checkpoint, model_name=cfg.model,
+                                 num_classes=splits.num_classes, input_shape=splits.input_shape)
+        source, res = "checkpoint", None
+    else:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, splits.num_classes)
+        source, res = ("trained", None) if cfg.base.epochs > 0 else ("init", None)
+        if cfg.base.epochs > 0:
+            log(f"training base {cfg.model} on {splits.name} for {cfg.base.epochs} epochs")
+            res = fit(model, splits, cfg.base, device, seed=cfg.seed,
+                      on_epoch=lambda m, _s: log(f"  base epoch {m['epoch'] + 1}/{cfg.base.epochs} "
+                                                 f"loss {m['loss']:.3f} val {m['val_top1']:.4f}"))
+    model.to(device)
+    top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
+    return model, BaseInfo(source, top1, top5, res.best_val_top1 if res else None,
+                           cfg.base.epochs if source != "checkpoint" else 0,
+                           time.perf_counter() - t0)
+
+
+# ---- stage 2: sparse learning (regularized methods only) ------------------------------
+def needs_sparse(cfg: ComboConfig) -> bool:
+    return get_method(cfg.method).sparse and cfg.sparse.epochs > 0
+
+
+def sparse_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> FitResult | None:
+    """Train with the pruner's regularizer (reference: loss.backward(); regularize; step)."""
+    if not needs_sparse(cfg):
+        return None
+    model.to(device)
+    ex = example_inputs(splits.input_shape).to(device)
+    pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
+    sl = cfg.sparse
+    from progprune.config import TrainConfig
+
+    train_cfg = TrainConfig(epochs=sl.epochs, lr=sl.lr, momentum=0.9, weight_decay=0.0,
+                            batch_size=sl.batch_size, schedule="multistep" if sl.milestones else "cosine",
+                            milestones=sl.milestones, gamma=0.1, augment=True)
+    log(f"sparse learning ({cfg.method}) for {sl.epochs} epochs, reg {sl.reg}")
+    update = getattr(pruner, "update_reg", None)
+    return fit(model, splits, train_cfg, device, seed=cfg.seed,
+               after_backward=lambda m: pruner.regularize(m),
+               after_epoch=(lambda e: update()) if update else None,
+               select_best=False)
+
+
+# ---- stage 3: progressive pruning -----------------------------------------------------
+@dataclass
+class PruneInfo:
+    outcome: PruneOutcome
+    pruned_top1: float
+    pruned_top5: float
+    base_latency_ms: float
+    pruned_latency_ms: float
+
+
+def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> PruneInfo:
+    """Prune `model` in place to cfg.target_speedup; measure latency before and after."""
+    model.to(device).eval()
+    base_latency = measure_latency(model, splits.input_shape, device, cfg.latency_batch_size,
+                                   repeats=cfg.latency_repeats)
+    ex = example_inputs(splits.input_shape).to(device)
+    pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
+    method = get_method(cfg.method)
+    calib = calibration_batch(splits, device, seed=cfg.seed) if method.gradients else None
+    log(f"pruning {cfg.model} with {cfg.method} to {cfg.target_speedup}x "
+        f"({'global' if cfg.prune.global_pruning else 'local'}, {cfg.prune.iterative_steps} steps)")
+    torch.manual_seed(cfg.seed)  # random importance draws from the global generator
+    outcome = progressive_prune(model, pruner, ex, cfg.target_speedup, tolerance=cfg.prune.tolerance,
+                                gradients=method.gradients, calib=calib)
+    log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x after {outcome.steps} steps "
+        f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
+    top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
+    pruned_latency = measure_latency(model, splits.input_shape, device, cfg.latency_batch_size,
+                                     repeats=cfg.latency_repeats)
+    return PruneInfo(outcome, top1, top5, base_latency, pruned_latency)
+
+
+# ---- stage 4: fine-tuning -------------------------------------------------------------
+def finetune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop,
+                   **fit_kwargs) -> FitResult:
+    """Fine-tune the pruned model (a fresh optimizer: pruning replaced the parameters)."""
+    if cfg.finetune.epochs > 0:
+        log(f"fine-tuning for {cfg.finetune.epochs} epochs")
+    return fit(model, splits, cfg.finetune, device, seed=cfg.seed, **fit_kwargs)
+
+
+# ---- stage 5: the row -----------------------------------------------------------------
+def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInfo | None = None,
+              final: tuple[float, float] | None = None, finetune_seconds: float | None = None,
+              device: str | None = None, artifact_uri: str | None = None,
+              started_at: str | None = None, error: str | None = None,
+              num_classes: int | None = None, finetune_workers: int | None = None) -> ResultRow:
+    row = ResultRow(
+        combo_id=cfg.combo_id(), sweep=cfg.sweep, model=cfg.model, dataset=cfg.dataset.name,
+        method=cfg.method, seed=cfg.seed, target_speedup=float(cfg.target_speedup),
+        device=device, finetune_epochs=cfg.finetune.epochs, artifact_uri=artifact_uri,
+        started_at=started_at, finished_at=now(), global_pruning=cfg.prune.global_pruning,
+        iterative_steps=cfg.prune.iterative_steps, round_to=cfg.prune.round_to,
+        num_classes=num_classes, base_epochs=cfg.base.epochs if not cfg.base_checkpoint else 0,
+        sparse_epochs=cfg.sparse.epochs if get_method(cfg.method).sparse else 0,
+        latency_batch_size=cfg.latency_batch_size, finetune_workers=finetune_workers,
+        config_json=json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str),
+        finetune_seconds=finetune_seconds, **versions(),
+    )
+    if base:
+        row.base_top1, row.base_top5 = base.top1, base.top5
+    if prune:
+        o = prune.outcome
+        row.base_macs, row.base_params, row.pruned_macs, row.pruned_params = o.base_macs, o.base_params, o.macs, o.params
+        row.achieved_speedup, row.overshoot_pct = o.achieved_speedup, o.overshoot_pct
+        row.compression_ratio = o.base_params / o.params
+        row.prune_steps, row.prune_seconds = o.steps, o.seconds
+        row.pruned_top1 = prune.pruned_top1
+        row.base_latency_ms, row.pruned_latency_ms = prune.base_latency_ms, prune.pruned_latency_ms
+        row.latency_speedup = prune.base_latency_ms / prune.pruned_latency_ms
+        row.status = o.status
+        row.error = None if o.status == "ok" else (
+            f"target {cfg.target_speedup}x unreachable: reached {o.achieved_speedup:.3f}x "
+            f"after {o.steps} steps")
+    if final:
+        row.final_top1, row.final_top5 = final
+    if error:
+        row.status, row.error = "failed", error
+    return row
+
+
+def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop) -> ResultRow:
+    """Every stage in this process: what `progprune prune` runs."""
+    started = now()
+    splits = load_dataset(cfg.dataset, seed=cfg.seed)
+    model, base = base_stage(cfg, splits, device, log)
+    log(f"base: test top-1 {base.top1:.4f} top-5 {base.top5:.4f} ({base.source})")
+    sparse_stage(cfg, model, splits, device, log)
+    pr = prune_stage(cfg, model, splits, device, log)
+    ft_seconds, final = None, None
+    if pr.outcome.status == "ok":
+        ft = finetune_stage(cfg, model, splits, device, log,
+                            on_epoch=lambda m, _s: log(f"  finetune epoch {m['epoch'] + 1}/{cfg.finetune.epochs} "
+                                                       f"loss {m['loss']:.3f} val {m['val_top1']:.4f}"))
+        ft_seconds = ft.seconds
+        final = evaluate(model, splits.test_x, splits.test_y, splits, device)
+    artifact = None
+    if out_dir:
+        artifact = os.path.join(out_dir, "pruned.pt")
+        save_artifact(artifact, model, model_name=cfg.model, num_classes=splits.num_classes,
+                      input_shape=splits.input_shape, history=pr.outcome.history,
+                      meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
+    row = build_row(cfg, base=base, prune=pr, final=final, finetune_seconds=ft_seconds,
+                    device=device_name(torch.device(device)), artifact_uri=artifact, started_at=started,
+                    num_classes=splits.num_classes, finetune_workers=0)
+    if out_dir:
+        write_rows([row], os.path.join(out_dir, "result.parquet"))
+    return row
+
+
+def base_exact_figures(model: nn.Module, input_shape) -> tuple[int, int]:
+    return count_exact(model, example_inputs(input_shape).to(next(model.parameters()).device))
