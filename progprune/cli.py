@@ -190,18 +190,31 @@ def _summary(row, log) -> None:
         log(f"  artifact {row.artifact_uri}")
 
 
-def _register_optional():
+@main.command("sweep")
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--address", default=None, help="Ray cluster (HOST:PORT, ray://HOST:PORT, auto); default: "
+              "RAY_ADDRESS, else an embedded Ray on 127.0.0.1")
+@click.option("--output", default=None, help="override the spec's output (local path, file://, s3://, gs://)")
+@click.option("--dry-run", is_flag=True, help="print the expanded plan and run nothing")
+@click.option("--force", is_flag=True, help="rerun combinations that already have a row")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="combinations in flight")
+@_friendly
+def sweep_cmd(spec_path, address, output, dry_run, force, max_concurrent):
+    """Run every model x speedup x method x seed of SPEC on Ray; write results.parquet."""
+    from progprune.spec import load_spec
+    from progprune.sweep import run
+
+    spec = load_spec(spec_path, output_override=output)
+    sys.exit(run(spec, address=address, force=force, dry_run=dry_run, max_concurrent=max_concurrent))
+
+
+def _register_report():
     from progprune.report import report_command
 
     main.add_command(report_command)
-    try:
-        from progprune.sweep_cli import sweep_command
-    except ImportError:  # pragma: no cover - during development only
-        return
-    main.add_command(sweep_command)
 
 
-_register_optional()
+_register_report()
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ storing what passes between them as artifacts. No Ray import here.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import importlib.metadata as _md
@@ -129,8 +130,7 @@ class PruneInfo:
 def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> PruneInfo:
     """Prune `model` in place to cfg.target_speedup; measure latency before and after."""
     model.to(device).eval()
-    base_latency = measure_latency(model, splits.input_shape, device, cfg.latency_batch_size,
-                                   repeats=cfg.latency_repeats)
+    base_copy = copy.deepcopy(model)  # timed against the pruned model, interleaved
     ex = example_inputs(splits.input_shape).to(device)
     pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
     method = get_method(cfg.method)
@@ -143,8 +143,9 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x after {outcome.steps} steps "
         f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
     top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
-    pruned_latency = measure_latency(model, splits.input_shape, device, cfg.latency_batch_size,
-                                     repeats=cfg.latency_repeats)
+    base_latency, pruned_latency = measure_latency([base_copy, model], splits.input_shape, device,
+                                                   cfg.latency_batch_size, repeats=cfg.latency_repeats)
+    del base_copy
     return PruneInfo(outcome, top1, top5, base_latency, pruned_latency)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,27 +54,34 @@ def evaluate(model: nn.Module, x, y, splits: Splits, device, batch_size: int = 5
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, input_shape, device, batch_size: int = 1,
-                    warmup: int = 5, repeats: int = 20) -> float:
-    """Median wall time of one forward pass in ms, after warm-up, on `device`."""
-    model.eval()
+def measure_latency(models, input_shape, device, batch_size: int = 1,
+                    warmup: int = 5, repeats: int = 20) -> list[float]:
+    """Median wall time of one forward pass in ms for each model, after warm-up.
+
+    The models are timed interleaved (a, b, a, b, ...) so that load from anything else on
+    the machine falls on both alike: their ratio is what a speedup claim rests on.
+    """
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
     x = torch.randn(batch_size, *input_shape, device=device)
-    for _ in range(warmup):
-        model(x)
-    times = []
+    for m in models:
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(x)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+        for i, m in enumerate(models):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                m(x)
+                end.record()
+                torch.cuda.synchronize()
+                times[i].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                m(x)
+                times[i].append((time.perf_counter() - t0) * 1000)
+    return [statistics.median(t) for t in times]
 
 
 @dataclass
@@ -111,7 +119,9 @@ def fit(
     the epoch with the best validation top-1 (never the test set).
 
     on_epoch(metrics, state) is called after every epoch; `state()` returns a dict that
-    `resume=` accepts to continue from that epoch (model, optimizer, scheduler, best).
+    `resume=` accepts to continue from that epoch (model, optimizer, best so far); it
+    holds only tensors and plain values, so it loads with weights_only=True. The schedule
+    is replayed rather than stored (MultiStepLR keeps a Counter, which is not plain data).
     """
     t0 = time.perf_counter()
     model.to(device)
@@ -125,8 +135,11 @@ def fit(
     if resume:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
         start_epoch = int(resume["epoch"]) + 1
+        with warnings.catch_warnings():  # replaying the schedule, not skipping an optimizer step
+            warnings.simplefilter("ignore")
+            for _ in range(start_epoch):
+                sched.step()
         best_top1, best_epoch = float(resume["best_top1"]), int(resume["best_epoch"])
         best_state = resume.get("best_model")
         history = list(resume.get("history", []))
@@ -162,7 +175,7 @@ def fit(
         if on_epoch:
             on_epoch(metrics, lambda: {
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "epoch": epoch, "best_top1": best_top1,
+                "epoch": epoch, "best_top1": best_top1,
                 "best_epoch": best_epoch, "best_model": best_state, "history": history,
             })
     if select_best and best_state is not None:
