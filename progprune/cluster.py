@@ -185,7 +185,9 @@ def _train_loop(config: dict) -> None:
     store = Store(config["store"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    # a cluster may declare GPUs it does not have (ray start --num-gpus=1 on a CPU
+    # machine): use CUDA only where torch really sees it
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     model, info = _load(store, cfg, splits, ("combos", cfg.combo_id(), "pruned.pt"))
     resume = None
@@ -205,7 +207,7 @@ def _train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     res = finetune_stage(cfg, model, splits, device, rank=rank, world_size=world,
-                         wrap=ray.train.torch.prepare_model, on_epoch=on_epoch, resume=resume)
+                         wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=device), on_epoch=on_epoch, resume=resume)
     final = {"final_top1": None, "final_top5": None, "finetune_seconds": res.seconds, "artifact": None}
     if rank == 0:
         final["final_top1"], final["final_top5"] = evaluate(model, splits.test_x, splits.test_y, splits, device)
@@ -217,10 +219,13 @@ def _train_loop(config: dict) -> None:
 
 def run_trainer(cfg: ComboConfig, store: Store, ft: dict, fault: str | None) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
+    # NCCL needs real GPUs; Ray tags nodes that have them with accelerator_type:<model>
+    real_gpus = any(k.startswith("accelerator_type:") for k in ray.cluster_resources())
     trainer = TorchTrainer(
         _train_loop,
+        torch_config=TorchConfig(backend="nccl" if ft["use_gpu"] and real_gpus else "gloo"),
         train_loop_config={"cfg": cfg, "store": store.uri, "fault": fault},
         scaling_config=ScalingConfig(num_workers=ft["num_workers"], use_gpu=ft["use_gpu"],
                                      resources_per_worker=ft.get("resources_per_worker")),

@@ -41,7 +41,8 @@ class Store:
         self.local = "://" not in uri or uri.startswith("file://")
         if self.local:
             root = uri[len("file://"):] if uri.startswith("file://") else uri
-            self.root = os.path.abspath(root)
+            self.root = os.path.abspath(os.path.expanduser(root))
+            self.uri = self.root  # tasks on other processes must not depend on our cwd
             self.fs = pafs.LocalFileSystem()
         else:
             try:
