@@ -35,7 +35,9 @@ class LocalRay:
         lo = free_ports(1)[0]
         self.min_worker, self.max_worker = 20000 + (lo % 20000), 20000 + (lo % 20000) + 200
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
-        self.env = {**os.environ, **(env or {})}
+        # auth is explicit: a token file left in ~/.ray by any embedded ray.init() would
+        # otherwise switch token auth on for `ray start` too
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
         self.env.pop("RAY_ADDRESS", None)
 
     @property
@@ -59,10 +61,15 @@ class LocalRay:
         if r.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed:\n{r.stdout}\n{r.stderr}")
-        self._wait_dashboard()
+        try:
+            self._wait_dashboard()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _wait_dashboard(self, timeout: float = 90) -> None:
+        import urllib.error
         import urllib.request
 
         deadline = time.time() + timeout
@@ -71,6 +78,10 @@ class LocalRay:
                 with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2) as resp:
                     if resp.status == 200:
                         return
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # up, and asking for the token
+                    return
+                time.sleep(0.5)
             except OSError:
                 time.sleep(0.5)
         raise RuntimeError("Ray dashboard did not come up")

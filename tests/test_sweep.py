@@ -1,0 +1,209 @@
+"""Sweeps end to end on a real local Ray cluster (ray start --head on 127.0.0.1), through
+the real `ray job submit` CLI and the real `progprune` CLI; results read back with
+pyarrow and pandas."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from progprune.results import COLUMNS
+from progprune.spec import load_spec
+from progprune.storage import Store
+from raycluster import BIN, LocalRay
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "ray_jobs" / "digits_smoke.yaml"
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def progprune(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "progprune"), *map(str, args)], capture_output=True, text=True,
+                          env=env or _env(), timeout=timeout, cwd=ROOT)
+
+
+def tiny_spec(tmp_path: Path, name="tiny", **over) -> Path:
+    """A small synthetic grid: 2 models x 2 speedups, fine-tuned in-task (num_workers 0)."""
+    spec = {
+        "name": name,
+        "dataset": {"name": "synthetic", "num_classes": 4, "synthetic_samples": 96},
+        "models": ["resnet20", "vgg11"],
+        "speedups": [1.5, 2.0],
+        "base_training": {"epochs": 1, "batch_size": 32, "augment": False},
+        "finetune": {"epochs": 1, "batch_size": 32, "augment": False, "num_workers": 0},
+        "pruning": {"iterative_steps": 60},
+        "evaluation": {"latency_repeats": 2},
+        "resources": {"max_concurrent": 2},
+        "output": str(tmp_path / "out"),
+    }
+    for k, v in over.items():
+        spec[k] = v
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalRay(num_cpus=2, env=_env()) as c:
+        yield c
+
+
+def _table(out: Path) -> pd.DataFrame:
+    table = pq.read_table(out / "results.parquet")
+    assert set(COLUMNS) <= set(table.column_names)
+    return table.to_pandas()
+
+
+def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
+    out = tmp_path / "smoke"
+    r = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+         "--runtime-env", "ray_jobs/runtime_env.yaml", "--",
+         "progprune", "sweep", "ray_jobs/digits_smoke.yaml", "--output", str(out)],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    spec = load_spec(SMOKE)
+    df = _table(out)
+    assert len(df) == len(spec.combinations()) == 6
+    assert sorted(df.combo_id) == sorted(c.combo_id() for c in spec.combinations())
+    assert (df.status == "ok").all(), df[["model", "target_speedup", "status", "error"]]
+    assert (df.achieved_speedup >= df.target_speedup).all()
+    assert (df.achieved_speedup <= df.target_speedup * 1.005).all()  # within 0.5%
+    for col in ("base_top1", "pruned_top1", "final_top1", "base_top5", "final_top5"):
+        assert df[col].between(0, 1).all(), col
+    assert (df.final_top1 > 0.8).all()  # digits: fine-tuned models recover
+    assert (df.finetune_workers == 1).all()  # fine-tuned through Ray Train
+    assert (df.sweep == "digits-smoke").all()
+    # base models: exactly one per (model, seed), shared by the 3 speedups each
+    assert len(list((out / "bases").glob("*.pt"))) == 2
+    assert df.groupby("model").base_top1.nunique().eq(1).all()
+    # every artifact named in the table reloads without unpickling code
+    from progprune.artifacts import load_artifact
+    m, info = load_artifact(df.artifact_uri.iloc[0])
+    assert info["model"] == df.model.iloc[0]
+    assert (out / "report" / "report.md").exists()
+    assert "results" in r.stdout
+
+    # resume: the same command again does no work and leaves the same rows
+    before = {p: p.stat().st_mtime_ns for p in (out / "bases").glob("*.pt")}
+    before |= {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.parquet")}
+    r2 = progprune("sweep", SMOKE, "--output", out, "--address", cluster.address)
+    assert r2.returncode == 0, r2.stderr
+    assert "to run   0" in r2.stdout
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert before == after
+    df2 = _table(out)
+    pd.testing.assert_frame_equal(df.sort_values("combo_id").reset_index(drop=True),
+                                  df2.sort_values("combo_id").reset_index(drop=True))
+
+
+def test_failed_combination_becomes_a_row_and_the_sweep_goes_on(cluster, tmp_path):
+    spec = tiny_spec(tmp_path)
+    r = progprune("sweep", spec, "--address", cluster.address,
+                  env=_env(PROGPRUNE_FAULT="raise:prune:vgg11:2.0"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    df = _table(tmp_path / "out")
+    assert len(df) == 4
+    bad = df[(df.model == "vgg11") & (df.target_speedup == 2.0)]
+    assert bad.status.tolist() == ["failed"]
+    assert "injected failure" in bad.error.iloc[0]
+    assert "\n" not in bad.error.iloc[0]
+    assert (df.drop(bad.index).status == "ok").all()
+    # a rerun retries only the failed combination, and it now succeeds
+    r2 = progprune("sweep", spec, "--address", cluster.address)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert "to run   1" in r2.stdout
+    df2 = _table(tmp_path / "out")
+    assert len(df2) == 4 and (df2.status == "ok").all()
+
+
+def test_unreachable_target_is_a_row_not_an_error(cluster, tmp_path):
+    spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[1000.0], pruning={"iterative_steps": 30})
+    r = progprune("sweep", spec, "--address", cluster.address)
+    assert r.returncode == 0, r.stdout + r.stderr
+    df = _table(tmp_path / "out")
+    assert df.status.tolist() == ["unreachable"]
+    assert df.achieved_speedup.iloc[0] < 1000
+    assert df.prune_steps.iloc[0] == 30
+    assert df.final_top1.isna().all()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    spec = tiny_spec(tmp_path)
+    r = progprune("sweep", spec, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "4 combinations" in r.stdout and "base models: train 2" in r.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_cluster_at_address_fails_fast(tmp_path):
+    from raycluster import free_ports
+
+    spec = tiny_spec(tmp_path)
+    t0 = time.monotonic()
+    r = progprune("sweep", spec, "--address", f"127.0.0.1:{free_ports(1)[0]}", timeout=60)
+    assert r.returncode == 2
+    assert time.monotonic() - t0 < 30
+    assert r.stderr.count("\n") == 1 and "no Ray cluster answers" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    spec = tiny_spec(tmp_path)
+    r = progprune("sweep", spec, "--output", blocker / "sub")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: output: cannot write") and "Traceback" not in r.stderr
+
+
+def test_second_sweep_on_the_same_output_is_refused(tmp_path):
+    spec = tiny_spec(tmp_path)
+    store = Store(str(tmp_path / "out"))
+    with store.lock():
+        r = progprune("sweep", spec)
+    assert r.returncode == 2
+    assert "in use by another sweep" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "results.parquet").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"finetune": {"epochs": -1}}, "finetune.epochs"),
+    ({"speedups": "fast"}, "speedups"),
+    ({"models": ["resnet21"]}, "models[0]"),
+    ({"output": "ftp://host/x"}, "output: unsupported scheme"),
+])
+def test_bad_spec_exits_2_with_one_line(tmp_path, bad, message):
+    spec = tiny_spec(tmp_path, **bad)
+    r = progprune("sweep", spec)
+    assert r.returncode == 2
+    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_gpu_cluster_does_not_deadlock(tmp_path):
+    """Every prune task asks for the only (logical) GPU and every fine-tune asks Ray Train
+    for a GPU worker: with the prune task holding its GPU while waiting, this hangs."""
+    spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[1.5, 2.0, 3.0],
+                     finetune={"epochs": 1, "batch_size": 32, "augment": False,
+                               "num_workers": 1, "use_gpu": True},
+                     resources={"gpus_per_task": 1, "cpus_per_task": 1, "max_concurrent": 3})
+    with LocalRay(num_cpus=2, num_gpus=1, env=_env()) as c:
+        r = progprune("sweep", spec, "--address", c.address, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    df = _table(tmp_path / "out")
+    assert len(df) == 3 and (df.status == "ok").all()
+    assert (df.device == "cpu").all()  # the declared GPU is not real: torch used the CPU
