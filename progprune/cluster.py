@@ -154,16 +154,18 @@ def finetune_task(cfg: ComboConfig, store_uri: str, pruned: dict, ft: dict, faul
     """Coordinator holding no CPU/GPU: runs the TorchTrainer, then writes the row."""
     store = Store(store_uri)
     final, ft_seconds, artifact = pruned.get("final"), pruned.get("finetune_seconds"), pruned["artifact"]
-    workers = 0
+    workers, resumed = 0, None
     if pruned["prune"]["outcome"]["status"] == "ok" and "final" not in pruned:
         metrics = run_trainer(cfg, store, ft, fault)
         final = (metrics["final_top1"], metrics["final_top5"])
         ft_seconds, artifact, workers = metrics["finetune_seconds"], metrics["artifact"], ft["num_workers"]
+        resumed = metrics.get("resumed_from_epoch")
     row = build_row(cfg, base=_base_info(pruned["base"]), prune=_prune_info(pruned["prune"]),
                     final=tuple(final) if final else None, finetune_seconds=ft_seconds,
                     device=pruned["device"], artifact_uri=store.display(*_rel(store, artifact)),
                     started_at=pruned["started_at"], num_classes=pruned["num_classes"],
                     finetune_workers=workers)
+    row.finetune_resumed_from_epoch = resumed
     write_fragment(store, row)
     return dataclasses.asdict(row)
 
@@ -197,18 +199,19 @@ def _train_loop(config: dict) -> None:
             resume = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
 
     def on_epoch(metrics, state):
-        if config.get("fault") and metrics["epoch"] == 0 and rank == 0:
-            _fault(config["fault"], "finetune", cfg, store)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 torch.save(state(), os.path.join(d, "state.pt"))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0 and metrics["epoch"] == 0:  # after the first checkpoint exists
+            _fault(config.get("fault"), "finetune", cfg, store)
 
     res = finetune_stage(cfg, model, splits, device, rank=rank, world_size=world,
                          wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=device), on_epoch=on_epoch, resume=resume)
-    final = {"final_top1": None, "final_top5": None, "finetune_seconds": res.seconds, "artifact": None}
+    final = {"final_top1": None, "final_top5": None, "finetune_seconds": res.seconds, "artifact": None,
+             "resumed_from_epoch": None if resume is None else int(resume["epoch"])}
     if rank == 0:
         final["final_top1"], final["final_top5"] = evaluate(model, splits.test_x, splits.test_y, splits, device)
         final["artifact"] = _save(store, model, cfg, splits, ("combos", cfg.combo_id(), "final.pt"),

@@ -191,31 +191,77 @@ def _partial_counts(pruner, group, n: int) -> list[int]:
     return [k for k in range(first, n + 1, pruner.round_to)] or [n]
 
 
-def _cross_with_finest(pruner, counter, deferred, target_macs: float) -> int:
-    """Prune from the deferred groups, cheapest channels first, until MACs <= target."""
+def _crossing(pruner, counter, group, n: int, target_macs: float):
+    """(k, MACs after) for the fewest of this group's channels predicted to reach the
+    target, or None if even n of them would not."""
     is_out = pruner.DG.is_out_channel_pruning_fn
+    for k in _partial_counts(pruner, group, n):
+        after = counter.macs_if_pruned(group, is_out, k)
+        if after <= target_macs:
+            return k, after
+    return None
+
+
+def _prune_k(pruner, group, k: int) -> None:
+    dep = group[0].dep
+    if k >= len(group[0].idxs):
+        group.prune()
+        return
+    pruner.DG.get_pruning_group(dep.target.module, dep.handler, _least_important(pruner, group, k)).prune()
+
+
+def _whole_layer_groups(pruner):
+    """Every prunable group of the model at full width, each with how many channels it
+    may still lose (always keeping one, and within max_pruning_ratio)."""
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        if pruner._get_channel_groups(group) > 1 or not pruner._check_pruning_ratio(group):
+            continue
+        now = len(group[0].idxs)
+        initial = pruner.layer_init_out_ch.get(group[0].dep.target.module, now) \
+            if pruner.DG.is_out_channel_pruning_fn(group[0].dep.handler) else now
+        floor = max(1, int(round(initial * (1 - pruner.max_pruning_ratio))))
+        if now - floor > 0:
+            yield group, now - floor
+
+
+def _cross_with_finest(pruner, counter, deferred, target_macs: float, tolerance: float) -> int:
+    """Finish the crossing step so that MACs end at or just below the target.
+
+    The step's own selection (`deferred`: groups that would each cross on their own) is
+    used when its cheapest channels land within the tolerance. Otherwise the finest
+    channels anywhere in the model are taken, least important first: the ranking's
+    choice matters less than hitting the target, and they are the cheapest to lose.
+    """
+    is_out = pruner.DG.is_out_channel_pruning_fn
+    floor_macs = target_macs / (1.0 + tolerance)  # below this the speedup overshoots
     macs = counter.macs()
-    for group in sorted(deferred, key=lambda g: (macs - counter.macs_if_pruned(g, is_out)) / len(g[0].idxs)):
+    cost = lambda g: (macs - counter.macs_if_pruned(g, is_out)) / len(g[0].idxs)  # noqa: E731
+    deferred = sorted(deferred, key=cost)
+    best = None
+    for group in deferred[:1]:
+        if pruner._get_channel_groups(group) == 1:
+            hit = _crossing(pruner, counter, group, len(group[0].idxs), target_macs)
+            if hit:
+                best = (hit[1], group, hit[0])
+    if best is None or best[0] < floor_macs:
+        for group, n in _whole_layer_groups(pruner):
+            hit = _crossing(pruner, counter, group, n, target_macs)
+            if hit and (best is None or hit[1] > best[0]):
+                best = (hit[1], group, hit[0])
+    if best is not None:
+        _prune_k(pruner, best[1], best[2])
+        macs = counter.macs()
+    # prediction short of the target (it should not be): take the step's groups in turn
+    for group in deferred:
         if macs <= target_macs:
             break
-        n = len(group[0].idxs)
-        if pruner._get_channel_groups(group) > 1:
-            group.prune()
-            macs = counter.macs()
+        if best is not None and group is best[1]:
             continue
-        dep = group[0].dep
-        # smallest count predicted to reach the target, then one more at a time if short
-        counts = _partial_counts(pruner, group, n)
-        start = next((i for i, k in enumerate(counts)
-                      if counter.macs_if_pruned(group, is_out, k) <= target_macs), len(counts) - 1)
-        for k in counts[start:]:
-            sub = pruner.DG.get_pruning_group(dep.target.module, dep.handler,
-                                              _least_important(pruner, group, k))
-            trial = counter.macs_if_pruned(sub, is_out)
-            if trial <= target_macs or k == counts[-1]:
-                sub.prune()
-                macs = counter.macs()
-                break
+        hit = _crossing(pruner, counter, group, len(group[0].idxs), target_macs)
+        _prune_k(pruner, group, hit[0] if hit and pruner._get_channel_groups(group) == 1
+                 else len(group[0].idxs))
+        macs = counter.macs()
     return macs
 
 
@@ -269,7 +315,7 @@ def progressive_prune(
                         group.prune()
                     else:
                         deferred.append(group)
-                new = _cross_with_finest(pruner, counter, deferred, target_macs) if deferred else measure()
+                new = _cross_with_finest(pruner, counter, deferred, target_macs, tolerance) if deferred else measure()
             last_drop = max(macs - new, last_drop or 0) if new < macs else last_drop
             macs = new
             if on_step:

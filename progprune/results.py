@@ -59,6 +59,7 @@ class ResultRow:
     sparse_epochs: int | None = None
     latency_batch_size: int | None = None
     finetune_workers: int | None = None
+    finetune_resumed_from_epoch: int | None = None  # Ray Train restarted from this checkpoint
     config_json: str | None = None  # the resolved ComboConfig, so the row can be rerun
 
 
