@@ -23,7 +23,6 @@ from progprune import __version__
 from progprune.artifacts import load_artifact, save_artifact
 from progprune.config import ComboConfig
 from progprune.data import Splits, load_dataset
-from progprune.macs import count_exact
 from progprune.models import build_model, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
 from progprune.results import ResultRow, write_rows
@@ -226,6 +225,3 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
         write_rows([row], os.path.join(out_dir, "result.parquet"))
     return row
 
-
-def base_exact_figures(model: nn.Module, input_shape) -> tuple[int, int]:
-    return count_exact(model, example_inputs(input_shape).to(next(model.parameters()).device))

@@ -19,7 +19,7 @@ from progprune.config import ComboConfig
 from progprune.data import load_dataset
 from progprune.errors import ProgpruneError, SpecError
 from progprune.pipeline import build_row, needs_sparse
-from progprune.results import ResultRow, rows_to_table, write_rows
+from progprune.results import ResultRow, write_rows
 from progprune.spec import SweepSpec
 from progprune.storage import Store
 
@@ -323,10 +323,4 @@ def _final(rows: list[ResultRow], store: Store, console) -> None:
             console.print(f"report: {rep.get('report')}")
     except ProgpruneError as e:
         console.print(f"report skipped: {e}")
-
-
-def spec_from_cli(path: str, output: str | None) -> SweepSpec:
-    from progprune.spec import load_spec
-
-    return load_spec(path, output_override=output)
 
