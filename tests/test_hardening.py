@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -192,7 +193,11 @@ def _write_bad_cases(root: Path) -> dict:
 
     files = root / "files"
     files.mkdir()
-    (files / "random.pt").write_bytes(os.urandom(4096))
+    # fixed bytes: seed 2 makes torch's weights-only unpickler raise IndexError, not
+    # UnpicklingError; protocol 17 makes it print a multi-line UserWarning first
+    (files / "random.pt").write_bytes(random.Random(0).randbytes(4096))
+    (files / "random-indexerror.pt").write_bytes(random.Random(2).randbytes(4096))
+    (files / "odd-protocol.pt").write_bytes(b"\x80\x11N.")
     save_artifact(files / "vgg11.pt", build_model("vgg11", 4), model_name="vgg11", num_classes=4)
     save_artifact(files / "resnet20-10.pt", build_model("resnet20", 10), model_name="resnet20", num_classes=10)
     torch.save({"state_dict": Evil(root / "pwned")}, files / "evil.pt")
@@ -213,6 +218,8 @@ def _write_bad_cases(root: Path) -> dict:
         "unknown-model": ({"models": [{"name": "resnet_20"}]}, "models[0].name: unknown model 'resnet_20'"),
         "checkpoint-missing": (ck("nope.pt"), "models[0].checkpoint: file not found"),
         "checkpoint-corrupt": (ck("random.pt"), "models[0].checkpoint: checkpoint"),
+        "checkpoint-corrupt-indexerror": (ck("random-indexerror.pt"), "models[0].checkpoint: checkpoint"),
+        "checkpoint-odd-protocol": (ck("odd-protocol.pt"), "models[0].checkpoint: checkpoint"),
         "checkpoint-other-arch": (ck("vgg11.pt"), "holds a vgg11, not a resnet20"),
         "checkpoint-other-classes": (ck("resnet20-10.pt"), "has 10 classes, the dataset has 4"),
         "checkpoint-malicious-pickle": (ck("evil.pt"), "not a plain weights file"),
@@ -236,7 +243,8 @@ def _write_bad_cases(root: Path) -> dict:
 BAD_IDS = ["yaml-syntax", "unknown-field", "unknown-nested-field", "wrong-type-seeds",
            "speedup-1", "empty-speedups", "duplicate-speedups",
            "negative-epochs", "negative-lr", "unknown-method", "unknown-dataset",
-           "unknown-model", "checkpoint-missing", "checkpoint-corrupt", "checkpoint-other-arch",
+           "unknown-model", "checkpoint-missing", "checkpoint-corrupt",
+           "checkpoint-corrupt-indexerror", "checkpoint-odd-protocol", "checkpoint-other-arch",
            "checkpoint-other-classes", "checkpoint-malicious-pickle", "cifar-missing-files",
            "num-classes-mismatch", "output-scheme"]
 
