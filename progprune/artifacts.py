@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 
 import torch
 import torch.nn as nn
@@ -55,15 +55,18 @@ def _read(path) -> dict:
     if not os.path.isfile(path):
         raise ProgpruneError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # odd protocol bytes in garbage files warn loudly
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
         raise ProgpruneError(
             f"checkpoint {path} refused: it is not a plain weights file ({first[:120]}); "
             "progprune loads weights_only=True"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file: {str(e).splitlines()[0][:120]}") from None
+    except Exception as e:  # garbage bytes surface as many error types from the loader
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file: {first}") from None
     if not isinstance(obj, dict):
         raise ProgpruneError(f"checkpoint {path}: expected a dict of weights, got {type(obj).__name__}")
     return obj

@@ -205,8 +205,9 @@ def _train_loop(config: dict) -> None:
                 torch.save(state(), os.path.join(d, "state.pt"))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if rank == 0 and metrics["epoch"] == 0:  # after the first checkpoint exists
-            _fault(config.get("fault"), "finetune", cfg, store)
+        if rank == 0 and metrics["epoch"] == 0 and config.get("fault"):
+            _wait_registered(store, cfg)  # kill only once the controller holds the checkpoint
+            _fault(config["fault"], "finetune", cfg, store)
 
     res = finetune_stage(cfg, model, splits, device, rank=rank, world_size=world,
                          wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=device), on_epoch=on_epoch, resume=resume)
@@ -218,6 +219,18 @@ def _train_loop(config: dict) -> None:
                                   history=info["pruning_history"], meta={"combo_id": cfg.combo_id()})
         # the coordinator reads this file: a Result's metrics follow checkpoints, not reports
         store.write_bytes(json.dumps(final).encode(), "combos", cfg.combo_id(), "final.json")
+
+
+def _wait_registered(store: Store, cfg: ComboConfig, timeout: float = 60.0) -> None:
+    """report() only queues the checkpoint; the Train controller writes this snapshot when
+    it has registered one. Used by fault injection, so the kill tests a real resume."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if store.exists("train", f"ft-{cfg.combo_id()}", "checkpoint_manager_snapshot.json"):
+            return
+        time.sleep(0.5)
 
 
 def run_trainer(cfg: ComboConfig, store: Store, ft: dict, fault: str | None) -> dict:

@@ -146,11 +146,13 @@ def connect(address: str | None, num_cpus: int | None = None):
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    # workers must import progprune: ship this checkout unless it is installed there
     if address:
         _probe(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return lambda: ray.shutdown()
+    # Ray 2.60 listens on every interface whatever the node IP; token auth is what keeps
+    # others out, so the embedded cluster always has it (ray.init makes the token)
+    os.environ["RAY_AUTH_MODE"] = "token"
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING, log_to_driver=False)
     return lambda: ray.shutdown()

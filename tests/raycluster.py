@@ -32,8 +32,13 @@ class LocalRay:
         self.temp_dir = tempfile.mkdtemp(prefix="pp-ray-", dir="/tmp")
         (self.gcs_port, self.dash_port, self.client_port, self.nm_port, self.om_port,
          self.agent_port, self.metrics_port, self.rte_port, self.agent_grpc) = free_ports(9)
-        lo = free_ports(1)[0]
-        self.min_worker, self.max_worker = 20000 + (lo % 20000), 20000 + (lo % 20000) + 200
+        fixed = (self.gcs_port, self.dash_port, self.client_port, self.nm_port, self.om_port,
+                 self.agent_port, self.metrics_port, self.rte_port, self.agent_grpc)
+        while True:  # a worker-port range that none of the fixed ports falls into
+            lo = 20000 + free_ports(1)[0] % 20000
+            if not any(lo <= p <= lo + 200 for p in fixed):
+                break
+        self.min_worker, self.max_worker = lo, lo + 200
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         # auth is explicit: a token file left in ~/.ray by any embedded ray.init() would
         # otherwise switch token auth on for `ray start` too
