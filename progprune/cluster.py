@@ -25,7 +25,7 @@ from progprune.pipeline import (BaseInfo, PruneInfo, base_stage, build_row, devi
                                 finetune_stage, needs_sparse, now, prune_stage, sparse_stage)
 from progprune.pruning import PruneOutcome
 from progprune.results import write_rows
-from progprune.storage import Store
+from progprune.storage import Store, base_parts, row_parts, sparse_parts
 from progprune.training import evaluate, pick_device
 
 
@@ -60,14 +60,6 @@ def _load(store: Store, cfg: ComboConfig, splits, parts: tuple):
     with store.local_copy(*parts) as p:
         return load_artifact(p, model_name=cfg.model, num_classes=splits.num_classes,
                              input_shape=splits.input_shape)
-
-
-def base_parts(cfg: ComboConfig) -> tuple:
-    return ("bases", f"{cfg.model}-s{cfg.seed}-{cfg.base_key()}.pt")
-
-
-def sparse_parts(cfg: ComboConfig) -> tuple:
-    return ("sparse", f"{cfg.model}-{cfg.method}-s{cfg.seed}-{cfg.sparse_key()}.pt")
 
 
 # ---- tasks ----------------------------------------------------------------------------
@@ -138,10 +130,6 @@ def _prune_info(d: dict) -> PruneInfo:
 def _base_info(d: dict) -> BaseInfo:
     fields = {f.name for f in dataclasses.fields(BaseInfo)}
     return BaseInfo(**{k: v for k, v in d.items() if k in fields})
-
-
-def row_parts(combo_id: str) -> tuple:
-    return ("rows", f"{combo_id}.parquet")
 
 
 def write_fragment(store: Store, row) -> None:

@@ -27,6 +27,18 @@ import pyarrow.fs as pafs
 from progprune.errors import ProgpruneError
 
 
+def base_parts(cfg) -> tuple:
+    return ("bases", f"{cfg.model}-s{cfg.seed}-{cfg.base_key()}.pt")
+
+
+def sparse_parts(cfg) -> tuple:
+    return ("sparse", f"{cfg.model}-{cfg.method}-s{cfg.seed}-{cfg.sparse_key()}.pt")
+
+
+def row_parts(combo_id: str) -> tuple:
+    return ("rows", f"{combo_id}.parquet")
+
+
 def _redact(uri: str) -> str:
     """Drop any credentials embedded in a URI (s3://KEY:SECRET@bucket)."""
     if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:

@@ -21,7 +21,7 @@ from progprune.errors import ProgpruneError, SpecError
 from progprune.pipeline import build_row, needs_sparse
 from progprune.results import ResultRow, write_rows
 from progprune.spec import SweepSpec
-from progprune.storage import Store
+from progprune.storage import Store, base_parts, row_parts, sparse_parts
 
 FINISHED = ("ok", "unreachable")
 
@@ -40,8 +40,6 @@ class Plan:
 
 
 def make_plan(spec: SweepSpec, store: Store, force: bool = False) -> Plan:
-    from progprune.cluster import base_parts, row_parts, sparse_parts
-
     plan = Plan(spec, store, spec.combinations())
     existing = set(store.list("rows"))
     for cfg in plan.combos:
@@ -64,8 +62,6 @@ def make_plan(spec: SweepSpec, store: Store, force: bool = False) -> Plan:
 
 
 def _row_status(store: Store, cfg: ComboConfig) -> str | None:
-    from progprune.cluster import row_parts
-
     try:
         with store.local_copy(*row_parts(cfg.combo_id())) as p:
             return pq.read_table(p, columns=["status"]).column(0)[0].as_py()
@@ -110,7 +106,6 @@ def print_plan(plan: Plan, out) -> None:
 
 def merge(store: Store, combos: list[ComboConfig]) -> list[ResultRow]:
     """Merge this spec's fragments into results.parquet (atomically), one row each."""
-    from progprune.cluster import row_parts
     from progprune.results import read_rows
 
     rows = []
@@ -143,17 +138,25 @@ def connect(address: str | None, num_cpus: int | None = None):
     """Attach to a cluster, or start an embedded one on 127.0.0.1. Returns a closer."""
     import logging
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray 2.60 listens on every interface whatever the node IP; token auth is what
+        # keeps others out, so the embedded cluster always has it. Set before Ray is
+        # imported: it reads the mode once.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+            import secrets  # a token for this cluster only; its processes inherit it
+
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         _probe(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return lambda: ray.shutdown()
-    # Ray 2.60 listens on every interface whatever the node IP; token auth is what keeps
-    # others out, so the embedded cluster always has it (ray.init makes the token)
-    os.environ["RAY_AUTH_MODE"] = "token"
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local": always a fresh cluster of our own, never one found in /tmp/ray
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING, log_to_driver=False)
     return lambda: ray.shutdown()
 
