@@ -1,0 +1,133 @@
+"""progprune's progressive loop vs Torch-Pruning's reference loop, side by side.
+
+Both prune the same seeded model with the same pruner settings (global group_norm, linear
+schedule, pruning_ratio=1.0, 400 steps by default) to each target speedup. The reference
+is Torch-Pruning's `reproduce/main.py::progressive_pruning`, reimplemented literally below:
+`pruner.step()`, then `tp.utils.count_ops_and_params` (deep copy + forward) after every
+step, stop at the first step that reaches the target or at the step cap. progprune's loop
+is `progprune.pruning.progressive_prune`.
+
+Timing covers the loop only (pruner construction, i.e. DepGraph tracing, is the same for
+both and excluded), in one process, with the order of the two alternating per repeat and
+a fixed thread count. Each cell is the median over --repeats.
+
+    python benchmarks/bench_progressive.py             # ResNet-56, targets 1.5 2 2.55 3 4
+    python benchmarks/bench_progressive.py --quick     # ResNet-20, target 2 (smoke check)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import platform
+import statistics
+import time
+
+import torch
+import torch_pruning as tp
+
+from progprune.config import PruneConfig
+from progprune.models import build_model, example_inputs
+from progprune.pruning import make_pruner, progressive_prune
+
+NUM_CLASSES = 10
+
+
+def reference_loop(pruner, model, speed_up, example_inputs):
+    """Torch-Pruning reproduce/main.py `progressive_pruning`, as published."""
+    model.eval()
+    base_ops, _ = tp.utils.count_ops_and_params(model, example_inputs=example_inputs)
+    current_speed_up = 1
+    while current_speed_up < speed_up:
+        pruner.step(interactive=False)
+        pruned_ops, _ = tp.utils.count_ops_and_params(model, example_inputs=example_inputs)
+        current_speed_up = float(base_ops) / pruned_ops
+        if pruner.current_step == pruner.iterative_steps:
+            break
+    return current_speed_up
+
+
+def _setup(model_name, seed, steps, global_pruning):
+    torch.manual_seed(seed)
+    model = build_model(model_name, NUM_CLASSES).eval()
+    ex = example_inputs()
+    cfg = PruneConfig(method="group_norm", global_pruning=global_pruning, iterative_steps=steps)
+    return model, ex, make_pruner(model, ex, cfg, NUM_CLASSES)
+
+
+def run_reference(model_name, target, seed, steps, global_pruning):
+    model, ex, pruner = _setup(model_name, seed, steps, global_pruning)
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        achieved = reference_loop(pruner, model, target, ex)
+    seconds = time.perf_counter() - t0
+    return {"achieved": achieved, "steps": pruner.current_step, "seconds": seconds}
+
+
+def run_progprune(model_name, target, seed, steps, global_pruning):
+    model, ex, pruner = _setup(model_name, seed, steps, global_pruning)
+    t0 = time.perf_counter()
+    out = progressive_prune(model, pruner, ex, target)
+    seconds = time.perf_counter() - t0
+    return {"achieved": out.achieved_speedup, "steps": out.steps, "seconds": seconds, "status": out.status}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 2.55, 3.0, 4.0])
+    ap.add_argument("--steps", type=int, default=400, help="iterative_steps (Torch-Pruning: 400)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is shown")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--local", action="store_true", help="local instead of global pruning")
+    ap.add_argument("--quick", action="store_true", help="resnet20, target 2 only (smoke check)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.targets = "resnet20", [2.0]
+    torch.set_num_threads(args.threads)
+
+    print(f"setup: {_cpu_name()}, {torch.get_num_threads()} torch thread(s); python {platform.python_version()}, "
+          f"torch {torch.__version__}, torch-pruning {md.version('torch-pruning')}; {args.model} "
+          f"({NUM_CLASSES} classes, 1x3x32x32), group_norm {'local' if args.local else 'global'}, "
+          f"{args.steps} steps, seed {args.seed}, median of {args.repeats}")
+    header = (f"{'target':>6} | {'steps ref':>9} {'steps pp':>8} | {'achieved ref':>12} {'achieved pp':>11} | "
+              f"{'over ref %':>10} {'over pp %':>9} | {'s ref':>7} {'s pp':>7} | {'pp/ref':>6}")
+    print(header)
+    print("-" * len(header))
+    ratios = {}
+    for i, target in enumerate(args.targets):
+        refs, pps = [], []
+        for r in range(args.repeats):
+            kw = dict(model_name=args.model, target=target, seed=args.seed, steps=args.steps,
+                      global_pruning=not args.local)
+            if (i + r) % 2 == 0:  # alternate who runs first, so drift falls on both
+                refs.append(run_reference(**kw))
+                pps.append(run_progprune(**kw))
+            else:
+                pps.append(run_progprune(**kw))
+                refs.append(run_reference(**kw))
+        ref, pp = refs[0], pps[0]  # same seed: the achieved figures are identical across repeats
+        s_ref = statistics.median(x["seconds"] for x in refs)
+        s_pp = statistics.median(x["seconds"] for x in pps)
+        ratios[target] = s_pp / s_ref
+        flag = "" if pp.get("status", "ok") == "ok" else f"  ({pp['status']})"
+        print(f"{target:>6g} | {ref['steps']:>9d} {pp['steps']:>8d} | {ref['achieved']:>12.4f} "
+              f"{pp['achieved']:>11.4f} | {100 * (ref['achieved'] / target - 1):>10.3f} "
+              f"{100 * (pp['achieved'] / target - 1):>9.3f} | {s_ref:>7.2f} {s_pp:>7.2f} | "
+              f"{ratios[target]:>6.2f}{flag}", flush=True)
+    return ratios
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""`progprune prune/models/methods` run as real subprocesses, like a user would."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fixtures_data import write_cifar10
+from progprune.artifacts import load_artifact, save_artifact
+from progprune.models import build_model, list_models
+from progprune.pruning import list_methods
+from progprune.results import COLUMNS
+
+PROGPRUNE = Path(sys.executable).with_name("progprune")
+FAST = ["--dataset", "synthetic", "--base-epochs", "0", "--finetune-epochs", "1", "--sl-epochs", "0"]
+
+
+def _run(*args, timeout=300):
+    cmd = [str(PROGPRUNE)] if PROGPRUNE.exists() else [sys.executable, "-m", "progprune.cli"]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _json_row(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_models_lists_the_registry():
+    proc = _run("models")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[: len(list_models())] == list_models()
+    assert lines[-1].startswith("tv:NAME")
+
+
+def test_methods_lists_the_registry():
+    proc = _run("methods")
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == list_methods()
+    assert "[sparse learning]" in next(line for line in proc.stdout.splitlines() if line.startswith("group_sl "))
+
+
+def test_prune_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = _run("prune", "--model", "resnet20", *FAST, "--speedup", "2", "--iterative-steps", "100",
+                "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    row = _json_row(proc)
+    assert set(COLUMNS) <= set(row)
+    assert row["status"] == "ok" and row["error"] is None
+    assert row["achieved_speedup"] >= 2.0
+    assert row["pruned_macs"] < row["base_macs"] and row["model"] == "resnet20"
+    assert row["finetune_epochs"] == 1 and row["final_top1"] is not None
+    assert sorted(os.listdir(out)) == ["pruned.pt", "result.parquet"]
+    assert row["artifact_uri"] == str((out / "pruned.pt").resolve())
+
+    table = pq.read_table(out / "result.parquet")
+    assert table.num_rows == 1 and set(COLUMNS) <= set(table.column_names)
+    df = pd.read_parquet(out / "result.parquet")
+    assert len(df) == 1
+    assert df.loc[0, "achieved_speedup"] == pytest.approx(row["achieved_speedup"])
+    assert df.loc[0, "combo_id"] == row["combo_id"] and df.loc[0, "status"] == "ok"
+    assert df.loc[0, "artifact_uri"] == row["artifact_uri"]
+
+    model, info = load_artifact(out / "pruned.pt", model_name="resnet20", num_classes=10)
+    assert info["model"] == "resnet20"
+    import torch_pruning as tp
+    macs, params = tp.utils.count_ops_and_params(model, torch.randn(1, 3, 32, 32))
+    assert (int(macs), int(params)) == (row["pruned_macs"], row["pruned_params"])
+
+
+def test_unreachable_target_exits_3_with_its_row(tmp_path):
+    out = tmp_path / "run"
+    proc = _run("prune", "--model", "resnet20", *FAST, "--speedup", "1000", "--iterative-steps", "30",
+                "--out", out, "--json")
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    row = _json_row(proc)
+    assert row["status"] == "unreachable" and row["achieved_speedup"] < 1000
+    assert row["prune_steps"] == 30 and "unreachable" in row["error"]
+    assert row["final_top1"] is None  # no fine-tuning of a model that missed its target
+    assert pd.read_parquet(out / "result.parquet").loc[0, "status"] == "unreachable"
+
+
+# ---- bad input: exit 2, one clean line, nothing written -----------------------------------
+
+def _bad(tmp_path, *args, exists=False):
+    out = tmp_path / "out"
+    if exists:
+        out.mkdir()
+    proc = _run("prune", *args, "--out", out)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    if exists:
+        assert os.listdir(out) == []
+    else:
+        assert not out.exists()
+    return lines[0]
+
+
+def test_unknown_model(tmp_path):
+    line = _bad(tmp_path, "--model", "resnet57", "--speedup", "2", *FAST)
+    assert "unknown model 'resnet57'" in line and all(m in line for m in list_models())
+
+
+def test_unknown_dataset(tmp_path):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "mnist")
+    assert "unknown dataset 'mnist'" in line
+    assert all(d in line for d in ("cifar10", "cifar100", "digits", "imagefolder", "synthetic"))
+
+
+def test_unknown_method(tmp_path):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--method", "l3", *FAST)
+    assert "unknown method 'l3'" in line and all(m in line for m in list_methods())
+
+
+@pytest.mark.parametrize("speedup", ["1", "0.5", "fast", "-2", "nan", "inf"])
+def test_bad_speedup(tmp_path, speedup):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", speedup, *FAST)
+    assert "--speedup" in line and "must be a number > 1" in line
+
+
+@pytest.mark.parametrize("flag", ["--base-epochs", "--finetune-epochs", "--sl-epochs"])
+def test_negative_epochs(tmp_path, flag):
+    args = dict(zip(FAST[::2], FAST[1::2]))
+    args[flag] = "-1"
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *[v for kv in args.items() for v in kv])
+    assert flag in line and "must be >= 0" in line
+
+
+def test_missing_checkpoint(tmp_path):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", tmp_path / "none.pt")
+    assert "--checkpoint: file not found" in line
+
+
+def test_corrupt_checkpoint(tmp_path):
+    good = save_artifact(tmp_path / "good.pt", build_model("resnet20", 10), model_name="resnet20", num_classes=10)
+    ck = tmp_path / "bad.pt"
+    ck.write_bytes(Path(good).read_bytes()[:5000])  # a truncated download
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", ck, exists=True)
+    assert "corrupt or not a torch file" in line
+
+
+def test_random_bytes_checkpoint(tmp_path):
+    ck = tmp_path / "bad.pt"
+    ck.write_bytes(os.urandom(2048))
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", ck)
+    assert str(ck) in line
+
+
+def test_empty_checkpoint(tmp_path):
+    ck = tmp_path / "empty.pt"
+    ck.write_bytes(b"")
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", ck)
+    assert "corrupt or not a torch file" in line
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    ck = save_artifact(tmp_path / "vgg.pt", build_model("vgg11", 10), model_name="vgg11", num_classes=10)
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", ck)
+    assert "holds a vgg11, not a resnet20" in line
+
+
+def test_checkpoint_of_another_class_count(tmp_path):
+    ck = save_artifact(tmp_path / "r100.pt", build_model("resnet20", 100), model_name="resnet20", num_classes=100)
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", ck)
+    assert "has 100 classes, the dataset has 10" in line
+
+
+def test_plain_state_dict_of_another_architecture(tmp_path):
+    ck = tmp_path / "sd.pt"
+    torch.save(build_model("resnet32", 10).state_dict(), ck)
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", ck)
+    assert "does not fit resnet20" in line
+
+
+def test_cifar10_data_dir_missing_files(tmp_path):
+    data = write_cifar10(tmp_path / "cifar")
+    (data / "data_batch_3").unlink()
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "cifar10",
+                "--data-dir", data, "--base-epochs", "0")
+    assert "lacks data_batch_3" in line
+
+
+def test_cifar10_without_data_dir(tmp_path):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "cifar10")
+    assert "data_dir" in line

@@ -1,0 +1,168 @@
+"""progressive_prune lands at or just above the target, on every model kind and method."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from progprune.config import PruneConfig
+from progprune.errors import ProgpruneError
+from progprune.models import build_model, example_inputs
+from progprune.pruning import get_method, list_methods, make_pruner, progressive_prune
+
+NUM_CLASSES = 10
+
+
+def _trained_like(model):
+    """BN scales as training leaves them (spread out); a fresh init has them all 1.0."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 1.5)
+
+
+def _prune(name, target, *, method="group_norm", global_pruning=True, steps=400, round_to=None,
+           exact_every_step=False, calib=None, seed=0, on_step=None, trained_like=False):
+    torch.manual_seed(seed)
+    model = build_model(name, NUM_CLASSES).eval()
+    if trained_like:
+        _trained_like(model)
+    ex = example_inputs()
+    cfg = PruneConfig(method=method, global_pruning=global_pruning, iterative_steps=steps, round_to=round_to)
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
+    out = progressive_prune(model, pruner, ex, target, gradients=get_method(method).gradients,
+                            calib=calib, exact_every_step=exact_every_step, on_step=on_step)
+    return model, out
+
+
+def _classifier(model):
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+
+
+def _check_outcome(model, out, target, max_overshoot_pct=0.5):
+    assert out.status == "ok", out
+    assert out.achieved_speedup >= target
+    assert out.overshoot_pct <= max_overshoot_pct, f"overshoot {out.overshoot_pct:.3f}%"
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs())
+    assert (out.macs, out.params) == (int(macs), int(params))
+    assert out.base_macs / out.macs == out.achieved_speedup
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, NUM_CLASSES)
+    cls = _classifier(model)
+    assert getattr(cls, "out_features", getattr(cls, "out_channels", None)) == NUM_CLASSES
+
+
+@pytest.mark.parametrize("name, target", [
+    ("resnet20", 1.5), ("resnet20", 2.0), ("resnet20", 3.0),
+    ("vgg11", 2.0), ("vgg11", 4.0),
+    ("mobilenetv2", 1.5), ("mobilenetv2", 2.55),
+    ("resnet56", 2.55),
+])
+def test_lands_at_target_with_small_overshoot(name, target):
+    seen = []
+    model, out = _prune(name, target, on_step=lambda step, s: seen.append((step, s)))
+    _check_outcome(model, out, target)
+    # on_step saw every step, with rising speedups, ending at the outcome
+    assert [st for st, _ in seen] == list(range(1, out.steps + 1))
+    assert [v for _, v in seen] == sorted(v for _, v in seen)
+    assert seen[-1][1] == pytest.approx(out.achieved_speedup)
+    assert 0 < out.steps < 400
+    assert out.params < out.base_params
+    # the history is JSON-able (it goes into the artifact)
+    assert json.loads(json.dumps(out.history)) == out.history and out.history
+
+
+def test_local_pruning():
+    model, out = _prune("resnet20", 2.0, global_pruning=False)
+    _check_outcome(model, out, 2.0)
+
+
+@pytest.mark.parametrize("name, target", [
+    ("resnet20", 2.0),
+    pytest.param("vgg11", 3.0, marks=pytest.mark.xfail(strict=True, reason=(
+        "bug in progprune/pruning.py _partial_counts: the fallback `or [n]` ignores round_to; "
+        "the finest-channel crossing offers a layer at 8 channels n=7 and cuts block1.0 to 1"))),
+])
+def test_round_to_keeps_multiples_and_never_undershoots(name, target):
+    model, out = _prune(name, target, round_to=8)
+    assert out.status == "ok" and out.achieved_speedup >= target
+    cls = _classifier(model)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m is not cls]
+    bad = {n: m.out_channels for n, m in model.named_modules() if m in convs and m.out_channels % 8}
+    assert not bad, f"widths not multiples of 8: {bad}"
+    assert (cls.out_features if isinstance(cls, nn.Linear) else cls.out_channels) == NUM_CLASSES
+    macs, _ = tp.utils.count_ops_and_params(model, example_inputs())
+    assert out.macs == int(macs)
+
+
+def test_unreachable_target_stops_at_the_step_cap():
+    model, out = _prune("resnet20", 1000.0, steps=40)
+    assert out.status == "unreachable"
+    assert out.achieved_speedup < 1000.0
+    assert out.steps == 40
+    macs, _ = tp.utils.count_ops_and_params(model, example_inputs())
+    assert out.macs == int(macs)
+
+
+def test_reference_loop_overshoots_at_least_as_much():
+    target = 2.0
+    _, ours = _prune("resnet20", target)
+    ref_model, ref = _prune("resnet20", target, exact_every_step=True)
+    assert ref.status == "ok" and ref.achieved_speedup >= target
+    assert ref.achieved_speedup >= ours.achieved_speedup >= target
+    macs, _ = tp.utils.count_ops_and_params(ref_model, example_inputs())
+    assert ref.macs == int(macs)
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_reaches_the_target(method, calib):
+    model, out = _prune("resnet20", 1.5, method=method, steps=50, calib=calib, trained_like=True)
+    assert out.status == "ok", out
+    assert out.achieved_speedup >= 1.5
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, NUM_CLASSES)
+    assert _classifier(model).out_features == NUM_CLASSES
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug in progprune/pruning.py: a fresh init has every BN scale 1.0, so BNScaleImportance "
+    "ties everywhere, torch-pruning's global threshold then selects whole layers and skips "
+    "them, nothing is ever pruned and the run reports 'unreachable' at 1.00x; "
+    "proposed fix: break importance ties (see the report)"))
+@pytest.mark.parametrize("method", ["slim", "group_slim"])
+def test_bn_scale_methods_prune_an_untrained_model(method):
+    """`progprune prune --method slim --base-epochs 0 --sl-epochs 0` must still prune."""
+    _, out = _prune("resnet20", 1.5, method=method, steps=50)
+    assert out.status == "ok" and out.achieved_speedup >= 1.5
+
+
+@pytest.mark.parametrize("target", [1.0, 0.5, -2.0, float("nan")])
+def test_target_must_exceed_one(target):
+    model = build_model("resnet20", NUM_CLASSES).eval()
+    ex = example_inputs()
+    pruner = make_pruner(model, ex, PruneConfig(iterative_steps=10), NUM_CLASSES)
+    with pytest.raises(ProgpruneError, match="speedup must be a number > 1"):
+        progressive_prune(model, pruner, ex, target)
+
+
+@pytest.mark.parametrize("method", ["taylor", "hessian"])
+def test_gradient_methods_need_calibration_data(method):
+    model = build_model("resnet20", NUM_CLASSES).eval()
+    ex = example_inputs()
+    pruner = make_pruner(model, ex, PruneConfig(method=method, iterative_steps=10), NUM_CLASSES)
+    with pytest.raises(ProgpruneError, match="needs calibration data"):
+        progressive_prune(model, pruner, ex, 1.5, gradients=get_method(method).gradients)
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(ProgpruneError) as e:
+        get_method("l3")
+    assert "unknown method 'l3'" in str(e.value)
+    assert all(m in str(e.value) for m in list_methods())
+
+
+def test_registry_entries_carry_method_needs():
+    assert {m for m in list_methods() if get_method(m).sparse} == {"slim", "group_slim", "group_sl", "growing_reg"}
+    assert {m: get_method(m).gradients for m in list_methods() if get_method(m).gradients} == {
+        "taylor": "taylor", "hessian": "hessian"}

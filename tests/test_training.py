@@ -1,0 +1,162 @@
+"""fit / evaluate / measure_latency on a tiny model and synthetic data."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from progprune.config import TrainConfig
+from progprune.training import calibration_batch, evaluate, fit, measure_latency
+
+CPU = torch.device("cpu")
+CFG = TrainConfig(epochs=4, lr=0.05, batch_size=64, augment=False)
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(8 * 16, 10))
+
+
+def _val(model, s):
+    return evaluate(model, s.val_x, s.val_y, s, CPU)[0]
+
+
+def test_fit_learns_above_chance(synthetic_splits):
+    s = synthetic_splits
+    model = _tiny()
+    before = _val(model, s)
+    res = fit(model, s, CFG, CPU)
+    after = _val(model, s)
+    assert after > 0.5  # chance is 0.1 for 10 classes
+    assert after > before
+    assert res.epochs == 4 and len(res.history) == 4
+    assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
+    assert all(set(h) >= {"epoch", "loss", "val_top1", "lr"} for h in res.history)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert res.seconds > 0
+
+
+def test_fit_keeps_the_best_validation_epoch(synthetic_splits):
+    """Sabotage the model after epoch 1: the later epochs are at chance, the best is earlier."""
+    s = synthetic_splits
+    model = _tiny()
+    last = model[-1]
+
+    def sabotage(epoch):
+        if epoch >= 2:
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.zero_()
+                last.bias[(s.val_y.bincount(minlength=10)).argmin()] = 1.0  # always the rarest class
+
+    res = fit(model, s, TrainConfig(epochs=4, lr=0.05, batch_size=64, augment=False), CPU,
+              after_epoch=sabotage)
+    vals = [h["val_top1"] for h in res.history]
+    assert vals[-1] < max(vals)  # the construction worked: the last epoch is not the best
+    assert res.best_epoch == max(range(len(vals)), key=lambda i: (vals[i], -i))
+    assert res.best_epoch < 2
+    assert res.best_val_top1 == max(vals)
+    assert _val(model, s) == pytest.approx(res.best_val_top1)  # the best weights were restored
+
+
+def test_fit_select_best_false_keeps_last_weights(synthetic_splits):
+    s = synthetic_splits
+    model = _tiny()
+
+    def sabotage(epoch):
+        if epoch == 1:
+            with torch.no_grad():
+                model[-1].weight.zero_()
+                model[-1].bias.zero_()
+
+    res = fit(model, s, TrainConfig(epochs=2, lr=0.05, batch_size=64, augment=False), CPU,
+              after_epoch=sabotage, select_best=False)
+    assert _val(model, s) == pytest.approx(res.history[-1]["val_top1"])
+
+
+def _interrupted_at_epoch_1(s, path):
+    """Run fit until epoch 1's on_epoch, save its state like a checkpointer would, die."""
+    def save_at_1(metrics, state):
+        if metrics["epoch"] == 1:
+            torch.save(state(), path)
+            raise KeyboardInterrupt  # the worker dies here
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_tiny(), s, CFG, CPU, seed=3, on_epoch=save_at_1)
+    return torch.load(path, weights_only=True)
+
+
+def test_fit_resumes_at_the_next_epoch(synthetic_splits, tmp_path):
+    s = synthetic_splits
+    state = _interrupted_at_epoch_1(s, tmp_path / "state.pt")
+    resumed_model = _tiny(seed=123)  # fresh process: other initial weights, all overwritten
+    epochs_seen = []
+    res = fit(resumed_model, s, CFG, CPU, seed=3, resume=state,
+              on_epoch=lambda m, _state: epochs_seen.append(m["epoch"]))
+    assert epochs_seen == [2, 3]
+    assert len(res.history) == CFG.epochs
+    assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
+    assert res.history[:2] == state["history"]
+    vals = [h["val_top1"] for h in res.history]
+    assert res.best_val_top1 == max(vals)
+    assert _val(resumed_model, s) == pytest.approx(res.best_val_top1)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug in progprune/training.py fit(resume=): the cosine schedule is replayed AFTER "
+    "opt.load_state_dict, so the chainable CosineAnnealingLR decays the restored lr again "
+    "(epoch 2 runs at 0.00366 instead of 0.00732); replay before loading the optimizer"))
+def test_fit_resume_matches_an_uninterrupted_run(synthetic_splits, tmp_path):
+    s = synthetic_splits
+    full_model = _tiny()
+    full = fit(full_model, s, CFG, CPU, seed=3)
+    resumed_model = _tiny(seed=123)
+    res = fit(resumed_model, s, CFG, CPU, seed=3, resume=_interrupted_at_epoch_1(s, tmp_path / "state.pt"))
+    assert len(res.history) == len(full.history)
+    for a, b in zip(res.history, full.history):
+        assert a["lr"] == pytest.approx(b["lr"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["val_top1"] == pytest.approx(b["val_top1"], abs=1e-6)
+    assert res.best_epoch == full.best_epoch
+    for (k, a), b in zip(resumed_model.state_dict().items(), full_model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+
+
+def test_fit_zero_epochs_changes_nothing(synthetic_splits):
+    model = _tiny()
+    before = copy.deepcopy(model.state_dict())
+    res = fit(model, synthetic_splits, TrainConfig(epochs=0), CPU)
+    assert res.best_epoch == -1 and res.best_val_top1 is None and res.history == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_evaluate_returns_fractions(synthetic_splits):
+    s = synthetic_splits
+    model = _tiny()
+    fit(model, s, TrainConfig(epochs=1, lr=0.05, batch_size=64, augment=False), CPU)
+    for x, y in ((s.val_x, s.val_y), (s.test_x, s.test_y), (s.train_x[:7], s.train_y[:7])):
+        top1, top5 = evaluate(model, x, y, s, CPU, batch_size=50)
+        assert 0.0 <= top1 <= top5 <= 1.0
+    # a model that always says class 0: top-1 is exactly the share of class 0
+    const = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    with torch.no_grad():
+        const[1].weight.zero_()
+        const[1].bias.copy_(torch.arange(10, 0, -1).float())  # ranks classes 0,1,2,3,4 first
+    top1, top5 = evaluate(const, s.val_x, s.val_y, s, CPU)
+    assert top1 == pytest.approx((s.val_y == 0).float().mean().item())
+    assert top5 == pytest.approx((s.val_y < 5).float().mean().item())
+
+
+def test_measure_latency_positive():
+    (ms,) = measure_latency(_tiny(), (3, 32, 32), CPU, batch_size=2, warmup=1, repeats=3)
+    assert isinstance(ms, float) and ms > 0
+    both = measure_latency([_tiny(), _tiny(1)], (3, 32, 32), CPU, warmup=1, repeats=3)
+    assert len(both) == 2 and all(isinstance(v, float) and v > 0 for v in both)
+
+
+def test_calibration_batch_is_fixed(synthetic_splits):
+    x1, y1 = calibration_batch(synthetic_splits, CPU, n=16, seed=1)
+    x2, y2 = calibration_batch(synthetic_splits, CPU, n=16, seed=1)
+    assert x1.shape == (16, 3, 32, 32) and x1.dtype == torch.float32 and y1.shape == (16,)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
