@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import warnings
 
@@ -59,11 +60,13 @@ def _read(path) -> dict:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise ProgpruneError(
-            f"checkpoint {path} refused: it is not a plain weights file ({first[:120]}); "
-            "progprune loads weights_only=True"
-        ) from None
+        blocked = re.search(r"GLOBAL (\S+)", str(e))
+        if blocked:  # a pickle that would import code: name what it wanted
+            raise ProgpruneError(
+                f"checkpoint {path} refused: it would import {blocked.group(1)}; "
+                "progprune loads only plain weights (weights_only=True)") from None
+        first = (str(e).strip().splitlines() or ["unreadable"])[0][:120]
+        raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file: {first}") from None
     except Exception as e:  # garbage bytes surface as many error types from the loader
         first = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file: {first}") from None

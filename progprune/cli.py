@@ -100,7 +100,7 @@ def _nonneg(ctx, param, value):
 @click.option("--sl-epochs", type=int, default=10, show_default=True, callback=_nonneg, help="sparse learning (slim, group_slim, group_sl, growing_reg)")
 @click.option("--reg", type=float, default=5e-4, show_default=True, help="sparse-learning regularization")
 @click.option("--finetune-epochs", type=int, default=10, show_default=True, callback=_nonneg)
-@click.option("--finetune-lr", type=float, default=0.01, show_default=True)
+@click.option("--finetune-lr", type=float, default=0.05, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--augment/--no-augment", default=None, help="crop+flip in training (default: on, off for digits)")
 @click.option("--latency-batch-size", type=click.IntRange(min=1), default=1, show_default=True)

@@ -68,11 +68,24 @@ register_method(Method("l1", lambda nc: tp.importance.MagnitudeImportance(p=1), 
 register_method(Method("l2", lambda nc: tp.importance.MagnitudeImportance(p=2), doc="L2 filter norm"))
 register_method(Method("fpgm", lambda nc: tp.importance.FPGMImportance(p=2), doc="geometric median (FPGM)"))
 register_method(Method("lamp", lambda nc: tp.importance.LAMPImportance(p=2), doc="layer-adaptive magnitude (LAMP)"))
+class _TieBrokenBNScale(tp.importance.BNScaleImportance):
+    """BN scales start at exactly 1.0: without a tie-break the global threshold ties
+    everywhere and an untrained (or barely trained) model never loses a channel."""
+
+    def __call__(self, group, **kwargs):
+        imp = super().__call__(group, **kwargs)
+        if imp is None:
+            return None
+        # a relative nudge below any meaningful difference, but above float32 resolution
+        ramp = torch.arange(len(imp), device=imp.device, dtype=imp.dtype) / max(len(imp), 1)
+        return imp * (1 + 1e-4 * ramp)
+
+
 register_method(Method(
-    "slim", lambda nc: tp.importance.BNScaleImportance(), tp.pruner.BNScalePruner,
+    "slim", lambda nc: _TieBrokenBNScale(), tp.pruner.BNScalePruner,
     lambda sl: {"reg": sl.reg}, sparse=True, doc="network slimming: BN scales + L1 sparse learning"))
 register_method(Method(
-    "group_slim", lambda nc: tp.importance.BNScaleImportance(), tp.pruner.BNScalePruner,
+    "group_slim", lambda nc: _TieBrokenBNScale(), tp.pruner.BNScalePruner,
     lambda sl: {"reg": sl.reg, "group_lasso": True}, sparse=True, doc="slimming with group lasso"))
 register_method(Method(
     "group_norm", lambda nc: tp.importance.GroupMagnitudeImportance(p=2), tp.pruner.GroupNormPruner,
@@ -188,7 +201,7 @@ def _partial_counts(pruner, group, n: int) -> list[int]:
         return list(range(1, n + 1))
     current = _channels(pruner, group)
     first = current % pruner.round_to or pruner.round_to
-    return [k for k in range(first, n + 1, pruner.round_to)] or [n]
+    return list(range(first, n + 1, pruner.round_to))  # may be empty: no legal cut here
 
 
 def _crossing(pruner, counter, group, n: int, target_macs: float):

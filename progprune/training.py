@@ -134,12 +134,13 @@ def fit(
     start_epoch, best_top1, best_epoch, best_state, history = 0, -1.0, -1, None, []
     if resume:
         model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
         start_epoch = int(resume["epoch"]) + 1
         with warnings.catch_warnings():  # replaying the schedule, not skipping an optimizer step
             warnings.simplefilter("ignore")
             for _ in range(start_epoch):
                 sched.step()
+        # after the replay: the saved optimizer state carries the lr the schedule had reached
+        opt.load_state_dict(resume["optimizer"])
         best_top1, best_epoch = float(resume["best_top1"]), int(resume["best_epoch"])
         best_state = resume.get("best_model")
         history = list(resume.get("history", []))

@@ -112,14 +112,10 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, writer):
 def test_malicious_pickle_message_says_refused(tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"state_dict": _Exploit(tmp_path / "pwned")}, bad)
-    with pytest.raises(ProgpruneError, match="refused: it is not a plain weights file"):
+    with pytest.raises(ProgpruneError, match="refused: it would import"):
         load_artifact(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in progprune/artifacts.py _read: the reason shown is the first line of torch's "
-    "message, which is boilerplate ('Weights only load failed. In PyTorch 2.6, we changed "
-    "the default ...'), never the blocked global"))
 def test_malicious_pickle_message_names_the_blocked_global(tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"state_dict": _Exploit(tmp_path / "pwned")}, bad)
@@ -160,10 +156,6 @@ def test_corrupt_file_is_reported_as_corrupt(tmp_path, content):
         load_artifact(p)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in progprune/artifacts.py _read: random bytes fail in the weights-only unpickler "
-    "(UnpicklingError 'Unsupported operand'), so they are called 'refused: it is not a plain "
-    "weights file (Weights only load failed. In PyTorch 2.6, ...)' instead of corrupt"))
 def test_random_bytes_are_reported_as_corrupt(tmp_path):
     p = tmp_path / "random.pt"
     p.write_bytes(os.urandom(4096))

@@ -222,7 +222,7 @@ def _write_bad_cases(root: Path) -> dict:
         "checkpoint-odd-protocol": (ck("odd-protocol.pt"), "models[0].checkpoint: checkpoint"),
         "checkpoint-other-arch": (ck("vgg11.pt"), "holds a vgg11, not a resnet20"),
         "checkpoint-other-classes": (ck("resnet20-10.pt"), "has 10 classes, the dataset has 4"),
-        "checkpoint-malicious-pickle": (ck("evil.pt"), "not a plain weights file"),
+        "checkpoint-malicious-pickle": (ck("evil.pt"), "refused: it would import"),
         "cifar-missing-files": ({"dataset": {"name": "cifar10", "data_dir": str(files / "cifar-empty")}}, "dataset.data_dir"),
         "num-classes-mismatch": ({"dataset": {"name": "digits", "num_classes": 7}}, "dataset.num_classes: digits has 10 classes, got 7"),
         "output-scheme": ({"output": "http://example.com/runs"}, "output: unsupported scheme 'http'"),

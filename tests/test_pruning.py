@@ -80,9 +80,7 @@ def test_local_pruning():
 
 @pytest.mark.parametrize("name, target", [
     ("resnet20", 2.0),
-    pytest.param("vgg11", 3.0, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug in progprune/pruning.py _partial_counts: the fallback `or [n]` ignores round_to; "
-        "the finest-channel crossing offers a layer at 8 channels n=7 and cuts block1.0 to 1"))),
+    ("vgg11", 3.0),
 ])
 def test_round_to_keeps_multiples_and_never_undershoots(name, target):
     model, out = _prune(name, target, round_to=8)
@@ -125,11 +123,6 @@ def test_every_method_reaches_the_target(method, calib):
     assert _classifier(model).out_features == NUM_CLASSES
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in progprune/pruning.py: a fresh init has every BN scale 1.0, so BNScaleImportance "
-    "ties everywhere, torch-pruning's global threshold then selects whole layers and skips "
-    "them, nothing is ever pruned and the run reports 'unreachable' at 1.00x; "
-    "proposed fix: break importance ties (see the report)"))
 @pytest.mark.parametrize("method", ["slim", "group_slim"])
 def test_bn_scale_methods_prune_an_untrained_model(method):
     """`progprune prune --method slim --base-epochs 0 --sl-epochs 0` must still prune."""

@@ -103,10 +103,6 @@ def test_fit_resumes_at_the_next_epoch(synthetic_splits, tmp_path):
     assert _val(resumed_model, s) == pytest.approx(res.best_val_top1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in progprune/training.py fit(resume=): the cosine schedule is replayed AFTER "
-    "opt.load_state_dict, so the chainable CosineAnnealingLR decays the restored lr again "
-    "(epoch 2 runs at 0.00366 instead of 0.00732); replay before loading the optimizer"))
 def test_fit_resume_matches_an_uninterrupted_run(synthetic_splits, tmp_path):
     s = synthetic_splits
     full_model = _tiny()
