@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from progprune._atomic import atomic_path
 from progprune.errors import ProgpruneError
 from progprune.models import build_model
 
@@ -28,8 +28,6 @@ def save_artifact(path, model: nn.Module, *, model_name: str, num_classes: int,
                   input_shape=(3, 32, 32), history=None, meta: dict | None = None) -> str:
     """Write atomically (temp file + rename): a crash never leaves half a file."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     payload = {
         "format": FORMAT,
         "model": model_name,
@@ -39,15 +37,8 @@ def save_artifact(path, model: nn.Module, *, model_name: str, num_classes: int,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".pt") as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, fields
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from progprune._atomic import atomic_path
 
 STATUSES = ("ok", "unreachable", "failed")
 
@@ -89,17 +90,8 @@ def rows_to_table(rows) -> pa.Table:
 def write_rows(rows, path: str | os.PathLike) -> str:
     """Write rows to a local Parquet file atomically (temp file in the same dir + rename)."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".parquet") as tmp:
         pq.write_table(rows_to_table(rows), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

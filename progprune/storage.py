@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 
+from progprune._atomic import atomic_path
 from progprune.errors import ProgpruneError
 
 
@@ -86,16 +87,8 @@ class Store:
     def write_bytes(self, data: bytes, *parts: str) -> str:
         target = self.path(*parts)
         if self.local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(target))
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, target)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            with atomic_path(target) as tmp, open(tmp, "wb") as f:
+                f.write(data)
         else:
             self.fs.create_dir(posixpath.dirname(target), recursive=True)
             with self.fs.open_output_stream(target) as f:  # one PUT: atomic for readers
