@@ -29,6 +29,8 @@ from progprune.config import PruneConfig
 from progprune.models import build_model, example_inputs
 from progprune.pruning import make_pruner, progressive_prune
 
+from _common import cpu_name
+
 NUM_CLASSES = 10
 
 
@@ -71,17 +73,6 @@ def run_progprune(model_name, target, seed, steps, global_pruning):
     return {"achieved": out.achieved_speedup, "steps": out.steps, "seconds": seconds, "status": out.status}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet56")
@@ -97,7 +88,7 @@ def main(argv=None):
         args.model, args.targets = "resnet20", [2.0]
     torch.set_num_threads(args.threads)
 
-    print(f"setup: {_cpu_name()}, {torch.get_num_threads()} torch thread(s); python {platform.python_version()}, "
+    print(f"setup: {cpu_name()}, {torch.get_num_threads()} torch thread(s); python {platform.python_version()}, "
           f"torch {torch.__version__}, torch-pruning {md.version('torch-pruning')}; {args.model} "
           f"({NUM_CLASSES} classes, 1x3x32x32), group_norm {'local' if args.local else 'global'}, "
           f"{args.steps} steps, seed {args.seed}, median of {args.repeats}")

@@ -44,6 +44,8 @@ from progprune.data import load_dataset
 from progprune.pipeline import base_stage, run_combination
 from progprune.spec import load_spec
 
+from _common import cpu_name
+
 
 def write_spec(path: str, args, num_workers: int) -> str:
     spec = {
@@ -106,17 +108,6 @@ def run_sweep(spec_path: str, out: str, log: str) -> dict:
     return {"seconds": seconds, "bases": len(bases), "combos": len(rows)}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20", "vgg11"])
@@ -132,7 +123,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         specs = {w: write_spec(os.path.join(tmp, f"spec-w{w}.yaml"), args, w) for w in (0, 1)}
         n_combos = len(args.models) * len(args.speedups)
-        print(f"setup: {_cpu_name()}, {os.cpu_count()} cores, CPU only; python {platform.python_version()}, "
+        print(f"setup: {cpu_name()}, {os.cpu_count()} cores, CPU only; python {platform.python_version()}, "
               f"torch {torch.__version__}, ray {md.version('ray')}; {n_combos} combinations "
               f"({' + '.join(args.models)} x {'/'.join(f'{s:g}' for s in args.speedups)}x, group_norm global, "
               f"400 steps, seed 0); synthetic 10 classes, {args.samples} train + {args.samples // 4} val + "

@@ -47,6 +47,8 @@ from progprune.models import build_model, example_inputs
 from progprune.pruning import make_pruner, progressive_prune
 from progprune.training import evaluate, fit
 
+from _common import cpu_name
+
 
 def make_pruned(path: str, model_name: str, dataset: DatasetConfig, speedup: float, seed: int) -> dict:
     splits = load_dataset(dataset, seed=seed)
@@ -155,17 +157,6 @@ def _summary(runs: list[dict], samples: int) -> dict:
     }
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
@@ -194,7 +185,7 @@ def main(argv=None):
         samples = (info["train"] // args.batch_size) * args.batch_size  # fit drops the last partial batch
         job = {"model": args.model, "dataset": dataset, "seed": args.seed, "artifact": art,
                "train": train, "threads": args.threads, "checkpoint": True}
-        print(f"setup: {_cpu_name()}, {os.cpu_count()} cores, CPU only; python {platform.python_version()}, "
+        print(f"setup: {cpu_name()}, {os.cpu_count()} cores, CPU only; python {platform.python_version()}, "
               f"torch {torch.__version__}, ray {md.version('ray')}; {args.model} pruned to "
               f"{info['achieved']:.3f}x MACs ({info['params']:,} params, group_norm global), "
               f"{args.dataset}: {info['train']} train ({samples} per epoch, batch {args.batch_size}) + "
