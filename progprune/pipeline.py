@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from progprune import __version__
 from progprune.artifacts import load_artifact, save_artifact
-from progprune.config import ComboConfig
+from progprune.config import ComboConfig, TrainConfig
 from progprune.data import Splits, load_dataset
 from progprune.models import build_model, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
@@ -103,8 +103,6 @@ def sparse_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log
     ex = example_inputs(splits.input_shape).to(device)
     pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
     sl = cfg.sparse
-    from progprune.config import TrainConfig
-
     train_cfg = TrainConfig(epochs=sl.epochs, lr=sl.lr, momentum=0.9, weight_decay=0.0,
                             batch_size=sl.batch_size, schedule="multistep" if sl.milestones else "cosine",
                             milestones=sl.milestones, gamma=0.1, augment=True)
