@@ -20,8 +20,8 @@ import jsonschema
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# Strict KubeRay v1 schemas, kept next to the repository (same layout on CI).
-KUBERAY_SCHEMAS = REPO.parent / "shared" / "kuberay"
+# Strict KubeRay v1 schemas made from KubeRay 1.7.0's CRDs, vendored (see its README.md).
+KUBERAY_SCHEMAS = Path(__file__).resolve().parent / "kuberay_schemas"
 _KUBERAY_KINDS = {"RayJob": "rayjob-ray.io-v1.json", "RayCluster": "raycluster-ray.io-v1.json"}
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 # securityContext values every container (the autoscaler sidecar too) must carry.
@@ -92,7 +92,10 @@ def schema_problems(obj: dict) -> list[str]:
     return []
 
 
-# ---- KubeRay operator rules no schema holds (REFERENCE.md section 3) -------------------
+# ---- KubeRay operator rules no schema holds --------------------------------------------
+# https://docs.ray.io/en/latest/cluster/kubernetes/getting-started/rayjob-quick-start.html
+# (RayJob configuration) and the RayJob API reference,
+# https://ray-project.github.io/kuberay/reference/api/
 def operator_rule_problems(rayjob: dict) -> list[str]:
     spec = rayjob.get("spec") or {}
     mode = spec.get("submissionMode", "K8sJobMode")
@@ -250,6 +253,34 @@ def secret_problems(objs: list[dict]) -> list[str]:
     return problems
 
 
+def ray_container_problems(objs: list[dict]) -> list[str]:
+    """The Ray container of every head and worker pod (the first container):
+    - mounts no /dev/shm of its own: KubeRay mounts a memory-backed /dev/shm sized to the
+      container's memory limit, and a smaller one would cap Ray's object store (Ray warns
+      and falls back to disk);
+    - runs `ray stop` in a preStop hook, as KubeRay's samples do, so Ray shuts down cleanly
+      before the pod is killed."""
+    problems = []
+    for obj in objs:
+        if obj.get("kind") not in ("RayJob", "RayCluster"):
+            continue
+        for where, pod in pod_templates(obj):
+            if where.endswith("submitterPodTemplate"):
+                continue
+            cs = pod.get("containers") or []
+            if not cs:
+                continue
+            c, at = cs[0], f"{_name(obj)}: {where}.spec.containers[0] ({cs[0].get('name')})"
+            for m in c.get("volumeMounts") or []:
+                if m.get("mountPath", "").rstrip("/") == "/dev/shm":
+                    problems.append(f"{at}: mounts its own /dev/shm (volume {m.get('name')!r}); "
+                                    "KubeRay mounts one sized to the memory limit")
+            cmd = ((((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command")) or []
+            if not any("ray stop" in part for part in cmd):
+                problems.append(f"{at}: lifecycle.preStop must exec `ray stop`")
+    return problems
+
+
 # ---- versions ------------------------------------------------------------------------
 def pyproject_ray_version(pyproject: Path = REPO / "pyproject.toml") -> str:
     deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
@@ -318,10 +349,13 @@ def version_problems(rayjob: dict, image_ray_version: str, pinned_ray_version: s
 
 # ---- the spec the entrypoint runs -----------------------------------------------------
 def entrypoint_spec(rayjob: dict) -> tuple[str, str | None]:
-    """(spec path, --output value) of a `progprune sweep SPEC [--output URI]` entrypoint."""
+    """(spec path, --output value) of a `[python -m] progprune sweep SPEC [--output URI]`
+    entrypoint."""
     argv = shlex.split((rayjob.get("spec") or {}).get("entrypoint") or "")
+    if argv[:3] in (["python", "-m", "progprune"], ["python3", "-m", "progprune"]):
+        argv = argv[2:]
     if argv[:2] != ["progprune", "sweep"] or len(argv) < 3:
-        raise ValueError(f"{_name(rayjob)}: entrypoint {argv} is not `progprune sweep SPEC ...`")
+        raise ValueError(f"{_name(rayjob)}: entrypoint {argv} is not `python -m progprune sweep SPEC ...`")
     output = argv[argv.index("--output") + 1] if "--output" in argv else None
     return argv[2], output
 
@@ -398,4 +432,5 @@ def all_problems(
     problems += security_problems(objs)
     problems += exposure_problems(objs)
     problems += secret_problems(objs)
+    problems += ray_container_problems(objs)
     return problems

@@ -88,7 +88,7 @@ def test_overlay_recipes(rendered):
         assert spec["shutdownAfterJobFinishes"] is True
         assert {"ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit"} <= set(spec)
         assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-        assert spec["entrypoint"].startswith("progprune sweep /config/spec.yaml --output /data/results/")
+        assert spec["entrypoint"].startswith("python -m progprune sweep /config/spec.yaml --output /data/results/")
     g = gpu["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in g["template"]["spec"]["tolerations"]
@@ -224,6 +224,22 @@ BROKEN = {
             {"spec.yaml": "name: x\nmodels: [resnet56]\nspeedups: [0.5]\nmethodz: [l1]\n"}),
         "speedups",
     ),
+    "own /dev/shm on a worker": (
+        lambda rj, _: (
+            _worker(rj)["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"}),
+            _cluster(rj)["workerGroupSpecs"][0]["template"]["spec"]["volumes"].append(
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}),
+        ),
+        "mounts its own /dev/shm",
+    ),
+    "no preStop on the head": (
+        lambda rj, _: _cluster(rj)["headGroupSpec"]["template"]["spec"]["containers"][0].pop("lifecycle"),
+        "preStop must exec `ray stop`",
+    ),
+    "entrypoint not progprune sweep": (
+        lambda rj, _: rj["spec"].update(entrypoint="python -m progprune report /data/results/x"),
+        "is not `python -m progprune sweep",
+    ),
     "bad core object": (
         lambda rj, objs: [o for o in objs if o["kind"] == "PersistentVolumeClaim"][0]["spec"].update(accesModes=["ReadWriteMany"]),
         "'accesModes' was unexpected",
@@ -241,3 +257,24 @@ def test_checks_catch(case, rendered, versions):
 def test_unknown_kind_is_not_waved_through():
     obj = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
     assert kc.schema_problems(obj) and "no schema" in kc.schema_problems(obj)[0]
+
+
+def test_repository_stands_alone():
+    """Code, tests and docs read no file outside the repository (the KubeRay schemas are
+    vendored in tests/kuberay_schemas/); upstream material is cited by URL."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=kc.REPO, capture_output=True, check=True).stdout
+    # a relative or absolute path to the shared folder beside the checkout (split so that
+    # this file does not match itself)
+    outside = re.compile(r"\.\./shared/|/work" + r"/shared|parent\s*/\s*[\"']shared[\"']")
+    hits = []
+    for rel in filter(None, files.decode().split("\0")):
+        path = kc.REPO / rel
+        if path.suffix in (".json", ".whl", ".png", ".parquet") or not path.is_file():
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if outside.search(line):
+                hits.append(f"{rel}:{i}: {line.strip()}")
+    assert hits == [], hits
