@@ -3,4 +3,22 @@ __version__ = "0.1.0"
 
 from progprune.errors import ProgpruneError, SpecError  # noqa: E402
 
-__all__ = ["__version__", "ProgpruneError", "SpecError"]
+__all__ = ["__version__", "ProgpruneError", "SpecError", "load_pruned"]
+
+
+def load_pruned(path):
+    """Load a model that progprune wrote (`pruned.pt`, `final.pt`) as a plain `nn.Module`
+    in eval mode: the registry architecture at its pruned widths with the saved weights.
+
+    The file is read with `torch.load(weights_only=True)`, so no code from it runs, and
+    the model needs nothing from progprune once loaded::
+
+        import progprune
+        model = progprune.load_pruned("out/pruned.pt")
+        logits = model(images)  # float batches normalised as in training (the data set mean/std)
+
+    A bad file raises `ProgpruneError` with one line saying what is wrong.
+    """
+    from progprune.artifacts import load_pruned as _load  # torch loads here, not at import
+
+    return _load(path)

@@ -5,9 +5,21 @@ architecture, its class count and input shape, torch-pruning's pruning history (
 names + channel indices) and a state_dict. Loading rebuilds the architecture from the
 registry, replays the history with DepGraph, then loads the weights with
 `torch.load(weights_only=True)`, which refuses any pickled object that is not data.
+
+Base checkpoints (`load_base_weights`) may also be what people actually have: a plain
+`torch.save(model.state_dict())`, a `.safetensors` file, the usual training-script
+wrappers ({"state_dict"|"model"|"model_ema": ...}) and keys prefixed by DDP (`module.`) or
+torch.compile (`_orig_mod.`).
+
+Histories compose: a model loaded from a pruned artifact carries the history it was
+rebuilt with, and `save_artifact` puts it in front of the new rounds' history, so pruning a
+pruned model writes a file that reloads. Where a stored history does not reproduce the
+saved widths (files written before that fix), the widths are taken from the saved weights'
+shapes instead: the weights are the model.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -22,18 +34,32 @@ from progprune.errors import ProgpruneError
 from progprune.models import build_model
 
 FORMAT = "progprune.artifact/1"
+HISTORY_ATTR = "_progprune_history"  # set on models rebuilt from an artifact: their prior rounds
+_WRAPPER_KEYS = ("state_dict", "model", "model_ema")  # checked in this order
+_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+_SHOW = 3  # keys named in an error message
+
+
+def prior_history(model: nn.Module) -> list:
+    """The pruning history `model` was rebuilt with ([] for a fresh or plain-weights model)."""
+    return list(getattr(model, HISTORY_ATTR, None) or [])
 
 
 def save_artifact(path, model: nn.Module, *, model_name: str, num_classes: int,
                   input_shape=(3, 32, 32), history=None, meta: dict | None = None) -> str:
-    """Write atomically (temp file + rename): a crash never leaves half a file."""
+    """Write atomically (temp file + rename): a crash never leaves half a file.
+
+    `history` is the pruning done on `model` since it was built or loaded (a
+    PruneOutcome's `.history`). The history `model` was loaded with (see `prior_history`)
+    goes in front of it, so an artifact of a pruned-then-pruned-again model reloads.
+    """
     path = os.fspath(path)
     payload = {
         "format": FORMAT,
         "model": model_name,
         "num_classes": int(num_classes),
         "input_shape": [int(v) for v in input_shape],
-        "pruning_history": history or [],
+        "pruning_history": prior_history(model) + list(history or []),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
@@ -42,10 +68,46 @@ def save_artifact(path, model: nn.Module, *, model_name: str, num_classes: int,
     return path
 
 
+# ---- reading files --------------------------------------------------------------------
+def _is_safetensors(path: str) -> bool:
+    if path.endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:  # 8-byte little-endian header length, then a JSON object
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _read_safetensors(path: str) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ProgpruneError(f"checkpoint {path} is a .safetensors file: reading it needs the "
+                             "safetensors package (pip install safetensors)") from None
+    try:
+        return dict(load_file(path, device="cpu"))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ProgpruneError(f"checkpoint {path} is a corrupt safetensors file: {first}") from None
+
+
+def _describe_bytes(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        return "a damaged or truncated zip archive"
+    if head[:1] == b"\x80":
+        return "a damaged or truncated pickle"
+    return f"it starts with {head!r}, not a zip archive, pickle or safetensors header"
+
+
 def _read(path) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ProgpruneError(f"checkpoint not found: {path}")
+    if _is_safetensors(path):
+        return _read_safetensors(path)
     try:
         with warnings.catch_warnings():  # odd protocol bytes in garbage files warn loudly
             warnings.simplefilter("ignore")
@@ -56,55 +118,231 @@ def _read(path) -> dict:
             raise ProgpruneError(
                 f"checkpoint {path} refused: it would import {blocked.group(1)}; "
                 "progprune loads only plain weights (weights_only=True)") from None
-        first = (str(e).strip().splitlines() or ["unreadable"])[0][:120]
-        raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file: {first}") from None
-    except Exception as e:  # garbage bytes surface as many error types from the loader
-        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file: {first}") from None
+        raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file ({_describe_bytes(path)})") from None
+    except Exception:  # garbage bytes surface as many error types (KeyError '101' for text)
+        raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file ({_describe_bytes(path)})") from None
     if not isinstance(obj, dict):
         raise ProgpruneError(f"checkpoint {path}: expected a dict of weights, got {type(obj).__name__}")
     return obj
 
 
+def _is_tensor_dict(d) -> bool:
+    return isinstance(d, dict) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in d.items())
+
+
+def _unwrap(obj: dict, path: str) -> tuple[dict, str | None, str]:
+    """(state_dict, wrapper key or None, stripped key prefix) of a non-artifact checkpoint."""
+    key = None
+    if not _is_tensor_dict(obj):
+        for k in _WRAPPER_KEYS:
+            inner = obj.get(k)
+            if isinstance(inner, dict) and _is_tensor_dict(inner.get("state_dict")):
+                inner, k = inner["state_dict"], f"{k}.state_dict"
+            if _is_tensor_dict(inner):
+                obj, key = inner, k
+                break
+        else:
+            found = ", ".join(sorted(map(str, obj))[:6]) or "nothing"
+            raise ProgpruneError(
+                f"checkpoint {path}: neither a progprune artifact nor a state_dict of tensors "
+                f"(top-level keys: {found}; expected tensors or one of {', '.join(_WRAPPER_KEYS)})")
+    prefix = ""
+    while True:
+        p = next((p for p in _PREFIXES if all(k.startswith(p) for k in obj)), None)
+        if p is None:
+            break
+        obj = {k[len(p):]: v for k, v in obj.items()}
+        prefix += p
+    return obj, key, prefix
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- rebuilding the model -------------------------------------------------------------
+def head_name(model: nn.Module) -> str | None:
+    """The classifier: the last Linear/Conv registered in the model (`fc` in ResNets,
+    `classifier` in VGG, `conv2` in the CIFAR MobileNetV2, `heads.head` in torchvision's
+    ViT, `classifier.N` in torchvision's VGG/MobileNets)."""
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            name = n
+    return name
+
+
+def _fresh(name: str, num_classes: int, seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        return build_model(name, num_classes)
+
+
+def _shape_mismatches(model: nn.Module, sd: dict, skip=()) -> list[str]:
+    own = model.state_dict()
+    return [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
+            for k, v in sd.items() if k in own and k not in skip and own[k].shape != v.shape]
+
+
+def _trace(model: nn.Module, input_shape) -> tp.DependencyGraph:
+    return tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *input_shape))
+
+
+def _fit_to_shapes(model: nn.Module, sd: dict, input_shape, head: str | None) -> list:
+    """Prune `model`'s channels down to the widths of `sd`'s weights, whatever history made
+    them; returns the pruning history that does so (replayable like any other).
+
+    Which channels go does not matter: every weight is overwritten by `sd` afterwards.
+    Pruning one layer's outputs prunes everything DepGraph couples to it (residual
+    partners, BatchNorms, depthwise convs, the next layer's inputs), so layers are visited
+    in order and each is cut only as far as it still exceeds the saved width. The head's
+    outputs (the class count) are never cut.
+    """
+    dg = _trace(model, input_shape)
+    for name, m in list(model.named_modules()):
+        if name == head or f"{name}.weight" not in sd:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            fn, have = tp.prune_conv_out_channels, m.out_channels
+        elif isinstance(m, nn.Linear):
+            fn, have = tp.prune_linear_out_channels, m.out_features
+        else:
+            continue
+        want = sd[f"{name}.weight"].shape[0]
+        if want < have:
+            group = dg.get_pruning_group(m, fn, idxs=list(range(want, have)))
+            if dg.check_pruning_group(group):
+                group.prune()
+    return [[n, bool(o), [int(i) for i in idx]] for n, o, idx in dg.pruning_history()]
+
+
+@torch.enable_grad()  # DepGraph traces and prunes with autograd; callers may sit in no_grad()
+def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list, input_shape,
+                 reset_head: bool, seed: int, hint: str) -> tuple[nn.Module, dict]:
+    """Build `name` for `num_classes`, give it `sd`'s widths, load `sd`. One clean error
+    naming what does not fit (first keys and shapes, class counts) otherwise."""
+    model = _fresh(name, num_classes, seed)
+    head = head_name(model)
+    head_keys = {k for k in model.state_dict() if head and k.startswith(head + ".")}
+    ck_classes = int(sd[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in sd else None
+    if ck_classes is not None and ck_classes != num_classes and not reset_head:
+        raise ProgpruneError(
+            f"checkpoint {path} has a {ck_classes}-class head ({head}.weight "
+            f"{list(sd[f'{head}.weight'].shape)}), the dataset has {num_classes} classes; "
+            "pass --reset-head (models[].reset_head: true) to re-initialise the head, "
+            "or use a checkpoint trained on this dataset")
+    if reset_head:
+        sd = {k: v for k, v in sd.items() if k not in head_keys}
+    rebuilt, carried = "fresh", []
+    if history:
+        try:
+            dg = _trace(model, input_shape)
+            dg.load_pruning_history([(n, bool(o), list(i)) for n, o, i in history])
+            rebuilt, carried = "history", list(history)
+        except Exception:  # names or indices that do not replay: the shapes decide below
+            model = _fresh(name, num_classes, seed)
+        if rebuilt == "history" and _shape_mismatches(model, sd):
+            model, rebuilt, carried = _fresh(name, num_classes, seed), "fresh", []
+    if _shape_mismatches(model, sd):
+        try:
+            carried, rebuilt = _fit_to_shapes(model, sd, input_shape, head), "shapes"
+        except Exception:  # a width no pruning reaches: the message below names it
+            model, rebuilt, carried = _fresh(name, num_classes, seed), "fresh", []
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not (reset_head and k in head_keys)]
+    unexpected = [k for k in sd if k not in own]
+    shapes = _shape_mismatches(model, sd)
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                more = f", +{len(items) - _SHOW} more" if len(items) > _SHOW else ""
+                parts.append(f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}")
+        raise ProgpruneError(f"checkpoint {path} does not fit {name} with {num_classes} classes "
+                             f"({'; '.join(parts)}); {hint}")
+    model.load_state_dict(sd, strict=not reset_head)
+    model.eval()
+    setattr(model, HISTORY_ATTR, carried)
+    return model, {"rebuilt_from": rebuilt, "head": head, "checkpoint_classes": ck_classes,
+                   "reset_head": bool(reset_head)}
+
+
 def load_artifact(path, *, model_name: str | None = None, num_classes: int | None = None,
                   input_shape=None) -> tuple[nn.Module, dict]:
-    """Rebuild a model from an artifact or a plain state_dict.
+    """Rebuild a model from an artifact or a plain state_dict, strictly (no head reset).
 
-    A plain state_dict (or {"state_dict": ...}) needs `model_name` and `num_classes`.
-    When given, they must match the file: another architecture or class count is an error.
-    Returns (model in eval mode, the artifact dict without the state_dict).
+    A plain state_dict (or a wrapper, or .safetensors) needs `model_name` and
+    `num_classes`. When given, they must match the file: another architecture or class
+    count is an error. Returns (model in eval mode, the artifact dict without the
+    state_dict; its "pruning_history" is the full history the model was rebuilt with,
+    which the model also carries for `save_artifact`).
     """
+    return _load(path, model_name, num_classes, input_shape, reset_head=False, seed=0, digest=False)
+
+
+def load_base_weights(path, model_name: str, num_classes: int, input_shape=None,
+                      reset_head: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
+    """The base model of a run from `path`: a progprune artifact (pruned ones included), a
+    plain state_dict, a wrapped one ({"state_dict"|"model"|"model_ema": ...}, `module.` /
+    `_orig_mod.` prefixes) or a .safetensors file.
+
+    A head with another class count than `num_classes` is an error unless `reset_head`:
+    then the checkpoint's head weights are dropped and the model keeps its fresh init
+    (seeded with `seed`; the caller's RNG is untouched). Returns (model in eval mode, info):
+    info has "model", "num_classes", "input_shape", "pruning_history", "meta", "source"
+    ("artifact" | "state_dict" | "safetensors"), "weights_key", "stripped_prefix",
+    "checkpoint_classes", "reset_head", "rebuilt_from" ("fresh" | "history" | "shapes"),
+    "head" and "sha256" (of the file).
+    """
+    return _load(path, model_name, num_classes, input_shape, reset_head=reset_head, seed=seed, digest=True)
+
+
+def _load(path, model_name, num_classes, input_shape, *, reset_head: bool, seed: int, digest: bool,
+          artifact_only: bool = False) -> tuple[nn.Module, dict]:
+    path = os.fspath(path)
     obj = _read(path)
     if obj.get("format") == FORMAT:
-        art = obj
+        name, ck_classes = obj["model"], int(obj["num_classes"])
+        if model_name is not None and name != model_name:
+            raise ProgpruneError(f"checkpoint {path} holds a {name}, not a {model_name}; "
+                                 "point to a checkpoint of this model")
+        if num_classes is not None and ck_classes != int(num_classes) and not reset_head:
+            raise ProgpruneError(
+                f"checkpoint {path} has {ck_classes} classes, the dataset has {num_classes}; "
+                "pass --reset-head (models[].reset_head: true) to re-initialise the head, "
+                "or use a checkpoint trained on this dataset")
+        sd, key, prefix, source = obj["state_dict"], None, "", "artifact"
+        history, meta = obj.get("pruning_history") or [], obj.get("meta") or {}
+        shape = tuple(obj.get("input_shape") or input_shape or (3, 32, 32))
+        target = int(num_classes) if num_classes is not None else ck_classes
+        hint = "the file is damaged or was written for another architecture"
     else:
-        sd = obj.get("state_dict", obj)
-        if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise ProgpruneError(f"checkpoint {path}: neither a progprune artifact nor a state_dict of tensors")
+        if artifact_only:
+            raise ProgpruneError(f"{path} is not a progprune artifact (a plain state_dict): build the "
+                                 "model yourself and call load_state_dict")
+        sd, key, prefix = _unwrap(obj, path)
         if model_name is None or num_classes is None:
             raise ProgpruneError(f"checkpoint {path} is a plain state_dict: give the model name and class count")
-        art = {"format": FORMAT, "model": model_name, "num_classes": num_classes,
-               "input_shape": list(input_shape or (3, 32, 32)), "pruning_history": [],
-               "state_dict": sd, "meta": {}}
-    if model_name is not None and art["model"] != model_name:
-        raise ProgpruneError(f"checkpoint {path} holds a {art['model']}, not a {model_name}; "
-                             "point to a checkpoint of this model")
-    if num_classes is not None and int(art["num_classes"]) != int(num_classes):
-        raise ProgpruneError(f"checkpoint {path} has {art['num_classes']} classes, the dataset has "
-                             f"{num_classes}; use a checkpoint trained on this dataset")
-    model = build_model(art["model"], int(art["num_classes"]))
-    history = art.get("pruning_history") or []
-    if history:
-        shape = tuple(art.get("input_shape") or (3, 32, 32))
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *shape))
-        dg.load_pruning_history([(n, bool(o), list(i)) for n, o, i in history])
-    try:
-        model.load_state_dict(art["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise ProgpruneError(
-            f"checkpoint {path} does not fit {art['model']} with {art['num_classes']} classes "
-            f"({str(e).splitlines()[0][:160]}); check the model name and class count"
-        ) from None
-    model.eval()
-    info = {k: v for k, v in art.items() if k != "state_dict"}
+        name, history, meta, target = model_name, [], {}, int(num_classes)
+        shape = tuple(input_shape or (3, 32, 32))
+        source = "safetensors" if _is_safetensors(path) else "state_dict"
+        hint = "check the model name (the file holds another architecture's weights)"
+    model, details = _materialize(path, name, target, sd, history, shape, reset_head, seed, hint)
+    info = {"format": FORMAT, "model": name, "num_classes": target, "input_shape": list(shape),
+            "pruning_history": prior_history(model), "meta": meta, "source": source,
+            "weights_key": key, "stripped_prefix": prefix, **details}
+    if digest:
+        info["sha256"] = _sha256(path)
     return model, info
+
+
+def load_pruned(path) -> nn.Module:
+    """A model that progprune wrote (`pruned.pt`, `final.pt`, base artifacts), ready to use:
+    the registry architecture at its pruned widths with the saved weights, in eval mode.
+    Loads with `weights_only=True`: no code from the file runs."""
+    return _load(path, None, None, None, reset_head=False, seed=0, digest=False, artifact_only=True)[0]

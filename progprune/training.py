@@ -9,6 +9,8 @@ only through its arguments (`rank`/`world_size` for sharding, `wrap` for DDP,
 from __future__ import annotations
 
 import copy
+import math
+import platform
 import statistics
 import time
 import warnings
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 
 from progprune.config import TrainConfig
 from progprune.data import Splits, batches
+from progprune.data import batches as _batches  # recalibrate_bn's `batches` argument shadows it
+from progprune.errors import ProgpruneError
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -36,14 +40,33 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+class TrainingDiverged(ProgpruneError):
+    """The loss (or the weights) stopped being finite: the run failed, it is not bad input.
+
+    `stage` names the training that diverged ("base training", "sparse learning",
+    "fine-tune"), so the pipeline's failed row says which; `epoch` is 1-based.
+    """
+
+    exit_code = 1
+
+    def __init__(self, stage: str, epoch: int, lr: float, detail: str, loss: float | None = None):
+        self.stage, self.epoch, self.lr, self.loss = stage, epoch, lr, loss
+        super().__init__(f"{stage} diverged: {detail} at epoch {epoch} (lr {lr:g}); lower the learning rate")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x, y, splits: Splits, device, batch_size: int = 512) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (fractions) of `model` on uint8 images `x`."""
+    """Top-1 and top-5 accuracy (fractions) of `model` on uint8 images `x`.
+
+    Always fp32 (no autocast): a reported accuracy must not depend on whether the GPU
+    has bf16 or fp16. Only training uses mixed precision.
+    """
     model.eval()
+    device = torch.device(device)
     correct1 = correct5 = total = 0
     for xb, yb in batches(x, y, batch_size, mean=splits.mean, std=splits.std, device=device):
-        with _autocast(device):
-            out = model(xb)
+        with torch.autocast(device.type, enabled=False):  # also inside a caller's autocast
+            out = model(xb).float()
         k = min(5, out.shape[1])
         top = out.topk(k, dim=1).indices
         hit = top.eq(yb.view(-1, 1))
@@ -54,19 +77,91 @@ def evaluate(model: nn.Module, x, y, splits: Splits, device, batch_size: int = 5
 
 
 @torch.no_grad()
-def measure_latency(models, input_shape, device, batch_size: int = 1,
-                    warmup: int = 5, repeats: int = 20) -> list[float]:
-    """Median wall time of one forward pass in ms for each model, after warm-up.
+def recalibrate_bn(model: nn.Module, splits: Splits, device, batches: int = 20, batch_size: int = 128,
+                   seed: int = 0) -> int:
+    """Re-estimate every BatchNorm's running statistics on `batches` training batches, in place.
+
+    Pruning leaves each BN with statistics measured on the unpruned network's inputs; a
+    few forward passes in train mode (cumulative average, momentum=None) replace them
+    without touching any weight. Only BN layers switch to train mode (dropout stays off);
+    the batches are a seeded draw without augmentation. Returns the number of images seen
+    (0 when the model has no BatchNorm). The model is left in eval mode.
+    """
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    model.eval()
+    if not bns:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over every batch seen
+        m.train()
+    gen = torch.Generator().manual_seed(seed)
+    seen = 0
+    try:
+        for i, (xb, _) in enumerate(_batches(splits.train_x, splits.train_y, batch_size, mean=splits.mean,
+                                             std=splits.std, shuffle=True, generator=gen, device=device,
+                                             drop_last=len(splits.train_x) > batch_size)):
+            if i >= batches:
+                break
+            model(xb)
+            seen += len(xb)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.eval()
+    return seen
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One model's forward-pass timing: the median and its spread over the timed runs."""
+
+    median_ms: float
+    iqr_ms: float  # interquartile range (p75 - p25) of the timed runs
+    runs: int
+    threads: int  # torch.get_num_threads() during the measurement
+    device: str  # "cpu: <model name>" or "cuda: <GPU name>"
+    noisy: bool  # iqr_ms > noisy_rel_iqr * median_ms: too spread out to trust one figure
+
+    @property
+    def rel_iqr(self) -> float:
+        return self.iqr_ms / self.median_ms if self.median_ms > 0 else float("inf")
+
+
+def device_label(device: torch.device) -> str:
+    """The hardware a figure was measured on, by name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{device.type}: {name}"
+
+
+@torch.no_grad()
+def measure_latency_stats(models, input_shape, device, batch_size: int = 1, warmup: int = 5,
+                          repeats: int = 20, noisy_rel_iqr: float = 0.25) -> list[Latency]:
+    """Time one forward pass of each model `repeats` times, after warm-up; per model the
+    median, the interquartile range and whether that spread is too large to trust.
 
     The models are timed interleaved (a, b, a, b, ...) so that load from anything else on
     the machine falls on both alike: their ratio is what a speedup claim rests on.
     """
     models = list(models) if isinstance(models, (list, tuple)) else [models]
+    device = torch.device(device)
     x = torch.randn(batch_size, *input_shape, device=device)
     for m in models:
         m.eval()
         for _ in range(warmup):
             m(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
         for i, m in enumerate(models):
@@ -75,13 +170,27 @@ def measure_latency(models, input_shape, device, batch_size: int = 1,
                 start.record()
                 m(x)
                 end.record()
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
                 times[i].append(start.elapsed_time(end))
             else:
                 t0 = time.perf_counter()
                 m(x)
                 times[i].append((time.perf_counter() - t0) * 1000)
-    return [statistics.median(t) for t in times]
+    label, threads = device_label(device), torch.get_num_threads()
+    out = []
+    for t in times:
+        median = statistics.median(t)
+        q1, _, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (t[0],) * 3
+        iqr = q3 - q1
+        out.append(Latency(median_ms=median, iqr_ms=iqr, runs=len(t), threads=threads, device=label,
+                           noisy=len(t) < 5 or iqr > noisy_rel_iqr * median))
+    return out
+
+
+def measure_latency(models, input_shape, device, batch_size: int = 1,
+                    warmup: int = 5, repeats: int = 20) -> list[float]:
+    """Median ms per model (see `measure_latency_stats`, which also gives the spread)."""
+    return [s.median_ms for s in measure_latency_stats(models, input_shape, device, batch_size, warmup, repeats)]
 
 
 @dataclass
@@ -114,6 +223,7 @@ def fit(
     on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None,
     resume: dict | None = None,
     select_best: bool = True,
+    stage: str = "training",
 ) -> FitResult:
     """Train `model` in place with SGD + momentum and cfg's schedule; keep the weights of
     the epoch with the best validation top-1 (never the test set).
@@ -122,6 +232,10 @@ def fit(
     `resume=` accepts to continue from that epoch (model, optimizer, best so far); it
     holds only tensors and plain values, so it loads with weights_only=True. The schedule
     is replayed rather than stored (MultiStepLR keeps a Counter, which is not plain data).
+
+    A non-finite loss, or weights that are no longer finite after an epoch, raise
+    `TrainingDiverged` naming `stage` ("base training", "sparse learning", "fine-tune"):
+    a diverged run must never pass for a finished one.
     """
     t0 = time.perf_counter()
     model.to(device)
@@ -161,8 +275,14 @@ def fit(
                 after_backward(model)
             scaler.step(opt)
             scaler.update()
-            total_loss += loss.item() * len(yb)  # CPU-GPU sync once per batch; fine at this size
+            value = loss.item()  # CPU-GPU sync once per batch; fine at this size
+            if not math.isfinite(value):
+                raise TrainingDiverged(stage, epoch + 1, opt.param_groups[0]["lr"], f"loss {value}", value)
+            total_loss += value * len(yb)
             n += len(yb)
+        bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:  # the last step can turn weights to nan behind a finite loss
+            raise TrainingDiverged(stage, epoch + 1, opt.param_groups[0]["lr"], f"non-finite weights ({bad})")
         sched.step()
         if after_epoch:
             after_epoch(epoch)

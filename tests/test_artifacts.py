@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from progprune.artifacts import FORMAT, load_artifact, save_artifact
+import progprune
+from progprune.artifacts import FORMAT, HISTORY_ATTR, load_artifact, load_pruned, save_artifact
 from progprune.config import PruneConfig
 from progprune.errors import ProgpruneError
 from progprune.models import build_model, example_inputs
@@ -200,7 +201,7 @@ def test_plain_state_dict_of_the_wrong_architecture(tmp_path):
 def test_plain_state_dict_of_another_class_count(tmp_path):
     p = tmp_path / "r100.pt"
     torch.save(build_model("resnet20", 100).state_dict(), p)
-    with pytest.raises(ProgpruneError, match="does not fit resnet20 with 10 classes"):
+    with pytest.raises(ProgpruneError, match=r"has a 100-class head \(fc.weight \[100, 64\]\), the dataset has 10"):
         load_artifact(p, model_name="resnet20", num_classes=10)
 
 
@@ -223,3 +224,91 @@ def test_dict_without_tensors(tmp_path):
     torch.save({"a": 1, "b": "x"}, p)
     with pytest.raises(ProgpruneError, match="neither a progprune artifact nor a state_dict"):
         load_artifact(p, model_name="resnet20", num_classes=10)
+
+
+# ---- histories compose: prune a pruned model, the artifact reloads --------------------
+def _prune(model, speedup):
+    ex = example_inputs()
+    out = progressive_prune(model, make_pruner(model, ex, PruneConfig(iterative_steps=10), 10), ex, speedup)
+    assert out.status == "ok"
+    return out
+
+
+@pytest.fixture(scope="module", params=["resnet20", "vgg11", "mobilenetv2"])
+def two_rounds(request, tmp_path_factory):
+    """`prune --speedup 1.2 --out A`, then `prune --speedup 1.5 --checkpoint A/pruned.pt --out B`,
+    with the stage functions' calls: load_artifact -> progressive_prune -> save_artifact."""
+    name, d = request.param, tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    model = build_model(name, 10).eval()
+    first = _prune(model, 1.2)
+    a = save_artifact(d / "A.pt", model, model_name=name, num_classes=10, history=first.history)
+    again, info = load_artifact(a, model_name=name, num_classes=10)
+    assert info["pruning_history"] == first.history and getattr(again, HISTORY_ATTR) == first.history
+    second = _prune(again, 1.5)
+    b = save_artifact(d / "B.pt", again, model_name=name, num_classes=10, history=second.history)
+    return name, again, first, second, b, d
+
+
+def test_two_rounds_reload_with_identical_outputs(two_rounds):
+    name, model, first, second, b, _ = two_rounds
+    loaded, info = load_artifact(b, model_name=name, num_classes=10)
+    assert info["rebuilt_from"] == "history"
+    assert info["pruning_history"] == first.history + second.history
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        assert torch.equal(loaded(_inputs()), model(_inputs()))
+
+
+def test_artifact_written_before_the_fix_reloads_by_its_shapes(two_rounds):
+    """The old pipeline saved only the last round's history: the weights still decide."""
+    name, model, first, second, _, d = two_rounds
+    old = d / "old-B.pt"
+    obj = torch.load(d / "B.pt", weights_only=True)
+    obj["pruning_history"] = second.history
+    torch.save(obj, old)
+    loaded, info = load_artifact(old, model_name=name, num_classes=10)
+    assert info["rebuilt_from"] == "shapes"
+    with torch.no_grad():
+        assert torch.equal(loaded(_inputs()), model(_inputs()))
+    # re-saved, it carries a history that replays exactly
+    fixed = save_artifact(d / "fixed.pt", loaded, model_name=name, num_classes=10)
+    loaded2, info2 = load_artifact(fixed)
+    assert info2["rebuilt_from"] == "history"
+    with torch.no_grad():
+        assert torch.equal(loaded2(_inputs()), model(_inputs()))
+
+
+def test_save_without_new_history_keeps_the_loaded_one(pruned_resnet20, tmp_path):
+    """The sweep stores a loaded base model again (history=None): it must stay loadable."""
+    model, path, out = pruned_resnet20
+    loaded, _ = load_artifact(path)
+    p = save_artifact(tmp_path / "base.pt", loaded, model_name="resnet20", num_classes=10)
+    assert torch.load(p, weights_only=True)["pruning_history"] == out.history
+    with torch.no_grad():
+        assert torch.equal(load_pruned(p)(_inputs()), model(_inputs()))
+
+
+# ---- the public loader ----------------------------------------------------------------
+def test_load_pruned_is_public_and_ready_to_use(pruned_resnet20):
+    model, path, _ = pruned_resnet20
+    with torch.no_grad():  # where users load models for inference
+        loaded = progprune.load_pruned(path)
+    assert isinstance(loaded, torch.nn.Module) and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(_inputs()), model(_inputs()))
+    assert "load_pruned" in progprune.__all__
+
+
+def test_load_pruned_refuses_a_plain_state_dict(tmp_path):
+    p = tmp_path / "sd.pt"
+    torch.save(build_model("resnet20", 10).state_dict(), p)
+    with pytest.raises(ProgpruneError, match="not a progprune artifact.*load_state_dict"):
+        progprune.load_pruned(p)
+
+
+def test_import_progprune_stays_cheap():
+    code = "import sys, progprune; print(sorted(m for m in ('torch', 'ray', 'torch_pruning') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -1,12 +1,16 @@
 """fit / evaluate / measure_latency on a tiny model and synthetic data."""
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn as nn
 
 from progprune.config import TrainConfig
-from progprune.training import calibration_batch, evaluate, fit, measure_latency
+import time
+
+from progprune.training import (Latency, TrainingDiverged, calibration_batch, evaluate, fit,
+                                measure_latency, measure_latency_stats, recalibrate_bn)
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=4, lr=0.05, batch_size=64, augment=False)
@@ -156,3 +160,121 @@ def test_calibration_batch_is_fixed(synthetic_splits):
     x2, y2 = calibration_batch(synthetic_splits, CPU, n=16, seed=1)
     assert x1.shape == (16, 3, 32, 32) and x1.dtype == torch.float32 and y1.shape == (16,)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+# ---- a diverged run is a failure, never "ok" ------------------------------------------
+@pytest.mark.parametrize("stage", ["base training", "sparse learning", "fine-tune"])
+def test_infinite_lr_raises_diverged_with_the_stage(synthetic_splits, stage):
+    model = _tiny()
+    with pytest.raises(TrainingDiverged) as e:
+        fit(model, synthetic_splits, TrainConfig(epochs=2, lr=math.inf, batch_size=64, augment=False), CPU,
+            stage=stage)
+    assert str(e.value).startswith(f"{stage} diverged: loss nan at epoch 1 (lr inf)")
+    assert "lower the learning rate" in str(e.value)
+    assert e.value.stage == stage and e.value.epoch == 1 and math.isnan(e.value.loss)
+
+
+def test_weights_turning_nan_on_the_last_step_are_caught(synthetic_splits):
+    """Every loss of the epoch is finite, but its last step leaves nan weights behind."""
+    s = synthetic_splits
+    n_batches = len(s.train_x) // 64
+    calls = []
+
+    def poison_last_step(m):
+        calls.append(1)
+        if len(calls) == n_batches:
+            m[-1].weight.grad.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match=r"fine-tune diverged: non-finite weights \(5.weight\) at epoch 1"):
+        fit(_tiny(), s, TrainConfig(epochs=1, lr=0.05, batch_size=64, augment=False), CPU,
+            after_backward=poison_last_step, stage="fine-tune")
+    assert len(calls) == n_batches  # it was the last step, so no loss saw the nan
+
+
+# ---- evaluation in fp32 ---------------------------------------------------------------
+def test_evaluate_runs_fp32_even_inside_autocast(synthetic_splits):
+    s = synthetic_splits
+    model = _tiny()
+    seen = []
+    model[-1].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    expected = evaluate(model, s.val_x, s.val_y, s, CPU)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = evaluate(model, s.val_x, s.val_y, s, CPU)
+    assert set(seen) == {torch.float32} and got == expected
+
+
+# ---- BatchNorm re-calibration ---------------------------------------------------------
+def test_recalibrate_bn_restores_accuracy_lost_to_stale_statistics(synthetic_splits):
+    s = synthetic_splits
+    model = _tiny()
+    fit(model, s, TrainConfig(epochs=3, lr=0.05, batch_size=64, augment=False), CPU)
+    good = _val(model, s)
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    bn = model[1]
+    with torch.no_grad():  # what pruning leaves: statistics of another network's activations
+        bn.running_mean.add_(3.0)
+        bn.running_var.mul_(20.0)
+    stale = _val(model, s)
+    assert stale < good - 0.2  # the construction works: stale statistics hurt
+    seen = recalibrate_bn(model, s, CPU, batches=4, batch_size=64, seed=0)
+    assert seen == 256 and not model.training and bn.momentum == 0.1
+    assert _val(model, s) >= good - 0.05
+    assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())  # weights untouched
+
+
+def test_recalibrate_bn_is_the_exact_mean_of_the_seeded_batches(synthetic_splits):
+    s = synthetic_splits
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    recalibrate_bn(model, s, CPU, batches=3, batch_size=32, seed=5)
+    idx = torch.randperm(len(s.train_x), generator=torch.Generator().manual_seed(5))[:96]
+    mean = torch.tensor(s.mean).view(1, -1, 1, 1) * 255
+    std = torch.tensor(s.std).view(1, -1, 1, 1) * 255
+    x = (s.train_x[idx].float() - mean) / std
+    assert torch.allclose(model[0].running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert int(model[0].num_batches_tracked) == 3
+    again = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    recalibrate_bn(again, s, CPU, batches=3, batch_size=32, seed=5)
+    assert torch.equal(again[0].running_var, model[0].running_var)
+
+
+def test_recalibrate_bn_without_batchnorm_is_a_no_op(synthetic_splits):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    assert recalibrate_bn(model, synthetic_splits, CPU) == 0
+
+
+# ---- latency with its spread ----------------------------------------------------------
+class _Sleep(nn.Module):
+    """A forward pass that takes a known time: `pattern` ms, cycled."""
+
+    def __init__(self, pattern, log=None, tag=None):
+        super().__init__()
+        self.pattern, self.i, self.log, self.tag = pattern, 0, log, tag
+
+    def forward(self, x):
+        time.sleep(self.pattern[self.i % len(self.pattern)] / 1000)
+        self.i += 1
+        if self.log is not None:
+            self.log.append(self.tag)
+        return x
+
+
+def test_latency_stats_report_spread_threads_and_device():
+    steady, jumpy = _Sleep([30]), _Sleep([5, 5, 60, 60])
+    a, b = measure_latency_stats([steady, jumpy], (3, 8, 8), CPU, warmup=1, repeats=12)
+    for st in (a, b):
+        assert isinstance(st, Latency) and st.runs == 12
+        assert st.threads == torch.get_num_threads() and st.device.startswith("cpu: ")
+    assert a.median_ms >= 30 and not a.noisy and a.iqr_ms < 0.25 * a.median_ms
+    assert b.noisy and b.iqr_ms > 40  # half the runs at 5 ms, half at 60 ms
+
+
+def test_latency_is_timed_interleaved():
+    log = []
+    models = [_Sleep([0], log, "a"), _Sleep([0], log, "b")]
+    measure_latency_stats(models, (3, 8, 8), CPU, warmup=2, repeats=3)
+    assert "".join(log) == "aabb" + "ab" * 3  # warm-up each, then a, b, a, b, ...
+
+
+def test_too_few_runs_are_flagged_noisy():
+    (st,) = measure_latency_stats(_tiny(), (3, 32, 32), CPU, warmup=1, repeats=3)
+    assert st.noisy and st.runs == 3 and st.iqr_ms >= 0
