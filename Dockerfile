@@ -24,22 +24,28 @@ LABEL org.opencontainers.image.title="progprune" \
 USER 1000:100
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# Made by the ray user first: the classic builder's WORKDIR would create it owned by root,
+# and `pip install .` below writes progprune.egg-info into it.
+RUN mkdir -p /home/ray/progprune
 WORKDIR /home/ray/progprune
 
 # Layer 1, torch (~GBs): depends only on the build args, so code and dependency edits reuse it.
 # The base image has no torch; the CUDA build must match the image's CUDA (same CUDA_TAG).
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-# Layer 2, the project's dependencies, read from pyproject.toml alone: a change under
-# progprune/ does not invalidate it. torch is already satisfied by layer 1; ray is the
-# base image's (same version, pinned in pyproject.toml).
-COPY --chown=1000:100 pyproject.toml ./
+# Layer 2, the project's dependencies, read from pyproject.toml and held to the versions of
+# the lock docker/constraints.txt (generated from pyproject.toml by docker/lock.py), so two
+# builds a month apart install the same versions. A change under progprune/ does not
+# invalidate it. torch is already satisfied by layer 1; ray is the base image's (same
+# version, pinned in pyproject.toml).
+COPY --chown=1000:100 pyproject.toml docker/constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt -c constraints.txt \
     && rm /tmp/requirements.txt
 
-# Layer 3, the code (.dockerignore lets in only the package, pyproject and the shipped specs:
-# no data, checkpoints, results, credentials or .git).
+# Layer 3, the code (.dockerignore lets in only the package, pyproject, its README, the lock
+# and the shipped specs: no data, checkpoints, results, credentials or .git).
+COPY --chown=1000:100 README.md ./
 COPY --chown=1000:100 progprune/ progprune/
 COPY --chown=1000:100 ray_jobs/ ray_jobs/
 RUN pip install --no-cache-dir --no-deps . \
