@@ -26,7 +26,6 @@ parallel part scales, the base-sharing part does not change.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata as md
 import os
 import platform
@@ -83,7 +82,7 @@ def run_sequential(spec_path: str, out: str, shared_base: bool) -> dict:
                 trained += 1
                 bases[key] = save_artifact(os.path.join(out, f"base-{key}.pt"), model, model_name=cfg.model,
                                            num_classes=splits.num_classes, input_shape=splits.input_shape)
-            cfg = dataclasses.replace(cfg, base_checkpoint=bases[key])
+            cfg = cfg.model_copy(update={"base_checkpoint": bases[key]})
         d = os.path.join(out, f"combo-{i}")
         os.makedirs(d)
         row = run_combination(cfg, d, device)

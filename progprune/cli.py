@@ -1,4 +1,4 @@
-"""The `progprune` command. Thin: parse, build a config, call the library, map errors.
+"""The `progprune` command. Thin: parse, build a spec, call the library, map errors.
 
 Exit codes: 0 done, 1 anything unexpected (or failed combinations in a sweep),
 2 bad input (one line, no traceback, nothing written), 3 target unreachable.
@@ -10,38 +10,35 @@ import os
 import shutil
 import sys
 import tempfile
-from functools import wraps
 
 import click
 
-from progprune.errors import ProgpruneError
+from progprune.errors import Problem, ProgpruneError, SpecError
 
 
-def _friendly(fn):
-    """Turn the project's errors into one line on stderr and exit 2."""
+class _Cli(click.Group):
+    """The one place where errors become a line on stderr and an exit code."""
 
-    @wraps(fn)
-    def inner(*args, **kwargs):
+    def main(self, args=None, prog_name=None, **extra):
         try:
-            return fn(*args, **kwargs)
-        except ProgpruneError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(getattr(e, "exit_code", 2))
-
-    return inner
-
-
-class _Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except click.exceptions.UsageError as e:
-            # one line, not click's multi-line usage block
-            click.echo(f"error: {e.format_message()} (see '{ctx.command_path} --help')", err=True)
+            rv = super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except click.UsageError as e:  # one line, not click's multi-line usage block
+            where = f"'{e.ctx.command_path} --help'" if e.ctx else "'progprune --help'"
+            click.echo(f"error: {e.format_message()} (see {where})", err=True)
             sys.exit(2)
+        except (click.ClickException, ProgpruneError) as e:
+            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="progprune")
 def main():
     """FLOPs-targeted progressive structured pruning, run at scale on Ray."""
@@ -67,109 +64,167 @@ def methods_cmd():
         click.echo(f"{m.name:12s} {m.doc}{tag}")
 
 
-def _speedup(ctx, param, value):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise click.BadParameter(f"must be a number > 1, got {value!r}")
-    if not v > 1.0 or v != v or v == float("inf"):
-        raise click.BadParameter(f"must be a number > 1, got {value!r}")
-    return v
+# ---- prune: a one-combination spec built from flags -------------------------------------
+# flag -> the spec field(s) it sets. Types, bounds and defaults come from the schema
+# (progprune.config), so `prune` and `sweep` validate and hash the same settings alike.
+_FLAGS = [
+    ("--model", ["models[0].name"], str, "registry name (see `progprune models`) or tv:NAME"),
+    ("--speedup", ["speedups[0]"], float, "target MACs speedup (base MACs / pruned MACs), > 1"),
+    ("--method", ["methods[0]"], str, "pruning method (see `progprune methods`)"),
+    ("--dataset", ["dataset.name"], str, "digits, cifar10, cifar100, imagefolder, synthetic"),
+    ("--data-dir", ["dataset.data_dir"], str, "dataset directory (cifar10/100, imagefolder); never downloads"),
+    ("--num-classes", ["dataset.num_classes"], int, "synthetic: class count; others: checked against the data"),
+    ("--image-size", ["dataset.image_size"], int, "imagefolder/synthetic: square input side in pixels"),
+    ("--checkpoint", ["models[0].checkpoint"], str, "base model (progprune artifact); else it is trained"),
+    ("--seed", ["seeds[0]"], int, "seed of base training, sampling and fine-tuning"),
+    ("--global/--local", ["pruning.global_pruning"], bool, "one ranking across layers, or per layer"),
+    ("--iterative-steps", ["pruning.iterative_steps"], int, "steps of the linear pruning schedule"),
+    ("--max-pruning-ratio", ["pruning.max_pruning_ratio"], float, "torch-pruning's max_pruning_ratio"),
+    ("--round-to", ["pruning.round_to"], int, "keep channel counts multiples of N"),
+    ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of the target (fraction)"),
+    ("--base-epochs", ["base_training.epochs"], int, "base training epochs; 0 keeps the seeded random init"),
+    ("--base-lr", ["base_training.lr"], float, "base training learning rate"),
+    ("--sl-epochs", ["sparse_learning.epochs"], int, "sparse learning epochs (slim, group_slim, group_sl, growing_reg)"),
+    ("--sl-lr", ["sparse_learning.lr"], float, "sparse learning learning rate"),
+    ("--reg", ["sparse_learning.reg"], float, "sparse-learning regularization"),
+    ("--delta-reg", ["sparse_learning.delta_reg"], float, "growing_reg: regularization growth per epoch"),
+    ("--finetune-epochs", ["finetune.epochs"], int, "fine-tuning epochs"),
+    ("--finetune-lr", ["finetune.lr"], float, "fine-tuning learning rate"),
+    ("--batch-size", ["base_training.batch_size", "sparse_learning.batch_size", "finetune.batch_size"],
+     int, "batch size of every training phase"),
+    ("--augment/--no-augment", ["base_training.augment", "finetune.augment"], bool,
+     "crop+flip in training (default: on, off for digits)"),
+    ("--latency-batch-size", ["evaluation.latency_batch_size"], int, "batch size of the latency timing"),
+    ("--latency-repeats", ["evaluation.latency_repeats"], int, "timed forward passes per model"),
+]
+_FLAG_OF = {path: decl.split("/")[0] for decl, paths, _, _ in _FLAGS for path in paths}
+_REQUIRED = ("--model", "--speedup")
 
 
-def _nonneg(ctx, param, value):
-    if value is not None and value < 0:
-        raise click.BadParameter(f"must be >= 0, got {value}")
-    return value
+def _schema_default(path: str):
+    """The default the schema declares for a flag's first field (None: no default)."""
+    from progprune.config import SweepSpec
+
+    head, _, field = path.partition(".")
+    info = SweepSpec.model_fields[head.removesuffix("[0]")]
+    if field:
+        info = info.annotation.model_fields[field] if hasattr(info.annotation, "model_fields") else None
+    default = info.get_default() if info and not info.is_required() else None
+    return default[0] if isinstance(default, tuple) and default else default
+
+
+def _flag_options(fn):
+    for decl, paths, typ, help_ in reversed(_FLAGS):
+        name = decl.split("/")[0].lstrip("-").replace("-", "_")
+        default = _schema_default(paths[0])
+        if isinstance(default, bool):
+            default = decl.split("/")[0 if default else 1]
+        shown = f"  [default: {default}]" if default is not None else ""
+        fn = click.option(decl, name, type=None if typ is bool else typ, default=None,
+                          required=decl in _REQUIRED, help=help_ + shown)(fn)
+    return fn
+
+
+def one_combination_spec(flags: dict, output: str | None = None) -> dict:
+    """The spec `progprune prune` runs: its flags, set into a one-combination sweep."""
+    spec: dict = {"name": "prune", "finetune": {"num_workers": 0}}  # in this process
+    for decl, paths, _, _ in _FLAGS:
+        value = flags.get(decl.split("/")[0].lstrip("-").replace("-", "_"))
+        for path in paths if value is not None else ():
+            head, _, field = path.partition(".")
+            if head.endswith("[0]"):  # a one-item grid: models, speedups, methods, seeds
+                if field:
+                    spec.setdefault(head[:-3], [{}])[0][field] = value
+                else:
+                    spec[head[:-3]] = [value]
+            else:
+                spec.setdefault(head, {})[field] = value
+    if output:
+        spec["output"] = output
+    return spec
+
+
+def _as_flags(e: SpecError) -> ProgpruneError:
+    """Spec paths -> the flags a `prune` user typed."""
+    msgs = [f"{_FLAG_OF.get(p.path, p.path)}: {p.message}" if p.path else p.message for p in e.issues]
+    return ProgpruneError("; ".join(dict.fromkeys(msgs)))
+
+
+def _check_out_dir(out: str) -> None:
+    """Before any work: the directory can be created and written, and nothing in the way."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ProgpruneError(f"{out} exists and is not a directory; choose another", field="--output")
+    for name in ("pruned.pt", "result.parquet"):
+        if os.path.isdir(os.path.join(out, name)):
+            raise ProgpruneError(f"{os.path.join(out, name)} is a directory; remove it or choose "
+                                 "another --output", field="--output")
+    parent = out
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent.rstrip("/")) or "."
+    if not os.access(parent or ".", os.W_OK | os.X_OK):
+        raise ProgpruneError(f"cannot write to {parent}; choose a writable directory", field="--output")
 
 
 @main.command("prune")
-@click.option("--model", required=True, help="registry name (see `progprune models`) or tv:NAME")
-@click.option("--dataset", default="digits", show_default=True, help="digits, cifar10, cifar100, imagefolder, synthetic")
-@click.option("--data-dir", default=None, help="dataset directory (cifar10/cifar100/imagefolder); never downloads")
-@click.option("--num-classes", type=int, default=None, help="synthetic: class count; others: checked against the data")
-@click.option("--speedup", required=True, callback=_speedup, help="target MACs speedup (base MACs / pruned MACs), > 1")
-@click.option("--method", default="group_norm", show_default=True, help="see `progprune methods`")
-@click.option("--global/--local", "global_pruning", default=True, show_default=True, help="global or per-layer ranking")
-@click.option("--iterative-steps", type=click.IntRange(min=1), default=400, show_default=True)
-@click.option("--max-pruning-ratio", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
-@click.option("--round-to", type=click.IntRange(min=1), default=None, help="keep channel counts multiples of N")
-@click.option("--checkpoint", type=str, default=None, help="base model (progprune artifact or state_dict); else it is trained")
-@click.option("--base-epochs", type=int, default=15, show_default=True, callback=_nonneg, help="0 keeps the seeded random init")
-@click.option("--base-lr", type=float, default=0.05, show_default=True)
-@click.option("--sl-epochs", type=int, default=10, show_default=True, callback=_nonneg, help="sparse learning (slim, group_slim, group_sl, growing_reg)")
-@click.option("--reg", type=float, default=5e-4, show_default=True, help="sparse-learning regularization")
-@click.option("--finetune-epochs", type=int, default=10, show_default=True, callback=_nonneg)
-@click.option("--finetune-lr", type=float, default=0.05, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--augment/--no-augment", default=None, help="crop+flip in training (default: on, off for digits)")
-@click.option("--latency-batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--out", "out_dir", default=None, help="write pruned.pt and result.parquet here")
+@_flag_options
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="where this process runs every stage")
+@click.option("--output", "--out", "output", default=None, metavar="DIR",
+              help="write pruned.pt and result.parquet here (checked before any work)")
 @click.option("--json", "as_json", is_flag=True, help="print the result row as one JSON object on the last line")
-@_friendly
-def prune_cmd(model, dataset, data_dir, num_classes, speedup, method, global_pruning, iterative_steps,
-              max_pruning_ratio, round_to, checkpoint, base_epochs, base_lr, sl_epochs, reg,
-              finetune_epochs, finetune_lr, batch_size, augment, latency_batch_size, seed, device,
-              out_dir, as_json):
-    """Progressively prune one model to one target speedup, in this process."""
+@click.option("--print-spec", is_flag=True, help="print the equivalent one-combination sweep spec and exit")
+def prune_cmd(device, output, as_json, print_spec, **flags):
+    """Progressively prune one model to one target speedup, in this process.
+
+    The flags build a one-combination sweep spec (see --print-spec), validated and hashed
+    exactly like `progprune sweep` would."""
+    from progprune.spec import dump_yaml, load_spec_dict
+
+    try:
+        spec = load_spec_dict(one_combination_spec(flags, output), source="")
+    except SpecError as e:
+        raise _as_flags(e) from None
+    if print_spec:
+        click.echo(dump_yaml(spec), nl=False)
+        return 0
     import dataclasses
 
     import torch
 
-    from progprune.config import ComboConfig, DatasetConfig, PruneConfig, SparseConfig, TrainConfig
-    from progprune.data import check_dataset
-    from progprune.models import list_models
     from progprune.pipeline import run_combination
-    from progprune.pruning import get_method
 
-    get_method(method)
-    if not model.startswith("tv:") and model not in list_models():
-        raise ProgpruneError(f"unknown model '{model}'; valid: {', '.join(list_models())} or tv:NAME")
-    for flag, lr in (("--base-lr", base_lr), ("--finetune-lr", finetune_lr), ("--reg", reg)):
-        if not lr >= 0 or (flag != "--reg" and lr == 0):
-            raise ProgpruneError(f"{flag}: must be > 0, got {lr}")
-    ds = DatasetConfig(name=dataset, data_dir=data_dir, num_classes=num_classes)
-    check_dataset(ds)
-    if checkpoint and not os.path.isfile(checkpoint):
-        raise ProgpruneError(f"--checkpoint: file not found: {checkpoint}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ProgpruneError("--device cuda: no CUDA device is available; use --device cpu")
-    aug = (dataset != "digits") if augment is None else augment
-    cfg = ComboConfig(
-        model=model, dataset=ds, target_speedup=speedup, seed=seed,
-        prune=PruneConfig(method=method, global_pruning=global_pruning, iterative_steps=iterative_steps,
-                          max_pruning_ratio=max_pruning_ratio, round_to=round_to),
-        base=TrainConfig(epochs=base_epochs, lr=base_lr, batch_size=batch_size, augment=aug),
-        base_checkpoint=os.path.abspath(checkpoint) if checkpoint else None,
-        sparse=SparseConfig(epochs=sl_epochs, reg=reg, batch_size=batch_size),
-        finetune=TrainConfig(epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size, augment=aug),
-        latency_batch_size=latency_batch_size, sweep="prune",
-    )
+        raise ProgpruneError("no CUDA device is available; use --device cpu", field="--device")
+    if output:
+        _check_out_dir(output)
+    (cfg,) = spec.combinations()
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
 
-    # work in a private temp dir; move into --out only when the combination finished
-    stage = tempfile.mkdtemp(prefix=".progprune-") if out_dir else None
+    # work in a private temp dir; move into --output only when the combination finished
+    stage = tempfile.mkdtemp(prefix=".progprune-") if output else None
     try:
-        row = run_combination(cfg, stage, dev, log)
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
+        try:
+            row = run_combination(cfg, stage, dev, log)
+        except SpecError as e:
+            raise _as_flags(e) from None
+        except ProgpruneError as e:
+            raise _as_flags(SpecError([Problem(e.field or "", e.message)])) from None
+        if output:
+            os.makedirs(output, exist_ok=True)
             for name in os.listdir(stage):
-                os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
-            row.artifact_uri = os.path.abspath(os.path.join(out_dir, "pruned.pt"))
+                os.replace(os.path.join(stage, name), os.path.join(output, name))
+            row.artifact_uri = os.path.abspath(os.path.join(output, "pruned.pt"))
             from progprune.results import write_rows
 
-            write_rows([row], os.path.join(out_dir, "result.parquet"))
+            write_rows([row], os.path.join(output, "result.parquet"))
     finally:
         if stage:
             shutil.rmtree(stage, ignore_errors=True)
     _summary(row, log)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(row), default=str))
-    if row.status == "unreachable":
-        sys.exit(3)
+    return 3 if row.status == "unreachable" else 0
 
 
 def _summary(row, log) -> None:
@@ -192,20 +247,24 @@ def _summary(row, log) -> None:
 
 @main.command("sweep")
 @click.argument("spec_path", metavar="SPEC")
-@click.option("--address", default=None, help="Ray cluster (HOST:PORT, ray://HOST:PORT, auto); default: "
-              "RAY_ADDRESS, else an embedded Ray on 127.0.0.1")
-@click.option("--output", default=None, help="override the spec's output (local path, file://, s3://, gs://)")
+@click.option("--address", envvar="RAY_ADDRESS", show_envvar=True, default=None,
+              help="Ray cluster (HOST:PORT, ray://HOST:PORT, auto); default: an embedded Ray on 127.0.0.1")
+@click.option("--output", "--out", "output", default=None,
+              help="override the spec's output (local path, file://, s3://, gs://)")
 @click.option("--dry-run", is_flag=True, help="print the expanded plan and run nothing")
 @click.option("--force", is_flag=True, help="rerun combinations that already have a row")
-@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="combinations in flight")
-@_friendly
-def sweep_cmd(spec_path, address, output, dry_run, force, max_concurrent):
+@click.option("--max-concurrent", type=click.IntRange(min=1, max=100_000), default=None,
+              help="combinations in flight (default: the spec's resources.max_concurrent)")
+@click.option("--break-lock", is_flag=True,
+              help="take over the output's lock even if its holder looks alive (only when you know it is gone)")
+def sweep_cmd(spec_path, address, output, dry_run, force, max_concurrent, break_lock):
     """Run every model x speedup x method x seed of SPEC on Ray; write results.parquet."""
     from progprune.spec import load_spec
     from progprune.sweep import run
 
     spec = load_spec(spec_path, output_override=output)
-    sys.exit(run(spec, address=address, force=force, dry_run=dry_run, max_concurrent=max_concurrent))
+    return run(spec, address=address, force=force, dry_run=dry_run, max_concurrent=max_concurrent,
+               break_lock=break_lock)
 
 
 def _register_report():

@@ -1,74 +1,220 @@
-"""Settings of one combination (model x dataset x method x seed x target speedup).
+"""The settings, declared once: the sweep spec's schema, shaped like the YAML users write.
 
-These frozen dataclasses are the contract between the CLI (`progprune prune`), the sweep
-spec (`progprune sweep`) and the pipeline: both front ends build a `ComboConfig` and hand
-it to the same stage functions. Hash keys derived here decide what a rerun may reuse.
+Every setting lives here with its type, bounds and default, and nowhere else: the spec
+loader validates YAML against these models, `progprune prune` builds a one-combination
+spec from its flags and validates it the same way, and the pipeline reads the frozen
+models. Bounds are what can run (an upper bound on every count), so a typo fails at load
+time, not by exhausting memory an hour later. No torch, no registries: `spec.py` checks
+registry names; this module only knows shapes.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      StrictBool, StrictInt, StrictStr)
+from pydantic_core import PydanticCustomError
+
+MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seed range
 
 
-@dataclass(frozen=True)
-class DatasetConfig:
-    name: str = "digits"
-    data_dir: str | None = None  # cifar10/cifar100/imagefolder read from here, never download
-    num_classes: int | None = None  # synthetic: class count; others: checked against the data
-    image_size: int = 32  # imagefolder/synthetic: square side in pixels
-    synthetic_samples: int = 512  # synthetic only: train samples (val/test get a quarter each)
+# ---- field types: bounds + the words an error message uses, declared together ----------
+def _bad(msg: str):
+    return PydanticCustomError("progprune", msg)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 0
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    schedule: str = "cosine"  # "cosine" or "multistep"
-    milestones: tuple[int, ...] = ()  # multistep: epochs at which lr *= gamma
-    gamma: float = 0.1
-    augment: bool = True  # random crop with padding + horizontal flip
+def Int(lo: int, hi: int):  # noqa: N802 (a type factory)
+    return Annotated[StrictInt, Field(ge=lo, le=hi, description=f"an integer in [{lo}, {hi}]")]
 
 
-@dataclass(frozen=True)
-class SparseConfig:
-    """Sparse-learning phase, run before pruning by the regularized methods only."""
-
-    epochs: int = 0
-    lr: float = 0.01
-    reg: float = 5e-4
-    delta_reg: float = 1e-4  # growing_reg: regularization growth per epoch
-    batch_size: int = 128
-    milestones: tuple[int, ...] = ()
+def Num(desc: str, **bounds):  # noqa: N802
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, description=f"a number {desc}",
+                                  **bounds)]
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    method: str = "group_norm"
-    global_pruning: bool = True
-    iterative_steps: int = 400
-    max_pruning_ratio: float = 1.0
-    round_to: int | None = None
-    tolerance: float = 0.005  # accept achieved speedup in [target, target * (1 + tolerance)]
+def Opt(t):  # noqa: N802
+    desc = next(m.description for m in t.__metadata__ if getattr(m, "description", None))
+    return Annotated[Optional[t], Field(description=f"{desc} (or null)")]
 
 
-@dataclass(frozen=True)
-class ComboConfig:
+Bool = Annotated[StrictBool, Field(description="true or false")]
+Text = Annotated[StrictStr, Field(min_length=1, max_length=4096, description="a non-empty string")]
+
+
+def _increasing(v: tuple) -> tuple:
+    if any(a >= b for a, b in zip(v, v[1:])):
+        raise _bad("must be a list of increasing integers >= 1")
+    return v
+
+
+Milestones = Annotated[tuple[Int(1, 100_000), ...], Field(strict=False, max_length=100,
+                       description="a list of increasing integers >= 1"), AfterValidator(_increasing)]
+
+
+def _one_or_many(v):
+    return [v] if isinstance(v, (str, int, float)) and not isinstance(v, bool) else v
+
+
+def _distinct(v: tuple) -> tuple:
+    if not v:
+        raise _bad("must not be empty")
+    seen = set()
+    for x in v:
+        key = x.name if isinstance(x, BaseModel) else x
+        if key in seen:
+            raise _bad(f"duplicate entry {key!r}")
+        seen.add(key)
+    return v
+
+
+def Grid(item, what: str):  # noqa: N802: one value or a non-empty list of distinct values
+    return Annotated[tuple[item, ...], BeforeValidator(_one_or_many), AfterValidator(_distinct),
+                     Field(strict=False, max_length=10_000, description=f"a list of {what}")]
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# ---- the sections of a spec --------------------------------------------------------------
+class DatasetConfig(_Node):
+    name: Text = "digits"  # digits, cifar10, cifar100, imagefolder, synthetic
+    data_dir: Opt(Text) = None  # cifar/imagefolder read from here; never downloads
+    num_classes: Opt(Int(1, 100_000)) = None  # synthetic: the class count; others: checked
+    image_size: Int(1, 4096) = 32  # imagefolder/synthetic: square side in pixels
+    synthetic_samples: Int(1, 1_000_000) = 512  # synthetic: train samples (val/test: 1/4 each)
+
+
+class TrainConfig(_Node):
+    """One training phase (base training; fine-tuning adds its execution settings)."""
+
+    epochs: Int(0, 10_000) = 15
+    lr: Num("in (0, 10]", gt=0, le=10) = 0.05
+    momentum: Num("in [0, 1)", ge=0, lt=1) = 0.9
+    weight_decay: Num("in [0, 1]", ge=0, le=1) = 5e-4
+    batch_size: Int(1, 65_536) = 64
+    schedule: Literal["cosine", "multistep"] = "cosine"
+    milestones: Milestones = ()  # multistep: epochs at which lr *= gamma
+    gamma: Num("in (0, 1]", gt=0, le=1) = 0.1
+    augment: Opt(Bool) = None  # random crop + flip; null: on, except for digits (8x8 glyphs)
+
+
+class FinetuneConfig(TrainConfig):
+    epochs: Int(0, 10_000) = 10
+    num_workers: Int(0, 1024) = 1  # Ray Train workers; 0 = train inside the prune task
+    use_gpu: Bool = False
+    max_failures: Int(0, 100) = 1  # Ray Train worker restarts before the combination fails
+
+
+class SparseConfig(_Node):
+    """Sparse learning before pruning: the regularised methods only (slim, group_sl, ...)."""
+
+    epochs: Int(0, 10_000) = 10
+    lr: Num("in (0, 10]", gt=0, le=10) = 0.01
+    reg: Num("in [0, 1]", ge=0, le=1) = 5e-4
+    delta_reg: Num("in [0, 1]", ge=0, le=1) = 1e-4  # growing_reg: growth per epoch
+    batch_size: Int(1, 65_536) = 64
+    milestones: Milestones = ()
+
+
+class PruningConfig(_Node):
+    global_pruning: Bool = True  # one ranking over all layers (every published recipe)
+    iterative_steps: Int(1, 100_000) = 400  # linear schedule; Torch-Pruning's setting
+    max_pruning_ratio: Num("in (0, 1]", gt=0, le=1) = 1.0
+    round_to: Opt(Int(1, 4096)) = None  # keep channel counts multiples of N
+    tolerance: Num("in [0, 1]", ge=0, le=1) = 0.005  # accept [target, target * (1 + tol)]
+
+
+class PruneConfig(PruningConfig):
+    """What one combination prunes with: the spec's `pruning:` plus its method."""
+
+    method: Text = "group_norm"
+
+
+class EvaluationConfig(_Node):
+    latency_batch_size: Int(1, 4096) = 1
+    latency_repeats: Int(1, 10_000) = 20
+
+
+class ResourcesConfig(_Node):
+    gpus_per_task: Num("in [0, 64]", ge=0, le=64) = 0.0
+    cpus_per_task: Num("in [0, 1024]", ge=0, le=1024) = 1.0
+    max_concurrent: Int(1, 100_000) = 4  # bounds concurrent Train runs (each costs head memory)
+
+
+def _model_item(v):
+    if isinstance(v, str):
+        return {"name": v}
+    if isinstance(v, dict):
+        return v
+    raise _bad("must be a model name or a mapping with name, checkpoint, reset_head")
+
+
+class ModelEntry(_Node):
+    name: Text
+    checkpoint: Opt(Text) = None  # absolute after loading; null: train the base model
+
+
+def _dataset(v):
+    return {"name": v} if isinstance(v, str) else v
+
+
+class SweepSpec(_Node):
+    """A sweep spec: models x speedups x methods x seeds and the settings they share."""
+
+    name: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=100,
+                                     description="a name matching [a-z0-9][a-z0-9_.-]* (it is used in paths)")]
+    dataset: Annotated[DatasetConfig, BeforeValidator(_dataset)] = DatasetConfig()
+    models: Grid(Annotated[ModelEntry, BeforeValidator(_model_item)],
+                 "model names or {name, checkpoint} mappings")
+    speedups: Grid(Num("> 1", gt=1, le=10_000), "numbers > 1")
+    methods: Grid(Text, "method names") = ("group_norm",)
+    seeds: Grid(Int(0, MAX_SEED), f"integers in [0, {MAX_SEED}]") = (0,)
+    base_training: TrainConfig = TrainConfig()
+    sparse_learning: SparseConfig = SparseConfig()
+    pruning: PruningConfig = PruningConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    output: Opt(Text) = None  # local path, file://, s3://, gs://; null: ./runs/<name>
+
+    def combinations(self) -> list[ComboConfig]:
+        """models x speedups x methods x seeds, in that nesting order (last varies fastest).
+        Methods without sparse learning carry no sparse-learning settings."""
+        from progprune.pruning import METHODS  # the registry knows which (lazy: torch)
+
+        sparse = {m.name for m in METHODS.values() if m.sparse}
+        return [
+            ComboConfig(
+                model=m.name, base_checkpoint=m.checkpoint, dataset=self.dataset,
+                target_speedup=s, seed=seed, base=self.base_training,
+                prune=PruneConfig(**self.pruning.model_dump(), method=meth),
+                sparse=self.sparse_learning if meth in sparse else None,
+                finetune=self.finetune, evaluation=self.evaluation, sweep=self.name)
+            for m in self.models for s in self.speedups for meth in self.methods
+            for seed in self.seeds
+        ]
+
+    def to_dict(self) -> dict:
+        """The resolved spec as plain YAML-safe data; the loader accepts it again."""
+        return self.model_dump(mode="json")
+
+
+class ComboConfig(_Node):
+    """One combination: what the pipeline's stages read. Built by `SweepSpec.combinations`."""
+
     model: str
+    base_checkpoint: Optional[str] = None
     dataset: DatasetConfig
     target_speedup: float
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    seed: int = 0
-    base: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0))
-    base_checkpoint: str | None = None
-    sparse: SparseConfig = field(default_factory=SparseConfig)
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0, lr=0.01))
-    latency_batch_size: int = 1
-    latency_repeats: int = 20
+    seed: int
+    base: TrainConfig
+    prune: PruneConfig
+    sparse: Optional[SparseConfig] = None  # regularised methods only
+    finetune: FinetuneConfig
+    evaluation: EvaluationConfig = EvaluationConfig()
     sweep: str = ""  # display only: not part of any key
 
     @property
@@ -78,41 +224,22 @@ class ComboConfig:
     # ---- keys deciding reuse -------------------------------------------------------
     def base_key(self) -> str:
         """Identity of the base model: same key -> the same trained (or loaded) weights."""
-        return _digest(
-            {
-                "model": self.model,
-                "dataset": dataclasses.asdict(self.dataset),
-                "seed": self.seed,
-                "base": dataclasses.asdict(self.base) if not self.base_checkpoint else None,
-                "checkpoint": self.base_checkpoint,
-            }
-        )
+        return _digest({"model": self.model, "dataset": self.dataset.model_dump(),
+                        "seed": self.seed, "checkpoint": self.base_checkpoint,
+                        "base": None if self.base_checkpoint else self.base.model_dump()})
 
     def sparse_key(self) -> str:
-        """Identity of the sparse-learned model (base + method + SL settings)."""
+        """Identity of the sparse-learned model (base + method + its pruning scope)."""
         p = self.prune
-        return _digest(
-            {
-                "base": self.base_key(),
-                "method": p.method,
-                "global": p.global_pruning,
-                "max_ratio": p.max_pruning_ratio,
-                "round_to": p.round_to,
-                "sparse": dataclasses.asdict(self.sparse),
-            }
-        )
+        return _digest({"base": self.base_key(), "method": p.method, "global": p.global_pruning,
+                        "max_ratio": p.max_pruning_ratio, "round_to": p.round_to,
+                        "sparse": self.sparse.model_dump() if self.sparse else None})
 
     def combo_id(self) -> str:
         """Stable hash of every setting that changes this combination's result row."""
-        from progprune.pruning import get_method  # lazy: pruning imports this module
-
-        d = dataclasses.asdict(self)
-        d.pop("sweep")
-        if not get_method(self.prune.method).sparse:
-            d.pop("sparse")  # settings a method never reads must not change its identity
-        return _digest(d)
+        return _digest(self.model_dump(exclude={"sweep"}))
 
 
-def _digest(obj) -> str:
+def _digest(obj: Any) -> str:
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -76,7 +76,7 @@ def check_dataset(cfg: DatasetConfig) -> None:
     entry = _entry(cfg.name)
     if cfg.num_classes is not None and (isinstance(cfg.num_classes, bool) or
                                         not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
-        raise ProgpruneError(f"dataset.num_classes: must be a positive integer, got {cfg.num_classes!r}")
+        raise ProgpruneError(f"must be a positive integer, got {cfg.num_classes!r}", field="dataset.num_classes")
     if entry.num_classes is not None:
         _check_num_classes(cfg, entry.num_classes)
     entry.check(cfg)
@@ -92,16 +92,15 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Splits:
 
 def _entry(name: str) -> _Entry:
     if name not in DATASETS:
-        raise ProgpruneError(f"dataset.name: unknown dataset {name!r}; valid: {', '.join(list_datasets())}")
+        raise ProgpruneError(f"unknown dataset {name!r}; valid: {', '.join(list_datasets())}", field="dataset.name")
     return DATASETS[name]
 
 
 def _check_num_classes(cfg: DatasetConfig, actual: int) -> None:
     if cfg.num_classes is not None and cfg.num_classes != actual:
         raise ProgpruneError(
-            f"dataset.num_classes: {cfg.name} has {actual} classes, got {cfg.num_classes}; "
-            "remove it or set it to match"
-        )
+            f"{cfg.name} has {actual} classes, got {cfg.num_classes}; remove it or set it to match",
+            field="dataset.num_classes")
 
 
 # ---- batches -------------------------------------------------------------------------
@@ -197,10 +196,10 @@ def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def _need_dir(cfg: DatasetConfig, expected: str) -> Path:
     if not cfg.data_dir:
-        raise ProgpruneError(f"dataset.data_dir: {cfg.name} reads {expected} from a directory; set dataset.data_dir")
+        raise ProgpruneError(f"{cfg.name} reads {expected} from a directory; set its data directory", field="dataset.data_dir")
     d = Path(cfg.data_dir).expanduser()
     if not d.is_dir():
-        raise ProgpruneError(f"dataset.data_dir: {d} is not a directory; {cfg.name} expects {expected} there")
+        raise ProgpruneError(f"{d} is not a directory; {cfg.name} expects {expected} there", field="dataset.data_dir")
     return d
 
 
@@ -274,9 +273,9 @@ def _check_cifar(cfg: DatasetConfig) -> None:
     missing = [f for f in files if not (d / f).is_file()]
     if missing:
         raise ProgpruneError(
-            f"dataset.data_dir: {d} lacks {', '.join(missing)} for {cfg.name} (expected "
-            f"{', '.join(files)}: the extracted 'python version' archive; progprune never downloads)"
-        )
+            f"{d} lacks {', '.join(missing)} for {cfg.name} (expected "
+            f"{', '.join(files)}: the extracted 'python version' archive; progprune never downloads)",
+            field="dataset.data_dir")
 
 
 def _cifar_arrays(path: Path, label_key: bytes, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,18 +320,18 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
     root = _need_dir(cfg, _FOLDER_LAYOUT)
     for split in ("train", "val"):
         if not (root / split).is_dir() or not _class_dirs(root / split):
-            raise ProgpruneError(f"dataset.data_dir: {root / split} is missing or has no class "
-                                 f"folders; imagefolder expects {_FOLDER_LAYOUT}")
+            raise ProgpruneError(f"{root / split} is missing or has no class folders; imagefolder "
+                                 f"expects {_FOLDER_LAYOUT}", field="dataset.data_dir")
     classes = _class_dirs(root / "train")
     for split in ("val", "test"):
         if (root / split).is_dir():
             extra = sorted(set(_class_dirs(root / split)) - set(classes))
             if extra:
-                raise ProgpruneError(f"dataset.data_dir: {root / split} has classes not in train/: "
-                                     f"{', '.join(extra)}")
+                raise ProgpruneError(f"{root / split} has classes not in train/: {', '.join(extra)}",
+                                     field="dataset.data_dir")
     _check_num_classes(cfg, len(classes))
     if cfg.image_size < 1:
-        raise ProgpruneError(f"dataset.image_size: must be >= 1, got {cfg.image_size}")
+        raise ProgpruneError(f"must be >= 1, got {cfg.image_size}", field="dataset.image_size")
 
 
 def _read_folder(split_dir: Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +352,7 @@ def _read_folder(split_dir: Path, classes: list[str], size: int) -> tuple[torch.
                 raise ProgpruneError(f"{p}: cannot read image ({e}); remove or replace it") from None
             labels.append(label)
     if not images:
-        raise ProgpruneError(f"dataset.data_dir: {split_dir} holds no .png/.jpg images under its class folders")
+        raise ProgpruneError(f"{split_dir} holds no .png/.jpg images under its class folders", field="dataset.data_dir")
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -375,11 +374,11 @@ def _load_imagefolder(cfg: DatasetConfig, seed: int) -> Splits:
 
 def _check_synthetic(cfg: DatasetConfig) -> None:
     if cfg.num_classes is not None and cfg.num_classes < 2:
-        raise ProgpruneError(f"dataset.num_classes: synthetic needs >= 2 classes, got {cfg.num_classes}")
+        raise ProgpruneError(f"synthetic needs >= 2 classes, got {cfg.num_classes}", field="dataset.num_classes")
     if cfg.image_size < 1:
-        raise ProgpruneError(f"dataset.image_size: must be >= 1, got {cfg.image_size}")
+        raise ProgpruneError(f"must be >= 1, got {cfg.image_size}", field="dataset.image_size")
     if cfg.synthetic_samples < 1:
-        raise ProgpruneError(f"dataset.synthetic_samples: must be >= 1, got {cfg.synthetic_samples}")
+        raise ProgpruneError(f"must be >= 1, got {cfg.synthetic_samples}", field="dataset.synthetic_samples")
 
 
 @register_dataset("synthetic", check=_check_synthetic)

@@ -7,10 +7,8 @@ storing what passes between them as artifacts. No Ray import here.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime as _dt
 import importlib.metadata as _md
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -92,7 +90,7 @@ def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tu
 
 # ---- stage 2: sparse learning (regularized methods only) ------------------------------
 def needs_sparse(cfg: ComboConfig) -> bool:
-    return get_method(cfg.method).sparse and cfg.sparse.epochs > 0
+    return cfg.sparse is not None and cfg.sparse.epochs > 0
 
 
 def sparse_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> FitResult | None:
@@ -141,18 +139,27 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
         f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
     top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
     base_latency, pruned_latency = measure_latency([base_copy, model], splits.input_shape, device,
-                                                   cfg.latency_batch_size, repeats=cfg.latency_repeats)
+                                                   cfg.evaluation.latency_batch_size,
+                                                   repeats=cfg.evaluation.latency_repeats)
     del base_copy
     return PruneInfo(outcome, top1, top5, base_latency, pruned_latency)
 
 
 # ---- stage 4: fine-tuning -------------------------------------------------------------
 def finetune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop,
-                   **fit_kwargs) -> FitResult:
-    """Fine-tune the pruned model (a fresh optimizer: pruning replaced the parameters)."""
-    if cfg.finetune.epochs > 0:
-        log(f"fine-tuning for {cfg.finetune.epochs} epochs")
-    return fit(model, splits, cfg.finetune, device, seed=cfg.seed, **fit_kwargs)
+                   on_epoch=None, **fit_kwargs) -> FitResult:
+    """Fine-tune the pruned model (a fresh optimizer: pruning replaced the parameters).
+    One log line per epoch; `on_epoch(metrics, state)` runs after it (Ray Train reports)."""
+    n = cfg.finetune.epochs
+    if n > 0:
+        log(f"fine-tuning for {n} epochs")
+
+    def epoch_done(m, state):
+        log(f"  finetune epoch {m['epoch'] + 1}/{n} loss {m['loss']:.3f} val {m['val_top1']:.4f}")
+        if on_epoch:
+            on_epoch(m, state)
+
+    return fit(model, splits, cfg.finetune, device, seed=cfg.seed, on_epoch=epoch_done, **fit_kwargs)
 
 
 # ---- stage 5: the row -----------------------------------------------------------------
@@ -168,9 +175,9 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
         started_at=started_at, finished_at=now(), global_pruning=cfg.prune.global_pruning,
         iterative_steps=cfg.prune.iterative_steps, round_to=cfg.prune.round_to,
         num_classes=num_classes, base_epochs=cfg.base.epochs if not cfg.base_checkpoint else 0,
-        sparse_epochs=cfg.sparse.epochs if get_method(cfg.method).sparse else 0,
-        latency_batch_size=cfg.latency_batch_size, finetune_workers=finetune_workers,
-        config_json=json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str),
+        sparse_epochs=cfg.sparse.epochs if cfg.sparse else 0,
+        latency_batch_size=cfg.evaluation.latency_batch_size, finetune_workers=finetune_workers,
+        config_json=cfg.model_dump_json(),
         finetune_seconds=finetune_seconds, **versions(),
     )
     if base:
@@ -205,9 +212,7 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
     pr = prune_stage(cfg, model, splits, device, log)
     ft_seconds, final = None, None
     if pr.outcome.status == "ok":
-        ft = finetune_stage(cfg, model, splits, device, log,
-                            on_epoch=lambda m, _s: log(f"  finetune epoch {m['epoch'] + 1}/{cfg.finetune.epochs} "
-                                                       f"loss {m['loss']:.3f} val {m['val_top1']:.4f}"))
+        ft = finetune_stage(cfg, model, splits, device, log)
         ft_seconds = ft.seconds
         final = evaluate(model, splits.test_x, splits.test_y, splits, device)
     artifact = None

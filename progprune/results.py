@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import os
 from dataclasses import dataclass, fields
 
@@ -77,13 +78,28 @@ def _arrow_type(annotation: str) -> pa.DataType:
     return _ARROW_TYPES[{"int": int, "float": float, "str": str, "bool": bool}[base]]
 
 
-SCHEMA = pa.schema([pa.field(f.name, _arrow_type(f.type)) for f in fields(ResultRow)])
+SCHEMA_VERSION = "2"  # 2: started_at/finished_at are UTC timestamps (were ISO strings)
+_TIMESTAMP = pa.timestamp("s", tz="UTC")
+_TIMES = ("started_at", "finished_at")
+SCHEMA = pa.schema(
+    [pa.field(f.name, _TIMESTAMP if f.name in _TIMES else _arrow_type(f.type)) for f in fields(ResultRow)],
+    metadata={"progprune.schema_version": SCHEMA_VERSION},
+)
 COLUMNS = tuple(SCHEMA.names)
+
+
+def _utc(v):
+    """ISO text (rows carry it) or a datetime (older/newer tables) -> an aware UTC datetime."""
+    if v is None or isinstance(v, _dt.datetime):
+        return v if v is None or v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)
+    t = _dt.datetime.fromisoformat(str(v))
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
 
 
 def rows_to_table(rows) -> pa.Table:
     dicts = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in rows]
-    cols = {name: [d.get(name) for d in dicts] for name in COLUMNS}
+    cols = {name: [_utc(d.get(name)) if name in _TIMES else d.get(name) for d in dicts]
+            for name in COLUMNS}
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
@@ -96,6 +112,15 @@ def write_rows(rows, path: str | os.PathLike) -> str:
 
 
 def read_rows(path) -> list[ResultRow]:
-    table = pq.read_table(path)
+    return rows_from_records(pq.read_table(path).to_pylist())
+
+
+def rows_from_records(records) -> list[ResultRow]:
+    """Parquet records -> rows; columns this version does not know are dropped."""
     known = {f.name for f in fields(ResultRow)}
-    return [ResultRow(**{k: v for k, v in rec.items() if k in known}) for rec in table.to_pylist()]
+    rows = [ResultRow(**{k: v for k, v in rec.items() if k in known}) for rec in records]
+    for r in rows:  # rows carry ISO text, whichever way the file stored it
+        for name in _TIMES:
+            if getattr(r, name) is not None:
+                setattr(r, name, _utc(getattr(r, name)).isoformat(timespec="seconds"))
+    return rows

@@ -169,6 +169,13 @@ class Store:
         return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel)
                       if i.type == pafs.FileType.File)
 
+    def delete_tree(self, *parts: str) -> None:
+        """Remove a directory (or prefix) and everything under it; absent is fine."""
+        try:
+            self.fs.delete_dir(self.path(*parts))
+        except (FileNotFoundError, OSError):
+            pass
+
     def delete(self, *parts: str) -> None:
         try:
             self.fs.delete_file(self.path(*parts))

@@ -1,4 +1,5 @@
-"""The sweep driver: plan the grid, submit Ray tasks, stream rows in, merge the table.
+"""The sweep driver: plan the grid, check before any work, hold the output's lease, and
+hand the plan to the Ray layer (`progprune.cluster`); no Ray import here.
 
 Resume is by construction: every finished combination leaves `rows/<combo_id>.parquet`
 (and base models `bases/…pt`) in the output, so a rerun plans only what is missing.
@@ -6,22 +7,18 @@ Resume is by construction: every finished combination leaves `rows/<combo_id>.pa
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
-import time
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
-import yaml
 
 from progprune.artifacts import load_artifact
 from progprune.config import ComboConfig
 from progprune.data import load_dataset
 from progprune.errors import ProgpruneError, SpecError
-from progprune.pipeline import build_row, needs_sparse
-from progprune.results import ResultRow, write_rows
-from progprune.spec import SweepSpec
-from progprune.storage import Store, base_parts, row_parts, sparse_parts
+from progprune.pipeline import needs_sparse
+from progprune.results import ResultRow
+from progprune.spec import SweepSpec, dump_yaml
+from progprune.storage import Store, base_parts, sparse_parts
+from progprune.table import ResultsTable
 
 FINISHED = ("ok", "unreachable")
 
@@ -39,13 +36,15 @@ class Plan:
     sparse_reuse: dict = field(default_factory=dict)
 
 
-def make_plan(spec: SweepSpec, store: Store, force: bool = False) -> Plan:
+def make_plan(spec: SweepSpec, store: Store, force: bool = False,
+              statuses: dict | None = None) -> Plan:
+    """What is left to run. `statuses` (combo_id -> status of its stored row) comes from
+    the results table, which read every fragment once."""
     plan = Plan(spec, store, spec.combinations())
-    existing = set(store.list("rows"))
+    if statuses is None:
+        statuses = _table(store, plan.combos).statuses()
     for cfg in plan.combos:
-        status = None
-        if not force and os.path.basename(row_parts(cfg.combo_id())[-1]) in existing:
-            status = _row_status(store, cfg)
+        status = None if force else statuses.get(cfg.combo_id())
         if status in FINISHED:
             plan.done[cfg.combo_id()] = status
             continue
@@ -61,12 +60,10 @@ def make_plan(spec: SweepSpec, store: Store, force: bool = False) -> Plan:
     return plan
 
 
-def _row_status(store: Store, cfg: ComboConfig) -> str | None:
-    try:
-        with store.local_copy(*row_parts(cfg.combo_id())) as p:
-            return pq.read_table(p, columns=["status"]).column(0)[0].as_py()
-    except Exception:
-        return None  # unreadable fragment: run it again
+def _table(store: Store, combos: list[ComboConfig]) -> ResultsTable:
+    table = ResultsTable(store, [c.combo_id() for c in combos])
+    table.load()
+    return table
 
 
 def preflight(spec: SweepSpec) -> int:
@@ -104,66 +101,9 @@ def print_plan(plan: Plan, out) -> None:
             f"{cfg.target_speedup:>6}x seed {cfg.seed}")
 
 
-def merge(store: Store, combos: list[ComboConfig]) -> list[ResultRow]:
-    """Merge this spec's fragments into results.parquet (atomically), one row each."""
-    from progprune.results import read_rows
-
-    rows = []
-    for cfg in combos:
-        if store.exists(*row_parts(cfg.combo_id())):
-            with store.local_copy(*row_parts(cfg.combo_id())) as p:
-                rows.extend(read_rows(p))
-    with tempfile.TemporaryDirectory() as d:
-        store.put_file(write_rows(rows, os.path.join(d, "results.parquet")), "results.parquet")
-    return rows
-
-
-# ---- Ray connection -------------------------------------------------------------------
-def _probe(address: str) -> None:
-    """Fail in seconds when nothing listens at the address (ray.init would retry long)."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ProgpruneError(f"--address: expected HOST:PORT (or ray://HOST:PORT), got {address!r}")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as e:
-        raise ProgpruneError(f"--address: no Ray cluster answers at {address} ({e.strerror or e}); "
-                             "start one with `ray start --head` or omit --address for an embedded one")
-
-
-def connect(address: str | None, num_cpus: int | None = None):
-    """Attach to a cluster, or start an embedded one on 127.0.0.1. Returns a closer."""
-    import logging
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # Ray 2.60 listens on every interface whatever the node IP; token auth is what
-        # keeps others out, so the embedded cluster always has it. Set before Ray is
-        # imported: it reads the mode once.
-        os.environ["RAY_AUTH_MODE"] = "token"
-        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
-            import secrets  # a token for this cluster only; its processes inherit it
-
-            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    import ray
-
-    if address:
-        _probe(address)
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        return lambda: ray.shutdown()
-    # address="local": always a fresh cluster of our own, never one found in /tmp/ray
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING, log_to_driver=False)
-    return lambda: ray.shutdown()
-
-
 # ---- run ------------------------------------------------------------------------------
 def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry_run: bool = False,
-        max_concurrent: int | None = None, console=None) -> int:
+        max_concurrent: int | None = None, break_lock: bool = False, console=None) -> int:
     from rich.console import Console
 
     if console is None:
@@ -176,91 +116,28 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
     if dry_run:
         print_plan(make_plan(spec, store, force), out)
         return 0
+    from progprune import cluster  # the Ray layer
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        cluster.probe(address or os.environ["RAY_ADDRESS"])  # before anything is written
     store.check_writable()
-    with store.lock():
-        plan = make_plan(spec, store, force)
+    with store.lock(break_lock=break_lock, on_wait=lambda m: console.print(m, markup=False)) as lease:
+        table = _table(store, spec.combinations())
+        plan = make_plan(spec, store, force, table.statuses())
         print_plan(plan, out)
-        store.write_bytes(yaml.safe_dump(spec.to_dict(), sort_keys=False).encode(), "spec.resolved.yaml")
+        store.write_bytes(dump_yaml(spec).encode(), "spec.resolved.yaml")
         failed = 0
         if plan.todo:
-            close = connect(address)
+            close = cluster.connect(address)
             try:
-                failed = _execute(plan, max_concurrent or spec.resources.max_concurrent, console, num_classes)
+                progress = _Progress(console, len(plan.todo))
+                failed = cluster.execute(plan, max_concurrent or spec.resources.max_concurrent,
+                                         progress, num_classes, table, lease)
             finally:
                 close()
-        rows = merge(store, plan.combos)
+        rows = table.flush(force=True)
         _final(rows, store, console)
     return 1 if any(r.status == "failed" for r in rows) or failed else 0
-
-
-def _execute(plan: Plan, max_concurrent: int, console, num_classes: int) -> int:
-    import ray
-
-    from progprune.cluster import base_task, finetune_task, prune_task, sparse_task, write_fragment
-
-    spec, store = plan.spec, plan.store
-    fault = os.environ.get("PROGPRUNE_FAULT")
-    res = spec.resources
-    task_opts = {"num_gpus": res.gpus_per_task, "num_cpus": res.cpus_per_task}
-    # a GPU prune task exits after each call (Ray's default for GPU tasks) to free CUDA memory
-    ft = {"num_workers": spec.finetune.num_workers, "use_gpu": spec.finetune.use_gpu,
-          "max_failures": spec.finetune.max_failures,
-          "resources_per_worker": {"CPU": res.cpus_per_task} if spec.finetune.num_workers else None}
-    inline = spec.finetune.num_workers == 0
-
-    bases, sparse = {}, {}
-    for key, cfg in plan.bases_train.items():
-        bases[key] = base_task.options(**task_opts, max_retries=2).remote(cfg, store.uri)
-    for key, cfg in plan.bases_reuse.items():  # loading a stored/checkpoint base is cheap
-        bases[key] = base_task.options(num_cpus=res.cpus_per_task, max_retries=2).remote(cfg, store.uri)
-
-    def upstream(cfg):
-        if needs_sparse(cfg):
-            key = cfg.sparse_key()
-            if key not in sparse:
-                sparse[key] = sparse_task.options(**task_opts, max_retries=2).remote(
-                    cfg, store.uri, bases[cfg.base_key()])
-            return sparse[key]
-        return bases[cfg.base_key()]
-
-    pending = list(plan.todo)
-    running: dict = {}  # final ref -> (cfg, t0)
-    done = failed = 0
-    t_start = time.perf_counter()
-    durations = []
-    progress = _Progress(console, len(pending))
-    while pending or running:
-        while pending and len(running) < max_concurrent:
-            cfg = pending.pop(0)
-            p = prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg), fault, inline)
-            f = finetune_task.options(max_retries=1).remote(cfg, store.uri, p, ft, fault)
-            running[f] = (cfg, time.perf_counter())
-        progress.update(done, failed, len(running), durations, max_concurrent, len(pending))
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
-        for ref in ready:
-            cfg, t0 = running.pop(ref)
-            durations.append(time.perf_counter() - t0)
-            try:
-                row = ResultRow(**ray.get(ref))
-            except Exception as e:  # the combination failed: record it and go on
-                row = build_row(cfg, error=_one_line(e), started_at=None, num_classes=num_classes)
-                write_fragment(store, row)
-            if row.status == "failed":
-                failed += 1
-            done += 1
-            progress.log(_row_line(row))
-            merge(store, plan.combos)  # the table on disk is always current
-    progress.close(done, failed, time.perf_counter() - t_start)
-    return failed
-
-
-def _one_line(e: Exception) -> str:
-    """The innermost error message of a Ray task failure, on one line."""
-    cause = getattr(e, "cause", None) or e
-    msg = f"{type(cause).__name__}: {cause}"
-    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
-    tail = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))]
-    return (tail[-1] if tail else lines[-1] if lines else type(e).__name__)[:500]
 
 
 def _row_line(row: ResultRow) -> str:
@@ -297,8 +174,8 @@ class _Progress:
             self.console.print(text)
         self.last = text
 
-    def log(self, line: str) -> None:
-        self.console.print(line)
+    def row(self, row: ResultRow) -> None:
+        self.console.print(_row_line(row), markup=False)
 
     def close(self, done: int, failed: int, seconds: float) -> None:
         if self.live:

@@ -11,21 +11,18 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import fields
 
 import pyarrow.dataset as pads
 
-from progprune.results import SCHEMA, ResultRow, read_rows, write_rows
+from progprune.results import SCHEMA, ResultRow, read_rows, rows_from_records, write_rows
 from progprune.storage import Store, _env_seconds, row_parts
 
 INTERVAL_ENV = "PROGPRUNE_RESULTS_INTERVAL_S"
 DEFAULT_INTERVAL_S = 10.0
 TABLE_NAME = "results.parquet"
-_KNOWN = {f.name for f in fields(ResultRow)}
 
 
-def _rows(records) -> list[ResultRow]:
-    return [ResultRow(**{k: v for k, v in rec.items() if k in _KNOWN}) for rec in records]
+_rows = rows_from_records
 
 
 class ResultsTable:
