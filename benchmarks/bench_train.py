@@ -7,7 +7,7 @@ default) with `progprune.training.fit` and the same TrainConfig:
 - plain: `fit` in this process, torch.set_num_threads(--threads);
 - Ray Train: a TorchTrainer with ScalingConfig(num_workers=1, resources_per_worker=
   {"CPU": --threads}) on an embedded `ray.init(num_cpus=2)`, whose loop is a copy of
-  `progprune.cluster._train_loop`: load data and artifact, `prepare_model`, `fit` with an
+  `progprune.cluster.tasks._train_loop`: load data and artifact, `prepare_model`, `fit` with an
   on_epoch that calls `ray.train.report` with (or without) a checkpoint of fit's state,
   then evaluate + save the final artifact on rank 0.
 
@@ -95,7 +95,7 @@ def run_plain(job: dict) -> dict:
 
 
 def _ray_loop(config: dict) -> None:
-    """progprune.cluster._train_loop, with timestamps written where the driver reads them."""
+    """progprune.cluster.tasks._train_loop, with timestamps written where the driver reads them."""
     import ray.train
     import ray.train.torch
 

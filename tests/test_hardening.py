@@ -3,7 +3,7 @@ and secure defaults (weights-only loading, token auth, nothing open or leaked).
 
 Bad specs and bad checkpoints fail before any cluster is contacted, so they run without one;
 the fault tests share one 2-CPU cluster; the token-auth cluster and the embedded Ray are
-each started once. Faults come from `PROGPRUNE_FAULT` (see `progprune.cluster._fault`).
+each started once. Faults come from `PROGPRUNE_FAULT` (see `progprune.cluster.tasks._fault`).
 """
 from __future__ import annotations
 

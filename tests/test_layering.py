@@ -1,4 +1,4 @@
-"""The core imports no Ray: only progprune.cluster and the sweep's execution do."""
+"""The core imports no Ray: only progprune.cluster.tasks and the sweep's execution do."""
 import subprocess
 import sys
 
@@ -15,6 +15,6 @@ def test_core_modules_do_not_import_ray():
 
 
 def test_the_ray_layer_does():
-    code = "import sys, progprune.cluster; print('ray' in sys.modules)"
+    code = "import sys, progprune.cluster.tasks; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

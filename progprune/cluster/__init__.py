@@ -1,0 +1,133 @@
+"""The Ray layer, all of it: connecting (with token auth), the scheduling loop, and (in
+`progprune.cluster.tasks`) the tasks and the Ray Train run. Read top to bottom:
+connection, loop; then tasks.py.
+
+This module imports Ray only when it connects: the embedded cluster's token auth must be
+set in the environment before Ray is first imported.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from progprune.errors import ProgpruneError
+from progprune.pipeline import build_row, needs_sparse
+from progprune.results import ResultRow
+
+
+# ---- Ray connection -------------------------------------------------------------------
+def probe(address: str) -> None:
+    """Fail in seconds when nothing listens at the address (ray.init would retry long)."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ProgpruneError(f"--address: expected HOST:PORT (or ray://HOST:PORT), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as e:
+        raise ProgpruneError(f"--address: no Ray cluster answers at {address} ({e.strerror or e}); "
+                             "start one with `ray start --head` or omit --address for an embedded one")
+
+
+def connect(address: str | None, num_cpus: int | None = None):
+    """Attach to a cluster, or start an embedded one on 127.0.0.1. Returns a closer."""
+    import logging
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray 2.60 listens on every interface whatever the node IP; token auth is what
+        # keeps others out, so the embedded cluster always has it. Set before Ray is
+        # imported: it reads the mode once.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+            import secrets  # a token for this cluster only; its processes inherit it
+
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    import ray
+
+    if address:
+        probe(address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        return lambda: ray.shutdown()
+    # address="local": always a fresh cluster of our own, never one found in /tmp/ray
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=True)
+    return lambda: ray.shutdown()
+
+
+# ---- the scheduling loop ---------------------------------------------------------------
+def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease) -> int:
+    """The scheduling loop: base and sparse tasks once each, then per combination a prune
+    task and its fine-tune coordinator; rows stream into `table` as they finish."""
+    import ray
+
+    from progprune.cluster.tasks import base_task, finetune_task, prune_task, sparse_task, write_fragment
+
+    spec, store = plan.spec, plan.store
+    fault = os.environ.get("PROGPRUNE_FAULT")
+    res = spec.resources
+    task_opts = {"num_gpus": res.gpus_per_task, "num_cpus": res.cpus_per_task}
+    # a GPU prune task exits after each call (Ray's default for GPU tasks) to free CUDA memory
+    ft = {"num_workers": spec.finetune.num_workers, "use_gpu": spec.finetune.use_gpu,
+          "max_failures": spec.finetune.max_failures,
+          "resources_per_worker": {"CPU": res.cpus_per_task} if spec.finetune.num_workers else None}
+    inline = spec.finetune.num_workers == 0
+
+    bases, sparse = {}, {}
+    for key, cfg in plan.bases_train.items():
+        bases[key] = base_task.options(**task_opts, max_retries=2).remote(cfg, store.uri)
+    for key, cfg in plan.bases_reuse.items():  # loading a stored/checkpoint base is cheap
+        bases[key] = base_task.options(num_cpus=res.cpus_per_task, max_retries=2).remote(cfg, store.uri)
+
+    def upstream(cfg):
+        if needs_sparse(cfg):
+            key = cfg.sparse_key()
+            if key not in sparse:
+                sparse[key] = sparse_task.options(**task_opts, max_retries=2).remote(
+                    cfg, store.uri, bases[cfg.base_key()])
+            return sparse[key]
+        return bases[cfg.base_key()]
+
+    pending = list(plan.todo)
+    running: dict = {}  # final ref -> (cfg, t0)
+    done = failed = 0
+    t_start = time.perf_counter()
+    durations = []
+    while pending or running:
+        while pending and len(running) < max_concurrent:
+            cfg = pending.pop(0)
+            p = prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg), fault, inline)
+            f = finetune_task.options(max_retries=1).remote(cfg, store.uri, p, ft, fault)
+            running[f] = (cfg, time.perf_counter())
+        progress.update(done, failed, len(running), durations, max_concurrent, len(pending))
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+        for ref in ready:
+            cfg, t0 = running.pop(ref)
+            durations.append(time.perf_counter() - t0)
+            try:
+                row = ResultRow(**ray.get(ref))
+            except Exception as e:  # the combination failed: record it and go on
+                row = build_row(cfg, error=_one_line(e), started_at=None, num_classes=num_classes)
+                write_fragment(store, row)
+            if row.status == "failed":
+                failed += 1
+            done += 1
+            table.add(row)
+            progress.row(row)
+        table.flush()  # at a bounded rate: results.parquet stays at most one interval behind
+        lease.check()  # stop if another driver took the output over
+    progress.close(done, failed, time.perf_counter() - t_start)
+    return failed
+
+
+def _one_line(e: Exception) -> str:
+    """The innermost error message of a Ray task failure, on one line."""
+    cause = getattr(e, "cause", None) or e
+    msg = f"{type(cause).__name__}: {cause}"
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    tail = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))]
+    return (tail[-1] if tail else lines[-1] if lines else type(e).__name__)[:500]
