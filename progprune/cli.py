@@ -120,7 +120,7 @@ def _flag_options(fn):
         if isinstance(default, bool):
             default = decl.split("/")[0 if default else 1]
         shown = f"  [default: {default}]" if default is not None else ""
-        fn = click.option(decl, name, type=None if typ is bool else typ, default=None,
+        fn = click.option(decl, name, type=None if typ is bool else typ,
                           required=decl in _REQUIRED, help=help_ + shown)(fn)
     return fn
 

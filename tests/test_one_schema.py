@@ -1,0 +1,120 @@
+"""One schema, one path (issue 9): `prune` is a one-combination sweep spec built from its
+flags, so both commands share defaults, validation and combo_id; the CLI maps every error
+to one line in one place; `python -m progprune` works; nothing is written before the
+cluster answers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from progprune.cli import one_combination_spec
+from progprune.config import SweepSpec
+from progprune.spec import load_spec, load_spec_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+FAST = ["--dataset", "synthetic", "--num-classes", "4", "--base-epochs", "0", "--finetune-epochs", "0",
+        "--iterative-steps", "40", "--latency-repeats", "1"]
+
+
+def cli(*args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "progprune"), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def test_prune_and_sweep_share_defaults_and_combo_id(tmp_path):
+    flags = {"model": "resnet20", "speedup": 2.0, "seed": 3, "finetune_lr": 0.02}
+    one = load_spec_dict(one_combination_spec(flags)).combinations()[0]
+    # the same settings written as a user's sweep spec
+    p = tmp_path / "s.yaml"
+    p.write_text("name: other-name\nmodels: [resnet20]\nspeedups: [2]\nseeds: [3]\n"
+                 "finetune: {lr: 0.02, num_workers: 0}\n")
+    (grid,) = load_spec(p).combinations()
+    assert one.combo_id() == grid.combo_id()
+    assert one.base == grid.base and one.finetune == grid.finetune
+    # a setting the user changes changes the id
+    other = load_spec_dict(one_combination_spec({**flags, "finetune_lr": 0.03})).combinations()[0]
+    assert other.combo_id() != one.combo_id()
+
+
+def test_defaults_live_in_the_schema_alone():
+    s = load_spec_dict(one_combination_spec({"model": "resnet20", "speedup": 2.0}))
+    d = SweepSpec.model_fields
+    assert s.base_training.epochs == d["base_training"].default.epochs
+    assert s.base_training.lr == d["base_training"].default.lr
+    assert s.finetune.batch_size == d["finetune"].default.batch_size
+    help_text = cli("prune", "--help").stdout
+    assert f"[default: {d['base_training'].default.lr}]" in help_text
+
+
+def test_print_spec_is_a_sweep_spec_and_matches_the_run(tmp_path):
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.5", *FAST, "--print-spec")
+    assert r.returncode == 0, r.stderr
+    p = tmp_path / "grown.yaml"
+    p.write_text(r.stdout)
+    spec = load_spec(p)
+    assert [c.model for c in spec.combinations()] == ["resnet20"]
+    run = cli("prune", "--model", "resnet20", "--speedup", "1.5", *FAST, "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    assert row["combo_id"] == spec.combinations()[0].combo_id()
+
+
+def test_print_spec_can_be_grown_into_a_sweep(tmp_path):
+    r = cli("prune", "--model", "vgg11", "--speedup", "2", "--print-spec")
+    d = yaml.safe_load(r.stdout)
+    d["speedups"] = [1.5, 2, 3]
+    d["models"].append({"name": "resnet20"})
+    assert len(load_spec_dict(d).combinations()) == 6
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--bogus"], "error: No such option: --bogus"),
+    (["prune", "--model"], "error: Option '--model' requires an argument"),
+    (["prune", "--speedup", "2"], "error: Missing option '--model'"),
+    (["sweep"], "error: Missing argument 'SPEC'"),
+    (["nosuch"], "error: No such command 'nosuch'"),
+    (["prune", "--model", "resnet20", "--speedup", "2", "--seed", "99999999999999999999"],
+     "error: --seed: must be an integer in [0, 4294967295]"),
+    (["prune", "--model", "resnet20", "--speedup", "2", "--iterative-steps", "99999999999999999999"],
+     "error: --iterative-steps: must be an integer in [1, 100000]"),
+    (["prune", "--model", "resnet20", "--speedup", "2", "--finetune-lr", "inf"],
+     "error: --finetune-lr: must be a number in (0, 10], got inf"),
+    (["prune", "--model", "resnet20", "--speedup", "2", "--reg", "inf"],
+     "error: --reg: must be a number in [0, 1], got inf"),
+])
+def test_usage_errors_are_one_line(args, expected):
+    r = cli(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), r.stderr
+
+
+def test_python_dash_m_and_envvar_help():
+    r = subprocess.run([sys.executable, "-m", "progprune", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "progprune" in r.stdout
+    assert "RAY_ADDRESS" in cli("sweep", "--help").stdout
+
+
+def test_prune_output_is_checked_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", "--base-epochs", "15", "--output", tmp_path / "afile")
+    assert r.returncode == 2 and "--output" in r.stderr and "training" not in r.stdout
+    (tmp_path / "o" / "result.parquet").mkdir(parents=True)
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", "--output", tmp_path / "o")
+    assert r.returncode == 2 and "result.parquet is a directory" in r.stderr
+    assert not (tmp_path / "o" / "pruned.pt").exists()
+
+
+def test_bad_address_writes_nothing(tmp_path):
+    out = tmp_path / "never"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: t\nmodels: [resnet20]\nspeedups: [2]\noutput: {out}\n")
+    r = cli("sweep", spec, "--address", "127.0.0.1:9")
+    assert r.returncode == 2 and "no Ray cluster answers" in r.stderr
+    assert not out.exists()
