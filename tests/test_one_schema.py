@@ -74,7 +74,7 @@ def test_print_spec_can_be_grown_into_a_sweep(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--bogus"], "error: No such option: --bogus"),
+    (["--bogus"], "error: No such option '--bogus'"),
     (["prune", "--model"], "error: Option '--model' requires an argument"),
     (["prune", "--speedup", "2"], "error: Missing option '--model'"),
     (["sweep"], "error: Missing argument 'SPEC'"),
