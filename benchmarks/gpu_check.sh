@@ -19,11 +19,13 @@
 #   benchmarks/gpu_check.sh --cpu           the same checks on the CPU, smaller: a dry run
 #                                           anywhere (expects fp32, since progprune trains
 #                                           in fp32 on CPU)
-#   benchmarks/gpu_check.sh --fetch-wheels  on a networked machine beforehand: download the
-#                                           wheels of progprune's pure-runtime dependencies
-#                                           (versions from docker/constraints.txt) for the
-#                                           GPU machine's Python (WHEEL_PY, default 3.12)
-#                                           into benchmarks/wheels/
+#   benchmarks/gpu_check.sh --fetch-wheels [DIST...]
+#                                           on a networked machine beforehand: download the
+#                                           wheels of progprune's runtime dependencies (or
+#                                           only DIST...; versions from docker/constraints.txt)
+#                                           for the GPU machine's Python (WHEEL_PY, default
+#                                           3.12) into benchmarks/wheels/ (git-ignored: bring
+#                                           it along; about 69 MiB for 3.12, pyarrow 53 of it)
 # Environment: PYTHON (default python3), GPU_CHECK_OUT (results; default $OUT, else a new
 # temporary directory), WHEEL_PY (for --fetch-wheels).
 set -euo pipefail
@@ -31,14 +33,15 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WHEELS=$REPO/benchmarks/wheels
 PY=${PYTHON:-python3}
-# What `progprune prune` imports beyond torch, with the packages those need.
-RUNTIME_DEPS="torch-pruning click pyarrow pandas numpy python-dateutil six tzdata pyyaml
+# What `progprune prune` imports beyond torch, with the packages those need; numpy and
+# pyyaml are left out: torchvision and timm, preinstalled there, depend on them.
+RUNTIME_DEPS="torch-pruning click pyarrow pandas python-dateutil six tzdata
   pydantic pydantic-core annotated-types typing-inspection typing-extensions rich
   markdown-it-py mdurl pygments"
 
 fetch_wheels() {
     local pins=() name pin
-    for name in $RUNTIME_DEPS; do
+    for name in ${*:-$RUNTIME_DEPS}; do
         pin=$(grep -i -E "^${name//-/[-_.]}==" "$REPO/docker/constraints.txt" || true)
         pins+=("${pin:-$name}")
     done
@@ -54,8 +57,8 @@ MODE=cuda
 case "${1:-}" in
     "") ;;
     --cpu) MODE=cpu ;;
-    --fetch-wheels) fetch_wheels; exit 0 ;;
-    *) echo "usage: $0 [--cpu | --fetch-wheels]" >&2; exit 2 ;;
+    --fetch-wheels) shift; fetch_wheels "$@"; exit 0 ;;
+    *) echo "usage: $0 [--cpu | --fetch-wheels [DIST...]]" >&2; exit 2 ;;
 esac
 
 OUTDIR=${GPU_CHECK_OUT:-${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}}
