@@ -76,6 +76,8 @@ _FLAGS = [
     ("--num-classes", ["dataset.num_classes"], int, "synthetic: class count; others: checked against the data"),
     ("--image-size", ["dataset.image_size"], int, "imagefolder/synthetic: square input side in pixels"),
     ("--checkpoint", ["models[0].checkpoint"], str, "base model (progprune artifact); else it is trained"),
+    ("--reset-head/--keep-head", ["models[0].reset_head"], bool,
+     "re-initialise the checkpoint's classifier when its class count differs from the data"),
     ("--seed", ["seeds[0]"], int, "seed of base training, sampling and fine-tuning"),
     ("--global/--local", ["pruning.global_pruning"], bool, "one ranking across layers, or per layer"),
     ("--iterative-steps", ["pruning.iterative_steps"], int, "steps of the linear pruning schedule"),
@@ -224,7 +226,7 @@ def prune_cmd(device, output, as_json, print_spec, **flags):
     _summary(row, log)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(row), default=str))
-    return 3 if row.status == "unreachable" else 0
+    return {"ok": 0, "unreachable": 3}.get(row.status, 1)
 
 
 def _summary(row, log) -> None:
@@ -257,14 +259,16 @@ def _summary(row, log) -> None:
               help="combinations in flight (default: the spec's resources.max_concurrent)")
 @click.option("--break-lock", is_flag=True,
               help="take over the output's lock even if its holder looks alive (only when you know it is gone)")
-def sweep_cmd(spec_path, address, output, dry_run, force, max_concurrent, break_lock):
+@click.option("--replace-sweep", is_flag=True,
+              help="let this sweep take over an output that holds another sweep (by name)")
+def sweep_cmd(spec_path, address, output, dry_run, force, max_concurrent, break_lock, replace_sweep):
     """Run every model x speedup x method x seed of SPEC on Ray; write results.parquet."""
     from progprune.spec import load_spec
     from progprune.sweep import run
 
     spec = load_spec(spec_path, output_override=output)
     return run(spec, address=address, force=force, dry_run=dry_run, max_concurrent=max_concurrent,
-               break_lock=break_lock)
+               break_lock=break_lock, replace_sweep=replace_sweep)
 
 
 def _register_report():

@@ -155,6 +155,8 @@ def _model_item(v):
 class ModelEntry(_Node):
     name: Text
     checkpoint: Opt(Text) = None  # absolute after loading; null: train the base model
+    sha256: Opt(Text) = None  # the checkpoint's content, filled at load; a mismatch is refused
+    reset_head: Bool = False  # re-initialise the checkpoint's classifier (other class count)
 
 
 def _dataset(v):
@@ -188,7 +190,9 @@ class SweepSpec(_Node):
         sparse = {m.name for m in METHODS.values() if m.sparse}
         return [
             ComboConfig(
-                model=m.name, base_checkpoint=m.checkpoint, dataset=self.dataset,
+                model=m.name, base_checkpoint=m.checkpoint, base_checkpoint_sha256=m.sha256,
+                reset_head=m.reset_head,
+                dataset=self.dataset,
                 target_speedup=s, seed=seed, base=self.base_training,
                 prune=PruneConfig(**self.pruning.model_dump(), method=meth),
                 sparse=self.sparse_learning if meth in sparse else None,
@@ -207,6 +211,8 @@ class ComboConfig(_Node):
 
     model: str
     base_checkpoint: Optional[str] = None
+    base_checkpoint_sha256: Optional[str] = None  # the key: new weights, same path -> rerun
+    reset_head: bool = False
     dataset: DatasetConfig
     target_speedup: float
     seed: int
@@ -225,7 +231,9 @@ class ComboConfig(_Node):
     def base_key(self) -> str:
         """Identity of the base model: same key -> the same trained (or loaded) weights."""
         return _digest({"model": self.model, "dataset": self.dataset.model_dump(),
-                        "seed": self.seed, "checkpoint": self.base_checkpoint,
+                        "seed": self.seed,
+                        "checkpoint": self.base_checkpoint_sha256 or self.base_checkpoint,
+                        "reset_head": self.reset_head,
                         "base": None if self.base_checkpoint else self.base.model_dump()})
 
     def sparse_key(self) -> str:
@@ -237,7 +245,8 @@ class ComboConfig(_Node):
 
     def combo_id(self) -> str:
         """Stable hash of every setting that changes this combination's result row."""
-        return _digest(self.model_dump(exclude={"sweep"}))
+        exclude = {"sweep"} | ({"base_checkpoint"} if self.base_checkpoint_sha256 else set())
+        return _digest(self.model_dump(exclude=exclude))
 
 
 def _digest(obj: Any) -> str:

@@ -323,12 +323,19 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
             raise ProgpruneError(f"{root / split} is missing or has no class folders; imagefolder "
                                  f"expects {_FOLDER_LAYOUT}", field="dataset.data_dir")
     classes = _class_dirs(root / "train")
+    if len(classes) < 2:  # one class: every prediction is right, 100% top-1 means nothing
+        raise ProgpruneError(f"{root / 'train'} has {len(classes)} class folder; classification "
+                             "needs at least 2", field="dataset.data_dir")
     for split in ("val", "test"):
         if (root / split).is_dir():
             extra = sorted(set(_class_dirs(root / split)) - set(classes))
             if extra:
                 raise ProgpruneError(f"{root / split} has classes not in train/: {', '.join(extra)}",
                                      field="dataset.data_dir")
+            missing = sorted(set(classes) - set(_class_dirs(root / split)))
+            if missing:  # accuracy on a subset of the classes would mislead
+                raise ProgpruneError(f"{root / split} lacks classes of train/: {', '.join(missing[:5])}"
+                                     f"{' ...' if len(missing) > 5 else ''}", field="dataset.data_dir")
     _check_num_classes(cfg, len(classes))
     if cfg.image_size < 1:
         raise ProgpruneError(f"must be >= 1, got {cfg.image_size}", field="dataset.image_size")

@@ -18,13 +18,14 @@ import torch
 import torch.nn as nn
 
 from progprune import __version__
-from progprune.artifacts import load_artifact, save_artifact
+from progprune.artifacts import load_base_weights, save_artifact
 from progprune.config import ComboConfig, TrainConfig
 from progprune.data import Splits, load_dataset
 from progprune.models import build_model, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
 from progprune.results import ResultRow, write_rows
-from progprune.training import FitResult, calibration_batch, evaluate, fit, measure_latency
+from progprune.training import (FitResult, TrainingDiverged, calibration_batch, evaluate, fit,
+                                measure_latency_stats, recalibrate_bn)
 
 Log = Callable[[str], None]
 
@@ -69,8 +70,8 @@ def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tu
     """Load the base model from cfg.base_checkpoint, or train it from a seeded init."""
     t0 = time.perf_counter()
     if cfg.base_checkpoint:
-        model, _ = load_artifact(cfg.base_checkpoint, model_name=cfg.model,
-                                 num_classes=splits.num_classes, input_shape=splits.input_shape)
+        model, _ = load_base_weights(cfg.base_checkpoint, cfg.model, splits.num_classes,
+                                     splits.input_shape, reset_head=cfg.reset_head, seed=cfg.seed)
         source, res = "checkpoint", None
     else:
         torch.manual_seed(cfg.seed)
@@ -78,7 +79,7 @@ def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tu
         source, res = ("trained", None) if cfg.base.epochs > 0 else ("init", None)
         if cfg.base.epochs > 0:
             log(f"training base {cfg.model} on {splits.name} for {cfg.base.epochs} epochs")
-            res = fit(model, splits, cfg.base, device, seed=cfg.seed,
+            res = fit(model, splits, cfg.base, device, seed=cfg.seed, stage="base training",
                       on_epoch=lambda m, _s: log(f"  base epoch {m['epoch'] + 1}/{cfg.base.epochs} "
                                                  f"loss {m['loss']:.3f} val {m['val_top1']:.4f}"))
     model.to(device)
@@ -109,7 +110,7 @@ def sparse_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log
     return fit(model, splits, train_cfg, device, seed=cfg.seed,
                after_backward=lambda m: pruner.regularize(m),
                after_epoch=(lambda e: update()) if update else None,
-               select_best=False)
+               select_best=True, stage="sparse learning")  # the reference keeps its best epoch
 
 
 # ---- stage 3: progressive pruning -----------------------------------------------------
@@ -120,6 +121,11 @@ class PruneInfo:
     pruned_top5: float
     base_latency_ms: float
     pruned_latency_ms: float
+    base_latency_iqr_ms: float | None = None
+    pruned_latency_iqr_ms: float | None = None
+    latency_threads: int | None = None
+    latency_noisy: bool | None = None  # the spread is too large to trust the medians
+    pruned_top1_bn: float | None = None  # after BatchNorm statistics re-estimated on train data
 
 
 def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> PruneInfo:
@@ -138,11 +144,15 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x after {outcome.steps} steps "
         f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
     top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
-    base_latency, pruned_latency = measure_latency([base_copy, model], splits.input_shape, device,
-                                                   cfg.evaluation.latency_batch_size,
-                                                   repeats=cfg.evaluation.latency_repeats)
+    recal = copy.deepcopy(model)  # fine-tuning starts from the pruned model as it is
+    recalibrate_bn(recal, splits, device, seed=cfg.seed)
+    top1_bn, _ = evaluate(recal, splits.test_x, splits.test_y, splits, device)
+    del recal
+    lb, lp = measure_latency_stats([base_copy, model], splits.input_shape, device,
+                                   cfg.evaluation.latency_batch_size, repeats=cfg.evaluation.latency_repeats)
     del base_copy
-    return PruneInfo(outcome, top1, top5, base_latency, pruned_latency)
+    return PruneInfo(outcome, top1, top5, lb.median_ms, lp.median_ms, lb.iqr_ms, lp.iqr_ms,
+                     lb.threads, lb.noisy or lp.noisy, top1_bn)
 
 
 # ---- stage 4: fine-tuning -------------------------------------------------------------
@@ -159,7 +169,8 @@ def finetune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, l
         if on_epoch:
             on_epoch(m, state)
 
-    return fit(model, splits, cfg.finetune, device, seed=cfg.seed, on_epoch=epoch_done, **fit_kwargs)
+    return fit(model, splits, cfg.finetune, device, seed=cfg.seed, on_epoch=epoch_done, stage="fine-tune",
+               **fit_kwargs)
 
 
 # ---- stage 5: the row -----------------------------------------------------------------
@@ -177,7 +188,8 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
         num_classes=num_classes, base_epochs=cfg.base.epochs if not cfg.base_checkpoint else 0,
         sparse_epochs=cfg.sparse.epochs if cfg.sparse else 0,
         latency_batch_size=cfg.evaluation.latency_batch_size, finetune_workers=finetune_workers,
-        config_json=cfg.model_dump_json(),
+        config_json=cfg.model_dump_json(), base_checkpoint_sha256=cfg.base_checkpoint_sha256,
+        reset_head=cfg.reset_head,
         finetune_seconds=finetune_seconds, **versions(),
     )
     if base:
@@ -190,6 +202,9 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
         row.prune_steps, row.prune_seconds = o.steps, o.seconds
         row.pruned_top1 = prune.pruned_top1
         row.base_latency_ms, row.pruned_latency_ms = prune.base_latency_ms, prune.pruned_latency_ms
+        row.base_latency_iqr_ms, row.pruned_latency_iqr_ms = prune.base_latency_iqr_ms, prune.pruned_latency_iqr_ms
+        row.latency_threads, row.latency_noisy = prune.latency_threads, prune.latency_noisy
+        row.pruned_top1_bn = prune.pruned_top1_bn
         row.latency_speedup = prune.base_latency_ms / prune.pruned_latency_ms
         row.status = o.status
         row.error = None if o.status == "ok" else (
@@ -203,28 +218,30 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
 
 
 def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop) -> ResultRow:
-    """Every stage in this process: what `progprune prune` runs."""
-    started = now()
+    """Every stage in this process: what `progprune prune` runs. A training that diverges
+    ends the combination as failed (no artifact: its weights are not finite)."""
+    started, base, pr, final, ft_seconds, artifact = now(), None, None, None, None, None
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    model, base = base_stage(cfg, splits, device, log)
-    log(f"base: test top-1 {base.top1:.4f} top-5 {base.top5:.4f} ({base.source})")
-    sparse_stage(cfg, model, splits, device, log)
-    pr = prune_stage(cfg, model, splits, device, log)
-    ft_seconds, final = None, None
-    if pr.outcome.status == "ok":
-        ft = finetune_stage(cfg, model, splits, device, log)
-        ft_seconds = ft.seconds
-        final = evaluate(model, splits.test_x, splits.test_y, splits, device)
-    artifact = None
-    if out_dir:
-        artifact = os.path.join(out_dir, "pruned.pt")
-        save_artifact(artifact, model, model_name=cfg.model, num_classes=splits.num_classes,
-                      input_shape=splits.input_shape, history=pr.outcome.history,
-                      meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
+    try:
+        model, base = base_stage(cfg, splits, device, log)
+        log(f"base: test top-1 {base.top1:.4f} top-5 {base.top5:.4f} ({base.source})")
+        sparse_stage(cfg, model, splits, device, log)
+        pr = prune_stage(cfg, model, splits, device, log)
+        if pr.outcome.status == "ok":
+            ft_seconds = finetune_stage(cfg, model, splits, device, log).seconds
+            final = evaluate(model, splits.test_x, splits.test_y, splits, device)
+    except TrainingDiverged as e:
+        error = str(e)
+    else:
+        error = None
+        if out_dir:
+            artifact = os.path.join(out_dir, "pruned.pt")
+            save_artifact(artifact, model, model_name=cfg.model, num_classes=splits.num_classes,
+                          input_shape=splits.input_shape, history=pr.outcome.history,
+                          meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
     row = build_row(cfg, base=base, prune=pr, final=final, finetune_seconds=ft_seconds,
                     device=device_name(torch.device(device)), artifact_uri=artifact, started_at=started,
-                    num_classes=splits.num_classes, finetune_workers=0)
+                    num_classes=splits.num_classes, finetune_workers=0, error=error)
     if out_dir:
         write_rows([row], os.path.join(out_dir, "result.parquet"))
     return row
-

@@ -62,6 +62,13 @@ class ResultRow:
     latency_batch_size: int | None = None
     finetune_workers: int | None = None
     finetune_resumed_from_epoch: int | None = None  # Ray Train restarted from this checkpoint
+    base_latency_iqr_ms: float | None = None  # spread (interquartile range) of the timed runs
+    pruned_latency_iqr_ms: float | None = None
+    latency_threads: int | None = None  # torch CPU threads while timing
+    latency_noisy: bool | None = None  # IQR > 25% of the median (or < 5 runs): do not trust it
+    pruned_top1_bn: float | None = None  # zero-shot, after BatchNorm statistics re-estimated
+    reset_head: bool | None = None  # the checkpoint's classifier was re-initialised
+    base_checkpoint_sha256: str | None = None  # content of the base checkpoint, if one was given
     config_json: str | None = None  # the resolved ComboConfig, so the row can be rerun
 
 

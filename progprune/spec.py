@@ -60,9 +60,31 @@ def load_spec_dict(data: Any, source: str = "<spec>", *, check_paths: bool = Tru
     problems += _registry_problems(data, check_paths)
     if isinstance(data.get("output"), str):
         problems += _output_problems(data["output"])
+    if spec is not None and check_paths:
+        spec, bad = _hash_checkpoints(spec)
+        problems += bad
     if problems:
         raise SpecError(_dedupe(problems), source=source)
     return _resolve_defaults(spec)
+
+
+def _hash_checkpoints(spec: SweepSpec) -> tuple[SweepSpec, list[Problem]]:
+    """Key base checkpoints by content: new weights under an old file name are new work."""
+    import hashlib
+
+    models, problems = [], []
+    for i, m in enumerate(spec.models):
+        if m.checkpoint and os.path.isfile(m.checkpoint):
+            h = hashlib.sha256()
+            with open(m.checkpoint, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            if m.sha256 and m.sha256 != h.hexdigest():
+                problems.append(Problem(f"models[{i}].sha256", f"{m.checkpoint} has content "
+                                        f"{h.hexdigest()}, not {m.sha256}; the file changed"))
+            m = m.model_copy(update={"sha256": h.hexdigest()})
+        models.append(m)
+    return spec.model_copy(update={"models": tuple(models)}), problems
 
 
 def parse_yaml(text: str):

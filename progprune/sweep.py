@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 
-from progprune.artifacts import load_artifact
+from progprune.artifacts import load_base_weights
 from progprune.config import ComboConfig
 from progprune.data import load_dataset
 from progprune.errors import ProgpruneError, SpecError
@@ -50,12 +50,14 @@ def make_plan(spec: SweepSpec, store: Store, force: bool = False,
             continue
         plan.todo.append(cfg)
         key = cfg.base_key()
-        if cfg.base_checkpoint is None and not store.exists(*base_parts(cfg)):
+        # --force retrains what it reruns: a broken stored base must not fail good rows
+        if cfg.base_checkpoint is None and (force or not store.exists(*base_parts(cfg))):
             plan.bases_train.setdefault(key, cfg)
         else:
             plan.bases_reuse.setdefault(key, cfg)
         if needs_sparse(cfg):
-            target = plan.sparse_reuse if store.exists(*sparse_parts(cfg)) else plan.sparse_run
+            stored = not force and store.exists(*sparse_parts(cfg))
+            target = plan.sparse_reuse if stored else plan.sparse_run
             target.setdefault(cfg.sparse_key(), cfg)
     return plan
 
@@ -73,8 +75,8 @@ def preflight(spec: SweepSpec) -> int:
     for i, m in enumerate(spec.models):
         if m.checkpoint:
             try:
-                load_artifact(m.checkpoint, model_name=m.name, num_classes=splits.num_classes,
-                              input_shape=splits.input_shape)
+                load_base_weights(m.checkpoint, m.name, splits.num_classes, splits.input_shape,
+                                  reset_head=m.reset_head)
             except ProgpruneError as e:
                 problems.append(f"models[{i}].checkpoint: {e}")
     if problems:
@@ -103,15 +105,17 @@ def print_plan(plan: Plan, out) -> None:
 
 # ---- run ------------------------------------------------------------------------------
 def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry_run: bool = False,
-        max_concurrent: int | None = None, break_lock: bool = False, console=None) -> int:
+        max_concurrent: int | None = None, break_lock: bool = False, replace_sweep: bool = False,
+        console=None) -> int:
     from rich.console import Console
 
-    if console is None:
-        console = Console(highlight=False)
+    if console is None:  # markup off: user text ('progprune[torchvision]', paths) prints as is
+        console = Console(highlight=False, markup=False)
         if not console.is_terminal:  # job logs: wide enough for the table
-            console = Console(highlight=False, width=160)
+            console = Console(highlight=False, markup=False, width=160)
     out = console.print
     store = Store(spec.output)
+    _check_owner(store, spec, replace_sweep)
     num_classes = preflight(spec)
     if dry_run:
         print_plan(make_plan(spec, store, force), out)
@@ -121,7 +125,7 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
     if address or os.environ.get("RAY_ADDRESS"):
         cluster.probe(address or os.environ["RAY_ADDRESS"])  # before anything is written
     store.check_writable()
-    with store.lock(break_lock=break_lock, on_wait=lambda m: console.print(m, markup=False)) as lease:
+    with store.lock(break_lock=break_lock, on_wait=out) as lease:
         table = _table(store, spec.combinations())
         plan = make_plan(spec, store, force, table.statuses())
         print_plan(plan, out)
@@ -138,6 +142,22 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
         rows = table.flush(force=True)
         _final(rows, store, console)
     return 1 if any(r.status == "failed" for r in rows) or failed else 0
+
+
+def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:
+    """An output belongs to one sweep name: another sweep would replace its table."""
+    if replace or not store.exists("spec.resolved.yaml"):
+        return
+    try:
+        import yaml
+
+        owner = yaml.safe_load(store.read_bytes("spec.resolved.yaml")).get("name")
+    except Exception:  # unreadable: the lock and the rows still protect it
+        return
+    if owner and owner != spec.name:
+        raise ProgpruneError(
+            f"output {store.display()} holds sweep {owner!r}, not {spec.name!r}; choose another "
+            "--output, or pass --replace-sweep to let this sweep take it over", field="output")
 
 
 def _row_line(row: ResultRow) -> str:
@@ -176,6 +196,9 @@ class _Progress:
 
     def row(self, row: ResultRow) -> None:
         self.console.print(_row_line(row), markup=False)
+
+    def note(self, line: str) -> None:
+        self.console.print(line, markup=False)
 
     def close(self, done: int, failed: int, seconds: float) -> None:
         if self.live:

@@ -1,4 +1,3 @@
-import dataclasses
 import shutil
 
 import pytest
@@ -26,12 +25,12 @@ def _check_splits(s: Splits, num_classes: int):
 def test_registry_names():
     assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
     with pytest.raises(ProgpruneError, match="unknown dataset 'mnist'; valid: cifar10, cifar100"):
-        check_dataset(DatasetConfig("mnist"))
+        check_dataset(DatasetConfig(name="mnist"))
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_dataset(DatasetConfig("digits"))
+    return load_dataset(DatasetConfig(name="digits"))
 
 
 def test_digits_split_sizes_stratified_and_fixed(digits):
@@ -44,19 +43,19 @@ def test_digits_split_sizes_stratified_and_fixed(digits):
         assert (torch.bincount(y, minlength=10) - expected).abs().max() <= 1
     assert torch.equal(digits.train_x[:, 0], digits.train_x[:, 2])  # grey replicated to RGB
     assert digits.train_x.max() > 200  # 0..16 scaled to 0..255
-    other_seed = load_dataset(DatasetConfig("digits"), seed=123)  # split ignores the run seed
+    other_seed = load_dataset(DatasetConfig(name="digits"), seed=123)  # split ignores the run seed
     assert torch.equal(other_seed.val_x, digits.val_x) and torch.equal(other_seed.test_y, digits.test_y)
 
 
 def test_digits_num_classes_mismatch():
     with pytest.raises(ProgpruneError, match="dataset.num_classes: digits has 10 classes, got 7"):
-        check_dataset(DatasetConfig("digits", num_classes=7))
-    check_dataset(DatasetConfig("digits", num_classes=10))
+        check_dataset(DatasetConfig(name="digits", num_classes=7))
+    check_dataset(DatasetConfig(name="digits", num_classes=10))
 
 
 def test_cifar10_pickle_layout(tmp_path):
     d = write_cifar10(tmp_path / "c10", per_batch=10, n_test=20)
-    s = load_dataset(DatasetConfig("cifar10", data_dir=str(d)))
+    s = load_dataset(DatasetConfig(name="cifar10", data_dir=str(d)))
     _check_splits(s, 10)
     assert (len(s.train_y), len(s.val_y), len(s.test_y)) == (45, 5, 20)
     assert len(set(s.val_y.tolist())) == 5  # stratified: 5 different classes among 5 held out
@@ -66,12 +65,12 @@ def test_cifar10_pickle_layout(tmp_path):
 
 def test_cifar100_pickle_layout(tmp_path):
     d = write_cifar100(tmp_path / "c100", n_train=60, n_test=20)
-    s = load_dataset(DatasetConfig("cifar100", data_dir=str(d), num_classes=100))
+    s = load_dataset(DatasetConfig(name="cifar100", data_dir=str(d), num_classes=100))
     _check_splits(s, 100)
     assert (len(s.train_y), len(s.val_y), len(s.test_y)) == (54, 6, 20)
     assert not _ids(s.train_x) & _ids(s.val_x)
     with pytest.raises(ProgpruneError, match="cifar100 has 100 classes, got 10"):
-        check_dataset(DatasetConfig("cifar100", data_dir=str(d), num_classes=10))
+        check_dataset(DatasetConfig(name="cifar100", data_dir=str(d), num_classes=10))
 
 
 def test_cifar_missing_files_named(tmp_path):
@@ -79,12 +78,12 @@ def test_cifar_missing_files_named(tmp_path):
     (d / "data_batch_3").unlink()
     (d / "test_batch").unlink()
     with pytest.raises(ProgpruneError) as e:
-        check_dataset(DatasetConfig("cifar10", data_dir=str(d)))
+        check_dataset(DatasetConfig(name="cifar10", data_dir=str(d)))
     assert str(d) in str(e.value) and "data_batch_3, test_batch" in str(e.value)
-    with pytest.raises(ProgpruneError, match="set dataset.data_dir"):
-        load_dataset(DatasetConfig("cifar100"))
+    with pytest.raises(ProgpruneError, match="set its data directory"):
+        load_dataset(DatasetConfig(name="cifar100"))
     with pytest.raises(ProgpruneError, match="is not a directory"):
-        check_dataset(DatasetConfig("cifar100", data_dir=str(tmp_path / "nope")))
+        check_dataset(DatasetConfig(name="cifar100", data_dir=str(tmp_path / "nope")))
 
 
 def test_malicious_pickle_refused(tmp_path):
@@ -92,40 +91,40 @@ def test_malicious_pickle_refused(tmp_path):
     marker = tmp_path / "pwned"
     write_malicious_pickle(d / "data_batch_2", marker)
     with pytest.raises(ProgpruneError, match=r"data_batch_2: not a CIFAR python-pickle .*system is not allowed"):
-        load_dataset(DatasetConfig("cifar10", data_dir=str(d)))
+        load_dataset(DatasetConfig(name="cifar10", data_dir=str(d)))
     assert not marker.exists()
 
 
 def test_imagefolder(tmp_path):
     d = write_imagefolder(tmp_path / "f", n_train=4, n_val=2)
-    s = load_dataset(DatasetConfig("imagefolder", data_dir=str(d), image_size=16))
+    s = load_dataset(DatasetConfig(name="imagefolder", data_dir=str(d), image_size=16))
     _check_splits(s, 3)
     assert s.input_shape == (3, 16, 16)
     assert (len(s.train_y), len(s.val_y)) == (12, 6)
     assert torch.equal(s.test_x, s.val_x)  # no test/ -> val
     assert s.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # classes sorted: cat, dog, frog
     write_imagefolder(tmp_path / "g", n_train=2, n_val=1, n_test=3)
-    s = load_dataset(DatasetConfig("imagefolder", data_dir=str(tmp_path / "g"), image_size=8))
+    s = load_dataset(DatasetConfig(name="imagefolder", data_dir=str(tmp_path / "g"), image_size=8))
     assert len(s.test_y) == 9 and s.train_x.shape[1:] == (3, 8, 8)
 
 
 def test_imagefolder_errors(tmp_path):
     d = write_imagefolder(tmp_path / "f")
     with pytest.raises(ProgpruneError, match="imagefolder has 3 classes, got 5"):
-        check_dataset(DatasetConfig("imagefolder", data_dir=str(d), num_classes=5))
+        check_dataset(DatasetConfig(name="imagefolder", data_dir=str(d), num_classes=5))
     shutil.rmtree(d / "val")
     with pytest.raises(ProgpruneError, match=f"{d / 'val'} is missing"):
-        check_dataset(DatasetConfig("imagefolder", data_dir=str(d)))
+        check_dataset(DatasetConfig(name="imagefolder", data_dir=str(d)))
 
 
 def test_synthetic_seeded():
-    cfg = DatasetConfig("synthetic", num_classes=4, image_size=12, synthetic_samples=40)
+    cfg = DatasetConfig(name="synthetic", num_classes=4, image_size=12, synthetic_samples=40)
     a, b, c = load_dataset(cfg, seed=1), load_dataset(cfg, seed=1), load_dataset(cfg, seed=2)
     _check_splits(a, 4)
     assert a.input_shape == (3, 12, 12) and (len(a.train_y), len(a.val_y)) == (40, 10)
     assert torch.equal(a.train_x, b.train_x) and not torch.equal(a.train_x, c.train_x)
     with pytest.raises(ProgpruneError, match="dataset.synthetic_samples"):
-        check_dataset(dataclasses.replace(cfg, synthetic_samples=0))
+        check_dataset(cfg.model_copy(update={"synthetic_samples": 0}))  # past the schema
 
 
 def test_batches_normalize_and_augment(digits):
@@ -194,3 +193,28 @@ def test_batches_drop_last():
     y = torch.arange(10)
     assert [len(b) for _, b in batches(x, y, 4, mean=(0,), std=(1,))] == [4, 4, 2]
     assert [len(b) for _, b in batches(x, y, 4, mean=(0,), std=(1,), drop_last=True)] == [4, 4]
+
+
+def test_degenerate_image_folders_are_refused(tmp_path):
+    """Issue 14 #13: one class, or a val/test split lacking classes, would report a top-1
+    that means nothing."""
+    from PIL import Image
+
+    from progprune.config import DatasetConfig
+    from progprune.data import check_dataset
+    from progprune.errors import ProgpruneError
+
+    def folder(root, layout):
+        for split, classes in layout.items():
+            for c in classes:
+                (root / split / c).mkdir(parents=True)
+                Image.new("RGB", (8, 8)).save(root / split / c / "a.png")
+        return root
+
+    one = folder(tmp_path / "one", {"train": ["a"], "val": ["a"]})
+    with pytest.raises(ProgpruneError, match="1 class folder; classification needs at least 2"):
+        check_dataset(DatasetConfig(name="imagefolder", data_dir=str(one)))
+    lacking = folder(tmp_path / "lack", {"train": ["a", "b", "c"], "val": ["a", "b", "c"], "test": ["a"]})
+    with pytest.raises(ProgpruneError, match=r"test lacks classes of train/: b, c") as e:
+        check_dataset(DatasetConfig(name="imagefolder", data_dir=str(lacking)))
+    assert e.value.field == "dataset.data_dir"

@@ -477,3 +477,22 @@ def test_no_credentials_in_logs_rows_or_reports(embedded):
         else:
             blob = p.read_bytes()
         assert not any(s in blob for s in secrets_), p
+
+
+def test_force_never_replaces_ok_rows_with_failures(cluster, tmp_path):
+    """Issue 14 #2: `--force` retrains what it reruns (a broken stored base is replaced,
+    not loaded), and a rerun that fails keeps the finished row and says so."""
+    spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[1.5])
+    out = tmp_path / "out"
+    assert progprune("sweep", spec, "--address", cluster.address).returncode == 0
+    (base,) = (out / "bases").glob("*.pt")
+    base.write_bytes(b"garbage")  # a broken stored base
+    r = progprune("sweep", spec, "--address", cluster.address, "--force")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (_one_row_each(out, spec).status == "ok").all()
+    before = (out / "rows").glob("*.parquet").__next__().read_bytes()
+    r = progprune("sweep", spec, "--address", cluster.address, "--force",
+                  env=_env(PROGPRUNE_FAULT="raise:prune:resnet20:1.5"))
+    assert r.returncode == 1 and "kept the earlier ok row" in r.stdout, r.stdout[-3000:]
+    assert (_one_row_each(out, spec).status == "ok").all()
+    assert (out / "rows").glob("*.parquet").__next__().read_bytes() == before

@@ -118,3 +118,51 @@ def test_bad_address_writes_nothing(tmp_path):
     r = cli("sweep", spec, "--address", "127.0.0.1:9")
     assert r.returncode == 2 and "no Ray cluster answers" in r.stderr
     assert not out.exists()
+
+
+def test_an_output_belongs_to_one_sweep(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spec.resolved.yaml").write_text("name: sweep-a\n")
+    spec = tmp_path / "b.yaml"
+    spec.write_text(f"name: sweep-b\nmodels: [resnet20]\nspeedups: [2]\noutput: {out}\n")
+    r = cli("sweep", spec, "--dry-run")
+    assert r.returncode == 2 and "holds sweep 'sweep-a', not 'sweep-b'" in r.stderr
+    assert "--replace-sweep" in r.stderr and sorted(p.name for p in out.iterdir()) == ["spec.resolved.yaml"]
+    assert cli("sweep", spec, "--dry-run", "--replace-sweep").returncode == 0
+    (out / "spec.resolved.yaml").write_text("name: sweep-b\n")  # the same sweep, edited grid: fine
+    assert cli("sweep", spec, "--dry-run").returncode == 0
+
+
+def test_report_to_an_unwritable_place_is_one_line(tmp_path):
+    from progprune.results import ResultRow, write_rows
+
+    write_rows([ResultRow(combo_id="x", sweep="s", model="resnet20", dataset="digits", method="l1",
+                          seed=0, target_speedup=2.0)], tmp_path / "results.parquet")
+    r = cli("report", tmp_path / "results.parquet", "--format", "html", "--output", "/proc/nope/x")
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot write the report to /proc/nope/x")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoints_are_keyed_by_content(tmp_path):
+    import torch
+
+    from progprune.models import build_model
+
+    ck = tmp_path / "base.pt"
+    d = {"name": "t", "models": [{"name": "resnet20", "checkpoint": str(ck)}], "speedups": [2]}
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 10).state_dict(), ck)
+    first = load_spec_dict(d)
+    torch.manual_seed(1)
+    torch.save(build_model("resnet20", 10).state_dict(), ck)  # new weights, same file name
+    second = load_spec_dict(d)
+    (a,), (b,) = first.combinations(), second.combinations()
+    assert a.base_checkpoint == b.base_checkpoint and a.combo_id() != b.combo_id()
+    assert len(b.base_checkpoint_sha256) == 64 and b.base_key() != a.base_key()
+    # the resolved spec pins the content: a later change of the file is refused
+    pinned = first.to_dict()
+    from progprune.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"models\[0\]\.sha256: .* the file changed"):
+        load_spec_dict(pinned)

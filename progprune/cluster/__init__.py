@@ -79,7 +79,7 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
 
     bases, sparse = {}, {}
     for key, cfg in plan.bases_train.items():
-        bases[key] = base_task.options(**task_opts, max_retries=2).remote(cfg, store.uri)
+        bases[key] = base_task.options(**task_opts, max_retries=2).remote(cfg, store.uri, retrain=True)
     for key, cfg in plan.bases_reuse.items():  # loading a stored/checkpoint base is cheap
         bases[key] = base_task.options(num_cpus=res.cpus_per_task, max_retries=2).remote(cfg, store.uri)
 
@@ -88,7 +88,7 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
             key = cfg.sparse_key()
             if key not in sparse:
                 sparse[key] = sparse_task.options(**task_opts, max_retries=2).remote(
-                    cfg, store.uri, bases[cfg.base_key()])
+                    cfg, store.uri, bases[cfg.base_key()], retrain=key in plan.sparse_run)
             return sparse[key]
         return bases[cfg.base_key()]
 
@@ -112,6 +112,13 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
                 row = ResultRow(**ray.get(ref))
             except Exception as e:  # the combination failed: record it and go on
                 row = build_row(cfg, error=_one_line(e), started_at=None, num_classes=num_classes)
+                kept = table.statuses().get(row.combo_id)
+                if kept in ("ok", "unreachable"):  # never replace a finished row with a failure
+                    progress.note(f"kept the earlier {kept} row of {cfg.model} {cfg.method} "
+                                  f"{cfg.target_speedup}x seed {cfg.seed}; this rerun failed: {row.error}")
+                    failed += 1
+                    done += 1
+                    continue
                 write_fragment(store, row)
             if row.status == "failed":
                 failed += 1

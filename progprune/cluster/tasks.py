@@ -73,11 +73,12 @@ def _load(store: Store, cfg: ComboConfig, splits, parts: tuple):
 
 # ---- tasks ----------------------------------------------------------------------------
 @ray.remote
-def base_task(cfg: ComboConfig, store_uri: str) -> dict:
-    """Train (or load) the base model once per (model, dataset, seed) and store it."""
+def base_task(cfg: ComboConfig, store_uri: str, retrain: bool = False) -> dict:
+    """Train (or load) the base model once per (model, dataset, seed) and store it.
+    `retrain` (the plan found none, or --force) ignores a stored file from an earlier run."""
     store = Store(store_uri)
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    if store.exists(*base_parts(cfg)):  # a retry after the file landed
+    if store.exists(*base_parts(cfg)) and not retrain:
         _, info = _load(store, cfg, splits, base_parts(cfg))
         return info["meta"]
     device = pick_device()
@@ -88,11 +89,11 @@ def base_task(cfg: ComboConfig, store_uri: str) -> dict:
 
 
 @ray.remote
-def sparse_task(cfg: ComboConfig, store_uri: str, base_meta: dict) -> dict:
+def sparse_task(cfg: ComboConfig, store_uri: str, base_meta: dict, retrain: bool = False) -> dict:
     """Sparse learning once per (base, method, settings), stored for every speedup."""
     store = Store(store_uri)
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    if not store.exists(*sparse_parts(cfg)):
+    if retrain or not store.exists(*sparse_parts(cfg)):
         model, _ = _load(store, cfg, splits, base_parts(cfg))
         sparse_stage(cfg, model, splits, pick_device(), _logger(cfg))
         _save(store, model, cfg, splits, sparse_parts(cfg), meta={"base": base_meta})
@@ -216,7 +217,7 @@ def _train_loop(config: dict) -> None:
     if rank == 0:
         final["final_top1"], final["final_top5"] = evaluate(model, splits.test_x, splits.test_y, splits, device)
         final["artifact"] = _save(store, model, cfg, splits, ("combos", cfg.combo_id(), "final.pt"),
-                                  history=info["pruning_history"], meta={"combo_id": cfg.combo_id()})
+                                  history=None, meta={"combo_id": cfg.combo_id()})  # the model carries its history
         # the coordinator reads this file: a Result's metrics follow checkpoints, not reports
         store.write_bytes(json.dumps(final).encode(), "combos", cfg.combo_id(), "final.json")
 

@@ -125,8 +125,12 @@ def _atomic_dir(out_dir: str):
     """Yield a temp dir beside `out_dir`; on success it takes `out_dir`'s place (the old
     report is moved aside first and deleted after), on failure it is removed."""
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    except OSError as e:
+        raise ProgpruneError(f"cannot write the report to {out_dir}: {e.strerror or e}; "
+                             "pass a writable --out") from None
     try:
         umask = os.umask(0)
         os.umask(umask)

@@ -5,12 +5,11 @@ import sys
 
 import click
 
-from progprune.errors import ProgpruneError
 
 
 @click.command("report")
 @click.argument("results")
-@click.option("--out", "out_dir", metavar="DIR", default=None,
+@click.option("--output", "--out", "out_dir", metavar="DIR", default=None,
               help="Report directory (default: <dir of results.parquet>/report; ./report for "
                    "s3:// and gs:// results).")
 @click.option("--format", "fmt", type=click.Choice(["md", "html"]), default="md",
@@ -24,9 +23,5 @@ def report_command(results: str, out_dir: str | None, fmt: str) -> None:
 
     # piped output (CI logs, files) gets wide tables rather than rich's 80-column default
     console = Console(width=None if sys.stdout.isatty() else 200)
-    try:
-        out = build_report(results, out_dir=out_dir, fmt=fmt, console=console)
-    except ProgpruneError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    out = build_report(results, out_dir=out_dir, fmt=fmt, console=console)  # errors: cli._Cli
     click.echo(f"report: {out['report']}")
