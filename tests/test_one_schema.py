@@ -166,3 +166,40 @@ def test_checkpoints_are_keyed_by_content(tmp_path):
 
     with pytest.raises(SpecError, match=r"models\[0\]\.sha256: .* the file changed"):
         load_spec_dict(pinned)
+
+
+def test_pruning_in_rounds_reloads(tmp_path):
+    """Issue 14 #1: a pruned artifact is a valid base; the second round's artifact reloads
+    (histories compose) and its row carries the latency spread and the thread count."""
+    import progprune
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.2", *FAST, "--output", a)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.3", *FAST, "--checkpoint", a / "pruned.pt",
+            "--output", b, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["achieved_speedup"] >= 1.3 and row["latency_threads"] >= 1
+    assert row["base_latency_iqr_ms"] >= 0 and isinstance(row["latency_noisy"], bool)
+    assert row["base_checkpoint_sha256"] and 0 <= row["pruned_top1_bn"] <= 1
+    first, second = progprune.load_pruned(a / "pruned.pt"), progprune.load_pruned(b / "pruned.pt")
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(second) < n(first)
+    import torch
+
+    assert second(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_user_text_keeps_its_brackets():
+    """Issue 14 #11: rich must not eat '[torchvision]' out of an error."""
+    from rich.console import Console
+
+    from progprune.results import ResultRow
+    from progprune.sweep import _Progress
+
+    console = Console(record=True, markup=False, width=200, force_terminal=False)
+    row = ResultRow(combo_id="x", sweep="s", model="tv:resnet18", dataset="digits", method="l1", seed=0,
+                    target_speedup=2.0, error="run pip install 'progprune[torchvision]'")
+    _Progress(console, 1).row(row)
+    assert "'progprune[torchvision]'" in console.export_text()
