@@ -27,7 +27,10 @@ def free_ports(n: int) -> list[int]:
 
 
 class LocalRay:
-    def __init__(self, num_cpus: int = 2, num_gpus: int = 0, env: dict | None = None):
+    def __init__(self, num_cpus: int = 2, num_gpus: int = 0, env: dict | None = None,
+                 bin_dir: Path | str | None = None):
+        """`bin_dir`: the bin/ of the Python environment whose `ray` starts the cluster (default:
+        this interpreter's). `env` entries whose value is None are removed from the environment."""
         # short path: Ray's unix sockets live under the temp dir (108-byte limit)
         self.temp_dir = tempfile.mkdtemp(prefix="pp-ray-", dir="/tmp")
         (self.gcs_port, self.dash_port, self.client_port, self.nm_port, self.om_port,
@@ -42,7 +45,9 @@ class LocalRay:
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         # auth is explicit: a token file left in ~/.ray by any embedded ray.init() would
         # otherwise switch token auth on for `ray start` too
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+        self.bin_dir = Path(bin_dir) if bin_dir is not None else BIN
+        merged = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+        self.env = {k: v for k, v in merged.items() if v is not None}
         self.env.pop("RAY_ADDRESS", None)
 
     @property
@@ -54,7 +59,7 @@ class LocalRay:
         return f"http://127.0.0.1:{self.dash_port}"
 
     def start(self) -> "LocalRay":
-        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+        cmd = [str(self.bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
                f"--ray-client-server-port={self.client_port}", f"--node-manager-port={self.nm_port}",
                f"--object-manager-port={self.om_port}", f"--dashboard-agent-listen-port={self.agent_port}",
