@@ -7,6 +7,7 @@ Resume is by construction: every finished combination leaves `rows/<combo_id>.pa
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 
@@ -173,6 +174,7 @@ class _Progress:
 
     def __init__(self, console, total: int):
         self.console, self.total, self.live = console, total, None
+        self.t0 = time.monotonic()
         if console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -182,12 +184,12 @@ class _Progress:
             self.live.start()
         self.last = ""
 
-    def update(self, done, failed, running, durations, conc, pending):
-        eta = "?"
-        if durations:
-            mean = sum(durations) / len(durations)
-            eta = f"{mean * (pending + running) / max(conc, 1):.0f}s"
-        text = f"{done}/{self.total} done, {failed} failed, {running} running, ETA {eta}"
+    def update(self, done: int, failed: int, running: int, queued: int):
+        """One status line; ETA from the throughput so far (rows per second)."""
+        elapsed = time.monotonic() - self.t0
+        eta = f"{elapsed / done * (self.total - done):.0f}s" if done else "?"
+        text = (f"{done}/{self.total} done, {failed} failed, {running} fine-tuning, {queued} queued, "
+                f"ETA {eta}")
         if self.live:
             self.live.update(self.task, completed=done, description=text)
         elif text != self.last:

@@ -92,22 +92,27 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
             return sparse[key]
         return bases[cfg.base_key()]
 
-    pending = list(plan.todo)
-    running: dict = {}  # final ref -> (cfg, t0)
-    done = failed = 0
+    # Every prune task is queued at once, so an autoscaling cluster sees the whole demand
+    # and grows to it; `max_concurrent` bounds only the Ray Train runs in flight (each
+    # costs head memory, ray #65443). In-task fine-tuning (num_workers 0) has no Train run.
     t_start = time.perf_counter()
-    durations = []
-    while pending or running:
-        while pending and len(running) < max_concurrent:
-            cfg = pending.pop(0)
-            p = prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg), fault, inline)
-            f = finetune_task.options(max_retries=1).remote(cfg, store.uri, p, ft, fault)
-            running[f] = (cfg, time.perf_counter())
-        progress.update(done, failed, len(running), durations, max_concurrent, len(pending))
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+    prunes = {prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg), fault, inline):
+              (cfg, t_start) for cfg in plan.todo}
+    pruned: list = []  # (prune ref, cfg, t0) waiting for a Train slot
+    running: dict = {}  # coordinator ref -> (cfg, t0)
+    done = failed = 0
+    while prunes or pruned or running:
+        while pruned and (inline or len(running) < max_concurrent):
+            p, cfg, t0 = pruned.pop(0)
+            running[finetune_task.options(max_retries=1).remote(cfg, store.uri, p, ft, fault)] = (cfg, t0)
+        progress.update(done, failed, len(running), len(prunes) + len(pruned))
+        ready, _ = ray.wait([*running, *prunes], num_returns=1, timeout=2.0)
         for ref in ready:
-            cfg, t0 = running.pop(ref)
-            durations.append(time.perf_counter() - t0)
+            if ref in prunes:  # its coordinator reports a failed prune as the combination's row
+                cfg, t0 = prunes.pop(ref)
+                pruned.append((ref, cfg, t0))
+                continue
+            cfg, _ = running.pop(ref)
             try:
                 row = ResultRow(**ray.get(ref))
             except Exception as e:  # the combination failed: record it and go on
