@@ -17,7 +17,21 @@ from progprune.errors import Problem, ProgpruneError, SpecError
 
 
 class _Cli(click.Group):
-    """The one place where errors become a line on stderr and an exit code."""
+    """The one place where errors become a line on stderr and an exit code. Commands with
+    heavy imports load when used (`prune` runs where pandas is absent)."""
+
+    lazy = {"report": ("progprune.report", "report_command")}
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def main(self, args=None, prog_name=None, **extra):
         try:
@@ -270,14 +284,6 @@ def sweep_cmd(spec_path, address, output, dry_run, force, max_concurrent, break_
     return run(spec, address=address, force=force, dry_run=dry_run, max_concurrent=max_concurrent,
                break_lock=break_lock, replace_sweep=replace_sweep)
 
-
-def _register_report():
-    from progprune.report import report_command
-
-    main.add_command(report_command)
-
-
-_register_report()
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ Everything here is a thin wrapper around `progprune.pipeline`; what passes betwe
 tasks is small dicts, and the models themselves go through the output store. Task
 output reaches the job log one line per epoch, prefixed with its combination.
 
-GPU deadlock (REFERENCE.md 2): a task that holds a GPU and waits for a TorchTrainer
+GPU deadlock (ray-project/ray#5790, #32856): a task that holds a GPU and waits for a TorchTrainer
 needing another GPU can starve forever. So the prune task, which holds the GPU, ends
 before fine-tuning starts; the fine-tune coordinator holds no CPU and no GPU while
 `fit()` runs, and only the Train workers hold devices.
