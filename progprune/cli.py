@@ -89,6 +89,7 @@ _FLAGS = [
     ("--data-dir", ["dataset.data_dir"], str, "dataset directory (cifar10/100, imagefolder); never downloads"),
     ("--num-classes", ["dataset.num_classes"], int, "synthetic: class count; others: checked against the data"),
     ("--image-size", ["dataset.image_size"], int, "imagefolder/synthetic: square input side in pixels"),
+    ("--test-split", ["dataset.test_split"], str, "imagefolder: test, or val (only when you mean it)"),
     ("--checkpoint", ["models[0].checkpoint"], str, "base model (progprune artifact); else it is trained"),
     ("--reset-head/--keep-head", ["models[0].reset_head"], bool,
      "re-initialise the checkpoint's classifier when its class count differs from the data"),

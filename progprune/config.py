@@ -85,6 +85,9 @@ class DatasetConfig(_Node):
     num_classes: Opt(Int(1, 100_000)) = None  # synthetic: the class count; others: checked
     image_size: Int(1, 4096) = 32  # imagefolder/synthetic: square side in pixels
     synthetic_samples: Int(1, 1_000_000) = 512  # synthetic: train samples (val/test: 1/4 each)
+    # imagefolder: the split test accuracy is reported on; "val" only when you mean it (val
+    # also picks the best epoch, so its accuracy is optimistic)
+    test_split: Literal["test", "val"] = "test"
 
 
 class TrainConfig(_Node):

@@ -339,6 +339,9 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
     _check_num_classes(cfg, len(classes))
     if cfg.image_size < 1:
         raise ProgpruneError(f"must be >= 1, got {cfg.image_size}", field="dataset.image_size")
+    if cfg.test_split == "test" and not (root / "test").is_dir():
+        raise ProgpruneError(f"{root / 'test'} is missing; add a test/ split, or set the test split to "
+                             "val to report accuracy on the validation images", field="dataset.data_dir")
 
 
 def _read_folder(split_dir: Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,7 +373,7 @@ def _load_imagefolder(cfg: DatasetConfig, seed: int) -> Splits:
     s = cfg.image_size
     train_x, train_y = _read_folder(root / "train", classes, s)
     val_x, val_y = _read_folder(root / "val", classes, s)
-    test_x, test_y = _read_folder(root / "test", classes, s) if (root / "test").is_dir() else (val_x, val_y)
+    test_x, test_y = _read_folder(root / "test", classes, s) if cfg.test_split == "test" else (val_x, val_y)
     mean, std = _mean_std(train_x)
     return Splits("imagefolder", len(classes), (3, s, s), train_x, train_y, val_x, val_y,
                   test_x, test_y, mean, std)
