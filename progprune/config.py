@@ -14,7 +14,7 @@ import json
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      StrictBool, StrictInt, StrictStr)
+                      StrictBool, StrictInt, StrictStr, model_validator)
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seed range
@@ -105,10 +105,20 @@ class TrainConfig(_Node):
 
 
 class FinetuneConfig(TrainConfig):
+    """batch_size is the global batch: with several Ray Train workers each takes its share,
+    so the recipe (batch and learning rate) does not change with the worker count."""
+
     epochs: Int(0, 10_000) = 10
     num_workers: Int(0, 1024) = 1  # Ray Train workers; 0 = train inside the prune task
     use_gpu: Bool = False
     max_failures: Int(0, 100) = 1  # Ray Train worker restarts before the combination fails
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self):
+        if self.num_workers > 1 and self.batch_size % self.num_workers:
+            raise _bad(f"batch_size {self.batch_size} (the global batch) must be a multiple of "
+                       f"num_workers {self.num_workers}")
+        return self
 
 
 class SparseConfig(_Node):

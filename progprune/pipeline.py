@@ -189,7 +189,7 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
         sparse_epochs=cfg.sparse.epochs if cfg.sparse else 0,
         latency_batch_size=cfg.evaluation.latency_batch_size, finetune_workers=finetune_workers,
         config_json=cfg.model_dump_json(), base_checkpoint_sha256=cfg.base_checkpoint_sha256,
-        reset_head=cfg.reset_head,
+        reset_head=cfg.reset_head, finetune_global_batch=cfg.finetune.batch_size,
         finetune_seconds=finetune_seconds, **versions(),
     )
     if base:

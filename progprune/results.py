@@ -61,6 +61,7 @@ class ResultRow:
     sparse_epochs: int | None = None
     latency_batch_size: int | None = None
     finetune_workers: int | None = None
+    finetune_global_batch: int | None = None  # split across the Train workers, recipe unchanged
     finetune_resumed_from_epoch: int | None = None  # Ray Train restarted from this checkpoint
     base_latency_iqr_ms: float | None = None  # spread (interquartile range) of the timed runs
     pruned_latency_iqr_ms: float | None = None

@@ -206,7 +206,8 @@ def _problem(err: dict) -> Problem:
     if kind == "missing":
         return Problem(path, "required field missing")
     if kind == "progprune":
-        got = "" if "duplicate" in err["msg"] or "empty" in err["msg"] else f", got {_show(err['input'])}"
+        plain = "duplicate" in err["msg"] or "empty" in err["msg"] or isinstance(err["input"], dict)
+        got = "" if plain else f", got {_show(err['input'])}"
         return Problem(path, err["msg"] + got)
     return Problem(path, f"must be {_describe(loc)}, got {_show(err['input'])}")
 

@@ -432,3 +432,9 @@ def test_mutated_valid_specs_raise_only_spec_error(data):
         else:
             node[key] = data.draw(_values)
     _check(d)
+
+
+def test_finetune_batch_is_global_and_must_split_evenly():
+    msgs = problems(spec_with(finetune={"batch_size": 64, "num_workers": 3}))
+    assert msgs == ["finetune: batch_size 64 (the global batch) must be a multiple of num_workers 3"]
+    assert load_spec_dict(spec_with(finetune={"batch_size": 64, "num_workers": 4})).finetune.batch_size == 64
