@@ -34,6 +34,7 @@ class _Cli(click.Group):
         return super().get_command(ctx, name)
 
     def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)  # always: errors are mapped here
         try:
             rv = super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:

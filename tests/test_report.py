@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from progprune.errors import ProgpruneError
-from progprune.report import build_report, report_command
+from progprune.cli import main
+from progprune.report import build_report
 from progprune.results import ResultRow, write_rows
 
 MODELS = ("resnet20", "vgg11")
@@ -184,7 +185,7 @@ def test_html_is_self_contained(report):
 # ---- CLI -------------------------------------------------------------------------------------
 def test_cli_prints_table_problems_and_report_path(sweep_dir, tmp_path):
     out = tmp_path / "rep"
-    result = CliRunner().invoke(report_command, [str(sweep_dir), "--out", str(out)])
+    result = CliRunner().invoke(main, ["report", str(sweep_dir), "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert f"report: {out / 'report.md'}" in text
@@ -232,14 +233,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, make, mess
     src = make(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "out"
-    result = CliRunner().invoke(report_command, [str(src), "--out", str(out)])
+    result = CliRunner().invoke(main, ["report", str(src), "--out", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert "Traceback" not in result.output and result.stdout == ""
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
     # default out dir too: nothing appears next to the bad file
-    assert CliRunner().invoke(report_command, [str(src)]).exit_code == 2
+    assert CliRunner().invoke(main, ["report", str(src)]).exit_code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     with pytest.raises(ProgpruneError, match=message):
         build_report(str(src))
@@ -247,7 +248,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, make, mess
 
 def test_bad_input_in_a_real_subprocess_has_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "progprune.report", str(_missing_columns(tmp_path))],
+        [sys.executable, "-m", "progprune", "report", str(_missing_columns(tmp_path))],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
@@ -257,7 +258,7 @@ def test_bad_input_in_a_real_subprocess_has_no_traceback(tmp_path):
 
 def test_empty_table_reports_empty(tmp_path):
     write_rows([], tmp_path / "results.parquet")
-    result = CliRunner().invoke(report_command, [str(tmp_path)])
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "empty" in result.stdout
     md = _read(tmp_path / "report" / "report.md")
@@ -311,6 +312,6 @@ def test_rerun_replaces_the_report_and_failure_keeps_the_old_one(sweep_dir, monk
 
 
 def test_refuses_to_replace_a_directory_that_is_not_a_report(sweep_dir):
-    result = CliRunner().invoke(report_command, [str(sweep_dir), "--out", str(sweep_dir)])
+    result = CliRunner().invoke(main, ["report", str(sweep_dir), "--out", str(sweep_dir)])
     assert result.exit_code == 2 and "refusing to replace" in result.stderr
     assert sorted(os.listdir(sweep_dir)) == ["results.parquet"]

@@ -9,8 +9,8 @@ import pandas as pd
 GROUP = ["dataset", "model", "method", "target_speedup"]
 PANEL = ["dataset", "model"]
 METRICS = (  # aggregated as <name>_mean / <name>_std over the ok seeds of a group
-    "achieved_speedup", "compression_ratio", "base_top1", "pruned_top1", "final_top1",
-    "latency_speedup",
+    "achieved_speedup", "compression_ratio", "base_top1", "pruned_top1", "pruned_top1_bn",
+    "final_top1", "latency_speedup",
 )
 _NUMERIC = METRICS + (
     "target_speedup", "base_macs", "pruned_macs", "base_params", "pruned_params",
