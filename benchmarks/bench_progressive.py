@@ -5,7 +5,8 @@ schedule, pruning_ratio=1.0, 400 steps by default) to each target speedup. The r
 is Torch-Pruning's `reproduce/main.py::progressive_pruning`, reimplemented literally below:
 `pruner.step()`, then `tp.utils.count_ops_and_params` (deep copy + forward) after every
 step, stop at the first step that reaches the target or at the step cap. progprune's loop
-is `progprune.pruning.progressive_prune`.
+is `progprune.pruning.progressive_prune` with its default `crossing="fine"`; the last
+column says how it cut its last step (`whole`/`prefix`/`subset`, channels pruned/selected).
 
 Timing covers the loop only (pruner construction, i.e. DepGraph tracing, is the same for
 both and excluded), in one process, with the order of the two alternating per repeat and
@@ -22,10 +23,12 @@ import platform
 import statistics
 import time
 
+from types import SimpleNamespace
+
 import torch
+import torch.nn as nn
 import torch_pruning as tp
 
-from progprune.config import PruneConfig
 from progprune.models import build_model, example_inputs
 from progprune.pruning import make_pruner, progressive_prune
 
@@ -48,16 +51,22 @@ def reference_loop(pruner, model, speed_up, example_inputs):
     return current_speed_up
 
 
-def _setup(model_name, seed, steps, global_pruning):
+def _setup(model_name, seed, steps, global_pruning, bn_spread=False):
     torch.manual_seed(seed)
     model = build_model(model_name, NUM_CLASSES).eval()
+    if bn_spread:  # BN scales spread out as training leaves them (a fresh init has all 1.0)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.uniform_(0.2, 1.5)
     ex = example_inputs()
-    cfg = PruneConfig(method="group_norm", global_pruning=global_pruning, iterative_steps=steps)
+    cfg = SimpleNamespace(method="group_norm", global_pruning=global_pruning, iterative_steps=steps,
+                          max_pruning_ratio=1.0, round_to=None)
     return model, ex, make_pruner(model, ex, cfg, NUM_CLASSES)
 
 
-def run_reference(model_name, target, seed, steps, global_pruning):
-    model, ex, pruner = _setup(model_name, seed, steps, global_pruning)
+def run_reference(model_name, target, seed, steps, global_pruning, bn_spread=False):
+    model, ex, pruner = _setup(model_name, seed, steps, global_pruning, bn_spread)
     t0 = time.perf_counter()
     with torch.enable_grad():
         achieved = reference_loop(pruner, model, target, ex)
@@ -65,12 +74,13 @@ def run_reference(model_name, target, seed, steps, global_pruning):
     return {"achieved": achieved, "steps": pruner.current_step, "seconds": seconds}
 
 
-def run_progprune(model_name, target, seed, steps, global_pruning):
-    model, ex, pruner = _setup(model_name, seed, steps, global_pruning)
+def run_progprune(model_name, target, seed, steps, global_pruning, bn_spread=False):
+    model, ex, pruner = _setup(model_name, seed, steps, global_pruning, bn_spread)
     t0 = time.perf_counter()
-    out = progressive_prune(model, pruner, ex, target)
+    out = progressive_prune(model, pruner, ex, target)  # crossing="fine", the default
     seconds = time.perf_counter() - t0
-    return {"achieved": out.achieved_speedup, "steps": out.steps, "seconds": seconds, "status": out.status}
+    return {"achieved": out.achieved_speedup, "steps": out.steps, "seconds": seconds, "status": out.status,
+            "cut": f"{out.crossing_cut} {out.crossing_channels[0]}/{out.crossing_channels[1]}"}
 
 
 def main(argv=None):
@@ -82,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--local", action="store_true", help="local instead of global pruning")
+    ap.add_argument("--bn-spread", action="store_true", help="BN scales uniform in [0.2, 1.5] (as trained)")
     ap.add_argument("--quick", action="store_true", help="resnet20, target 2 only (smoke check)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -91,9 +102,10 @@ def main(argv=None):
     print(f"setup: {cpu_name()}, {torch.get_num_threads()} torch thread(s); python {platform.python_version()}, "
           f"torch {torch.__version__}, torch-pruning {md.version('torch-pruning')}; {args.model} "
           f"({NUM_CLASSES} classes, 1x3x32x32), group_norm {'local' if args.local else 'global'}, "
-          f"{args.steps} steps, seed {args.seed}, median of {args.repeats}")
+          f"{args.steps} steps, seed {args.seed}{', BN scales spread' if args.bn_spread else ''}, "
+          f"median of {args.repeats}")
     header = (f"{'target':>6} | {'steps ref':>9} {'steps pp':>8} | {'achieved ref':>12} {'achieved pp':>11} | "
-              f"{'over ref %':>10} {'over pp %':>9} | {'s ref':>7} {'s pp':>7} | {'pp/ref':>6}")
+              f"{'over ref %':>10} {'over pp %':>9} | {'s ref':>7} {'s pp':>7} | {'pp/ref':>6} | last step pp")
     print(header)
     print("-" * len(header))
     ratios = {}
@@ -101,7 +113,7 @@ def main(argv=None):
         refs, pps = [], []
         for r in range(args.repeats):
             kw = dict(model_name=args.model, target=target, seed=args.seed, steps=args.steps,
-                      global_pruning=not args.local)
+                      global_pruning=not args.local, bn_spread=args.bn_spread)
             if (i + r) % 2 == 0:  # alternate who runs first, so drift falls on both
                 refs.append(run_reference(**kw))
                 pps.append(run_progprune(**kw))
@@ -116,7 +128,7 @@ def main(argv=None):
         print(f"{target:>6g} | {ref['steps']:>9d} {pp['steps']:>8d} | {ref['achieved']:>12.4f} "
               f"{pp['achieved']:>11.4f} | {100 * (ref['achieved'] / target - 1):>10.3f} "
               f"{100 * (pp['achieved'] / target - 1):>9.3f} | {s_ref:>7.2f} {s_pp:>7.2f} | "
-              f"{ratios[target]:>6.2f}{flag}", flush=True)
+              f"{ratios[target]:>6.2f} | {pp['cut']}{flag}", flush=True)
     return ratios
 
 

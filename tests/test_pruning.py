@@ -1,17 +1,25 @@
 """progressive_prune lands at or just above the target, on every model kind and method."""
+import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from progprune.config import PruneConfig
 from progprune.errors import ProgpruneError
 from progprune.models import build_model, example_inputs
 from progprune.pruning import get_method, list_methods, make_pruner, progressive_prune
 
 NUM_CLASSES = 10
+
+
+def PruneConfig(method="group_norm", global_pruning=True, iterative_steps=400, max_pruning_ratio=1.0,
+                round_to=None):
+    """make_pruner reads these attributes only (duck-typed: the settings schema is not needed)."""
+    return SimpleNamespace(method=method, global_pruning=global_pruning, iterative_steps=iterative_steps,
+                           max_pruning_ratio=max_pruning_ratio, round_to=round_to)
 
 
 def _trained_like(model):
@@ -23,7 +31,7 @@ def _trained_like(model):
 
 
 def _prune(name, target, *, method="group_norm", global_pruning=True, steps=400, round_to=None,
-           exact_every_step=False, calib=None, seed=0, on_step=None, trained_like=False):
+           crossing="fine", calib=None, seed=0, on_step=None, trained_like=False):
     torch.manual_seed(seed)
     model = build_model(name, NUM_CLASSES).eval()
     if trained_like:
@@ -31,8 +39,7 @@ def _prune(name, target, *, method="group_norm", global_pruning=True, steps=400,
     ex = example_inputs()
     cfg = PruneConfig(method=method, global_pruning=global_pruning, iterative_steps=steps, round_to=round_to)
     pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
-    out = progressive_prune(model, pruner, ex, target, gradients=get_method(method).gradients,
-                            calib=calib, exact_every_step=exact_every_step, on_step=on_step)
+    out = progressive_prune(model, pruner, ex, target, calib=calib, crossing=crossing, on_step=on_step)
     return model, out
 
 
@@ -69,8 +76,9 @@ def test_lands_at_target_with_small_overshoot(name, target):
     assert seen[-1][1] == pytest.approx(out.achieved_speedup)
     assert 0 < out.steps < 400
     assert out.params < out.base_params
-    # the history is JSON-able (it goes into the artifact)
+    # the history is JSON-able (it goes into the artifact), and so is the whole outcome
     assert json.loads(json.dumps(out.history)) == out.history and out.history
+    assert json.loads(json.dumps(dataclasses.asdict(out)))["crossing_cut"] == out.crossing_cut
 
 
 def test_local_pruning():
@@ -106,7 +114,7 @@ def test_unreachable_target_stops_at_the_step_cap():
 def test_reference_loop_overshoots_at_least_as_much():
     target = 2.0
     _, ours = _prune("resnet20", target)
-    ref_model, ref = _prune("resnet20", target, exact_every_step=True)
+    ref_model, ref = _prune("resnet20", target, crossing="reference")
     assert ref.status == "ok" and ref.achieved_speedup >= target
     assert ref.achieved_speedup >= ours.achieved_speedup >= target
     macs, _ = tp.utils.count_ops_and_params(ref_model, example_inputs())
@@ -139,13 +147,14 @@ def test_target_must_exceed_one(target):
         progressive_prune(model, pruner, ex, target)
 
 
-@pytest.mark.parametrize("method", ["taylor", "hessian"])
+@pytest.mark.parametrize("method", ["taylor", "hessian", "obdc"])
 def test_gradient_methods_need_calibration_data(method):
     model = build_model("resnet20", NUM_CLASSES).eval()
     ex = example_inputs()
     pruner = make_pruner(model, ex, PruneConfig(method=method, iterative_steps=10), NUM_CLASSES)
     with pytest.raises(ProgpruneError, match="needs calibration data"):
-        progressive_prune(model, pruner, ex, 1.5, gradients=get_method(method).gradients)
+        progressive_prune(model, pruner, ex, 1.5)
+    assert pruner.current_step == 0
 
 
 def test_unknown_method_lists_valid_names():
@@ -158,4 +167,43 @@ def test_unknown_method_lists_valid_names():
 def test_registry_entries_carry_method_needs():
     assert {m for m in list_methods() if get_method(m).sparse} == {"slim", "group_slim", "group_sl", "growing_reg"}
     assert {m: get_method(m).gradients for m in list_methods() if get_method(m).gradients} == {
-        "taylor": "taylor", "hessian": "hessian"}
+        "taylor": "taylor", "hessian": "hessian", "obdc": "obdc"}
+    # what a method needs before each step lives in its entry, not in the loop
+    assert {m for m in list_methods() if get_method(m).before_step} == {"taylor", "hessian", "obdc"}
+    # Torch-Pruning's published sparse-learning recipes
+    assert {m: dict(get_method(m).sparse_defaults) for m in list_methods() if get_method(m).sparse} == {
+        "slim": {"reg": 1e-5}, "group_slim": {"reg": 1e-5}, "group_sl": {"reg": 5e-4},
+        "growing_reg": {"reg": 1e-4, "delta_reg": 1e-5}}
+    assert all(not get_method(m).sparse_defaults for m in list_methods() if not get_method(m).sparse)
+
+
+@pytest.mark.parametrize("sparse, expected", [
+    (None, {"reg": 1e-4, "delta_reg": 1e-5}),
+    (SimpleNamespace(reg=None, delta_reg=None), {"reg": 1e-4, "delta_reg": 1e-5}),
+    (SimpleNamespace(reg=3e-4, delta_reg=None), {"reg": 3e-4, "delta_reg": 1e-5}),
+    (SimpleNamespace(reg=3e-4, delta_reg=2e-5), {"reg": 3e-4, "delta_reg": 2e-5}),
+])
+def test_sparse_settings_override_the_recipe_defaults(sparse, expected):
+    assert get_method("growing_reg").pruner_kwargs(sparse) == expected
+    model = build_model("resnet20", NUM_CLASSES).eval()
+    pruner = make_pruner(model, example_inputs(), PruneConfig(method="growing_reg", iterative_steps=10),
+                         NUM_CLASSES, sparse)
+    assert isinstance(pruner, tp.pruner.GrowingRegPruner)
+    assert (pruner.base_reg, pruner.delta_reg) == (expected["reg"], expected["delta_reg"])
+    assert get_method("group_slim").pruner_kwargs(None) == {"reg": 1e-5, "group_lasso": True}
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg11", "mobilenetv2"])
+def test_obdc_prunes_every_model_kind_and_leaves_no_hooks(name, calib):
+    model, out = _prune(name, 1.3, method="obdc", steps=30, calib=calib, trained_like=True)
+    _check_outcome(model, out, 1.3, max_overshoot_pct=100)
+    hooked = [n for n, m in model.named_modules() if m._forward_pre_hooks or m._backward_hooks]
+    assert not hooked, hooked
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_obdc_ranks_by_the_fisher_not_by_magnitude(calib):
+    """OBD-C and plain L2 pick different channels on the same weights."""
+    _, obdc = _prune("resnet20", 1.5, method="obdc", steps=30, calib=calib, trained_like=True)
+    _, l2 = _prune("resnet20", 1.5, method="group_norm", steps=30, calib=calib, trained_like=True)
+    assert obdc.history != l2.history
