@@ -197,7 +197,7 @@ def test_cli_prints_table_problems_and_report_path(sweep_dir, tmp_path):
 
 def test_cli_in_a_real_subprocess(sweep_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "progprune.report", str(sweep_dir / "results.parquet"),
+        [sys.executable, "-m", "progprune", "report", str(sweep_dir / "results.parquet"),
          "--format", "html"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"report: {sweep_dir / 'report' / 'report.html'}" in proc.stdout
