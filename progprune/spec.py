@@ -135,7 +135,9 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
             ckpt = (models[i] if isinstance(models, list) else {}).get("checkpoint")
             if check_paths and _text(ckpt) and not os.path.isfile(ckpt):
                 out.append(Problem(where.replace(".name", ".checkpoint"), f"file not found: {ckpt}"))
-        if _text(m):
+        if _text(m) and m.startswith("tv:"):
+            out += _torchvision_problems(where, m)
+        elif _text(m):
             out += _unknown_name(where, m, list_models(), "model", prefixes=("tv:",))
     methods = data.get("methods")
     for i, m in enumerate(methods if isinstance(methods, list) else [methods]):
@@ -155,6 +157,21 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
         if check_paths or not (ds.data_dir and field == "dataset.data_dir"):
             out.append(Problem(field, getattr(e, "message", None) or str(e)))
     return out
+
+
+def _torchvision_problems(path: str, name: str) -> list[Problem]:
+    """tv:NAME is checked here, at load time, not in a task after the cluster started."""
+    try:
+        import torchvision
+    except ImportError:
+        return [Problem(path, f"{name} needs torchvision, which is not installed; run "
+                              "pip install 'progprune[torchvision]'")]
+    valid = sorted(torchvision.models.list_models(module=torchvision.models))
+    if name[3:] in valid:
+        return []
+    close = _closest(name[3:], valid)
+    hint = f"did you mean 'tv:{close}'? " if close else ""
+    return [Problem(path, f"unknown torchvision model {name!r}; {hint}see torchvision.models.list_models()")]
 
 
 def _unknown_name(path: str, name: str, valid: list[str], kind: str, prefixes=()) -> list[Problem]:

@@ -222,8 +222,16 @@ def test_every_problem_is_reported_together():
     assert isinstance(err, ProgpruneError) and str(err).startswith("x.yaml: ")
 
 
-def test_tv_models_are_allowed():
-    assert load_spec_dict(spec_with(models=["tv:resnet18"])).models[0].name == "tv:resnet18"
+def test_tv_models_are_checked_with_the_spec():
+    """Issue 14 #11: a tv: model is judged at load time, not in a task after Ray started."""
+    if importlib.util.find_spec("torchvision") is None:
+        (msg,) = problems(spec_with(models=["tv:resnet18"]))
+        assert msg == ("models[0]: tv:resnet18 needs torchvision, which is not installed; "
+                       "run pip install 'progprune[torchvision]'")
+    else:
+        assert load_spec_dict(spec_with(models=["tv:resnet18"])).models[0].name == "tv:resnet18"
+        (msg,) = problems(spec_with(models=["tv:resnet19"]))
+        assert msg.startswith("models[0]: unknown torchvision model 'tv:resnet19'; did you mean 'tv:resnet18'?")
 
 
 def test_spec_must_be_a_mapping():
