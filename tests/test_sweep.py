@@ -95,6 +95,14 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     assert info["model"] == df.model.iloc[0]
     assert (out / "report" / "report.md").exists()
     assert "results" in r.stdout
+    # issue 13: bounded storage, logs a person can follow, real timestamps, a schema version
+    assert not list((out / "train").glob("ft-*"))  # Train checkpoints go once the row is written
+    assert "[resnet20 group_norm 1.5x seed 0] " in r.stdout and "finetune epoch 3/3" in r.stdout
+    schema = pq.read_schema(out / "results.parquet")
+    assert str(schema.field("started_at").type).startswith("timestamp") and "UTC" in str(schema.field("finished_at").type)
+    assert schema.metadata[b"progprune.schema_version"] == b"2"
+    assert (df.latency_threads >= 1).all() and df.finetune_global_batch.eq(64).all()
+    assert all(oct(p.stat().st_mode & 0o777) == oct(0o666 & ~_umask()) for p in (out / "rows").glob("*.parquet"))
 
     # resume: the same command again does no work and leaves the same rows
     before = {p: p.stat().st_mtime_ns for p in (out / "bases").glob("*.pt")}
@@ -206,3 +214,9 @@ def test_one_gpu_cluster_does_not_deadlock(tmp_path):
     df = _table(tmp_path / "out")
     assert len(df) == 3 and (df.status == "ok").all()
     assert (df.device == "cpu").all()  # the declared GPU is not real: torch used the CPU
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -37,6 +37,9 @@ def connect(address: str | None, num_cpus: int | None = None):
     import logging
 
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray folds log lines that differ only in words with digits ("[resnet20 ... 2x] epoch
+    # 3/10 ...") into "[repeated Nx]": every combination's own line must reach the job log
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not address:
         # Ray 2.60 listens on every interface whatever the node IP; token auth is what
         # keeps others out, so the embedded cluster always has it. Set before Ray is
