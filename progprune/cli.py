@@ -104,8 +104,12 @@ _FLAGS = [
     ("--base-lr", ["base_training.lr"], float, "base training learning rate"),
     ("--sl-epochs", ["sparse_learning.epochs"], int, "sparse learning epochs (slim, group_slim, group_sl, growing_reg)"),
     ("--sl-lr", ["sparse_learning.lr"], float, "sparse learning learning rate"),
-    ("--reg", ["sparse_learning.reg"], float, "sparse-learning regularization"),
+    ("--sl-milestones", ["sparse_learning.milestones"], "ints", "sparse learning: epochs at which lr *= 0.1 (e.g. 60,80)"),
+    ("--reg", ["sparse_learning.reg"], float, "sparse-learning regularization (default: the method's recipe)"),
     ("--delta-reg", ["sparse_learning.delta_reg"], float, "growing_reg: regularization growth per epoch"),
+    ("--allow-zero-sl-epochs", ["sparse_learning.allow_zero_epochs"], "flag",
+     "let a regularised method run with 0 sparse-learning epochs (its row reads <method>-nosl)"),
+    ("--crossing", ["pruning.crossing"], str, "the step crossing the target: fine (within tolerance) or reference (whole step, Torch-Pruning's numbers)"),
     ("--finetune-epochs", ["finetune.epochs"], int, "fine-tuning epochs"),
     ("--finetune-lr", ["finetune.lr"], float, "fine-tuning learning rate"),
     ("--batch-size", ["base_training.batch_size", "sparse_learning.batch_size", "finetune.batch_size"],
@@ -128,7 +132,9 @@ def _schema_default(path: str):
     if field:
         info = info.annotation.model_fields[field] if hasattr(info.annotation, "model_fields") else None
     default = info.get_default() if info and not info.is_required() else None
-    return default[0] if isinstance(default, tuple) and default else default
+    if isinstance(default, tuple):  # a grid's first entry; an empty list shows no default
+        return default[0] if default else None
+    return default
 
 
 def _flag_options(fn):
@@ -136,11 +142,27 @@ def _flag_options(fn):
         name = decl.split("/")[0].lstrip("-").replace("-", "_")
         default = _schema_default(paths[0])
         if isinstance(default, bool):
-            default = decl.split("/")[0 if default else 1]
+            default = decl.split("/")[0 if default else 1] if "/" in decl else None
         shown = f"  [default: {default}]" if default is not None else ""
-        fn = click.option(decl, name, type=None if typ is bool else typ,
-                          required=decl in _REQUIRED, help=help_ + shown)(fn)
+        kind = {"flag": {"is_flag": True, "default": None}, "ints": {"type": _INTS},
+                bool: {}}.get(typ, {"type": typ})
+        fn = click.option(decl, name, required=decl in _REQUIRED, help=help_ + shown, **kind)(fn)
     return fn
+
+
+class _IntList(click.ParamType):
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [int(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+
+
+_INTS = _IntList()
 
 
 def one_combination_spec(flags: dict, output: str | None = None) -> dict:

@@ -122,14 +122,19 @@ class FinetuneConfig(TrainConfig):
 
 
 class SparseConfig(_Node):
-    """Sparse learning before pruning: the regularised methods only (slim, group_sl, ...)."""
+    """Sparse learning before pruning: the regularised methods only (slim, group_sl, ...).
+    reg/delta_reg null: each method's published recipe (slim 1e-5, group_sl 5e-4,
+    growing_reg 1e-4 growing by 1e-5), filled per combination and recorded in its row."""
 
     epochs: Int(0, 10_000) = 10
     lr: Num("in (0, 10]", gt=0, le=10) = 0.01
-    reg: Num("in [0, 1]", ge=0, le=1) = 5e-4
-    delta_reg: Num("in [0, 1]", ge=0, le=1) = 1e-4  # growing_reg: growth per epoch
+    reg: Opt(Num("in [0, 1]", ge=0, le=1)) = None
+    delta_reg: Opt(Num("in [0, 1]", ge=0, le=1)) = None  # growing_reg: growth per epoch
     batch_size: Int(1, 65_536) = 64
     milestones: Milestones = ()
+    # 0 epochs turns a regularised method into its unregularised self: refused unless you
+    # say so here, and then the row's method reads "<name>-nosl"
+    allow_zero_epochs: Bool = False
 
 
 class PruningConfig(_Node):
@@ -138,6 +143,10 @@ class PruningConfig(_Node):
     max_pruning_ratio: Num("in (0, 1]", gt=0, le=1) = 1.0
     round_to: Opt(Int(1, 4096)) = None  # keep channel counts multiples of N
     tolerance: Num("in [0, 1]", ge=0, le=1) = 0.005  # accept [target, target * (1 + tol)]
+    # the step that crosses the target: "fine" prunes part of that step's own selection, in
+    # the method's order, to land within tolerance; "reference" takes the whole step, as
+    # Torch-Pruning's loop does (its numbers, reproduced exactly)
+    crossing: Literal["fine", "reference"] = "fine"
 
 
 class PruneConfig(PruningConfig):
@@ -200,7 +209,14 @@ class SweepSpec(_Node):
         Methods without sparse learning carry no sparse-learning settings."""
         from progprune.pruning import METHODS  # the registry knows which (lazy: torch)
 
-        sparse = {m.name for m in METHODS.values() if m.sparse}
+        def sparse(meth: str) -> SparseConfig | None:
+            m = METHODS.get(meth)
+            if m is None or not m.sparse:
+                return None
+            sl = self.sparse_learning
+            return sl.model_copy(update={k: v for k, v in m.sparse_defaults.items()
+                                         if getattr(sl, k, None) is None})
+
         return [
             ComboConfig(
                 model=m.name, base_checkpoint=m.checkpoint, base_checkpoint_sha256=m.sha256,
@@ -208,7 +224,7 @@ class SweepSpec(_Node):
                 dataset=self.dataset,
                 target_speedup=s, seed=seed, base=self.base_training,
                 prune=PruneConfig(**self.pruning.model_dump(), method=meth),
-                sparse=self.sparse_learning if meth in sparse else None,
+                sparse=sparse(meth),
                 finetune=self.finetune, evaluation=self.evaluation, sweep=self.name)
             for m in self.models for s in self.speedups for meth in self.methods
             for seed in self.seeds

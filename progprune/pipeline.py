@@ -140,7 +140,7 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
         f"({'global' if cfg.prune.global_pruning else 'local'}, {cfg.prune.iterative_steps} steps)")
     torch.manual_seed(cfg.seed)  # random importance draws from the global generator
     outcome = progressive_prune(model, pruner, ex, cfg.target_speedup, tolerance=cfg.prune.tolerance,
-                                gradients=method.gradients, calib=calib)
+                                crossing=cfg.prune.crossing, calib=calib)
     log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x after {outcome.steps} steps "
         f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
     top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
@@ -181,7 +181,8 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
               num_classes: int | None = None, finetune_workers: int | None = None) -> ResultRow:
     row = ResultRow(
         combo_id=cfg.combo_id(), sweep=cfg.sweep, model=cfg.model, dataset=cfg.dataset.name,
-        method=cfg.method, seed=cfg.seed, target_speedup=float(cfg.target_speedup),
+        method=cfg.method + ("-nosl" if cfg.sparse is not None and cfg.sparse.epochs == 0 else ""),
+        seed=cfg.seed, target_speedup=float(cfg.target_speedup),
         device=device, finetune_epochs=cfg.finetune.epochs, artifact_uri=artifact_uri,
         started_at=started_at, finished_at=now(), global_pruning=cfg.prune.global_pruning,
         iterative_steps=cfg.prune.iterative_steps, round_to=cfg.prune.round_to,
@@ -190,6 +191,7 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
         latency_batch_size=cfg.evaluation.latency_batch_size, finetune_workers=finetune_workers,
         config_json=cfg.model_dump_json(), base_checkpoint_sha256=cfg.base_checkpoint_sha256,
         reset_head=cfg.reset_head, finetune_global_batch=cfg.finetune.batch_size,
+        sparse_reg=cfg.sparse.reg if cfg.sparse else None,
         finetune_seconds=finetune_seconds, **versions(),
     )
     if base:
@@ -200,6 +202,7 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
         row.achieved_speedup, row.overshoot_pct = o.achieved_speedup, o.overshoot_pct
         row.compression_ratio = o.base_params / o.params
         row.prune_steps, row.prune_seconds = o.steps, o.seconds
+        row.crossing, row.crossing_cut = cfg.prune.crossing, o.crossing_cut
         row.pruned_top1 = prune.pruned_top1
         row.base_latency_ms, row.pruned_latency_ms = prune.base_latency_ms, prune.pruned_latency_ms
         row.base_latency_iqr_ms, row.pruned_latency_iqr_ms = prune.base_latency_iqr_ms, prune.pruned_latency_iqr_ms

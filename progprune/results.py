@@ -55,6 +55,9 @@ class ResultRow:
     iterative_steps: int | None = None
     round_to: int | None = None
     overshoot_pct: float | None = None  # (achieved / target - 1) * 100
+    crossing: str | None = None  # pruning.crossing: fine | reference
+    crossing_cut: str | None = None  # how the last step was cut: none | whole | prefix | subset
+    sparse_reg: float | None = None  # the regularisation sparse learning used (method recipe or spec)
     compression_ratio: float | None = None  # base params / pruned params
     num_classes: int | None = None
     base_epochs: int | None = None

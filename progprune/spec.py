@@ -60,6 +60,8 @@ def load_spec_dict(data: Any, source: str = "<spec>", *, check_paths: bool = Tru
     problems += _registry_problems(data, check_paths)
     if isinstance(data.get("output"), str):
         problems += _output_problems(data["output"])
+    if spec is not None:
+        problems += _sparse_problems(spec)
     if spec is not None and check_paths:
         spec, bad = _hash_checkpoints(spec)
         problems += bad
@@ -157,6 +159,20 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
         if check_paths or not (ds.data_dir and field == "dataset.data_dir"):
             out.append(Problem(field, getattr(e, "message", None) or str(e)))
     return out
+
+
+def _sparse_problems(spec: SweepSpec) -> list[Problem]:
+    """A regularised method with no sparse learning is another method under its name."""
+    from progprune.pruning import METHODS
+
+    sl = spec.sparse_learning
+    named = [m for m in spec.methods if m in METHODS and METHODS[m].sparse]
+    if not named or sl.epochs > 0 or sl.allow_zero_epochs:
+        return []
+    return [Problem("sparse_learning.epochs", f"{', '.join(named)} need sparse learning: set "
+                    "sparse_learning.epochs > 0 (the reference recipes use 100), or set "
+                    "sparse_learning.allow_zero_epochs: true (--allow-zero-sl-epochs) to run them unregularised "
+                    "(their rows then read '<method>-nosl')")]
 
 
 def _torchvision_problems(path: str, name: str) -> list[Problem]:

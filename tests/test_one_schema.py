@@ -203,3 +203,11 @@ def test_user_text_keeps_its_brackets():
                     target_speedup=2.0, error="run pip install 'progprune[torchvision]'")
     _Progress(console, 1).row(row)
     assert "'progprune[torchvision]'" in console.export_text()
+
+
+@pytest.mark.parametrize("crossing, cuts", [("reference", {"whole"}), ("fine", {"whole", "prefix", "subset"})])
+def test_crossing_reaches_the_row(crossing, cuts):
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST, "--crossing", crossing, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["crossing"] == crossing and row["crossing_cut"] in cuts and row["achieved_speedup"] >= 2

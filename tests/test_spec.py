@@ -446,3 +446,31 @@ def test_finetune_batch_is_global_and_must_split_evenly():
     msgs = problems(spec_with(finetune={"batch_size": 64, "num_workers": 3}))
     assert msgs == ["finetune: batch_size 64 (the global batch) must be a multiple of num_workers 3"]
     assert load_spec_dict(spec_with(finetune={"batch_size": 64, "num_workers": 4})).finetune.batch_size == 64
+
+
+def test_sparse_settings_follow_each_methods_recipe():
+    """Issue 12: per-method published defaults, explicit settings win, a regularised method
+    with no sparse learning is refused unless allowed (and then named so in its row)."""
+    s = load_spec_dict(spec_with(methods=["slim", "growing_reg", "group_sl", "l1"],
+                                 sparse_learning={"epochs": 2}))
+    by = {c.method: c.sparse for c in s.combinations() if c.model == "resnet20" and c.seed == 0
+          and c.target_speedup == 1.5}
+    assert by["slim"].reg == 1e-5 and by["group_sl"].reg == 5e-4 and by["l1"] is None
+    assert (by["growing_reg"].reg, by["growing_reg"].delta_reg) == (1e-4, 1e-5)
+    assert s.sparse_learning.reg is None  # the resolved spec keeps "the method's recipe"
+    s = load_spec_dict(spec_with(methods=["slim"], sparse_learning={"epochs": 2, "reg": 3e-3}))
+    assert s.combinations()[0].sparse.reg == 3e-3
+    (msg,) = problems(spec_with(methods=["slim", "l1"], sparse_learning={"epochs": 0}))
+    assert msg.startswith("sparse_learning.epochs: slim need sparse learning")
+    ok = load_spec_dict(spec_with(methods=["slim"], sparse_learning={"epochs": 0, "allow_zero_epochs": True}))
+    from progprune.pipeline import build_row
+
+    assert build_row(ok.combinations()[0]).method == "slim-nosl"
+
+
+def test_crossing_is_a_setting():
+    assert load_spec_dict(VALID).pruning.crossing == "fine"
+    s = load_spec_dict(spec_with(pruning={"crossing": "reference"}))
+    assert {c.prune.crossing for c in s.combinations()} == {"reference"}
+    assert problems(spec_with(pruning={"crossing": "exact"})) == [
+        "pruning.crossing: must be one of fine, reference, got 'exact'"]
