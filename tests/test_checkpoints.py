@@ -195,3 +195,31 @@ def test_plain_state_dict_of_a_pruned_model_loads_by_shapes(tmp_path):
     again = save_artifact(tmp_path / "again.pt", model, model_name="vgg11", num_classes=10)
     model2, info2 = load_base_weights(again, "vgg11", 10)
     assert info2["rebuilt_from"] == "history" and _same_outputs(model2, m)
+
+
+def test_torch_pruning_base_checkpoint_layout_loads(tmp_path):
+    """Issue 12 #4: Torch-Pruning's CIFAR ResNet-56 (reproduce/engine/models/cifar/
+    resnet_tiny.py) names its layers conv1, bn1, layer{1,2,3}.{0..8}.{conv1,bn1,conv2,bn2},
+    layer{2,3}.0.downsample.{0,1} and fc; its released bases are plain state_dicts. A
+    state_dict of that layout is a valid --checkpoint."""
+    import torch
+
+    from progprune.artifacts import load_base_weights
+    from progprune.models import build_model
+
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = ["conv1.weight", *(f"bn1.{k}" for k in bn)]
+    for stage in (1, 2, 3):
+        for i in range(9):
+            p = f"layer{stage}.{i}"
+            keys += [f"{p}.conv1.weight", *(f"{p}.bn1.{k}" for k in bn),
+                     f"{p}.conv2.weight", *(f"{p}.bn2.{k}" for k in bn)]
+            if i == 0 and stage > 1:
+                keys += [f"{p}.downsample.0.weight", *(f"{p}.downsample.1.{k}" for k in bn)]
+    keys += ["fc.weight", "fc.bias"]
+    torch.manual_seed(3)
+    theirs = build_model("resnet56", 10).state_dict()
+    assert sorted(theirs) == sorted(keys)
+    torch.save({"state_dict": theirs}, tmp_path / "cifar10_resnet56.pth")
+    model, info = load_base_weights(tmp_path / "cifar10_resnet56.pth", "resnet56", 10, (3, 32, 32))
+    assert torch.equal(model.state_dict()["layer3.8.conv2.weight"], theirs["layer3.8.conv2.weight"])
