@@ -126,11 +126,14 @@ class PruneInfo:
     latency_threads: int | None = None
     latency_noisy: bool | None = None  # the spread is too large to trust the medians
     pruned_top1_bn: float | None = None  # after BatchNorm statistics re-estimated on train data
+    unpruned_top1: tuple[float, float] | None = None  # (top-1, top-5) of the model as pruned,
+    # measured when sparse learning changed it from the base
 
 
 def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> PruneInfo:
     """Prune `model` in place to cfg.target_speedup; measure latency before and after."""
     model.to(device).eval()
+    unpruned = evaluate(model, splits.test_x, splits.test_y, splits, device) if needs_sparse(cfg) else None
     base_copy = copy.deepcopy(model)  # timed against the pruned model, interleaved
     ex = example_inputs(splits.input_shape).to(device)
     pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
@@ -152,7 +155,7 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
                                    cfg.evaluation.latency_batch_size, repeats=cfg.evaluation.latency_repeats)
     del base_copy
     return PruneInfo(outcome, top1, top5, lb.median_ms, lp.median_ms, lb.iqr_ms, lp.iqr_ms,
-                     lb.threads, lb.noisy or lp.noisy, top1_bn)
+                     lb.threads, lb.noisy or lp.noisy, top1_bn, unpruned)
 
 
 # ---- stage 4: fine-tuning -------------------------------------------------------------
@@ -208,6 +211,9 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
         row.base_latency_iqr_ms, row.pruned_latency_iqr_ms = prune.base_latency_iqr_ms, prune.pruned_latency_iqr_ms
         row.latency_threads, row.latency_noisy = prune.latency_threads, prune.latency_noisy
         row.pruned_top1_bn = prune.pruned_top1_bn
+        if prune.unpruned_top1 and base:  # the base of a sparse method is what it pruned
+            row.base_top1_pre_sparse = row.base_top1
+            row.base_top1, row.base_top5 = prune.unpruned_top1
         row.latency_speedup = prune.base_latency_ms / prune.pruned_latency_ms
         row.status = o.status
         row.error = None if o.status == "ok" else (

@@ -70,6 +70,7 @@ class ResultRow:
     pruned_latency_iqr_ms: float | None = None
     latency_threads: int | None = None  # torch CPU threads while timing
     latency_noisy: bool | None = None  # IQR > 25% of the median (or < 5 runs): do not trust it
+    base_top1_pre_sparse: float | None = None  # sparse methods: base_top1 is after sparse learning
     pruned_top1_bn: float | None = None  # zero-shot, after BatchNorm statistics re-estimated
     reset_head: bool | None = None  # the checkpoint's classifier was re-initialised
     base_checkpoint_sha256: str | None = None  # content of the base checkpoint, if one was given

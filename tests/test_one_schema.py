@@ -211,3 +211,14 @@ def test_crossing_reaches_the_row(crossing, cuts):
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["crossing"] == crossing and row["crossing_cut"] in cuts and row["achieved_speedup"] >= 2
+
+
+def test_sparse_method_rows_report_the_model_they_pruned():
+    """Issue 12: base_top1 of a sparse method is the model after sparse learning (the one
+    pruned); the pre-sparse figure has its own column; the row records the recipe's reg."""
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.5", "--method", "slim", *FAST,
+            "--sl-epochs", "1", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["method"] == "slim" and row["sparse_reg"] == 1e-5 and row["sparse_epochs"] == 1
+    assert 0 <= row["base_top1_pre_sparse"] <= 1 and 0 <= row["base_top1"] <= 1
