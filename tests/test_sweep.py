@@ -68,10 +68,15 @@ def _table(out: Path) -> pd.DataFrame:
 
 def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     out = tmp_path / "smoke"
+    # this cluster's Python has progprune and its dependencies: the shipped runtime env
+    # without its pip: list (test_any_cluster.py runs the full one on a bare cluster)
+    env = yaml.safe_load((ROOT / "ray_jobs" / "runtime_env.yaml").read_text())
+    env.pop("pip")
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(env))
     r = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
-         "--runtime-env", "ray_jobs/runtime_env.yaml", "--",
-         "progprune", "sweep", "ray_jobs/digits_smoke.yaml", "--output", str(out)],
+         "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--",
+         "python", "-m", "progprune", "sweep", "ray_jobs/digits_smoke.yaml", "--output", str(out)],
         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     spec = load_spec(SMOKE)
