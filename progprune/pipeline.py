@@ -216,14 +216,28 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
             row.base_top1, row.base_top5 = prune.unpruned_top1
         row.latency_speedup = prune.base_latency_ms / prune.pruned_latency_ms
         row.status = o.status
-        row.error = None if o.status == "ok" else (
-            f"target {cfg.target_speedup}x unreachable: reached {o.achieved_speedup:.3f}x "
-            f"after {o.steps} steps")
+        row.error = None if o.status == "ok" else _unreachable(cfg, o)
     if final:
         row.final_top1, row.final_top5 = final
     if error:
         row.status, row.error = "failed", error
     return row
+
+
+def _unreachable(cfg: ComboConfig, o: PruneOutcome) -> str:
+    """Why the target was not reached, in terms of what the schedule allows."""
+    n, p = cfg.prune.iterative_steps, cfg.prune
+    msg = f"target {cfg.target_speedup}x unreachable: reached {o.achieved_speedup:.3f}x after {o.steps} steps"
+    if o.steps >= n:  # the schedule ran out, not the channels
+        msg += (f"; the schedule is {n} steps, step k asking for k/{n} of max_pruning_ratio "
+                f"{p.max_pruning_ratio:g} of every layer")
+        if n <= 2:
+            msg += (", and a step asking for all of a layer's channels prunes none of them (Torch-"
+                    "Pruning keeps every layer alive)")
+        msg += "; use more iterative_steps (Torch-Pruning's recipes use 400)"
+    else:
+        msg += "; every prunable group is at its floor (max_pruning_ratio, round_to, the classifier kept whole)"
+    return msg
 
 
 def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop) -> ResultRow:

@@ -222,3 +222,13 @@ def test_sparse_method_rows_report_the_model_they_pruned():
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["method"] == "slim" and row["sparse_reg"] == 1e-5 and row["sparse_epochs"] == 1
     assert 0 <= row["base_top1_pre_sparse"] <= 1 and 0 <= row["base_top1"] <= 1
+
+
+def test_one_step_schedule_explains_itself():
+    """Issue 14 #8: --iterative-steps 1 asks for every channel at once, which Torch-Pruning
+    refuses; the row says what the schedule allows instead of only 'unreachable'."""
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST, "--iterative-steps", "1", "--json")
+    assert r.returncode == 3
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "the schedule is 1 steps" in row["error"] and "use more iterative_steps" in row["error"]
+    assert "prunes none of them" in row["error"]
