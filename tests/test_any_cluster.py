@@ -237,7 +237,9 @@ def test_sweep_via_ray_job_submit_on_a_cluster_without_progprune(cluster_python,
     row = rows[0]
     assert row["status"] == "ok", row
     assert row["model"] == "resnet20" and row["target_speedup"] == 1.5
-    assert 1.5 <= row["achieved_speedup"] <= 1.5 * 1.005, row["achieved_speedup"]
+    # at or above the target; how close depends on the last step's own selection (issue 12's
+    # subset rule, tested against the reference loop in test_crossing.py), which the row names
+    assert row["achieved_speedup"] >= 1.5 and row["crossing_cut"] in ("whole", "prefix", "subset"), row
     assert row["finetune_workers"] == 1  # fine-tuned by Ray Train workers in the runtime env
     assert 0.0 <= row["final_top1"] <= 1.0
     assert row["sweep"] == "any-cluster"

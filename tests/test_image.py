@@ -190,7 +190,7 @@ def test_sweep_inside_the_image(image, tmp_path):
     assert len(table) == 1, table
     row = table[0]
     assert (row["model"], row["dataset"], row["method"], row["status"]) == ("resnet20", "digits", "group_norm", "ok"), row
-    assert 1.5 <= row["achieved_speedup"] <= 1.5 * 1.005, row
+    assert 1.5 <= row["achieved_speedup"] <= 1.5 * 1.03, row  # the last step's cut: test_crossing.py
     assert row["finetune_epochs"] == 1 and row["final_top1"] is not None
     assert row["ray_version"] == RAY_VERSION and row["torch_version"].startswith(kc.dockerfile_args()["TORCH_VERSION"])
     assert (work / "out" / "results.parquet").stat().st_uid == 1000  # written by the ray user

@@ -85,7 +85,10 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     assert sorted(df.combo_id) == sorted(c.combo_id() for c in spec.combinations())
     assert (df.status == "ok").all(), df[["model", "target_speedup", "status", "error"]]
     assert (df.achieved_speedup >= df.target_speedup).all()
-    assert (df.achieved_speedup <= df.target_speedup * 1.005).all(), df[["model", "target_speedup", "achieved_speedup"]]
+    # how close above the target depends on the last step's own selection (the subset rule,
+    # checked against the reference loop in test_crossing.py); the row names the cut
+    assert (df.achieved_speedup <= df.target_speedup * 1.03).all(), df[["model", "target_speedup", "achieved_speedup"]]
+    assert df.crossing_cut.isin(["whole", "prefix", "subset"]).all() and (df.crossing == "fine").all()
     for col in ("base_top1", "pruned_top1", "final_top1", "base_top5", "final_top5"):
         assert df[col].between(0, 1).all(), col
     assert (df.final_top1 > 0.8).all()  # digits: fine-tuned models recover

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 
 from progprune.errors import ProgpruneError
 from progprune.pipeline import build_row, needs_sparse
@@ -101,15 +102,18 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
     t_start = time.perf_counter()
     prunes = {prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg), fault, inline):
               (cfg, t_start) for cfg in plan.todo}
-    pruned: list = []  # (prune ref, cfg, t0) waiting for a Train slot
+    pruned: deque = deque()  # (prune ref, cfg, t0) waiting for a Train slot
     running: dict = {}  # coordinator ref -> (cfg, t0)
     done = failed = 0
     while prunes or pruned or running:
         while pruned and (inline or len(running) < max_concurrent):
-            p, cfg, t0 = pruned.pop(0)
+            p, cfg, t0 = pruned.popleft()
             running[finetune_task.options(max_retries=1).remote(cfg, store.uri, p, ft, fault)] = (cfg, t0)
         progress.update(done, failed, len(running), len(prunes) + len(pruned))
-        ready, _ = ray.wait([*running, *prunes], num_returns=1, timeout=2.0)
+        refs = [*running, *prunes]
+        ready, _ = ray.wait(refs, num_returns=1, timeout=2.0)
+        if ready:  # take everything that is ready: one pass per batch, not per ref
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         for ref in ready:
             if ref in prunes:  # its coordinator reports a failed prune as the combination's row
                 cfg, t0 = prunes.pop(ref)
