@@ -18,7 +18,23 @@ target. Two things may differ from that reference:
   and the two are identical up to the last step; the speedup is >= the target and never
   above the reference's. `PruneOutcome.crossing_cut` says how the last step was cut.
   `crossing="reference"` takes whole steps and reproduces Torch-Pruning's channels and
-  numbers exactly.
+  numbers exactly (with `max_pruning_ratio` < 1: Torch-Pruning's loop with the cap
+  enforced, see below).
+* `max_pruning_ratio` (the pruner's) is a cap per layer over the whole run: every
+  pruning group keeps at least ceil(width * (1 - max_pruning_ratio)) of the output
+  channels it had when the run started (and a multiple of round_to, if set). Torch-
+  Pruning 1.6.1 only leaves a group out of a step's ranking once it is already *below*
+  that floor (`BasePruner._check_pruning_ratio`); a group still above it may lose any
+  number of channels in one step (global pruning: all its channels under the threshold;
+  local: the schedule's k/iterative_steps of it), so its layers end up to ~10 points
+  past the cap, and a cap of 1e-6 prunes anyway. Here, with a cap < 1, every step is
+  planned and each group's part of the selection is trimmed to its least important
+  channels (in the method's order) that the cap still allows before anything is pruned;
+  the crossing rule then applies to that trimmed step. Torch-Pruning's global count
+  still asks for the trimmed channels, so later steps take them from groups above their
+  floor. Once a step prunes nothing and every group is at its floor, the loop stops
+  (`PruneOutcome.at_floor`): a target the cap puts out of reach ends "unreachable".
+  With the default 1.0 nothing is trimmed and the loop is Torch-Pruning's.
 
 Groups are always pruned in the order `step(interactive=True)` yields them, each one
 re-derived from the current graph right before it is pruned: index mappings through
@@ -26,6 +42,7 @@ torch.cat shift when an earlier group is pruned, so groups built in advance go s
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -328,6 +345,8 @@ class PruneOutcome:
     crossing: str = "fine"  # the crossing mode that ran: "fine" | "reference"
     crossing_cut: str = CUT_NONE  # how the last step was cut: one of CROSSING_CUTS
     crossing_channels: list = field(default_factory=lambda: [0, 0])  # last step: [pruned, selected]
+    max_pruning_ratio: float = 1.0  # the per-layer cap the run enforced (1.0: none)
+    at_floor: bool = False  # stopped early: every prunable group was at its cap's floor
 
     @property
     def achieved_speedup(self) -> float:
@@ -541,28 +560,101 @@ def _choose(counter, plan, items, target_macs: float, tolerance: float):
     return best[0], best[2], best[1]
 
 
-def _crossing_step(pruner, counter, target_macs: float, tolerance: float):
-    """One step with a fine crossing: (cut kind, [channels pruned, channels selected])."""
+class _Cap:
+    """`max_pruning_ratio` as a floor per layer: each layer keeps at least
+    ceil(width * (1 - ratio)) of the output channels it had when the run started."""
+
+    def __init__(self, pruner, ratio: float):
+        self.ratio = float(ratio)
+        dg = pruner.DG
+        self.floor: dict = {}
+        for module in pruner.layer_init_out_ch:
+            width = dg.get_out_channels(module)
+            if width:  # 1e-9: 10 * (1 - 0.3) is 7.000000000000001, and its floor is 7
+                self.floor[module] = min(width, math.ceil(width * (1.0 - self.ratio) - 1e-9))
+
+    def room(self, pruner, modules) -> int | None:
+        """How many channels a group whose members are `modules` [(module, is_out)] may
+        still lose (None: no member is capped)."""
+        dg, room = pruner.DG, None
+        for module, is_out in modules:
+            if is_out and module in self.floor:
+                left = (dg.get_out_channels(module) or 0) - self.floor[module]
+                room = left if room is None else min(room, left)
+        return None if room is None else max(room, 0)
+
+    def trim(self, pruner, plan: list[_Planned], items: list[_Item]) -> tuple[list[_Item], bool]:
+        """The step's items that the cap allows: per group, the longest run of its items in
+        the method's order (least important first) that stays within the group's room.
+        Returns (items kept, in the given order; whether any was dropped)."""
+        rooms = {gi: self.room(pruner, [(m, o) for m, o, _, _ in p.cuts] + [(p.module, True)])
+                 for gi, p in enumerate(plan)}
+        used: dict = {}
+        full: set = set()
+        kept: set = set()
+        for it in sorted(items, key=lambda it: (it.group, it.key[2])):  # each group's own order
+            room = rooms[it.group]
+            if it.group in full:
+                continue
+            if room is None or used.get(it.group, 0) + len(it.roots) <= room:
+                used[it.group] = used.get(it.group, 0) + len(it.roots)
+                kept.add(id(it))
+            else:
+                full.add(it.group)  # a prefix of the group's order, never a later channel
+        out = [it for it in items if id(it) in kept]
+        return out, len(out) < len(items)
+
+    def exhausted(self, pruner) -> bool:
+        """True when no group can lose another channel: each one is at its floor (less
+        than the smallest cut it allows: one channel, a round_to block, one channel per
+        channel group) or Torch-Pruning no longer ranks it."""
+        dg, is_out = pruner.DG, pruner.DG.is_out_channel_pruning_fn
+        for group in dg.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                       root_module_types=pruner.root_module_types):
+            if not pruner._check_pruning_ratio(group):
+                continue
+            room = self.room(pruner, [(dep.target.module, bool(is_out(dep.handler))) for dep, _ in group])
+            if room is None:
+                return False
+            ch_groups = max(1, pruner._get_channel_groups(group))
+            width = dg.get_out_channels(group[0].dep.target.module) or 0
+            unit = ch_groups if ch_groups > 1 else (
+                (width % pruner.round_to or pruner.round_to) if pruner.round_to else 1)
+            if room >= unit and width > 1:
+                return False
+        return True
+
+
+def _planned_step(pruner, counter, target_macs: float, tolerance: float,
+                  cap: _Cap | None, cross: bool):
+    """One step, planned before it is pruned: its selection, trimmed to what `cap` allows,
+    and, with `cross`, cut down if it is the step that crosses the target.
+    Returns (cut kind, [channels pruned, channels selected] or None without `cross`,
+    channels pruned)."""
     plan, scores = _plan_step(pruner)
     if not plan:
-        return CUT_WHOLE, [0, 0]
-    everything = _CutSet(counter, plan)
+        return CUT_WHOLE, ([0, 0] if cross else None), 0
     items = _items(pruner, plan, scores)
-    for item in items:
-        everything.add(item)
+    trimmed = False
+    if cap is not None:
+        items, trimmed = cap.trim(pruner, plan, items)
     selected = sum(len(it.roots) for it in items)
-    if everything.macs() > target_macs:  # not the crossing step: prune it whole
-        _apply(pruner, plan)
-        return CUT_WHOLE, [selected, selected]
-    chosen, kind, _ = _choose(counter, plan, items, target_macs, tolerance)
-    if kind == CUT_WHOLE:
+    chosen, kind = items, CUT_WHOLE
+    if cross and items:
+        everything = _CutSet(counter, plan)
+        for item in items:
+            everything.add(item)
+        if everything.macs() <= target_macs:  # the crossing step (else: prune it whole)
+            chosen, kind, _ = _choose(counter, plan, items, target_macs, tolerance)
+    if kind == CUT_WHOLE and not trimmed:
         _apply(pruner, plan)
     else:
         keep: dict = {}
         for it in chosen:
             keep.setdefault(it.group, set()).update(it.roots)
         _apply(pruner, plan, keep)
-    return kind, [sum(len(it.roots) for it in chosen), selected]
+    pruned = sum(len(it.roots) for it in chosen)
+    return kind, ([pruned, selected] if cross else None), pruned
 
 
 # --------------------------------------------------------------------------------------
@@ -585,7 +677,8 @@ def progressive_prune(
 
     `crossing`: "fine" cuts the step that crosses the target down to part of its own
     selection (see the module docstring); "reference" takes whole steps, as Torch-Pruning's
-    loop does, with the same channels and numbers. `method`: whose step hooks to run
+    loop does, with the same channels and numbers. The pruner's `max_pruning_ratio` is
+    enforced per layer over the whole run (module docstring). `method`: whose step hooks to run
     (default: the one `make_pruner` built the pruner for; none for a hand-built pruner).
     `calib`: (x, y), for methods that read gradients. `gradients` is accepted for
     compatibility and ignored: the method's registry entry says what it needs.
@@ -608,18 +701,23 @@ def progressive_prune(
     counter = MacsCounter(model, example_inputs, expected=base_macs)
     fast = counter.ok
     fine = fast and crossing == "fine"
+    ratio = float(getattr(pruner, "max_pruning_ratio", 1.0))
+    cap = _Cap(pruner, ratio) if ratio < 1.0 else None
+    at_floor = False
 
     def measure() -> int:
         return counter.macs() if fast else count_exact(model, example_inputs)[0]
 
     def one_step(planned: bool):
+        """(cut kind, channels or None, whether the loop may stop: all at the cap's floor)."""
         if before:
             before(model, pruner, calib)
         try:
-            if planned:
-                return _crossing_step(pruner, counter, target_macs, tolerance)
+            if planned or cap is not None:
+                cut, channels, pruned = _planned_step(pruner, counter, target_macs, tolerance, cap, planned)
+                return cut, channels, cap is not None and pruned == 0 and cap.exhausted(pruner)
             pruner.step()
-            return CUT_WHOLE, None
+            return CUT_WHOLE, None, False
         finally:
             if after:
                 after(model, pruner)
@@ -627,10 +725,11 @@ def progressive_prune(
     macs, last_drop = base_macs, None
     cut, channels = CUT_NONE, [0, 0]
     with torch.enable_grad():
-        while macs > target_macs and pruner.current_step < pruner.iterative_steps:
-            # plan the steps that may cross; the others are plain pruner.step()s
+        while macs > target_macs and pruner.current_step < pruner.iterative_steps and not at_floor:
+            # plan the steps that may cross; the others are plain pruner.step()s (planned
+            # too, without crossing, when a cap < 1 trims them)
             near = last_drop is None or macs - 4 * last_drop <= target_macs
-            cut, channels = one_step(fine and near)
+            cut, channels, at_floor = one_step(fine and near)
             new = measure()
             last_drop = max(macs - new, last_drop or 0) if new < macs else last_drop
             macs = new
@@ -644,8 +743,8 @@ def progressive_prune(
         # the fast counter drifted (an unusual architecture): finish with exact counts
         macs = final_macs
         with torch.enable_grad():
-            while macs > target_macs and pruner.current_step < pruner.iterative_steps:
-                cut, channels = one_step(False)
+            while macs > target_macs and pruner.current_step < pruner.iterative_steps and not at_floor:
+                cut, channels, at_floor = one_step(False)
                 macs = count_exact(model, example_inputs)[0]
         final_macs, final_params = count_exact(model, example_inputs)
     status = "ok" if final_macs <= target_macs else "unreachable"
@@ -666,6 +765,8 @@ def progressive_prune(
         crossing=crossing,
         crossing_cut=cut,
         crossing_channels=[int(c) for c in channels],
+        max_pruning_ratio=ratio,
+        at_floor=bool(at_floor and status != "ok"),
     )
 
 

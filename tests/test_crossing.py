@@ -8,6 +8,7 @@ the speedup lies between the target and the reference's.
 """
 import dataclasses
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -24,9 +25,9 @@ from progprune.pruning import CROSSING_CUTS, make_pruner, progressive_prune
 NUM_CLASSES = 10
 
 
-def _cfg(global_pruning=True, steps=50, method="group_norm", round_to=None):
+def _cfg(global_pruning=True, steps=50, method="group_norm", round_to=None, max_pruning_ratio=1.0):
     return SimpleNamespace(method=method, global_pruning=global_pruning, iterative_steps=steps,
-                           max_pruning_ratio=1.0, round_to=round_to)
+                           max_pruning_ratio=max_pruning_ratio, round_to=round_to)
 
 
 def _weights(name, seed):
@@ -53,7 +54,7 @@ def _widths(model):
             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or isinstance(m, nn.BatchNorm2d)}
 
 
-def _check_subset_rule(name, target, cfg, seed=0):
+def _check_subset_rule(name, target, cfg, seed=0, models=False):
     ex = example_inputs()
     ref_model = _weights(name, seed)
     fine_model = _weights(name, seed)
@@ -92,7 +93,7 @@ def _check_subset_rule(name, target, cfg, seed=0):
         assert pruned < selected and fine.achieved_speedup < ref.achieved_speedup
     with torch.no_grad():
         assert fine_model(torch.randn(2, 3, 32, 32)).shape == (2, NUM_CLASSES)
-    return ref, fine
+    return (ref, fine, ref_model, fine_model) if models else (ref, fine)
 
 
 # the test matrix: every model family, global and local, several targets. 30 steps, so
@@ -114,6 +115,27 @@ def test_crossing_prunes_a_subset_of_the_reference_step(name, global_pruning, ta
 
 def test_crossing_with_round_to():
     ref, fine = _check_subset_rule("resnet20", 2.0, _cfg(True, steps=30, round_to=4))
+
+
+@pytest.mark.parametrize("name, global_pruning, target, steps, round_to", [
+    ("resnet20", True, 1.4, 30, None), ("resnet20", False, 1.85, 30, None),
+    ("resnet20", True, 1.4, 30, 4), ("mobilenetv2", True, 1.3, 15, None),
+])
+def test_crossing_with_a_cap(name, global_pruning, target, steps, round_to):
+    """With max_pruning_ratio < 1 the reference is Torch-Pruning's loop with the cap
+    enforced (each step trimmed to what the cap allows); the fine crossing prunes a subset
+    of that capped reference's last step, and neither goes past the cap."""
+    cfg = _cfg(global_pruning, steps=steps, round_to=round_to, max_pruning_ratio=0.3)
+    start = _widths(_weights(name, 0))
+    ref, fine, ref_model, fine_model = _check_subset_rule(name, target, cfg, models=True)
+    assert ref.max_pruning_ratio == fine.max_pruning_ratio == 0.3
+    assert not ref.at_floor and not fine.at_floor
+    for model in (ref_model, fine_model):
+        for n, shape in _widths(model).items():  # out (and in) channels of every layer
+            floor = [math.ceil(w * 0.7 - 1e-9) for w in start[n][:2]]
+            assert all(w >= f for w, f in zip(shape[:2], floor)), (n, shape, start[n])
+            if round_to and isinstance(dict(model.named_modules())[n], nn.Conv2d) and shape[0] != start[n][0]:
+                assert shape[0] % round_to == 0, (n, shape)
 
 
 def test_fine_crossing_lands_closer_than_the_reference_on_coarse_steps():
