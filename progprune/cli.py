@@ -97,7 +97,7 @@ _FLAGS = [
     ("--seed", ["seeds[0]"], int, "seed of base training, sampling and fine-tuning"),
     ("--global/--local", ["pruning.global_pruning"], bool, "one ranking across layers, or per layer"),
     ("--iterative-steps", ["pruning.iterative_steps"], int, "steps of the linear pruning schedule"),
-    ("--max-pruning-ratio", ["pruning.max_pruning_ratio"], float, "torch-pruning's max_pruning_ratio"),
+    ("--max-pruning-ratio", ["pruning.max_pruning_ratio"], float, "per-layer cap over the whole run: every layer keeps ceil((1-r) x its starting width) channels; 1.0 = Torch-Pruning's loop"),
     ("--round-to", ["pruning.round_to"], int, "keep channel counts multiples of N"),
     ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of the target (fraction)"),
     ("--base-epochs", ["base_training.epochs"], int, "base training epochs; 0 keeps the seeded random init"),

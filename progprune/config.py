@@ -140,6 +140,8 @@ class SparseConfig(_Node):
 class PruningConfig(_Node):
     global_pruning: Bool = True  # one ranking over all layers (every published recipe)
     iterative_steps: Int(1, 100_000) = 400  # linear schedule; Torch-Pruning's setting
+    # a per-layer cap over the whole run: every layer keeps at least ceil((1 - r) x its
+    # starting width) channels (round_to respected); a target that needs more is unreachable
     max_pruning_ratio: Num("in (0, 1]", gt=0, le=1) = 1.0
     round_to: Opt(Int(1, 4096)) = None  # keep channel counts multiples of N
     tolerance: Num("in [0, 1]", ge=0, le=1) = 0.005  # accept [target, target * (1 + tol)]

@@ -228,9 +228,14 @@ def _unreachable(cfg: ComboConfig, o: PruneOutcome) -> str:
     """Why the target was not reached, in terms of what the schedule allows."""
     n, p = cfg.prune.iterative_steps, cfg.prune
     msg = f"target {cfg.target_speedup}x unreachable: reached {o.achieved_speedup:.3f}x after {o.steps} steps"
+    if getattr(o, "at_floor", False):
+        rt = f", a multiple of round_to {p.round_to}" if p.round_to else ""
+        return msg + (f"; every prunable layer is at its max_pruning_ratio {p.max_pruning_ratio:g} floor "
+                      f"(each keeps ceil((1 - {p.max_pruning_ratio:g}) x its width){rt}); the target "
+                      "needs a larger max_pruning_ratio")
     if o.steps >= n:  # the schedule ran out, not the channels
-        msg += (f"; the schedule is {n} steps, step k asking for k/{n} of max_pruning_ratio "
-                f"{p.max_pruning_ratio:g} of every layer")
+        msg += (f"; the schedule is {n} steps, step k asking for k/{n} of the channels (each layer "
+                f"capped at max_pruning_ratio {p.max_pruning_ratio:g})")
         if n <= 2:
             msg += (", and a step asking for all of a layer's channels prunes none of them (Torch-"
                     "Pruning keeps every layer alive)")

@@ -232,3 +232,11 @@ def test_one_step_schedule_explains_itself():
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert "the schedule is 1 steps" in row["error"] and "use more iterative_steps" in row["error"]
     assert "prunes none of them" in row["error"]
+
+
+def test_max_pruning_ratio_is_a_cap_and_the_row_says_so():
+    """Issue 14 #7: a target the cap forbids ends unreachable, naming the cap."""
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST, "--max-pruning-ratio", "0.3", "--json")
+    assert r.returncode == 3, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "at its max_pruning_ratio 0.3 floor" in row["error"] and row["achieved_speedup"] < 2
