@@ -86,7 +86,7 @@ def test_print_spec_can_be_grown_into_a_sweep(tmp_path):
     (["prune", "--model", "resnet20", "--speedup", "2", "--finetune-lr", "inf"],
      "error: --finetune-lr: must be a number in (0, 10], got inf"),
     (["prune", "--model", "resnet20", "--speedup", "2", "--reg", "inf"],
-     "error: --reg: must be a number in [0, 1], got inf"),
+     "error: --reg: must be a number in [0, 1] (or null), got inf"),
 ])
 def test_usage_errors_are_one_line(args, expected):
     r = cli(*args)
