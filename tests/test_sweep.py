@@ -73,15 +73,21 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     env = yaml.safe_load((ROOT / "ray_jobs" / "runtime_env.yaml").read_text())
     env.pop("pip")
     (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(env))
+    # the shipped smoke spec at one speedup (both models): the whole grid is the demo's job;
+    # this keeps CI's time in bounds (six combinations took 570 s here, two take 398 s)
+    smoke = yaml.safe_load(SMOKE.read_text())
+    smoke["speedups"] = [2.0]
+    spec_path = tmp_path / "digits_smoke.yaml"
+    spec_path.write_text(yaml.safe_dump(smoke))
     r = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
          "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--",
-         "python", "-m", "progprune", "sweep", "ray_jobs/digits_smoke.yaml", "--output", str(out)],
+         "python", "-m", "progprune", "sweep", str(spec_path), "--output", str(out)],
         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    spec = load_spec(SMOKE)
+    spec = load_spec(spec_path)
     df = _table(out)
-    assert len(df) == len(spec.combinations()) == 6
+    assert len(df) == len(spec.combinations()) == 2
     assert sorted(df.combo_id) == sorted(c.combo_id() for c in spec.combinations())
     assert (df.status == "ok").all(), df[["model", "target_speedup", "status", "error"]]
     assert (df.achieved_speedup >= df.target_speedup).all()
@@ -94,7 +100,7 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     assert (df.final_top1 > 0.8).all()  # digits: fine-tuned models recover
     assert (df.finetune_workers == 1).all()  # fine-tuned through Ray Train
     assert (df.sweep == "digits-smoke").all()
-    # base models: exactly one per (model, seed), shared by the 3 speedups each
+    # base models: exactly one per (model, seed), shared by its speedups
     assert len(list((out / "bases").glob("*.pt"))) == 2
     assert df.groupby("model").base_top1.nunique().eq(1).all()
     # every artifact named in the table reloads without unpickling code
@@ -105,7 +111,7 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     assert "results" in r.stdout
     # issue 13: bounded storage, logs a person can follow, real timestamps, a schema version
     assert not list((out / "train").glob("ft-*"))  # Train checkpoints go once the row is written
-    assert "[resnet20 group_norm 1.5x seed 0] " in r.stdout and "finetune epoch 3/3" in r.stdout
+    assert "[resnet20 group_norm 2x seed 0] " in r.stdout and "finetune epoch 3/3" in r.stdout
     schema = pq.read_schema(out / "results.parquet")
     assert str(schema.field("started_at").type).startswith("timestamp") and "UTC" in str(schema.field("finished_at").type)
     assert schema.metadata[b"progprune.schema_version"] == b"2"
@@ -115,7 +121,7 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     # resume: the same command again does no work and leaves the same rows
     before = {p: p.stat().st_mtime_ns for p in (out / "bases").glob("*.pt")}
     before |= {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.parquet")}
-    r2 = progprune("sweep", SMOKE, "--output", out, "--address", cluster.address)
+    r2 = progprune("sweep", spec_path, "--output", out, "--address", cluster.address)
     assert r2.returncode == 0, r2.stderr
     assert "to run   0" in r2.stdout
     after = {p: p.stat().st_mtime_ns for p in before}
