@@ -30,7 +30,7 @@ def _cfg(global_pruning=True, steps=50, method="group_norm", round_to=None, max_
                            max_pruning_ratio=max_pruning_ratio, round_to=round_to)
 
 
-def _weights(name, seed):
+def _weights(name, seed=0):
     """A seeded model with BN scales spread out as training leaves them."""
     torch.manual_seed(seed)
     model = build_model(name, NUM_CLASSES).eval()

@@ -13,21 +13,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from progprune.models import build_model, example_inputs
+from progprune.models import example_inputs
 from progprune.pruning import make_pruner, progressive_prune
+from test_crossing import NUM_CLASSES, _weights as _model  # seeded, BN scales spread
 
-NUM_CLASSES = 10
 
 
-def _model(name, seed=0):
-    """Seeded, with BN scales spread out as training leaves them."""
-    torch.manual_seed(seed)
-    model = build_model(name, NUM_CLASSES).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.2, 1.5)
-    return model
 
 
 def _widths(model):
