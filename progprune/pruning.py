@@ -671,7 +671,6 @@ def progressive_prune(
     method: str | Method | None = None,
     calib=None,
     on_step: Callable[[int, float], None] | None = None,
-    gradients: str | None = None,
 ) -> PruneOutcome:
     """Prune `model` in place until base MACs / MACs >= target_speedup.
 
@@ -680,8 +679,7 @@ def progressive_prune(
     loop does, with the same channels and numbers. The pruner's `max_pruning_ratio` is
     enforced per layer over the whole run (module docstring). `method`: whose step hooks to run
     (default: the one `make_pruner` built the pruner for; none for a hand-built pruner).
-    `calib`: (x, y), for methods that read gradients. `gradients` is accepted for
-    compatibility and ignored: the method's registry entry says what it needs.
+    `calib`: (x, y), for methods that read gradients (the method's registry entry says so).
     """
     if not target_speedup > 1.0:
         raise ProgpruneError(f"speedup must be a number > 1, got {target_speedup}")
