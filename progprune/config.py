@@ -9,12 +9,14 @@ registry names; this module only knows shapes.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      StrictBool, StrictInt, StrictStr, model_validator)
+                      StrictBool, StrictInt, StrictStr, create_model, field_serializer,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seed range
@@ -168,19 +170,40 @@ class ResourcesConfig(_Node):
     max_concurrent: Int(1, 100_000) = 4  # bounds concurrent Train runs (each costs head memory)
 
 
-def _model_item(v):
-    if isinstance(v, str):
-        return {"name": v}
-    if isinstance(v, dict):
-        return v
-    raise _bad("must be a model name or a mapping with name, checkpoint, reset_head")
-
-
 class ModelEntry(_Node):
     name: Text
     checkpoint: Opt(Text) = None  # absolute after loading; null: train the base model
     sha256: Opt(Text) = None  # the checkpoint's content, filled at load; a mismatch is refused
     reset_head: Bool = False  # re-initialise the checkpoint's classifier (other class count)
+
+
+def _named(what: str):
+    def item(v):
+        if isinstance(v, str):
+            return {"name": v}
+        if isinstance(v, dict):
+            return v
+        raise _bad(f"must be a {what} name or a mapping with name and its settings")
+    return item
+
+
+def _optional(field):
+    field = copy.copy(field)
+    field.default = None
+    return field
+
+
+# A method, optionally with its own sparse-learning settings, which override the spec's
+# `sparse_learning:` for that method only (`methods: [group_norm, {name: slim, reg: 1e-5}]`).
+# Built from SparseConfig, so each setting keeps its one declaration (bounds, words).
+MethodEntry = create_model(
+    "MethodEntry", __base__=_Node, __module__=__name__, name=(Text, ...),
+    **{k: (Optional[f.annotation], _optional(f)) for k, f in SparseConfig.model_fields.items()})
+MethodEntry.__doc__ = "A method name plus optional per-method sparse-learning settings."
+
+
+def _overrides(entry) -> dict:
+    return {k: v for k, v in entry.model_dump(exclude={"name"}).items() if v is not None}
 
 
 def _dataset(v):
@@ -193,10 +216,12 @@ class SweepSpec(_Node):
     name: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=100,
                                      description="a name matching [a-z0-9][a-z0-9_.-]* (it is used in paths)")]
     dataset: Annotated[DatasetConfig, BeforeValidator(_dataset)] = DatasetConfig()
-    models: Grid(Annotated[ModelEntry, BeforeValidator(_model_item)],
+    models: Grid(Annotated[ModelEntry, BeforeValidator(_named("model"))],
                  "model names or {name, checkpoint} mappings")
     speedups: Grid(Num("> 1", gt=1, le=10_000), "numbers > 1")
-    methods: Grid(Text, "method names") = ("group_norm",)
+    methods: Grid(Annotated[MethodEntry, BeforeValidator(_named("method"))],
+                  "method names or {name, <sparse_learning settings>} mappings") = (
+        MethodEntry(name="group_norm"),)
     seeds: Grid(Int(0, MAX_SEED), f"integers in [0, {MAX_SEED}]") = (0,)
     base_training: TrainConfig = TrainConfig()
     sparse_learning: SparseConfig = SparseConfig()
@@ -211,11 +236,11 @@ class SweepSpec(_Node):
         Methods without sparse learning carry no sparse-learning settings."""
         from progprune.pruning import METHODS  # the registry knows which (lazy: torch)
 
-        def sparse(meth: str) -> SparseConfig | None:
-            m = METHODS.get(meth)
+        def sparse(entry) -> SparseConfig | None:
+            m = METHODS.get(entry.name)
             if m is None or not m.sparse:
                 return None
-            sl = self.sparse_learning
+            sl = self.sparse_learning.model_copy(update=_overrides(entry))
             return sl.model_copy(update={k: v for k, v in m.sparse_defaults.items()
                                          if getattr(sl, k, None) is None})
 
@@ -225,12 +250,20 @@ class SweepSpec(_Node):
                 reset_head=m.reset_head,
                 dataset=self.dataset,
                 target_speedup=s, seed=seed, base=self.base_training,
-                prune=PruneConfig(**self.pruning.model_dump(), method=meth),
+                prune=PruneConfig(**self.pruning.model_dump(), method=meth.name),
                 sparse=sparse(meth),
                 finetune=self.finetune, evaluation=self.evaluation, sweep=self.name)
             for m in self.models for s in self.speedups for meth in self.methods
             for seed in self.seeds
         ]
+
+    @property
+    def method_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.methods)
+
+    @field_serializer("methods")
+    def _methods_plain(self, methods):  # a bare name where a method has no settings of its own
+        return [{"name": m.name, **_overrides(m)} if _overrides(m) else m.name for m in methods]
 
     def to_dict(self) -> dict:
         """The resolved spec as plain YAML-safe data; the loader accepts it again."""

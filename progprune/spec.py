@@ -143,9 +143,11 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
             out += _unknown_name(where, m, list_models(), "model", prefixes=("tv:",))
     methods = data.get("methods")
     for i, m in enumerate(methods if isinstance(methods, list) else [methods]):
+        where = f"methods[{i}]" if isinstance(methods, list) else "methods"
+        if isinstance(m, dict):
+            m, where = m.get("name"), f"{where}.name"
         if _text(m):
-            out += _unknown_name(f"methods[{i}]" if isinstance(methods, list) else "methods",
-                                 m, list_methods(), "method")
+            out += _unknown_name(where, m, list_methods(), "method")
     try:
         raw = data.get("dataset", {})
         ds = DatasetConfig.model_validate({"name": raw} if isinstance(raw, str) else raw)
@@ -162,17 +164,32 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
 
 
 def _sparse_problems(spec: SweepSpec) -> list[Problem]:
-    """A regularised method with no sparse learning is another method under its name."""
+    """Per-method settings only where a method learns sparsity; and a regularised method
+    with no sparse learning is another method under its name."""
+    from progprune.config import _overrides
     from progprune.pruning import METHODS
 
-    sl = spec.sparse_learning
-    named = [m for m in spec.methods if m in METHODS and METHODS[m].sparse]
-    if not named or sl.epochs > 0 or sl.allow_zero_epochs:
-        return []
-    return [Problem("sparse_learning.epochs", f"{', '.join(named)} need sparse learning: set "
-                    "sparse_learning.epochs > 0 (the reference recipes use 100), or set "
-                    "sparse_learning.allow_zero_epochs: true (--allow-zero-sl-epochs) to run them unregularised "
-                    "(their rows then read '<method>-nosl')")]
+    out, unregularised = [], []
+    for i, entry in enumerate(spec.methods):
+        m, own = METHODS.get(entry.name), _overrides(entry)
+        if m is None:
+            continue
+        if not m.sparse:
+            if own:
+                out.append(Problem(f"methods[{i}]", f"{entry.name} has no sparse learning, so "
+                                   f"{', '.join(own)} would change nothing; remove them"))
+            continue
+        sl = spec.sparse_learning.model_copy(update=own)
+        if sl.epochs == 0 and not sl.allow_zero_epochs:
+            unregularised.append((i, entry.name, "epochs" in own))
+    if unregularised:
+        where = {f"methods[{i}].epochs" if own else "sparse_learning.epochs" for i, _, own in unregularised}
+        names = ", ".join(n for _, n, _ in unregularised)
+        out.append(Problem(", ".join(sorted(where)), f"{names} need sparse learning: set the "
+                           "epochs > 0 (the reference recipes use 100), or set allow_zero_epochs: "
+                           "true (--allow-zero-sl-epochs) to run them unregularised (their rows "
+                           "then read '<method>-nosl')"))
+    return out
 
 
 def _torchvision_problems(path: str, name: str) -> list[Problem]:

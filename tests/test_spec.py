@@ -77,7 +77,7 @@ def test_cifar10_recipe_matches_the_reference():
     assert s.base_training.milestones == (120, 150, 180) and s.base_training.epochs == 200
     assert s.sparse_learning.reg == 5e-4 and s.sparse_learning.milestones == (60, 80)
     assert s.finetune.weight_decay == 5e-4 and s.finetune.batch_size == 128
-    assert s.methods == ("group_norm", "group_sl") and s.seeds == (0, 1, 2)
+    assert s.method_names == ("group_norm", "group_sl") and s.seeds == (0, 1, 2)
 
 
 def test_runtime_env_excludes_heavy_paths():
@@ -91,7 +91,7 @@ def test_runtime_env_excludes_heavy_paths():
 def test_minimal_spec_fills_defaults():
     s = load_spec_dict({"name": "m", "models": "resnet20", "speedups": 2})
     assert s.models == (ModelEntry(name="resnet20"),)
-    assert s.speedups == (2.0,) and s.methods == ("group_norm",) and s.seeds == (0,)
+    assert s.speedups == (2.0,) and s.method_names == ("group_norm",) and s.seeds == (0,)
     assert s.dataset.name == "digits" and s.output == "./runs/m"
     assert s.finetune == FinetuneConfig(augment=False)  # digits: no crop+flip
     assert (s.finetune.epochs, s.finetune.lr, s.finetune.num_workers) == (10, 0.05, 1)
@@ -355,15 +355,15 @@ def test_combinations_count_order_and_ids():
     assert all(isinstance(c, ComboConfig) and c.sweep == "t" for c in combos)
     keys = [(c.model, c.target_speedup, c.method, c.seed) for c in combos]
     assert keys == sorted(keys, key=lambda k: (
-        [m.name for m in s.models].index(k[0]), s.speedups.index(k[1]), s.methods.index(k[2]), k[3]))
+        [m.name for m in s.models].index(k[0]), s.speedups.index(k[1]), s.method_names.index(k[2]), k[3]))
     assert keys[:2] == [("resnet20", 1.5, "group_norm", 0), ("resnet20", 1.5, "group_norm", 1)]
     ids = [c.combo_id() for c in combos]
     assert len(set(ids)) == len(ids)
     again = load_spec_dict(copy.deepcopy(spec_with(
-        methods=list(s.methods)))).combinations()
+        methods=list(s.method_names)))).combinations()
     assert [c.combo_id() for c in again] == ids
     # the sweep name is display only
-    renamed = load_spec_dict(spec_with(name="other", methods=list(s.methods))).combinations()
+    renamed = load_spec_dict(spec_with(name="other", methods=list(s.method_names))).combinations()
     assert [c.combo_id() for c in renamed] == ids
 
 
@@ -474,3 +474,58 @@ def test_crossing_is_a_setting():
     assert {c.prune.crossing for c in s.combinations()} == {"reference"}
     assert problems(spec_with(pruning={"crossing": "exact"})) == [
         "pruning.crossing: must be one of fine, reference, got 'exact'"]
+
+
+def test_methods_carry_their_own_sparse_settings():
+    """Issue 12: `methods: [{name: slim, reg: 1e-5}]`: a method's own settings override
+    `sparse_learning:` for it alone, round-trip through the resolved spec, and are refused
+    where they would change nothing."""
+    s = load_spec_dict(spec_with(
+        methods=["group_norm", {"name": "slim", "reg": 3e-5, "epochs": 4},
+                 {"name": "growing_reg", "delta_reg": 2e-5}, "group_sl"],
+        sparse_learning={"epochs": 2, "lr": 0.02}))
+    by = {c.method: c.sparse for c in s.combinations() if c.model == "resnet20" and c.seed == 0
+          and c.target_speedup == 1.5}
+    assert by["group_norm"] is None
+    assert (by["slim"].reg, by["slim"].epochs, by["slim"].lr) == (3e-5, 4, 0.02)
+    assert (by["growing_reg"].reg, by["growing_reg"].delta_reg, by["growing_reg"].epochs) == (1e-4, 2e-5, 2)
+    assert (by["group_sl"].reg, by["group_sl"].epochs) == (5e-4, 2)
+    assert s.method_names == ("group_norm", "slim", "growing_reg", "group_sl")
+    # own settings are part of the combination's identity, the others' ids do not move
+    plain = load_spec_dict(spec_with(methods=["group_norm", "slim", "growing_reg", "group_sl"],
+                                     sparse_learning={"epochs": 2, "lr": 0.02}))
+    ids = {(c.method, c.model, c.target_speedup, c.seed): c.combo_id() for c in plain.combinations()}
+    for c in s.combinations():
+        same = ids[(c.method, c.model, c.target_speedup, c.seed)] == c.combo_id()
+        assert same == (c.method in ("group_norm", "group_sl"))
+    # the resolved spec keeps bare names where a method has no settings, and reloads equal
+    dumped = s.to_dict()["methods"]
+    assert dumped == ["group_norm", {"name": "slim", "epochs": 4, "reg": 3e-5},
+                      {"name": "growing_reg", "delta_reg": 2e-5}, "group_sl"]
+    assert load_spec_dict(s.to_dict()).combinations() == s.combinations()
+
+
+@pytest.mark.parametrize("methods, sl, expected", [
+    ([{"name": "group_norm", "reg": 1e-4}], {},
+     "methods[0]: group_norm has no sparse learning, so reg would change nothing; remove them"),
+    ([{"name": "slim", "reg": 2}], {}, "methods[0].reg: must be a number in [0, 1] (or null), got 2"),
+    ([{"name": "slim", "rge": 1e-4}], {}, "methods[0].rge: unknown field; did you mean 'reg'?"),
+    ([{"name": "slmi"}], {}, "methods[0].name: unknown method 'slmi'; did you mean 'slim'?"),
+    ([{"reg": 1e-4}], {}, "methods[0].name: required field missing"),
+    ([7], {}, "methods[0]: must be a method name or a mapping with name and its settings, got 7"),
+    (["slim", {"name": "slim", "reg": 1e-4}], {}, "methods: duplicate entry 'slim'"),
+    ([{"name": "slim", "epochs": 0}], {"epochs": 3},
+     "methods[0].epochs: slim need sparse learning"),
+])
+def test_per_method_settings_are_validated(methods, sl, expected):
+    msgs = problems(spec_with(methods=methods, sparse_learning=sl))
+    assert len(msgs) == 1 and msgs[0].startswith(expected), msgs
+
+
+def test_per_method_zero_epochs_opt_in():
+    s = load_spec_dict(spec_with(methods=[{"name": "slim", "epochs": 0, "allow_zero_epochs": True},
+                                          "group_sl"], sparse_learning={"epochs": 3}))
+    from progprune.pipeline import build_row
+
+    rows = {build_row(c).method for c in s.combinations()}
+    assert rows == {"slim-nosl", "group_sl"}
