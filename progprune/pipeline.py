@@ -1,8 +1,12 @@
-"""The stages of one combination, each a function with plain inputs and outputs.
+"""The stages of one combination, each a function with plain inputs and outputs, and
+their order, in one place (bottom of this file).
 
-`progprune prune` runs them one after another in one process (`run_combination`);
-`progprune sweep` runs the same functions inside Ray tasks and the Ray Train worker,
-storing what passes between them as artifacts. No Ray import here.
+Stages 1-2 (base, sparse learning) are shared by the combinations of a base; stages 3-5
+(prune, fine-tune, the row) are one combination's, arranged by `prune_combination` and
+`finish_combination`, which take the fine-tune runner as a parameter: `progprune prune`
+runs everything in this process (`run_combination`); `progprune sweep` runs the same two
+functions in Ray tasks, with Ray Train (or a task) as the runner (`progprune.cluster`).
+No Ray import here.
 """
 from __future__ import annotations
 
@@ -245,31 +249,82 @@ def _unreachable(cfg: ComboConfig, o: PruneOutcome) -> str:
     return msg
 
 
+# ---- one combination: the stages in order ----------------------------------------------
+@dataclass
+class Pruned:
+    """What stage 3 hands to stage 4: the figures so far, and where the pruned model is
+    stored (None while it stays in this process)."""
+    base: BaseInfo | None
+    prune: PruneInfo
+    device: str
+    num_classes: int
+    started_at: str
+    artifact: str | None = None
+
+
+@dataclass
+class Finetuned:
+    """What a fine-tune runner returns: test-set figures of the kept weights."""
+    top1: float
+    top5: float
+    seconds: float
+    artifact: str | None = None  # where the fine-tuned model is stored
+    workers: int = 0  # Ray Train workers (0: fine-tuned in one process)
+    resumed_from_epoch: int | None = None  # Ray Train restarted from this epoch's checkpoint
+
+
+def prune_combination(cfg: ComboConfig, model: nn.Module, base: BaseInfo | None, splits: Splits,
+                      device, log: Log = _noop) -> Pruned:
+    """Stage 3: prune `model` in place (it comes out of stages 1-2 or the store)."""
+    started = now()
+    return Pruned(base, prune_stage(cfg, model, splits, device, log), device_name(torch.device(device)),
+                  splits.num_classes, started)
+
+
+def finetune_combination(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop,
+                         **fit_kwargs) -> Finetuned:
+    """Stage 4 as every runner runs it (this process, a Ray task, Ray Train's rank 0):
+    fine-tune, then measure the kept weights on the test set."""
+    seconds = finetune_stage(cfg, model, splits, device, log, **fit_kwargs).seconds
+    top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
+    return Finetuned(top1, top5, seconds)
+
+
+def finish_combination(cfg: ComboConfig, pruned: Pruned, finetune: Callable[[], Finetuned]) -> ResultRow:
+    """Stage 4 when the target was reached, by `finetune` (here, in a Ray task or on Ray
+    Train), then stage 5, the row. A diverged fine-tune raises `TrainingDiverged`."""
+    ft = finetune() if pruned.prune.outcome.status == "ok" else None
+    row = build_row(cfg, base=pruned.base, prune=pruned.prune, final=(ft.top1, ft.top5) if ft else None,
+                    finetune_seconds=ft.seconds if ft else None, device=pruned.device,
+                    artifact_uri=ft.artifact if ft and ft.artifact else pruned.artifact,
+                    started_at=pruned.started_at, num_classes=pruned.num_classes,
+                    finetune_workers=ft.workers if ft else 0)
+    row.finetune_resumed_from_epoch = ft.resumed_from_epoch if ft else None
+    return row
+
+
 def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop) -> ResultRow:
     """Every stage in this process: what `progprune prune` runs. A training that diverges
     ends the combination as failed (no artifact: its weights are not finite)."""
-    started, base, pr, final, ft_seconds, artifact = now(), None, None, None, None, None
+    started, base, pruned = now(), None, None
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     try:
         model, base = base_stage(cfg, splits, device, log)
         log(f"base: test top-1 {base.top1:.4f} top-5 {base.top5:.4f} ({base.source})")
         sparse_stage(cfg, model, splits, device, log)
-        pr = prune_stage(cfg, model, splits, device, log)
-        if pr.outcome.status == "ok":
-            ft_seconds = finetune_stage(cfg, model, splits, device, log).seconds
-            final = evaluate(model, splits.test_x, splits.test_y, splits, device)
+        pruned = prune_combination(cfg, model, base, splits, device, log)
+        pruned.started_at = started
+        if out_dir:  # the model as it ends, fine-tuned or not
+            pruned.artifact = os.path.join(out_dir, "pruned.pt")
+        row = finish_combination(cfg, pruned, lambda: finetune_combination(cfg, model, splits, device, log))
     except TrainingDiverged as e:
-        error = str(e)
-    else:
-        error = None
-        if out_dir:
-            artifact = os.path.join(out_dir, "pruned.pt")
-            save_artifact(artifact, model, model_name=cfg.model, num_classes=splits.num_classes,
-                          input_shape=splits.input_shape, history=pr.outcome.history,
-                          meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
-    row = build_row(cfg, base=base, prune=pr, final=final, finetune_seconds=ft_seconds,
-                    device=device_name(torch.device(device)), artifact_uri=artifact, started_at=started,
-                    num_classes=splits.num_classes, finetune_workers=0, error=error)
+        row = build_row(cfg, base=base, prune=pruned.prune if pruned else None,
+                        device=device_name(torch.device(device)), started_at=started,
+                        num_classes=splits.num_classes, finetune_workers=0, error=str(e))
+    if out_dir and row.status != "failed":
+        save_artifact(row.artifact_uri, model, model_name=cfg.model, num_classes=splits.num_classes,
+                      input_shape=splits.input_shape, history=pruned.prune.outcome.history,
+                      meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
     if out_dir:
         write_rows([row], os.path.join(out_dir, "result.parquet"))
     return row

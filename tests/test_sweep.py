@@ -16,6 +16,7 @@ import yaml
 from progprune.results import COLUMNS
 from progprune.spec import load_spec
 from progprune.storage import Store
+from faults import inject
 from raycluster import BIN, LocalRay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
 def test_failed_combination_becomes_a_row_and_the_sweep_goes_on(cluster, tmp_path):
     spec = tiny_spec(tmp_path)
     r = progprune("sweep", spec, "--address", cluster.address,
-                  env=_env(PROGPRUNE_FAULT="raise:prune:vgg11:2.0"))
+                  env=_env(**inject("raise:prune:vgg11:2.0", tmp_path / "faults")))
     assert r.returncode == 1, r.stdout + r.stderr
     df = _table(tmp_path / "out")
     assert len(df) == 4

@@ -1,6 +1,6 @@
 """The Ray layer, all of it: connecting (with token auth), the scheduling loop, and (in
 `progprune.cluster.tasks`) the tasks and the Ray Train run. Read top to bottom:
-connection, loop; then tasks.py.
+connection, then the loop (setup, tasks, Train, results); then tasks.py.
 
 This module imports Ray only when it connects: the embedded cluster's token auth must be
 set in the environment before Ray is first imported.
@@ -71,16 +71,19 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
 
     from progprune.cluster.tasks import base_task, finetune_task, prune_task, sparse_task, write_fragment
 
+    # setup: what each task asks for
     spec, store = plan.spec, plan.store
-    fault = os.environ.get("PROGPRUNE_FAULT")
     res = spec.resources
     task_opts = {"num_gpus": res.gpus_per_task, "num_cpus": res.cpus_per_task}
     # a GPU prune task exits after each call (Ray's default for GPU tasks) to free CUDA memory
     ft = {"num_workers": spec.finetune.num_workers, "use_gpu": spec.finetune.use_gpu,
           "max_failures": spec.finetune.max_failures,
           "resources_per_worker": {"CPU": res.cpus_per_task} if spec.finetune.num_workers else None}
-    inline = spec.finetune.num_workers == 0
+    # no Train workers: the coordinator fine-tunes itself, on the prune task's resources
+    ft_opts = {"max_retries": 1, **({} if ft["num_workers"] else task_opts)}
+    in_task = not ft["num_workers"]
 
+    # tasks: bases and sparse learning once each, shared by the combinations that need them
     bases, sparse = {}, {}
     for key, cfg in plan.bases_train.items():
         bases[key] = base_task.options(**task_opts, max_retries=2).remote(cfg, store.uri, retrain=True)
@@ -100,28 +103,29 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
     # and grows to it; `max_concurrent` bounds only the Ray Train runs in flight (each
     # costs head memory, ray #65443). In-task fine-tuning (num_workers 0) has no Train run.
     t_start = time.perf_counter()
-    prunes = {prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg), fault, inline):
-              (cfg, t_start) for cfg in plan.todo}
-    pruned: deque = deque()  # (prune ref, cfg, t0) waiting for a Train slot
-    running: dict = {}  # coordinator ref -> (cfg, t0)
+    prunes = {prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg)): cfg
+              for cfg in plan.todo}
+    pruned: deque = deque()  # (prune ref, cfg) waiting for a Train slot
+    running: dict = {}  # coordinator ref -> cfg
     done = failed = 0
     while prunes or pruned or running:
-        while pruned and (inline or len(running) < max_concurrent):
-            p, cfg, t0 = pruned.popleft()
-            running[finetune_task.options(max_retries=1).remote(cfg, store.uri, p, ft, fault)] = (cfg, t0)
+        # Train: a coordinator per pruned combination, as slots allow
+        while pruned and (in_task or len(running) < max_concurrent):
+            p, cfg = pruned.popleft()
+            running[finetune_task.options(**ft_opts).remote(cfg, store.uri, p, ft)] = cfg
         progress.update(done, failed, len(running), len(prunes) + len(pruned))
         refs = [*running, *prunes]
         ready, _ = ray.wait(refs, num_returns=1, timeout=2.0)
         if ready:  # take everything that is ready: one pass per batch, not per ref
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        # results: a coordinator returns the combination's row (a failed prune fails it too)
         for ref in ready:
-            if ref in prunes:  # its coordinator reports a failed prune as the combination's row
-                cfg, t0 = prunes.pop(ref)
-                pruned.append((ref, cfg, t0))
+            if ref in prunes:
+                pruned.append((ref, prunes.pop(ref)))
                 continue
-            cfg, _ = running.pop(ref)
+            cfg = running.pop(ref)
             try:
-                row = ResultRow(**ray.get(ref))
+                row: ResultRow = ray.get(ref)
             except Exception as e:  # the combination failed: record it and go on
                 row = build_row(cfg, error=_one_line(e), started_at=None, num_classes=num_classes)
                 kept = table.statuses().get(row.combo_id)
