@@ -16,7 +16,7 @@ from progprune.config import ComboConfig
 from progprune.data import load_dataset
 from progprune.errors import ProgpruneError, SpecError
 from progprune.pipeline import needs_sparse
-from progprune.results import ResultRow
+from progprune.results import ResultRow, rows_to_table
 from progprune.spec import SweepSpec, dump_yaml
 from progprune.storage import Store, base_parts, sparse_parts
 from progprune.table import ResultsTable
@@ -209,25 +209,15 @@ class _Progress:
 
 
 def _final(rows: list[ResultRow], store: Store, console) -> None:
-    from rich.table import Table
+    """The results tables (`progprune report`'s own), and the report beside the table."""
+    from progprune.report import build_report, frame_of, show
 
-    t = Table(title=f"results ({store.display('results.parquet')})")
-    for c in ("model", "method", "seed", "target", "achieved", "params", "latency", "base top-1",
-              "pruned", "final", "status"):
-        t.add_column(c, justify="left" if c in ("model", "method", "status") else "right")
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    num = lambda v, f="{:.3f}x": "-" if v is None else f.format(v)  # noqa: E731
-    for r in sorted(rows, key=lambda r: (r.model, r.method, r.target_speedup, r.seed)):
-        t.add_row(r.model, r.method, str(r.seed), f"{r.target_speedup}x", num(r.achieved_speedup),
-                  num(r.compression_ratio, "{:.2f}x"), num(r.latency_speedup, "{:.2f}x"), pct(r.base_top1),
-                  pct(r.pruned_top1), pct(r.final_top1), r.status)
-    console.print(t)
-    try:
-        from progprune.report import build_report
-
-        if store.local:
-            rep = build_report(store.path("results.parquet"), store.path("report"))
-            console.print(f"report: {rep.get('report')}")
-    except ProgpruneError as e:
-        console.print(f"report skipped: {e}")
-
+    console.print(f"results: {store.display('results.parquet')}")
+    if store.local:
+        try:
+            rep = build_report(store.path("results.parquet"), store.path("report"), console=console)
+            console.print(f"report: {rep['report']}")
+            return
+        except ProgpruneError as e:
+            console.print(f"report skipped: {e}")
+    show(frame_of(rows_to_table(rows)), console)

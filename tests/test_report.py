@@ -41,7 +41,7 @@ def _ok_row(model, method, target, seed) -> ResultRow:
         dataset="cifar10", method=method, seed=seed, target_speedup=target,
         achieved_speedup=target * (1.0 + 0.004 * (seed + 1)), status="ok",
         base_macs=41_000_000, base_params=base_params, pruned_macs=int(41e6 / target),
-        pruned_params=pruned_params,
+        pruned_params=pruned_params, compression_ratio=base_params / pruned_params,
         base_top1=0.91 + 0.003 * seed + k, pruned_top1=0.40 + 0.05 * seed - 0.02 * target,
         final_top1=0.90 - 0.01 * target + 0.004 * seed ** 2 + k,
         base_latency_ms=base_ms, pruned_latency_ms=pruned_ms,

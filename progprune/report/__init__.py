@@ -5,7 +5,8 @@
 
 The report follows ShrinkBench's reporting practice: compression ratio next to MACs speedup,
 curves over operating points, the unpruned control on every panel, mean ± std over seeds,
-and measured latency next to MACs (with points where latency rose called out).
+and measured latency next to MACs (with points where latency rose called out). The
+terminal tables (`show`) are also what a sweep prints at its end.
 """
 from __future__ import annotations
 
@@ -15,20 +16,26 @@ import os
 import shutil
 import tempfile
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
 import progprune
 from progprune.errors import ProgpruneError
-from progprune.report import _aggregate as agg_
-from progprune.report._document import blocks, rich_renderables, to_html, to_markdown
-from progprune.report._load import load
+from progprune.report import _tables as T
+from progprune.results import COLUMNS
 
 FORMATS = ("md", "html")
+RESULTS_NAME = "results.parquet"
 MARKER = ".progprune-report"  # only a directory holding this is ever replaced
-ACCURACY_PNG = "accuracy_vs_speedup.png"
-LATENCY_PNG = "latency_vs_speedup.png"
+PLOTS = {"accuracy": ("accuracy_vs_speedup.png", "Final top-1 vs achieved MACs speedup, per method, "
+                                                 "with the unpruned control"),
+         "latency": ("latency_vs_speedup.png", "Measured latency speedup vs MACs speedup (y = x "
+                                               "dashed; red X: MACs fell but latency rose)")}
 
 
-def build_report(results: str, out_dir: str | None = None, fmt: str = "md",
-                 console=None) -> dict:
+def build_report(results: str, out_dir: str | None = None, fmt: str = "md", console=None) -> dict:
     """Write the report for `results` into `out_dir` (default: `<dir of results>/report`).
 
     Returns {"out_dir", "report" (the md, or the html with fmt="html"), "markdown", "html",
@@ -39,70 +46,92 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md",
     """
     if fmt not in FORMATS:
         raise ProgpruneError(f"unknown report format {fmt!r}: use one of {', '.join(FORMATS)}")
-    source = load(results)
-    if out_dir is None:
-        base = os.path.dirname(source.local_path) if source.local_path else os.getcwd()
-        out_dir = os.path.join(base, "report")
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    frame, local_path = load(results)
+    out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path) if local_path
+                                                      else os.getcwd(), "report"))
     _check_replaceable(out_dir)
-
-    frame = agg_.derive(source.frame)
-    empty = frame.empty
-    table = agg_.aggregate(frame)
-    probs = agg_.problems(frame)
-    sweeps = agg_.distinct(frame["sweep"])
-    title = "progprune report" + (f": {', '.join(sweeps)}" if sweeps else "")
-    common, varying = agg_.common_settings(frame)
+    table, probs = T.aggregate(frame), T.problems(frame)
+    sweeps = T.distinct(frame["sweep"])
+    common, varying = T.common_settings(frame)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
     with _atomic_dir(out_dir) as tmp:
-        plots = _draw_plots(frame, table, tmp)
-        doc = blocks(
-            title=title, source=source.display,
-            generated=f"Generated {now} by progprune {progprune.__version__}.",
-            setup=[("Results", source.display)] + agg_.setup(frame), agg=table, probs=probs,
-            plots=plots, notes=agg_.notes(frame, table), common=common, varying=varying,
-            empty=empty,
-        )
-        _write(os.path.join(tmp, "report.md"), to_markdown(doc))
+        plots = {}
+        if len(table):
+            from progprune.report import _plots
+
+            _plots.accuracy_plot(table, T.base_reference(frame), os.path.join(tmp, PLOTS["accuracy"][0]))
+            plots["accuracy"] = PLOTS["accuracy"]
+            if table["latency_speedup_mean"].notna().any():
+                _plots.latency_plot(table, os.path.join(tmp, PLOTS["latency"][0]))
+                plots["latency"] = PLOTS["latency"]
+        doc = T.blocks(title="progprune report" + (f": {', '.join(sweeps)}" if sweeps else ""),
+                       intro=f"Results: `{results}`. Generated {now} by progprune {progprune.__version__}.",
+                       setup=[("Results", results)] + T.setup(frame), agg=table, probs=probs, plots=plots,
+                       notes=T.notes(table), common=common, varying=varying, empty=frame.empty)
+        _write(os.path.join(tmp, "report.md"), T.to_markdown(doc))
         if fmt == "html":
-            _write(os.path.join(tmp, "report.html"), to_html(doc, tmp))
+            _write(os.path.join(tmp, "report.html"), T.to_html(doc, tmp))
         table.to_csv(os.path.join(tmp, "summary.csv"), index=False)
-        _write(os.path.join(tmp, MARKER), f"report of {source.display}\n")
-
-    md = os.path.join(out_dir, "report.md")
-    html_path = os.path.join(out_dir, "report.html") if fmt == "html" else None
+        _write(os.path.join(tmp, MARKER), f"report of {results}\n")
     if console is not None:
-        for r in rich_renderables(table, probs, empty):
-            console.print(r)
-    return {
-        "out_dir": out_dir,
-        "report": html_path or md,
-        "markdown": md,
-        "html": html_path,
-        "plots": {k: os.path.join(out_dir, f) for k, (f, _) in plots.items()},
-        "summary_csv": os.path.join(out_dir, "summary.csv"),
-        "table": table,
-        "problems": probs,
-        "empty": empty,
-    }
+        show(frame, console, table, probs)
+    path = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    return {"out_dir": out_dir, "report": path(f"report.{fmt}"), "markdown": path("report.md"),
+            "html": path("report.html") if fmt == "html" else None, "summary_csv": path("summary.csv"),
+            "plots": {k: path(f) for k, (f, _) in plots.items()}, "table": table, "problems": probs,
+            "empty": frame.empty}
 
 
-def _draw_plots(frame, table, directory) -> dict:
-    """name -> (file name, caption); a figure with nothing to show is left out."""
-    if table.empty:
-        return {}
-    from progprune.report._plots import accuracy_plot, latency_plot
+def show(frame: pd.DataFrame, console, table=None, probs=None) -> None:
+    """The results tables on a terminal: `progprune report`'s and a sweep's end."""
+    table = T.aggregate(frame) if table is None else table
+    for r in T.terminal(table, T.problems(frame) if probs is None else probs, frame.empty):
+        console.print(r)
 
-    out = {}
-    accuracy_plot(table, agg_.base_reference(frame), os.path.join(directory, ACCURACY_PNG))
-    out["accuracy"] = (ACCURACY_PNG, "Final top-1 vs achieved MACs speedup, per method, "
-                                     "with the unpruned control")
-    if table["latency_speedup_mean"].notna().any():
-        latency_plot(table, os.path.join(directory, LATENCY_PNG))
-        out["latency"] = (LATENCY_PNG, "Measured latency speedup vs MACs speedup (y = x "
-                                       "dashed; red X: MACs fell but latency rose)")
-    return out
+
+def frame_of(table: pa.Table) -> pd.DataFrame:
+    """A results table as the report reads it: numbers as floats, labels as strings."""
+    df = table.to_pandas()
+    for c in T.METRICS + ("target_speedup",):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    for c in ("dataset", "model", "method", "status"):
+        df[c] = df[c].astype("string").fillna("?")
+    return df
+
+
+def load(results: str) -> tuple[pd.DataFrame, str | None]:
+    """Read `results` (a results.parquet, a sweep output directory, a file://, s3:// or gs://
+    URI) -> (frame, its local path or None); or raise ProgpruneError saying what is wrong."""
+    results = os.fspath(results)
+    try:
+        fs, path = pafs.FileSystem.from_uri(results) if "://" in results else \
+            (pafs.LocalFileSystem(), os.path.abspath(results))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
+        raise ProgpruneError(f"cannot open URI {results}: {_one_line(e)}") from None
+    try:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:  # a sweep's output: its results.parquet is the table
+            path = path.rstrip("/") + "/" + RESULTS_NAME
+            if fs.get_file_info(path).type != pafs.FileType.File:
+                raise ProgpruneError(f"no {RESULTS_NAME} in directory {results}")
+        elif kind == pafs.FileType.NotFound:
+            raise ProgpruneError(f"results not found: {results}")
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ProgpruneError(f"not a Parquet file: {results} ({_one_line(e)})") from None
+    except OSError as e:
+        raise ProgpruneError(f"cannot read {results}: {_one_line(e)}") from None
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ProgpruneError(f"not a progprune results table: {results} lacks required columns "
+                             f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}")
+    return frame_of(table), path if isinstance(fs, pafs.LocalFileSystem) else None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _write(path: str, text: str) -> None:
@@ -131,12 +160,12 @@ def _atomic_dir(out_dir: str):
     except OSError as e:
         raise ProgpruneError(f"cannot write the report to {out_dir}: {e.strerror or e}; "
                              "pass a writable --out") from None
+    old = None
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a report is for reading
         yield tmp
-        old = None
         if os.path.lexists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "report"))
@@ -146,13 +175,12 @@ def _atomic_dir(out_dir: str):
             if old:
                 os.rename(os.path.join(old, "report"), out_dir)
             raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
         if old:
             shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 from progprune.report._command import report_command  # noqa: E402
 
-__all__ = ["build_report", "report_command", "FORMATS"]
+__all__ = ["build_report", "show", "report_command", "FORMATS"]

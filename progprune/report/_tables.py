@@ -1,0 +1,259 @@
+"""Rows -> per-operating-point means/stds over seeds, the problems, the setup; and the report
+as one list of blocks rendered three ways (Markdown, self-contained HTML, rich tables for
+the terminal), so the three never disagree."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+
+import pandas as pd
+
+GROUP = ["dataset", "model", "method", "target_speedup"]
+PANEL = ["dataset", "model"]
+METRICS = ("achieved_speedup", "compression_ratio", "base_top1", "pruned_top1", "pruned_top1_bn",
+           "final_top1", "latency_speedup")  # aggregated as <name>_mean / <name>_std over ok seeds
+MIN_POINTS = 5  # ShrinkBench: curves over >= 5 operating points, not single points
+SUMMARY_HEADERS = ["Method", "Target", "MACs speedup", "Compression (params)", "Base top-1 %",
+                   "Pruned top-1 % (before FT)", "Pruned + BN re-est. %", "Final top-1 %",
+                   "Latency speedup", "n"]
+PROBLEM_HEADERS = ["Dataset", "Model", "Method", "Target", "Seed", "Status", "MACs speedup reached", "Error"]
+LEGEND = (
+    "Mean ± std over seeds (std with ddof=1; none for a single seed); n = seeds that "
+    "finished ok (+ those that did not). Top-1 in %. MACs speedup = base MACs / pruned "
+    "MACs; compression = base params / pruned params; latency speedup = base ms / pruned "
+    "ms, measured. \"Pruned\" is top-1 right after pruning, before fine-tuning; \"Pruned + BN "
+    "re-est.\" is the same model after its BatchNorm statistics were re-estimated on a few "
+    "training batches (a better predictor of the fine-tuned result)."
+)
+SETUP = (  # (label, column): read from the rows so a reader can rerun the sweep
+    ("Sweep", "sweep"), ("Datasets", "dataset"), ("Models", "model"), ("Methods", "method"),
+    ("Target speedups", "target_speedup"), ("Seeds", "seed"), ("Base-training epochs", "base_epochs"),
+    ("Sparse-learning epochs", "sparse_epochs"), ("Fine-tune epochs", "finetune_epochs"),
+    ("Fine-tune workers", "finetune_workers"), ("Global pruning", "global_pruning"),
+    ("Iterative steps", "iterative_steps"), ("round_to", "round_to"),
+    ("Latency batch size", "latency_batch_size"), ("Devices", "device"), ("torch", "torch_version"),
+    ("torch-pruning", "torch_pruning_version"), ("ray", "ray_version"), ("progprune", "progprune_version"),
+)
+
+
+# ---- numbers ---------------------------------------------------------------------------------
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, model, method, target) with >= 1 ok seed; std is over seeds
+    (ddof=1, so NaN for a single seed); n counts ok seeds, not_ok the others."""
+    ok = df[df["status"] == "ok"]
+    cols = GROUP + ["n", "not_ok"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    if ok.empty:
+        return pd.DataFrame(columns=cols + ["latency_rose"])
+    g = ok.groupby(GROUP, sort=True, dropna=False)
+    out = g.size().rename("n").to_frame()
+    out["not_ok"] = df[df["status"] != "ok"].groupby(GROUP).size().reindex(out.index).fillna(0).astype(int)
+    for m in METRICS:
+        out[f"{m}_mean"], out[f"{m}_std"] = g[m].mean(), g[m].std(ddof=1)
+    # MACs fell but the measured latency rose: the point a MACs-only table hides
+    out["latency_rose"] = (out["achieved_speedup_mean"] > 1) & (out["latency_speedup_mean"] < 1)
+    return out.reset_index()[cols + ["latency_rose"]]
+
+
+def base_reference(df: pd.DataFrame) -> pd.DataFrame:
+    """The unpruned control per (dataset, model): base top-1 mean/std over seeds."""
+    ok = df[(df["status"] == "ok") & df["base_top1"].notna()]
+    per_seed = ok.groupby(PANEL + ["seed"])["base_top1"].mean()
+    return per_seed.groupby(level=PANEL).agg(["mean", "std"]).reset_index()
+
+
+def problems(df: pd.DataFrame) -> pd.DataFrame:
+    """Combinations that did not finish ok, each with its error on one line."""
+    bad = df[df["status"] != "ok"].copy()
+    bad["error"] = [" ".join(str(e).split())[:500] if isinstance(e, str) else "(no error recorded)"
+                    for e in bad["error"]]
+    cols = GROUP + ["seed", "status", "achieved_speedup", "error", "combo_id"]
+    return bad.sort_values(GROUP + ["seed"])[cols].reset_index(drop=True)
+
+
+def distinct(s: pd.Series) -> list[str]:
+    values = sorted((v for v in s.dropna().unique() if v != ""), key=lambda v: (str(type(v)), v))
+    return [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+
+
+def setup(df: pd.DataFrame) -> list[tuple[str, str]]:
+    status = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
+    items = [("Rows", f"{len(df)} ({status})" if len(df) else "0")]
+    for label, col in SETUP:
+        values = distinct(df[col])
+        mixed = " (mixed: rows come from different installs)" if col.endswith("_version") and len(values) > 1 else ""
+        items.append((label, (", ".join(values) or "not recorded") + mixed))
+    started, finished = distinct(df["started_at"]), distinct(df["finished_at"])
+    if started or finished:
+        items.append(("Ran", f"{started[0] if started else '?'} .. {finished[-1] if finished else '?'}"))
+    return items
+
+
+def common_settings(df: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str]]:
+    """From each row's resolved config_json: settings shared by every row (the recipe),
+    and the keys that vary (the sweep's axes)."""
+    flat = [_flatten(json.loads(b)) for b in df["config_json"].dropna()]
+    keys = sorted(set().union(*flat)) if flat else []
+    seen = {k: {json.dumps(f.get(k), sort_keys=True) for f in flat} for k in keys}
+    return [(k, v.pop()) for k, v in seen.items() if len(v) == 1], [k for k, v in seen.items() if len(v) > 1]
+
+
+def _flatten(obj, prefix=""):
+    if not isinstance(obj, dict):
+        return {prefix[:-1]: obj}
+    return {k2: v2 for k, v in obj.items() for k2, v2 in _flatten(v, f"{prefix}{k}.").items()}
+
+
+def notes(agg: pd.DataFrame) -> list[str]:
+    """Where the sweep falls short of ShrinkBench's reporting practice, said plainly."""
+    if agg.empty:
+        return []
+    points = agg.groupby(PANEL + ["method"]).size()
+    short = [f"{d}/{m}/{meth} ({n})" for (d, m, meth), n in points.items() if n < MIN_POINTS]
+    single, methods = (agg["n"] < 2).sum(), set(agg["method"])
+    return [text for cond, text in [
+        (short, f"Curves with fewer than {MIN_POINTS} operating points (targets): " + ", ".join(short) + "."),
+        (single, f"{single} operating point(s) have a single ok seed: no std shown."),
+        ("random" not in methods, "No `random` baseline in this sweep."),
+        (not methods & {"l1", "l2"}, "No magnitude (`l1`/`l2`) baseline in this sweep."),
+        (agg["latency_speedup_mean"].isna().all(), "No latency was measured: only MACs speedups are reported."),
+    ] if cond]
+
+
+# ---- cells -----------------------------------------------------------------------------------
+def _ms(mean, std=None, scale=1.0, suffix="") -> str:
+    if mean is None or math.isnan(mean):
+        return "–"
+    text = f"{mean * scale:.2f}{suffix}"
+    return text if std is None or math.isnan(std) else text + f" ± {std * scale:.2f}"
+
+
+def panels(agg: pd.DataFrame):
+    """(dataset / model title, [(cells, latency rose)]) per panel of the summary."""
+    for (dataset, model), sub in agg.groupby(PANEL, sort=True):
+        rows = []
+        for _, r in sub.iterrows():
+            cell = lambda m, scale=1.0, suffix="": _ms(r[f"{m}_mean"], r[f"{m}_std"], scale, suffix)  # noqa: E731
+            n = f"{r['n']}" + (f" (+{r['not_ok']} not ok)" if r["not_ok"] else "")
+            rows.append(([r["method"], f"{r['target_speedup']:g}x", cell("achieved_speedup", suffix="x"),
+                          cell("compression_ratio", suffix="x"), cell("base_top1", 100),
+                          cell("pruned_top1", 100), cell("pruned_top1_bn", 100), cell("final_top1", 100),
+                          cell("latency_speedup", suffix="x") + (" (latency rose)" if r["latency_rose"] else ""),
+                          n], bool(r["latency_rose"])))
+        yield f"{dataset} / {model}", rows
+
+
+def problem_rows(probs: pd.DataFrame) -> list[list[str]]:
+    return [[r["dataset"], r["model"], r["method"], f"{r['target_speedup']:g}x", str(r["seed"]), r["status"],
+             _ms(r["achieved_speedup"], suffix="x"), r["error"]] for _, r in probs.iterrows()]
+
+
+# ---- the document: ("h1"|"h2"|"h3"|"p", text) ("ul", [text]) ("table", headers, rows) ("img", file, alt)
+def blocks(*, title, intro, setup, agg, probs, plots, notes, common, varying, empty) -> list[tuple]:
+    out = [("h1", title), ("p", intro)]
+    if empty:
+        out.append(("p", "The results table is empty: it has no rows, so there is nothing to aggregate or plot."))
+    out += [("h2", "Setup"), ("table", ["Setting", "Value"], [list(s) for s in setup])]
+    if empty:
+        return out
+    out.append(("h2", "Results by operating point"))
+    out.append(("p", LEGEND if len(agg) else "No combination finished ok: see the list below."))
+    for title_, rows in panels(agg):
+        out += [("h3", title_), ("table", SUMMARY_HEADERS, [cells for cells, _ in rows])]
+    if plots:
+        out += [("h2", "Plots")] + [("img", file, alt) for file, alt in plots.values()]
+    rose = agg[agg["latency_rose"].astype(bool)]
+    if len(rose):
+        out += [("h2", "Latency rose although MACs fell"), ("ul", [
+            f"{r['dataset']} / {r['model']} / `{r['method']}` at target {r['target_speedup']:g}x: "
+            f"MACs speedup {r['achieved_speedup_mean']:.2f}x but latency speedup "
+            f"{r['latency_speedup_mean']:.2f}x (slower than the unpruned model)" for _, r in rose.iterrows()])]
+    out.append(("h2", "Not ok: unreachable and failed combinations"))
+    out.append(("table", PROBLEM_HEADERS, problem_rows(probs)) if len(probs)
+               else ("p", "None: every combination finished ok."))
+    if notes:
+        out += [("h2", "Reporting notes (ShrinkBench practice)"), ("ul", notes)]
+    if common:
+        axes = ": " + ", ".join(f"`{k}`" for k in varying) if varying else ""
+        out += [("h2", "Recipe: settings shared by every row"),
+                ("p", "From each row's resolved `config_json`" + (f"; the keys that vary are the sweep's axes{axes}."
+                                                                   if varying else ".")),
+                ("table", ["Setting", "Value"], [[k, f"`{v}`"] for k, v in common])]
+    return out
+
+
+def to_markdown(doc: list[tuple]) -> str:
+    cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = []
+    for kind, *b in doc:
+        if kind in ("h1", "h2", "h3"):
+            lines.append("#" * int(kind[1]) + " " + b[0])
+        elif kind == "p":
+            lines.append(b[0])
+        elif kind == "ul":
+            lines += [f"- {item}" for item in b[0]]
+        elif kind == "table":
+            lines += ["| " + " | ".join(map(cell, b[0])) + " |", "|" + "---|" * len(b[0])]
+            lines += ["| " + " | ".join(map(cell, r)) + " |" for r in b[1]]
+        elif kind == "img":
+            lines.append(f"![{b[1]}]({b[0]})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}
+table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;
+font-size:13px;text-align:left}th{background:#f3f3f3}code{background:#f3f3f3;padding:0 3px}
+img{max-width:100%}.rose{color:#b00;font-weight:bold}"""
+
+
+def to_html(doc: list[tuple], image_dir: str) -> str:
+    """Self-contained: the images inlined as base64. `code` spans are the only inline markup."""
+    esc = lambda t: re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(str(t), quote=False))  # noqa: E731
+    td = lambda c: f'<td class="rose">{esc(c)}</td>' if "latency rose" in str(c) else f"<td>{esc(c)}</td>"  # noqa: E731
+    body = []
+    for kind, *b in doc:
+        if kind in ("h1", "h2", "h3", "p"):
+            body.append(f"<{kind}>{esc(b[0])}</{kind}>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in b[0]) + "</ul>")
+        elif kind == "table":
+            body.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in b[0]) + "</tr></thead><tbody>"
+                        + "".join("<tr>" + "".join(map(td, r)) + "</tr>" for r in b[1]) + "</tbody></table>")
+        elif kind == "img":
+            with open(os.path.join(image_dir, b[0]), "rb") as f:
+                data = base64.b64encode(f.read()).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(b[1])}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(b[1])}</figcaption></figure>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(doc[0][1])}'
+            f"</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def terminal(agg: pd.DataFrame, probs: pd.DataFrame, empty: bool) -> list:
+    """The results tables for a terminal: what `progprune report` and a sweep's end print."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if empty:
+        return [Text("The results table is empty: no rows to report.", style="yellow")]
+    out = [] if len(agg) else [Text("No combination finished ok.", style="yellow")]
+    for title, rows in panels(agg):
+        t = Table(*SUMMARY_HEADERS, title=title, title_justify="left")
+        for h, col in zip(SUMMARY_HEADERS, t.columns):
+            col.justify = "left" if h == "Method" else "right"
+        for cells, rose in rows:
+            t.add_row(*cells[:-2], Text(cells[-2], style="bold red" if rose else ""), cells[-1])
+        out.append(t)
+    if len(agg):
+        out.append(Text(LEGEND, style="dim"))
+    if len(probs):
+        t = Table(*PROBLEM_HEADERS, title="Not ok: unreachable and failed combinations", title_justify="left")
+        for col in t.columns:
+            col.overflow = "fold"
+        for r in problem_rows(probs):
+            t.add_row(*r[:5], Text(r[5], style="yellow" if r[5] == "unreachable" else "red"), *r[6:])
+        out.append(t)
+    return out
