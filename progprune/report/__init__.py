@@ -28,6 +28,8 @@ from progprune.results import COLUMNS
 
 FORMATS = ("md", "html")
 RESULTS_NAME = "results.parquet"
+REQUIRED = T.GROUP + ["seed", "status", "error", "achieved_speedup", "compression_ratio", "base_top1",
+                      "pruned_top1", "final_top1", "latency_speedup"]  # without these, no report
 MARKER = ".progprune-report"  # only a directory holding this is ever replaced
 PLOTS = {"accuracy": ("accuracy_vs_speedup.png", "Final top-1 vs achieved MACs speedup, per method, "
                                                  "with the unpruned control"),
@@ -90,8 +92,9 @@ def show(frame: pd.DataFrame, console, table=None, probs=None) -> None:
 
 
 def frame_of(table: pa.Table) -> pd.DataFrame:
-    """A results table as the report reads it: numbers as floats, labels as strings."""
-    df = table.to_pandas()
+    """A results table as the report reads it: numbers as floats, labels as strings; a
+    column added to the schema after the table was written reads as blank."""
+    df = table.to_pandas().reindex(columns=list(COLUMNS))
     for c in T.METRICS + ("target_speedup",):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     for c in ("dataset", "model", "method", "status"):
@@ -122,10 +125,10 @@ def load(results: str) -> tuple[pd.DataFrame, str | None]:
         raise ProgpruneError(f"not a Parquet file: {results} ({_one_line(e)})") from None
     except OSError as e:
         raise ProgpruneError(f"cannot read {results}: {_one_line(e)}") from None
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise ProgpruneError(f"not a progprune results table: {results} lacks required columns "
-                             f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}")
+                             f"{', '.join(missing)}")
     return frame_of(table), path if isinstance(fs, pafs.LocalFileSystem) else None
 
 
