@@ -4,13 +4,20 @@
 # torch is installed first and on its own so that a CPU-only machine never pulls a
 # multi-GB CUDA build; override TORCH_SPEC / TORCH_INDEX for another build, e.g.
 #   make test TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu
+# The torchvision/timm tests (-m realmodels) run in a second environment, .venv-tv: PyPI's
+# torchvision does not load beside the CPU torch 2.13.0 wheel, and with torchvision installed
+# `import torch_pruning` pulls torchvision -> torch._inductor into every test process (~8 s
+# and ~850 MB each), so the main suite stays on the plain CPU torch.
 VENV        ?= .venv
 PYTHON      ?= python3
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 PY          := $(VENV)/bin/python
+VENV_TV     ?= .venv-tv
+TV_SPEC     ?= torch==2.14.1 torchvision==0.29.1
+PY_TV       := $(VENV_TV)/bin/python
 
-.PHONY: demo test install clean-runs
+.PHONY: demo test test-main test-realmodels install install-tv clean-runs
 
 install: $(VENV)/.installed
 
@@ -20,11 +27,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+install-tv: $(VENV_TV)/.installed
+
+$(VENV_TV)/.installed: pyproject.toml
+	test -x $(PY_TV) || $(PYTHON) -m venv $(VENV_TV)
+	$(PY_TV) -m pip install -q $(TORCH_INDEX) $(TV_SPEC)
+	$(PY_TV) -m pip install -q -e ".[test,models]"
+	touch $@
+
 demo: install
 	$(VENV)/bin/progprune sweep ray_jobs/digits_smoke.yaml
 
-test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+# both suites run; the second one even when the first failed, and make fails if either did
+test:
+	$(MAKE) test-main; a=$$?; $(MAKE) test-realmodels; b=$$?; test $$a -eq 0 -a $$b -eq 0
+
+test-main: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not realmodels"
+
+test-realmodels: install-tv
+	$(PY_TV) -m pytest -q -p no:cacheprovider -m realmodels tests/test_real_models.py
 
 clean-runs:
 	rm -rf runs/

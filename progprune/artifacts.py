@@ -31,7 +31,7 @@ import torch_pruning as tp
 
 from progprune._atomic import atomic_path
 from progprune.errors import ProgpruneError
-from progprune.models import build_model
+from progprune.models import build_model, head_name, sync_attention  # noqa: F401 (head_name: re-exported)
 
 FORMAT = "progprune.artifact/1"
 HISTORY_ATTR = "_progprune_history"  # set on models rebuilt from an artifact: their prior rounds
@@ -166,21 +166,10 @@ def _sha256(path: str) -> str:
 
 
 # ---- rebuilding the model -------------------------------------------------------------
-def head_name(model: nn.Module) -> str | None:
-    """The classifier: the last Linear/Conv registered in the model (`fc` in ResNets,
-    `classifier` in VGG, `conv2` in the CIFAR MobileNetV2, `heads.head` in torchvision's
-    ViT, `classifier.N` in torchvision's VGG/MobileNets)."""
-    name = None
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            name = n
-    return name
-
-
-def _fresh(name: str, num_classes: int, seed: int) -> nn.Module:
+def _fresh(name: str, num_classes: int, seed: int, input_shape=None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
         torch.manual_seed(seed)
-        return build_model(name, num_classes)
+        return build_model(name, num_classes, input_shape)
 
 
 def _shape_mismatches(model: nn.Module, sd: dict, skip=()) -> list[str]:
@@ -226,8 +215,8 @@ def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list
                  reset_head: bool, seed: int, hint: str) -> tuple[nn.Module, dict]:
     """Build `name` for `num_classes`, give it `sd`'s widths, load `sd`. One clean error
     naming what does not fit (first keys and shapes, class counts) otherwise."""
-    model = _fresh(name, num_classes, seed)
-    head = head_name(model)
+    model = _fresh(name, num_classes, seed, input_shape)
+    head = head_name(model, torch.zeros(1, *input_shape))  # zeros: the caller's RNG stays untouched
     head_keys = {k for k in model.state_dict() if head and k.startswith(head + ".")}
     ck_classes = int(sd[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in sd else None
     if ck_classes is not None and ck_classes != num_classes and not reset_head:
@@ -243,16 +232,18 @@ def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list
         try:
             dg = _trace(model, input_shape)
             dg.load_pruning_history([(n, bool(o), list(i)) for n, o, i in history])
+            sync_attention(model)  # head counts follow the replayed widths
             rebuilt, carried = "history", list(history)
         except Exception:  # names or indices that do not replay: the shapes decide below
-            model = _fresh(name, num_classes, seed)
+            model = _fresh(name, num_classes, seed, input_shape)
         if rebuilt == "history" and _shape_mismatches(model, sd):
-            model, rebuilt, carried = _fresh(name, num_classes, seed), "fresh", []
+            model, rebuilt, carried = _fresh(name, num_classes, seed, input_shape), "fresh", []
     if _shape_mismatches(model, sd):
         try:
             carried, rebuilt = _fit_to_shapes(model, sd, input_shape, head), "shapes"
+            sync_attention(model)
         except Exception:  # a width no pruning reaches: the message below names it
-            model, rebuilt, carried = _fresh(name, num_classes, seed), "fresh", []
+            model, rebuilt, carried = _fresh(name, num_classes, seed, input_shape), "fresh", []
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not (reset_head and k in head_keys)]
     unexpected = [k for k in sd if k not in own]

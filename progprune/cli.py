@@ -61,12 +61,13 @@ def main():
 
 @main.command("models")
 def models_cmd():
-    """List the registered model names."""
-    from progprune.models import list_models
+    """List the registered model names, and how to name torchvision, timm and your own."""
+    from progprune.models import KINDS, list_models
 
     for name in list_models():
         click.echo(name)
-    click.echo("tv:NAME (any torchvision classification model; pip install 'progprune[torchvision]')")
+    for _, form, what in KINDS:
+        click.echo(f"{form} ({what})")
 
 
 @main.command("methods")
@@ -83,13 +84,14 @@ def methods_cmd():
 # flag -> the spec field(s) it sets. Types, bounds and defaults come from the schema
 # (progprune.config), so `prune` and `sweep` validate and hash the same settings alike.
 _FLAGS = [
-    ("--model", ["models[0].name"], str, "registry name (see `progprune models`) or tv:NAME"),
+    ("--model", ["models[0].name"], str,
+     "registry name, tv:NAME, timm:NAME or py:package.module:factory (see `progprune models`)"),
     ("--speedup", ["speedups[0]"], float, "target MACs speedup (base MACs / pruned MACs), > 1"),
     ("--method", ["methods[0]"], str, "pruning method (see `progprune methods`)"),
     ("--dataset", ["dataset.name"], str, "digits, cifar10, cifar100, imagefolder, synthetic"),
     ("--data-dir", ["dataset.data_dir"], str, "dataset directory (cifar10/100, imagefolder); never downloads"),
     ("--num-classes", ["dataset.num_classes"], int, "synthetic: class count; others: checked against the data"),
-    ("--image-size", ["dataset.image_size"], int, "imagefolder/synthetic: square input side in pixels"),
+    ("--image-size", ["dataset.image_size"], int, "square input side in pixels, every dataset (models are traced, counted and timed at it)"),
     ("--test-split", ["dataset.test_split"], str, "imagefolder: test, or val (only when you mean it)"),
     ("--checkpoint", ["models[0].checkpoint"], str, "base model (progprune artifact); else it is trained"),
     ("--reset-head/--keep-head", ["models[0].reset_head"], bool,
@@ -99,6 +101,7 @@ _FLAGS = [
     ("--iterative-steps", ["pruning.iterative_steps"], int, "steps of the linear pruning schedule"),
     ("--max-pruning-ratio", ["pruning.max_pruning_ratio"], float, "per-layer cap over the whole run: every layer keeps ceil((1-r) x its starting width) channels; 1.0 = Torch-Pruning's loop"),
     ("--round-to", ["pruning.round_to"], int, "keep channel counts multiples of N"),
+    ("--ignore", ["pruning.ignore"], "strs", "module-name patterns kept whole besides the classifier (fnmatch, comma-separated: 'features.0.*,*.se.*')"),
     ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of the target (fraction)"),
     ("--base-epochs", ["base_training.epochs"], int, "base training epochs; 0 keeps the seeded random init"),
     ("--base-lr", ["base_training.lr"], float, "base training learning rate"),
@@ -144,7 +147,7 @@ def _flag_options(fn):
         if isinstance(default, bool):
             default = decl.split("/")[0 if default else 1] if "/" in decl else None
         shown = f"  [default: {default}]" if default is not None else ""
-        kind = {"flag": {"is_flag": True, "default": None}, "ints": {"type": _INTS},
+        kind = {"flag": {"is_flag": True, "default": None}, "ints": {"type": _INTS}, "strs": {"type": _STRS},
                 bool: {}}.get(typ, {"type": typ})
         fn = click.option(decl, name, required=decl in _REQUIRED, help=help_ + shown, **kind)(fn)
     return fn
@@ -163,6 +166,16 @@ class _IntList(click.ParamType):
 
 
 _INTS = _IntList()
+
+
+class _StrList(click.ParamType):
+    name = "A,B,..."
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+_STRS = _StrList()
 
 
 def one_combination_spec(flags: dict, output: str | None = None) -> dict:

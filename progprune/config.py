@@ -85,7 +85,9 @@ class DatasetConfig(_Node):
     name: Text = "digits"  # digits, cifar10, cifar100, imagefolder, synthetic
     data_dir: Opt(Text) = None  # cifar/imagefolder read from here; never downloads
     num_classes: Opt(Int(1, 100_000)) = None  # synthetic: the class count; others: checked
-    image_size: Int(1, 4096) = 32  # imagefolder/synthetic: square side in pixels
+    # square side in pixels every data set is resized to: the size models are traced, counted
+    # and timed at (a 224-px model at 224). digits/cifar are 32 px originals, so 32 keeps them
+    image_size: Int(1, 4096) = 32
     synthetic_samples: Int(1, 1_000_000) = 512  # synthetic: train samples (val/test: 1/4 each)
     # imagefolder: the split test accuracy is reported on; "val" only when you mean it (val
     # also picks the best epoch, so its accuracy is optimistic)
@@ -151,6 +153,9 @@ class PruningConfig(_Node):
     # the method's order, to land within tolerance; "reference" takes the whole step, as
     # Torch-Pruning's loop does (its numbers, reproduced exactly)
     crossing: Literal["fine", "reference"] = "fine"
+    # module names kept whole besides the classifier head (fnmatch: "features.0.*", "*.se.*")
+    ignore: Annotated[tuple[Text, ...], BeforeValidator(_one_or_many),
+                      Field(strict=False, max_length=1000, description="a list of module-name patterns")] = ()
 
 
 class PruneConfig(PruningConfig):
@@ -305,12 +310,16 @@ class ComboConfig(_Node):
         p = self.prune
         return _digest({"base": self.base_key(), "method": p.method, "global": p.global_pruning,
                         "max_ratio": p.max_pruning_ratio, "round_to": p.round_to,
-                        "sparse": self.sparse.model_dump() if self.sparse else None})
+                        "sparse": self.sparse.model_dump() if self.sparse else None,
+                        **({"ignore": list(p.ignore)} if p.ignore else {})})
 
     def combo_id(self) -> str:
         """Stable hash of every setting that changes this combination's result row."""
         exclude = {"sweep"} | ({"base_checkpoint"} if self.base_checkpoint_sha256 else set())
-        return _digest(self.model_dump(exclude=exclude))
+        data = self.model_dump(exclude=exclude)
+        if not self.prune.ignore:  # settings added later hash as before while unset
+            data["prune"].pop("ignore")
+        return _digest(data)
 
 
 def _digest(obj: Any) -> str:

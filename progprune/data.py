@@ -208,18 +208,20 @@ def _need_dir(cfg: DatasetConfig, expected: str) -> Path:
 
 @register_dataset("digits", num_classes=10)
 def _load_digits(cfg: DatasetConfig, seed: int) -> Splits:
-    """scikit-learn's 1,797 8x8 digits, upsampled to 3x32x32; fixed 70/15/15 split."""
+    """scikit-learn's 1,797 8x8 digits, upsampled to 3 x image_size x image_size (default
+    32); fixed 70/15/15 split."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     img = torch.from_numpy(d.images).float().mul_(255 / 16)[:, None]  # 0..16 -> 0..255
-    img = F.interpolate(img, size=(32, 32), mode="bilinear", align_corners=False)
+    s = cfg.image_size
+    img = F.interpolate(img, size=(s, s), mode="bilinear", align_corners=False)
     x = img.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     y = torch.from_numpy(d.target).long()
     n_hold = round(0.15 * len(y))
     (test_x, test_y), (val_x, val_y), (train_x, train_y) = _split(x, y, (n_hold, n_hold))
     mean, std = _mean_std(train_x)
-    return Splits("digits", 10, (3, 32, 32), train_x, train_y, val_x, val_y, test_x, test_y, mean, std)
+    return Splits("digits", 10, (3, s, s), train_x, train_y, val_x, val_y, test_x, test_y, mean, std)
 
 
 # ---- CIFAR -----------------------------------------------------------------------------
@@ -298,9 +300,21 @@ def _load_cifar(cfg: DatasetConfig, seed: int) -> Splits:
     parts = [_cifar_arrays(d / f, spec["label"], spec["classes"]) for f in spec["train"]]
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     test_x, test_y = _cifar_arrays(d / spec["test"], spec["label"], spec["classes"])
+    x, test_x = _resize(x, cfg.image_size), _resize(test_x, cfg.image_size)
     (val_x, val_y), (train_x, train_y) = _split(x, y, (round(0.1 * len(y)),))
-    return Splits(cfg.name, spec["classes"], (3, 32, 32), train_x, train_y, val_x, val_y,
+    s = cfg.image_size
+    return Splits(cfg.name, spec["classes"], (3, s, s), train_x, train_y, val_x, val_y,
                   test_x, test_y, spec["mean"], spec["std"])
+
+
+def _resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """uint8 (N, C, H, W) images resized to size x size (bilinear, antialiased), a chunk at
+    a time so the float copy stays small; unchanged when already that size."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return torch.cat([F.interpolate(part.float(), size=(size, size), mode="bilinear", antialias=True,
+                                    align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+                      for part in x.split(chunk)]) if len(x) else x.new_zeros((0, x.shape[1], size, size))
 
 
 register_dataset("cifar10", check=_check_cifar, num_classes=10)(_load_cifar)

@@ -56,7 +56,8 @@ import torch_pruning as tp
 
 from progprune.errors import ProgpruneError
 from progprune.macs import _BNS, MacsCounter, count_exact
-from progprune.models import classifier_layers
+from progprune.models import attention_heads, classifier_layers, sync_attention
+from progprune.models._attention import HEAD_PRUNING_RATIO
 
 if TYPE_CHECKING:  # duck-typed: any object with these attributes will do
     from progprune.config import PruneConfig, SparseConfig
@@ -289,6 +290,23 @@ register_method(Method(
 # --------------------------------------------------------------------------------------
 # Pruner construction
 # --------------------------------------------------------------------------------------
+def ignored_modules(model: nn.Module, patterns) -> list[nn.Module]:
+    """The modules whose names match any of `patterns` (fnmatch: `features.0.*`, `*.fc`),
+    kept whole along with the classifier. A pattern that matches nothing is an error."""
+    import fnmatch
+
+    named = [(n, m) for n, m in model.named_modules() if n]
+    out = []
+    for pattern in patterns:
+        hits = [m for n, m in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            names = ", ".join(n for n, _ in named[:5])
+            raise ProgpruneError(f"{pattern!r} matches no module name (they read like {names}, ...)",
+                                 field="pruning.ignore")
+        out += [m for m in hits if m not in out]
+    return out
+
+
 def make_pruner(model: nn.Module, example_inputs: torch.Tensor, cfg: PruneConfig,
                 num_classes: int, sparse: SparseConfig | None = None) -> tp.pruner.BasePruner:
     """Torch-Pruning's pruner for `cfg.method`. `cfg` needs .method, .global_pruning,
@@ -297,19 +315,33 @@ def make_pruner(model: nn.Module, example_inputs: torch.Tensor, cfg: PruneConfig
     (`pruner.progprune_method`), so `progressive_prune` runs the method's step hooks."""
     method = get_method(cfg.method)
     model.eval()
-    with torch.enable_grad():
-        pruner = method.pruner(
-            model,
-            example_inputs,
-            importance=method.importance(num_classes),
-            global_pruning=cfg.global_pruning,
-            pruning_ratio=1.0,
-            max_pruning_ratio=cfg.max_pruning_ratio,
-            iterative_steps=cfg.iterative_steps,
-            round_to=cfg.round_to,
-            ignored_layers=classifier_layers(model, num_classes),
-            **method.pruner_kwargs(sparse),
-        )
+    ignored = classifier_layers(model, num_classes, example_inputs)
+    ignored += [m for m in ignored_modules(model, getattr(cfg, "ignore", ()) or ()) if m not in ignored]
+    heads, groups = attention_heads(model)
+    attention = {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False,
+                 "head_pruning_ratio": HEAD_PRUNING_RATIO} if heads else {}
+    try:
+        with torch.enable_grad():
+            pruner = method.pruner(
+                model,
+                example_inputs,
+                importance=method.importance(num_classes),
+                global_pruning=cfg.global_pruning,
+                pruning_ratio=1.0,
+                max_pruning_ratio=cfg.max_pruning_ratio,
+                iterative_steps=cfg.iterative_steps,
+                round_to=cfg.round_to,
+                ignored_layers=ignored,
+                out_channel_groups=groups,
+                **attention,
+                **method.pruner_kwargs(sparse),
+            )
+    except ProgpruneError:
+        raise
+    except Exception as e:  # an architecture DepGraph cannot trace (e.g. ShuffleNet's shuffle)
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ProgpruneError(f"Torch-Pruning cannot build the dependency graph of this model "
+                             f"({type(e).__name__}: {first}); choose another model") from None
     pruner.progprune_method = method
     return pruner
 
@@ -330,6 +362,12 @@ CUT_SUBSET = "subset"  # part of the last step's selection that passes over chan
                        # means no subset that was tried lands within it.
 CROSSING_CUTS = (CUT_NONE, CUT_WHOLE, CUT_PREFIX, CUT_SUBSET)
 
+# Which counter the loop read MACs from between steps (PruneOutcome.macs_counter). Reported
+# MACs are Torch-Pruning's count either way; with "torch_pruning" every step deep-copies and
+# runs the model, and the crossing step is taken whole (the fine cut needs the fast counter).
+MACS_FAST = "fast"  # progprune.macs.MacsCounter, from layer widths
+MACS_TP = "torch_pruning"  # tp.utils.count_ops_and_params: the model has layers the fast one lacks
+
 
 @dataclass
 class PruneOutcome:
@@ -347,6 +385,7 @@ class PruneOutcome:
     crossing_channels: list = field(default_factory=lambda: [0, 0])  # last step: [pruned, selected]
     max_pruning_ratio: float = 1.0  # the per-layer cap the run enforced (1.0: none)
     at_floor: bool = False  # stopped early: every prunable group was at its cap's floor
+    macs_counter: str = "fast"  # what counted MACs between steps: MACS_FAST or MACS_TP
 
     @property
     def achieved_speedup(self) -> float:
@@ -697,7 +736,8 @@ def progressive_prune(
     base_macs, base_params = count_exact(model, example_inputs)
     target_macs = base_macs / target_speedup
     counter = MacsCounter(model, example_inputs, expected=base_macs)
-    fast = counter.ok
+    # attention: heads go whole, so a step cannot be cut channel by channel
+    fast = counter.ok and not getattr(pruner, "num_heads", None)
     fine = fast and crossing == "fine"
     ratio = float(getattr(pruner, "max_pruning_ratio", 1.0))
     cap = _Cap(pruner, ratio) if ratio < 1.0 else None
@@ -717,6 +757,7 @@ def progressive_prune(
             pruner.step()
             return CUT_WHOLE, None, False
         finally:
+            sync_attention(model)
             if after:
                 after(model, pruner)
 
@@ -739,7 +780,7 @@ def progressive_prune(
     final_macs, final_params = count_exact(model, example_inputs)
     if fast and final_macs != macs:
         # the fast counter drifted (an unusual architecture): finish with exact counts
-        macs = final_macs
+        fast, macs = False, final_macs
         with torch.enable_grad():
             while macs > target_macs and pruner.current_step < pruner.iterative_steps and not at_floor:
                 cut, channels, at_floor = one_step(False)
@@ -765,6 +806,7 @@ def progressive_prune(
         crossing_channels=[int(c) for c in channels],
         max_pruning_ratio=ratio,
         at_floor=bool(at_floor and status != "ok"),
+        macs_counter=MACS_FAST if fast else MACS_TP,
     )
 
 

@@ -125,7 +125,7 @@ def _resolve_paths(data: dict, base_dir: str) -> dict:
 
 def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
     from progprune.data import check_dataset
-    from progprune.models import list_models
+    from progprune.models import name_problems
     from progprune.pruning import list_methods
 
     out = []
@@ -137,10 +137,8 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
             ckpt = (models[i] if isinstance(models, list) else {}).get("checkpoint")
             if check_paths and _text(ckpt) and not os.path.isfile(ckpt):
                 out.append(Problem(where.replace(".name", ".checkpoint"), f"file not found: {ckpt}"))
-        if _text(m) and m.startswith("tv:"):
-            out += _torchvision_problems(where, m)
-        elif _text(m):
-            out += _unknown_name(where, m, list_models(), "model", prefixes=("tv:",))
+        if _text(m):
+            out += name_problems(where, m)
     methods = data.get("methods")
     for i, m in enumerate(methods if isinstance(methods, list) else [methods]):
         where = f"methods[{i}]" if isinstance(methods, list) else "methods"
@@ -192,28 +190,12 @@ def _sparse_problems(spec: SweepSpec) -> list[Problem]:
     return out
 
 
-def _torchvision_problems(path: str, name: str) -> list[Problem]:
-    """tv:NAME is checked here, at load time, not in a task after the cluster started."""
-    try:
-        import torchvision
-    except ImportError:
-        return [Problem(path, f"{name} needs torchvision, which is not installed; run "
-                              "pip install 'progprune[torchvision]'")]
-    valid = sorted(torchvision.models.list_models(module=torchvision.models))
-    if name[3:] in valid:
-        return []
-    close = _closest(name[3:], valid)
-    hint = f"did you mean 'tv:{close}'? " if close else ""
-    return [Problem(path, f"unknown torchvision model {name!r}; {hint}see torchvision.models.list_models()")]
-
-
-def _unknown_name(path: str, name: str, valid: list[str], kind: str, prefixes=()) -> list[Problem]:
-    if name in valid or any(name.startswith(p) and len(name) > len(p) for p in prefixes):
+def _unknown_name(path: str, name: str, valid: list[str], kind: str) -> list[Problem]:
+    if name in valid:
         return []
     close = _closest(name, valid)
     hint = f"did you mean {close!r}? " if close else ""
-    extra = "".join(f" or {p}NAME" for p in prefixes)
-    return [Problem(path, f"unknown {kind} {name!r}; {hint}valid: {', '.join(valid)}{extra}")]
+    return [Problem(path, f"unknown {kind} {name!r}; {hint}valid: {', '.join(valid)}")]
 
 
 def _output_problems(v: str | None) -> list[Problem]:

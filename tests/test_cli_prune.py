@@ -34,7 +34,8 @@ def test_models_lists_the_registry():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[: len(list_models())] == list_models()
-    assert lines[-1].startswith("tv:NAME")
+    assert [ln.split(" ")[0] for ln in lines[len(list_models()):]] == ["tv:NAME", "timm:NAME",
+                                                                       "py:package.module:factory"]
 
 
 def test_methods_lists_the_registry():

@@ -1,5 +1,6 @@
 """The model registry drives these tests: every registered model builds, runs and prunes."""
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -69,25 +70,29 @@ def test_bad_num_classes():
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision installed")
 def test_torchvision_prefix_without_torchvision():
-    with pytest.raises(ProgpruneError, match=r"pip install 'progprune\[torchvision\]'"):
+    with pytest.raises(ProgpruneError, match=r"pip install 'progprune\[models\]'"):
         build_model("tv:resnet18", 10)
+    with pytest.raises(ProgpruneError, match=r"'timm:resnet18' needs timm"):
+        build_model("timm:resnet18", 10)
 
 
-def test_torchvision_prefix_wiring(monkeypatch):
-    """With a stand-in torchvision: get_model gets the name, weights=None and num_classes."""
-    import sys
-    import types
-
-    calls = []
-    fake_models = types.SimpleNamespace(
-        list_models=lambda module=None: ["resnet18"],
-        get_model=lambda name, **kw: calls.append((name, kw)) or torch.nn.Linear(1, kw["num_classes"]),
-    )
-    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=fake_models))
-    assert build_model("tv:resnet18", 7).out_features == 7
-    assert calls == [("resnet18", {"weights": None, "num_classes": 7})]
-    with pytest.raises(ProgpruneError, match="unknown torchvision model 'tv:resnet19'; valid .*resnet18"):
-        build_model("tv:resnet19", 7)
+def test_py_factory_names(tmp_path, monkeypatch):
+    """py:module:factory: imported from the working directory, called with num_classes=;
+    a factory that fails to import, is missing or returns no module is one clear error.
+    (torchvision and timm models: tests/test_real_models.py, in their own environment.)"""
+    (tmp_path / "my_nets.py").write_text(
+        "import torch\n"
+        "def tiny(num_classes):\n    return torch.nn.Linear(4, num_classes)\n"
+        "def nothing(num_classes):\n    return 'not a module'\n")
+    (tmp_path / "broken_nets.py").write_text("import no_such_package_here\n")
+    monkeypatch.chdir(tmp_path)
+    assert build_model("py:my_nets:tiny", 7).out_features == 7
+    for name, words in [("py:my_nets:nothing", "returned a str, not a torch.nn.Module"),
+                        ("py:my_nets:absent", "my_nets has no callable 'absent'"),
+                        ("py:broken_nets:f", "cannot import broken_nets (ModuleNotFoundError"),
+                        ("py:my_nets", "write py:package.module:factory")]:
+        with pytest.raises(ProgpruneError, match=re.escape(words)):
+            build_model(name, 7)
 
 
 def test_example_inputs_shape():

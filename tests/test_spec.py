@@ -226,8 +226,8 @@ def test_tv_models_are_checked_with_the_spec():
     """Issue 14 #11: a tv: model is judged at load time, not in a task after Ray started."""
     if importlib.util.find_spec("torchvision") is None:
         (msg,) = problems(spec_with(models=["tv:resnet18"]))
-        assert msg == ("models[0]: tv:resnet18 needs torchvision, which is not installed; "
-                       "run pip install 'progprune[torchvision]'")
+        assert msg == ("models[0]: model 'tv:resnet18' needs torchvision, which is not installed; "
+                       "run pip install 'progprune[models]'")
     else:
         assert load_spec_dict(spec_with(models=["tv:resnet18"])).models[0].name == "tv:resnet18"
         (msg,) = problems(spec_with(models=["tv:resnet19"]))

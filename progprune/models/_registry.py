@@ -6,11 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from progprune.errors import ProgpruneError
-
 MODELS: dict[str, Callable[[int], nn.Module]] = {}
-
-_TV_PREFIX = "tv:"
 
 
 def register_model(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
@@ -22,21 +18,8 @@ def register_model(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]
 
 
 def list_models() -> list[str]:
-    """Registered names, sorted (`tv:NAME` torchvision models are not listed)."""
+    """Registered names, sorted (tv:/timm:/py: models are named, not listed)."""
     return sorted(MODELS, key=_natural_key)
-
-
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialised model; `tv:NAME` builds torchvision's NAME (weights=None)."""
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ProgpruneError(f"num_classes: must be a positive integer, got {num_classes!r}")
-    if isinstance(name, str) and name.startswith(_TV_PREFIX):
-        return _build_torchvision(name[len(_TV_PREFIX):], num_classes)
-    if name not in MODELS:
-        raise ProgpruneError(
-            f"unknown model {name!r}; valid: {', '.join(list_models())} or tv:NAME"
-        )
-    return MODELS[name](num_classes)
 
 
 def example_inputs(input_shape: tuple[int, ...] = (3, 32, 32)) -> torch.Tensor:
@@ -44,36 +27,68 @@ def example_inputs(input_shape: tuple[int, ...] = (3, 32, 32)) -> torch.Tensor:
     return torch.randn(1, *input_shape)
 
 
-def classifier_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
-    """Layers to keep whole when pruning: every Linear/Conv whose output width is num_classes.
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+_HEAD_ATTRS = ("fc", "classifier", "heads", "head")  # torchvision's (and the registry's) names
 
-    Torch-Pruning's reproduce/main.py ignores the same set. MobileNetV2's classifier is a
-    1x1 Conv, the others end in a Linear.
+
+def head_name(model: nn.Module, example_inputs: torch.Tensor | None = None) -> str | None:
+    """The name of the classifier: the layer that produces the logits.
+
+    timm's `get_classifier()`; else torchvision's `fc` / `classifier` / `heads` / `head`
+    (the last Linear/Conv inside it: `classifier.3` in MobileNetV3, `heads.head` in ViT);
+    else the last Linear/Conv the forward pass calls (with `example_inputs`) or registers.
     """
-    out = []
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and m.out_features == num_classes:
-            out.append(m)
-        elif isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == num_classes:
-            out.append(m)
-    return out
+    names = {m: n for n, m in model.named_modules()}
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            found = _last_layer(get(), names)
+        except Exception:  # a get_classifier of another meaning: the generic rules decide
+            found = None
+        if found:
+            return found
+    for attr in _HEAD_ATTRS:
+        sub = getattr(model, attr, None)
+        if isinstance(sub, nn.Module):
+            found = _last_layer(sub, names)
+            if found:
+                return found
+    if example_inputs is not None:
+        called: list[nn.Module] = []
+        hooks = [m.register_forward_hook(lambda m, i, o: called.append(m))
+                 for m in model.modules() if isinstance(m, _LAYERS)]
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        if called:
+            return names[called[-1]]
+    return _last_layer(model, names)
 
 
-def _build_torchvision(name: str, num_classes: int) -> nn.Module:
-    try:
-        import torchvision
-    except ImportError:
-        raise ProgpruneError(
-            f"model 'tv:{name}' needs torchvision, which is not installed; "
-            "run pip install 'progprune[torchvision]'"
-        ) from None
-    valid = torchvision.models.list_models(module=torchvision.models)
-    if name not in valid:
-        raise ProgpruneError(
-            f"unknown torchvision model 'tv:{name}'; valid classification models: "
-            + ", ".join(sorted(valid))
-        )
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+def _last_layer(module: nn.Module, names: dict) -> str | None:
+    last = None
+    for m in module.modules():
+        if isinstance(m, _LAYERS) and m in names:
+            last = names[m]
+    return last
+
+
+def classifier_layers(model: nn.Module, num_classes: int | None = None,
+                      example_inputs: torch.Tensor | None = None) -> list[nn.Module]:
+    """Layers to keep whole when pruning: the model's classifier head (`head_name`).
+
+    Torch-Pruning's reproduce/main.py ignores every Linear/Conv whose width is num_classes;
+    on its CIFAR models that is the same single layer, but a real model with a 64-class
+    data set has whole stages 64 wide. `num_classes` is accepted for callers' symmetry.
+    """
+    name = head_name(model, example_inputs)
+    return [model.get_submodule(name)] if name else []
 
 
 def _natural_key(name: str):
