@@ -79,7 +79,7 @@ def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tu
         source, res = "checkpoint", None
     else:
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, splits.num_classes)
+        model = build_model(cfg.model, splits.num_classes, splits.input_shape)
         source, res = ("trained", None) if cfg.base.epochs > 0 else ("init", None)
         if cfg.base.epochs > 0:
             log(f"training base {cfg.model} on {splits.name} for {cfg.base.epochs} epochs")
@@ -150,6 +150,9 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
                                 crossing=cfg.prune.crossing, calib=calib)
     log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x after {outcome.steps} steps "
         f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
+    if outcome.macs_counter != "fast":  # once per prune, and in the row (macs_counter)
+        log(f"  MACs counted by Torch-Pruning's count_ops_and_params after every step: the fast "
+            f"counter does not model {cfg.model} (slower; the crossing step is taken whole)")
     top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
     recal = copy.deepcopy(model)  # fine-tuning starts from the pruned model as it is
     recalibrate_bn(recal, splits, device, seed=cfg.seed)
@@ -210,6 +213,7 @@ def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInf
         row.compression_ratio = o.base_params / o.params
         row.prune_steps, row.prune_seconds = o.steps, o.seconds
         row.crossing, row.crossing_cut = cfg.prune.crossing, o.crossing_cut
+        row.macs_counter = o.macs_counter
         row.pruned_top1 = prune.pruned_top1
         row.base_latency_ms, row.pruned_latency_ms = prune.base_latency_ms, prune.pruned_latency_ms
         row.base_latency_iqr_ms, row.pruned_latency_iqr_ms = prune.base_latency_iqr_ms, prune.pruned_latency_iqr_ms

@@ -57,6 +57,7 @@ class ResultRow:
     overshoot_pct: float | None = None  # (achieved / target - 1) * 100
     crossing: str | None = None  # pruning.crossing: fine | reference
     crossing_cut: str | None = None  # how the last step was cut: none | whole | prefix | subset
+    macs_counter: str | None = None  # counted between steps by: fast (layer widths) | torch_pruning
     sparse_reg: float | None = None  # the regularisation sparse learning used (method recipe or spec)
     compression_ratio: float | None = None  # base params / pruned params
     num_classes: int | None = None
