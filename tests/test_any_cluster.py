@@ -71,7 +71,7 @@ def test_runtime_env_pins_what_pyproject_pins_except_torch_and_ray():
 def test_runtime_env_uploads_the_code_but_not_the_heavy_paths():
     env = yaml.safe_load(RUNTIME_ENV.read_text())
     assert env["working_dir"] == "."
-    assert {".git", ".venv", "runs/", "*.pt", "*.parquet"} <= set(env["excludes"])
+    assert {".git", ".venv", ".venv-tv", "runs/", "*.pt", "*.parquet"} <= set(env["excludes"])
     assert not any(e.startswith("progprune") for e in env["excludes"])
     assert all(isinstance(v, str) for v in env.get("env_vars", {}).values())
 
