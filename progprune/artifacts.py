@@ -60,12 +60,22 @@ def save_artifact(path, model: nn.Module, *, model_name: str, num_classes: int,
         "num_classes": int(num_classes),
         "input_shape": [int(v) for v in input_shape],
         "pruning_history": prior_history(model) + list(history or []),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": _plain_state_dict(model),
         "meta": meta or {},
     }
     with atomic_path(path, ".pt") as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def _plain_state_dict(model: nn.Module) -> dict:
+    """The weights on the CPU, with the per-module versions state_dict() carries (`_metadata`:
+    torchvision's MNASNet refuses a state_dict without them)."""
+    sd = model.state_dict()
+    out = type(sd)((k, v.detach().cpu()) for k, v in sd.items())
+    if hasattr(sd, "_metadata"):
+        out._metadata = sd._metadata
+    return out
 
 
 # ---- reading files --------------------------------------------------------------------

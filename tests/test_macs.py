@@ -95,3 +95,38 @@ def test_counter_declines_when_first_count_disagrees():
     model = build_model("resnet20", 10).eval()
     ex = example_inputs()
     assert not MacsCounter(model, ex, expected=_tp_macs(model, ex) + 1).ok
+
+
+class _Small(torch.nn.Module):
+    """conv -> norm -> conv -> fc; with LayerNorm (over channels) the fast counter declines."""
+
+    def __init__(self, layernorm: bool):
+        super().__init__()
+        self.layernorm = layernorm
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(16) if layernorm else torch.nn.BatchNorm2d(16)
+        self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if self.layernorm else self.norm(x)
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "layernorm"])
+def test_outcome_names_the_counter_that_ran_the_loop(kind):
+    """A model the fast counter does not know falls back to Torch-Pruning's count, and the
+    outcome (hence the row's macs_counter column) says so."""
+    from types import SimpleNamespace
+
+    from progprune.pruning import make_pruner, progressive_prune
+
+    torch.manual_seed(0)
+    model = _Small(kind == "layernorm").eval()
+    ex = example_inputs()
+    cfg = SimpleNamespace(method="l1", global_pruning=True, iterative_steps=20, max_pruning_ratio=1.0, round_to=None)
+    out = progressive_prune(model, make_pruner(model, ex, cfg, 10), ex, 1.5)
+    assert out.status == "ok" and out.achieved_speedup >= 1.5
+    assert out.macs_counter == ("fast" if kind == "batchnorm" else "torch_pruning")
+    assert (out.macs, out.params) == count_exact(model, ex)
