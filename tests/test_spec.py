@@ -529,3 +529,23 @@ def test_per_method_zero_epochs_opt_in():
 
     rows = {build_row(c).method for c in s.combinations()}
     assert rows == {"slim-nosl", "group_sl"}
+
+
+def test_pruning_ignore_patterns():
+    """pruning.ignore: one pattern or a list; part of the key only when set, so specs
+    written before it existed keep their combo_ids."""
+    plain = load_spec_dict(spec_with()).combinations()[0]
+    one = load_spec_dict(spec_with(pruning__ignore="layer1.*")).combinations()[0]
+    assert one.prune.ignore == ("layer1.*",)
+    assert load_spec_dict(spec_with(pruning__ignore=["a.*", "*.fc"])).pruning.ignore == ("a.*", "*.fc")
+    assert one.combo_id() != plain.combo_id() and one.sparse_key() != plain.sparse_key()
+    (msg,) = problems(spec_with(pruning__ignore=[""]))
+    assert msg.startswith("pruning.ignore[0]: must be a non-empty string")
+
+
+def test_py_factory_checked_at_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets_ok.py").write_text("def f(num_classes):\n    return None\n")
+    assert load_spec_dict(spec_with(models=["py:nets_ok:f"])).models[0].name == "py:nets_ok:f"
+    (msg,) = problems(spec_with(models=["py:nets_missing:f"]))
+    assert msg.startswith("models[0]: model 'py:nets_missing:f': cannot import nets_missing (ModuleNotFoundError")
