@@ -15,6 +15,7 @@ before fine-tuning starts; the fine-tune coordinator holds no CPU and no GPU whi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 
@@ -159,6 +160,13 @@ def _train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
+            if os.path.exists(os.path.join(d, "final.pt")):
+                # a worker died after the closing report: the run had finished, say so again
+                with open(os.path.join(d, "finetuned.json"), encoding="utf-8") as f:
+                    final = json.load(f)
+                ray.train.report(final if rank == 0 else {},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+                return
             resume = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
 
     def on_epoch(metrics, state):
@@ -179,6 +187,8 @@ def _train_loop(config: dict) -> None:
     ft.resumed_from_epoch = None if resume is None else int(resume["epoch"])
     with tempfile.TemporaryDirectory() as d:  # the model carries its own history
         _write(os.path.join(d, "final.pt"), model, cfg, splits, meta={"combo_id": cfg.combo_id()})
+        with open(os.path.join(d, "finetuned.json"), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(ft), f)  # for a restart after this report (above)
         ray.train.report(dataclasses.asdict(ft), checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
