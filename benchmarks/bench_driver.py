@@ -2,7 +2,8 @@
 
 Trivial stages, so what is left is the driver: resnet20 on a synthetic 2-class dataset
 (16 train images at 3x32x32, 4 val, 4 test), base training 0 epochs, pruning 5 linear steps,
-fine-tuning 0 epochs inside the prune task (finetune.num_workers 0), latency 1 repeat;
+fine-tuning 0 epochs without Ray Train (finetune.num_workers 0: the fine-tune task
+trains on the prune task's resources), latency 1 repeat;
 speedups 1.2/1.5/2/3 x seeds 0..N/4-1, so N combinations (N prune tasks, N fine-tune
 coordinators, N/4 base tasks). Each N runs `progprune.sweep.run` in a fresh child process
 on an embedded Ray with --cpus CPUs, so the driver's figures are that process's own:
@@ -211,7 +212,7 @@ def main(argv=None):
           f"torch {torch.__version__}, ray {md.version('ray')}, torch-pruning {md.version('torch-pruning')}; "
           f"resnet20, synthetic 2 classes, 16 train images at 3x32x32; speedups "
           f"{'/'.join(f'{s:g}' for s in SPEEDUPS)} x N/4 seeds; base 0 epochs, {args.steps} pruning steps, "
-          f"fine-tune 0 epochs in-task, latency 1 repeat; embedded Ray ({args.cpus} CPUs), 1 CPU per task; "
+          f"fine-tune 0 epochs without Ray Train, latency 1 repeat; embedded Ray ({args.cpus} CPUs), 1 CPU per task; "
           f"one child process per N{' (cProfile on: slower)' if args.profile else ''}; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     results = []
