@@ -215,7 +215,7 @@ def test_prune_from_the_cli(model, tmp_path):
 
     out = tmp_path / "out"
     proc = _cli("prune", "--model", model, "--speedup", "2", "--dataset", "synthetic", "--num-classes", "10",
-                "--image-size", "40", "--base-epochs", "1", "--finetune-epochs", "1", "--iterative-steps", "8",
+                "--image-size", "40", "--base-epochs", "0", "--finetune-epochs", "1", "--iterative-steps", "8",
                 "--latency-repeats", "2", "--output", str(out), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
