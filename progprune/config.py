@@ -207,7 +207,8 @@ MethodEntry = create_model(
 MethodEntry.__doc__ = "A method name plus optional per-method sparse-learning settings."
 
 
-def _overrides(entry) -> dict:
+def method_overrides(entry) -> dict:
+    """A `methods:` entry's own sparse-learning settings (those it sets)."""
     return {k: v for k, v in entry.model_dump(exclude={"name"}).items() if v is not None}
 
 
@@ -245,7 +246,7 @@ class SweepSpec(_Node):
             m = METHODS.get(entry.name)
             if m is None or not m.sparse:
                 return None
-            sl = self.sparse_learning.model_copy(update=_overrides(entry))
+            sl = self.sparse_learning_of(entry)
             return sl.model_copy(update={k: v for k, v in m.sparse_defaults.items()
                                          if getattr(sl, k, None) is None})
 
@@ -266,9 +267,14 @@ class SweepSpec(_Node):
     def method_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.methods)
 
+    def sparse_learning_of(self, entry) -> SparseConfig:
+        """`sparse_learning:` with a method's own settings over it (recipe defaults unfilled)."""
+        return self.sparse_learning.model_copy(update=method_overrides(entry))
+
     @field_serializer("methods")
     def _methods_plain(self, methods):  # a bare name where a method has no settings of its own
-        return [{"name": m.name, **_overrides(m)} if _overrides(m) else m.name for m in methods]
+        own = [method_overrides(m) for m in methods]
+        return [{"name": m.name, **o} if o else m.name for m, o in zip(methods, own)]
 
     def to_dict(self) -> dict:
         """The resolved spec as plain YAML-safe data; the loader accepts it again."""

@@ -164,12 +164,12 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
 def _sparse_problems(spec: SweepSpec) -> list[Problem]:
     """Per-method settings only where a method learns sparsity; and a regularised method
     with no sparse learning is another method under its name."""
-    from progprune.config import _overrides
+    from progprune.config import method_overrides
     from progprune.pruning import METHODS
 
     out, unregularised = [], []
     for i, entry in enumerate(spec.methods):
-        m, own = METHODS.get(entry.name), _overrides(entry)
+        m, own = METHODS.get(entry.name), method_overrides(entry)
         if m is None:
             continue
         if not m.sparse:
@@ -177,7 +177,7 @@ def _sparse_problems(spec: SweepSpec) -> list[Problem]:
                 out.append(Problem(f"methods[{i}]", f"{entry.name} has no sparse learning, so "
                                    f"{', '.join(own)} would change nothing; remove them"))
             continue
-        sl = spec.sparse_learning.model_copy(update=own)
+        sl = spec.sparse_learning_of(entry)
         if sl.epochs == 0 and not sl.allow_zero_epochs:
             unregularised.append((i, entry.name, "epochs" in own))
     if unregularised:

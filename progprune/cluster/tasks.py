@@ -187,9 +187,10 @@ def _train_loop(config: dict) -> None:
     ft.resumed_from_epoch = None if resume is None else int(resume["epoch"])
     with tempfile.TemporaryDirectory() as d:  # the model carries its own history
         _write(os.path.join(d, "final.pt"), model, cfg, splits, meta={"combo_id": cfg.combo_id()})
+        figures = dataclasses.asdict(ft)
         with open(os.path.join(d, "finetuned.json"), "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(ft), f)  # for a restart after this report (above)
-        ray.train.report(dataclasses.asdict(ft), checkpoint=ray.train.Checkpoint.from_directory(d))
+            json.dump(figures, f)  # for a restart after this report (above)
+        ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def run_trainer(cfg: ComboConfig, store: Store, ft: dict) -> Finetuned:
