@@ -1,7 +1,17 @@
 """The project's error types. The CLI maps each to one clean line and an exit code."""
 from __future__ import annotations
 
+import difflib
+import os
 from typing import NamedTuple
+
+
+def closest_names(word: str, options, n: int = 5, cutoff: float = 0.6) -> list[str]:
+    """Up to `n` of `options` close to `word`, best first: difflib's ratio, ties to the
+    longer common prefix (resnet21 -> resnet20)."""
+    close = difflib.get_close_matches(word, list(options), n=n, cutoff=cutoff)
+    return sorted(close, key=lambda c: (difflib.SequenceMatcher(None, word, c).ratio(),
+                                        len(os.path.commonprefix([word, c]))), reverse=True)
 
 
 class ProgpruneError(Exception):

@@ -8,7 +8,6 @@ are what a schema cannot know: YAML 1.2 scalars and duplicate keys, the registri
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import types
@@ -19,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from progprune.config import DatasetConfig, SweepSpec
-from progprune.errors import Problem, ProgpruneError, SpecError
+from progprune.errors import Problem, ProgpruneError, SpecError, closest_names
 
 _SCHEMES = ("file", "s3", "gs")
 _TAG = re.compile(r"^(function|lax|strict|json|chain|tagged)[a-z-]*\[")  # pydantic's, not a field
@@ -304,13 +303,8 @@ def _show(v) -> str:
 
 
 def _closest(word: str, options) -> str | None:
-    """difflib's best match; ties go to the longer common prefix (resnet21 -> resnet20)."""
-    close = difflib.get_close_matches(word, list(options), n=5)
-    if not close:
-        return None
-    best = difflib.SequenceMatcher(None, word, close[0]).ratio()
-    ties = [c for c in close if difflib.SequenceMatcher(None, word, c).ratio() == best]
-    return max(ties, key=lambda c: len(os.path.commonprefix([word, c])))
+    close = closest_names(word, options)
+    return close[0] if close else None
 
 
 class _Loader(yaml.SafeLoader):

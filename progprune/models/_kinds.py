@@ -12,7 +12,6 @@ only for their own kinds.
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import os
@@ -20,7 +19,7 @@ import sys
 
 from torch import nn
 
-from progprune.errors import Problem, ProgpruneError
+from progprune.errors import Problem, ProgpruneError, closest_names
 
 KINDS = (
     ("tv:", "tv:NAME", "any torchvision classification model, weights=None; "
@@ -80,10 +79,7 @@ def _resolve(name: str):
 
 def _hint(word: str, options, prefix: str = "") -> str:
     """"did you mean 'X'? " (+ the next closest names), or "" when nothing is close."""
-    close = difflib.get_close_matches(word, list(options), n=_SHOW + 2, cutoff=0.5)
-    score = lambda c: (difflib.SequenceMatcher(None, word, c).ratio(),  # noqa: E731
-                       len(os.path.commonprefix([word, c])))
-    close = sorted(close, key=score, reverse=True)[:_SHOW]
+    close = closest_names(word, options, n=_SHOW + 2, cutoff=0.5)[:_SHOW]
     if not close:
         return ""
     more = f" (or {', '.join(repr(prefix + c) for c in close[1:])})" if close[1:] else ""
