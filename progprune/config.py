@@ -81,17 +81,44 @@ class _Node(BaseModel):
 
 
 # ---- the sections of a spec --------------------------------------------------------------
+def _rgb(desc: str, **bounds):
+    return Opt(Annotated[tuple[Num(desc, **bounds), Num(desc, **bounds), Num(desc, **bounds)],
+                         Field(strict=False, description=f"three numbers {desc} (R, G, B)")])
+
+
 class DatasetConfig(_Node):
     name: Text = "digits"  # digits, cifar10, cifar100, imagefolder, synthetic
     data_dir: Opt(Text) = None  # cifar/imagefolder read from here; never downloads
     num_classes: Opt(Int(1, 100_000)) = None  # synthetic: the class count; others: checked
-    # square side in pixels every data set is resized to: the size models are traced, counted
-    # and timed at (a 224-px model at 224). digits/cifar are 32 px originals, so 32 keeps them
-    image_size: Int(1, 4096) = 32
+    # square side in pixels the models see: the size they are traced, counted and timed at.
+    # null: 224 for imagefolder (random-resized crops of it in training, resize to
+    # image_size/0.875 + centre crop in evaluation), 32 for the others (32-px originals)
+    image_size: Opt(Int(1, 4096)) = None
     synthetic_samples: Int(1, 1_000_000) = 512  # synthetic: train samples (val/test: 1/4 each)
     # imagefolder: the split test accuracy is reported on; "val" only when you mean it (val
     # also picks the best epoch, so its accuracy is optimistic)
     test_split: Literal["test", "val"] = "test"
+    # per-channel normalisation (0..1 scale); null: the data set's own (CIFAR: its recipe's,
+    # imagefolder: ImageNet's, digits/synthetic: measured on the training split)
+    mean: _rgb("in [0, 1]", ge=0, le=1) = None
+    std: _rgb("in (0, 1]", gt=0, le=1) = None
+    # imagefolder: DataLoader worker processes decoding images; null: one fewer than the
+    # CPUs this process may use (a Ray task's num_cpus), at most 16; 0: decode in-process.
+    # Results do not depend on it (each image's crop is seeded by its position)
+    loader_workers: Opt(Int(0, 256)) = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_of_the_data(cls, data):
+        if isinstance(data, dict) and data.get("image_size") is None:
+            data = {**data, "image_size": 224 if data.get("name") == "imagefolder" else 32}
+        return data
+
+    def key(self) -> dict:
+        """What identifies the data the models see (hashed into base and combination keys):
+        settings added later hash as before while unset; loader_workers changes no result."""
+        return {k: v for k, v in self.model_dump(exclude={"loader_workers"}).items()
+                if v is not None or k not in ("mean", "std")}
 
 
 class TrainConfig(_Node):
@@ -305,7 +332,7 @@ class ComboConfig(_Node):
     # ---- keys deciding reuse -------------------------------------------------------
     def base_key(self) -> str:
         """Identity of the base model: same key -> the same trained (or loaded) weights."""
-        return _digest({"model": self.model, "dataset": self.dataset.model_dump(),
+        return _digest({"model": self.model, "dataset": self.dataset.key(),
                         "seed": self.seed,
                         "checkpoint": self.base_checkpoint_sha256 or self.base_checkpoint,
                         "reset_head": self.reset_head,
@@ -323,6 +350,7 @@ class ComboConfig(_Node):
         """Stable hash of every setting that changes this combination's result row."""
         exclude = {"sweep"} | ({"base_checkpoint"} if self.base_checkpoint_sha256 else set())
         data = self.model_dump(exclude=exclude)
+        data["dataset"] = self.dataset.key()
         if not self.prune.ignore:  # settings added later hash as before while unset
             data["prune"].pop("ignore")
         return _digest(data)

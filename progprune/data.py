@@ -87,6 +87,7 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Splits:
     check_dataset(cfg)
     splits = DATASETS[cfg.name].load(cfg, seed)
     _check_num_classes(cfg, splits.num_classes)
+    splits.mean, splits.std = cfg.mean or splits.mean, cfg.std or splits.std  # the spec's, if set
     return splits
 
 

@@ -180,7 +180,7 @@ def test_yaml_scalars(tmp_path):
         ({"output": "s3://"}, "output: s3:// needs a bucket"),
         ({"output": ""}, "output: must be a non-empty string"),
         ({"dataset": {"name": "digits", "image_size": 0}},
-         "dataset.image_size: must be an integer in [1, 4096], got 0"),
+         "dataset.image_size: must be an integer in [1, 4096] (or null), got 0"),
         ({"dataset": "mnist"}, "dataset.name: unknown dataset 'mnist'"),
         ({"dataset": {"name": "cifar10"}}, "dataset.data_dir: cifar10 reads"),
         ({"models": ["resnet21"]}, "models[0]: unknown model 'resnet21'; did you mean 'resnet20'?"),
@@ -549,3 +549,22 @@ def test_py_factory_checked_at_load(tmp_path, monkeypatch):
     assert load_spec_dict(spec_with(models=["py:nets_ok:f"])).models[0].name == "py:nets_ok:f"
     (msg,) = problems(spec_with(models=["py:nets_missing:f"]))
     assert msg.startswith("models[0]: model 'py:nets_missing:f': cannot import nets_missing (ModuleNotFoundError")
+
+
+def test_dataset_image_size_normalisation_and_loader_workers():
+    """image_size defaults by data set (224 for folders, 32 for the 32-px sets); mean/std
+    take three numbers; settings added later keep old combo_ids while unset, and the loader
+    worker count is in no key (it changes no result)."""
+    plain = load_spec_dict(spec_with()).combinations()[0]
+    assert plain.dataset.image_size == 32
+    assert set(plain.dataset.key()) == {"name", "data_dir", "num_classes", "image_size",
+                                        "synthetic_samples", "test_split"}
+    workers = load_spec_dict(spec_with(dataset={"name": "digits", "loader_workers": 3})).combinations()[0]
+    assert workers.combo_id() == plain.combo_id() and workers.base_key() == plain.base_key()
+    norm = load_spec_dict(spec_with(dataset={"name": "digits", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]}))
+    assert norm.dataset.mean == (0.5, 0.4, 0.3)
+    assert norm.combinations()[0].combo_id() != plain.combo_id()
+    (msg,) = problems(spec_with(dataset={"name": "digits", "std": [0.2, 0, 0.2]}))
+    assert msg.startswith("dataset.std[1]: must be a number in (0, 1]"), msg
+    (msg,) = problems(spec_with(dataset={"name": "digits", "mean": [0.5, 0.5]}))
+    assert msg.startswith("dataset.mean"), msg
