@@ -59,7 +59,7 @@ def make_pruned(path: str, model_name: str, dataset: DatasetConfig, speedup: flo
     out = progressive_prune(model, pruner, ex, speedup)
     save_artifact(path, model, model_name=model_name, num_classes=splits.num_classes,
                   input_shape=splits.input_shape, history=out.history)
-    return {"achieved": out.achieved_speedup, "train": len(splits.train_x), "val": len(splits.val_x),
+    return {"achieved": out.achieved_speedup, "train": splits.size("train"), "val": splits.size("val"),
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -77,7 +77,7 @@ def _combination(job: dict, device, on_epoch=None, wrap=None) -> dict:
 
     t_fit = time.perf_counter()
     fit(model, splits, job["train"], device, seed=job["seed"], on_epoch=stamp, wrap=wrap)
-    top1, _ = evaluate(model, splits.test_x, splits.test_y, splits, device)
+    top1, _ = evaluate(model, splits, "test", device)
     with tempfile.TemporaryDirectory() as d:
         save_artifact(os.path.join(d, "final.pt"), model, model_name=job["model"],
                       num_classes=splits.num_classes, input_shape=splits.input_shape,

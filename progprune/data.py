@@ -44,6 +44,15 @@ class Splits:
     mean: tuple[float, ...]  # per channel, 0..1 scale
     std: tuple[float, ...]
 
+    def size(self, split: str) -> int:
+        return len(getattr(self, f"{split}_y"))
+
+    def batches(self, split: str, batch_size: int, *, device="cpu", **kw):
+        """Normalised batches of `split` ("train", "val", "test") on `device`; keywords as
+        `batches()`. The interface every data set offers (see `progprune.folder` too)."""
+        return batches(getattr(self, f"{split}_x"), getattr(self, f"{split}_y"), batch_size,
+                       mean=self.mean, std=self.std, device=device, **kw)
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -120,11 +129,27 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, mean, std, shu
     drops an incomplete last batch). Augmentation is a random crop of the image padded by 4
     (reflect; zeros below 5 pixels) and a horizontal flip, drawn per sample from `generator` and applied as batched tensor ops.
     """
+    idx = sample_order(len(x), batch_size, shuffle=shuffle, generator=generator, rank=rank,
+                       world_size=world_size, drop_last=drop_last)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+    idx = idx.to(x.device)
+    for start in range(0, len(idx), batch_size):
+        b = idx[start:start + batch_size]
+        xb = x[b].to(device, non_blocking=True).float()
+        if augment:
+            xb = _augment(xb, generator)
+        yield (xb - mean_t) / std_t, y[b.to(y.device)].to(device, non_blocking=True)
+
+
+def sample_order(n: int, batch_size: int, *, shuffle: bool = False, generator=None, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False) -> torch.Tensor:
+    """The positions rank `rank` visits in one epoch over `n` samples, in order (see
+    `batches`); its length is a multiple of batch_size when drop_last."""
     if batch_size < 1:
         raise ProgpruneError(f"batch_size: must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ProgpruneError(f"rank: must be in [0, world_size={world_size}), got {rank}")
-    n = len(x)
     idx = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if world_size > 1:
         per_rank = n // world_size if drop_last else math.ceil(n / world_size)
@@ -132,17 +157,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, mean, std, shu
         if total > n:
             idx = idx.repeat(math.ceil(total / n))
         idx = idx[:total][rank::world_size]
-    m = len(idx)
-    stop = (m // batch_size) * batch_size if drop_last else m
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
-    idx = idx.to(x.device)
-    for start in range(0, stop, batch_size):
-        b = idx[start:start + batch_size]
-        xb = x[b].to(device, non_blocking=True).float()
-        if augment:
-            xb = _augment(xb, generator)
-        yield (xb - mean_t) / std_t, y[b.to(y.device)].to(device, non_blocking=True)
+    return idx[:(len(idx) // batch_size) * batch_size] if drop_last else idx
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4) -> torch.Tensor:

@@ -87,7 +87,7 @@ def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tu
                       on_epoch=lambda m, _s: log(f"  base epoch {m['epoch'] + 1}/{cfg.base.epochs} "
                                                  f"loss {m['loss']:.3f} val {m['val_top1']:.4f}"))
     model.to(device)
-    top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
+    top1, top5 = evaluate(model, splits, "test", device)
     return model, BaseInfo(source, top1, top5, res.best_val_top1 if res else None,
                            cfg.base.epochs if source != "checkpoint" else 0,
                            time.perf_counter() - t0)
@@ -137,7 +137,7 @@ class PruneInfo:
 def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> PruneInfo:
     """Prune `model` in place to cfg.target_speedup; measure latency before and after."""
     model.to(device).eval()
-    unpruned = evaluate(model, splits.test_x, splits.test_y, splits, device) if needs_sparse(cfg) else None
+    unpruned = evaluate(model, splits, "test", device) if needs_sparse(cfg) else None
     base_copy = copy.deepcopy(model)  # timed against the pruned model, interleaved
     ex = example_inputs(splits.input_shape).to(device)
     pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
@@ -153,10 +153,10 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     if outcome.macs_counter != "fast":  # once per prune, and in the row (macs_counter)
         log(f"  MACs counted by Torch-Pruning's count_ops_and_params after every step: the fast "
             f"counter does not model {cfg.model} (slower; the crossing step is taken whole)")
-    top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
+    top1, top5 = evaluate(model, splits, "test", device)
     recal = copy.deepcopy(model)  # fine-tuning starts from the pruned model as it is
     recalibrate_bn(recal, splits, device, seed=cfg.seed)
-    top1_bn, _ = evaluate(recal, splits.test_x, splits.test_y, splits, device)
+    top1_bn, _ = evaluate(recal, splits, "test", device)
     del recal
     lb, lp = measure_latency_stats([base_copy, model], splits.input_shape, device,
                                    cfg.evaluation.latency_batch_size, repeats=cfg.evaluation.latency_repeats)
@@ -290,7 +290,7 @@ def finetune_combination(cfg: ComboConfig, model: nn.Module, splits: Splits, dev
     """Stage 4 as every runner runs it (this process, a Ray task, Ray Train's rank 0):
     fine-tune, then measure the kept weights on the test set."""
     seconds = finetune_stage(cfg, model, splits, device, log, **fit_kwargs).seconds
-    top1, top5 = evaluate(model, splits.test_x, splits.test_y, splits, device)
+    top1, top5 = evaluate(model, splits, "test", device)
     return Finetuned(top1, top5, seconds)
 
 

@@ -22,8 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from progprune.config import TrainConfig
-from progprune.data import Splits, batches
-from progprune.data import batches as _batches  # recalibrate_bn's `batches` argument shadows it
+from progprune.data import Splits
 from progprune.errors import ProgpruneError
 
 
@@ -55,8 +54,8 @@ class TrainingDiverged(ProgpruneError):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x, y, splits: Splits, device, batch_size: int = 512) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (fractions) of `model` on uint8 images `x`.
+def evaluate(model: nn.Module, splits: Splits, split: str, device, batch_size: int = 512) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (fractions) of `model` on `split` ("val", "test", "train").
 
     Always fp32 (no autocast): a reported accuracy must not depend on whether the GPU
     has bf16 or fp16. Only training uses mixed precision.
@@ -64,7 +63,7 @@ def evaluate(model: nn.Module, x, y, splits: Splits, device, batch_size: int = 5
     model.eval()
     device = torch.device(device)
     correct1 = correct5 = total = 0
-    for xb, yb in batches(x, y, batch_size, mean=splits.mean, std=splits.std, device=device):
+    for xb, yb in splits.batches(split, batch_size, device=device):
         with torch.autocast(device.type, enabled=False):  # also inside a caller's autocast
             out = model(xb).float()
         k = min(5, out.shape[1])
@@ -100,9 +99,8 @@ def recalibrate_bn(model: nn.Module, splits: Splits, device, batches: int = 20, 
     gen = torch.Generator().manual_seed(seed)
     seen = 0
     try:
-        for i, (xb, _) in enumerate(_batches(splits.train_x, splits.train_y, batch_size, mean=splits.mean,
-                                             std=splits.std, shuffle=True, generator=gen, device=device,
-                                             drop_last=len(splits.train_x) > batch_size)):
+        for i, (xb, _) in enumerate(splits.batches("train", batch_size, shuffle=True, generator=gen, device=device,
+                                                   drop_last=splits.size("train") > batch_size)):
             if i >= batches:
                 break
             model(xb)
@@ -266,10 +264,9 @@ def fit(
         # cfg.batch_size is the global batch: each of the world_size workers takes its share,
         # so DDP keeps the recipe's batch and learning rate (the spec checks it divides)
         per_rank = max(1, cfg.batch_size // world_size)
-        for xb, yb in batches(splits.train_x, splits.train_y, per_rank, mean=splits.mean,
-                              std=splits.std, shuffle=True, augment=cfg.augment, generator=gen,
-                              device=device, rank=rank, world_size=world_size,
-                              drop_last=len(splits.train_x) > cfg.batch_size):
+        for xb, yb in splits.batches("train", per_rank, shuffle=True, augment=cfg.augment, generator=gen,
+                                     device=device, rank=rank, world_size=world_size,
+                                     drop_last=splits.size("train") > cfg.batch_size):
             with _autocast(device):
                 loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad(set_to_none=True)
@@ -290,7 +287,7 @@ def fit(
         sched.step()
         if after_epoch:
             after_epoch(epoch)
-        val_top1, _ = evaluate(model, splits.val_x, splits.val_y, splits, device)
+        val_top1, _ = evaluate(model, splits, "val", device)
         if val_top1 > best_top1:
             best_top1, best_epoch = val_top1, epoch
             best_state = copy.deepcopy(model.state_dict()) if select_best else None
@@ -311,8 +308,8 @@ def fit(
 
 
 def calibration_batch(splits: Splits, device, n: int = 64, seed: int = 0):
-    """A fixed batch from the training split, for gradient-based importance."""
+    """A fixed batch from the training split (a seeded draw, no augmentation: evaluation's
+    view of the images, at the size the model sees), for gradient-based importance."""
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(splits.train_x), generator=gen)[: min(n, len(splits.train_x))]
-    return next(batches(splits.train_x[idx], splits.train_y[idx], len(idx), mean=splits.mean,
-                        std=splits.std, device=device))
+    return next(iter(splits.batches("train", min(n, splits.size("train")), shuffle=True, generator=gen,
+                                    device=device)))

@@ -1,5 +1,6 @@
 """fit / evaluate / measure_latency on a tiny model and synthetic data."""
 import copy
+import dataclasses
 import math
 import re
 
@@ -24,7 +25,7 @@ def _tiny(seed=0):
 
 
 def _val(model, s):
-    return evaluate(model, s.val_x, s.val_y, s, CPU)[0]
+    return evaluate(model, s, "val", CPU)[0]
 
 
 def test_fit_learns_above_chance(synthetic_splits):
@@ -136,15 +137,16 @@ def test_evaluate_returns_fractions(synthetic_splits):
     s = synthetic_splits
     model = _tiny()
     fit(model, s, TrainConfig(epochs=1, lr=0.05, batch_size=64, augment=False), CPU)
-    for x, y in ((s.val_x, s.val_y), (s.test_x, s.test_y), (s.train_x[:7], s.train_y[:7])):
-        top1, top5 = evaluate(model, x, y, s, CPU, batch_size=50)
+    few = dataclasses.replace(s, train_x=s.train_x[:7], train_y=s.train_y[:7])
+    for splits, split in ((s, "val"), (s, "test"), (few, "train")):
+        top1, top5 = evaluate(model, splits, split, CPU, batch_size=50)
         assert 0.0 <= top1 <= top5 <= 1.0
     # a model that always says class 0: top-1 is exactly the share of class 0
     const = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     with torch.no_grad():
         const[1].weight.zero_()
         const[1].bias.copy_(torch.arange(10, 0, -1).float())  # ranks classes 0,1,2,3,4 first
-    top1, top5 = evaluate(const, s.val_x, s.val_y, s, CPU)
+    top1, top5 = evaluate(const, s, "val", CPU)
     assert top1 == pytest.approx((s.val_y == 0).float().mean().item())
     assert top5 == pytest.approx((s.val_y < 5).float().mean().item())
 
@@ -205,9 +207,9 @@ def test_evaluate_runs_fp32_even_inside_autocast(synthetic_splits):
     model = _tiny()
     seen = []
     model[-1].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    expected = evaluate(model, s.val_x, s.val_y, s, CPU)
+    expected = evaluate(model, s, "val", CPU)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = evaluate(model, s.val_x, s.val_y, s, CPU)
+        got = evaluate(model, s, "val", CPU)
     assert set(seen) == {torch.float32} and got == expected
 
 
