@@ -11,19 +11,21 @@ terminal tables (`show`) are also what a sweep prints at its end.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import os
+import secrets
 import shutil
-import tempfile
+import sys
+from pathlib import Path
 
+import click
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-import progprune
 from progprune.errors import ProgpruneError
-from progprune.report import _tables as T
+from progprune.report import _plots, _tables as T
+from progprune.report._tables import show
 from progprune.results import COLUMNS
 
 FORMATS = ("md", "html")
@@ -31,10 +33,6 @@ RESULTS_NAME = "results.parquet"
 REQUIRED = T.GROUP + ["seed", "status", "error", "achieved_speedup", "compression_ratio", "base_top1",
                       "pruned_top1", "final_top1", "latency_speedup"]  # without these, no report
 MARKER = ".progprune-report"  # only a directory holding this is ever replaced
-PLOTS = {"accuracy": ("accuracy_vs_speedup.png", "Final top-1 vs achieved MACs speedup, per method, "
-                                                 "with the unpruned control"),
-         "latency": ("latency_vs_speedup.png", "Measured latency speedup vs MACs speedup (y = x "
-                                               "dashed; red X: MACs fell but latency rose)")}
 
 
 def build_report(results: str, out_dir: str | None = None, fmt: str = "md", console=None) -> dict:
@@ -49,34 +47,19 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
     if fmt not in FORMATS:
         raise ProgpruneError(f"unknown report format {fmt!r}: use one of {', '.join(FORMATS)}")
     frame, local_path = load(results)
-    out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path) if local_path
-                                                      else os.getcwd(), "report"))
+    out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path or ""), "report"))
     _check_replaceable(out_dir)
     table, probs = T.aggregate(frame), T.problems(frame)
-    sweeps = T.distinct(frame["sweep"])
-    common, varying = T.common_settings(frame)
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with _atomic_dir(out_dir) as tmp:
-        plots = {}
-        if len(table):
-            from progprune.report import _plots
-
-            _plots.accuracy_plot(table, T.base_reference(frame), os.path.join(tmp, PLOTS["accuracy"][0]))
-            plots["accuracy"] = PLOTS["accuracy"]
-            if table["latency_speedup_mean"].notna().any():
-                _plots.latency_plot(table, os.path.join(tmp, PLOTS["latency"][0]))
-                plots["latency"] = PLOTS["latency"]
-        doc = T.blocks(title="progprune report" + (f": {', '.join(sweeps)}" if sweeps else ""),
-                       intro=f"Results: `{results}`. Generated {now} by progprune {progprune.__version__}.",
-                       setup=[("Results", results)] + T.setup(frame), agg=table, probs=probs, plots=plots,
-                       notes=T.notes(table), common=common, varying=varying, empty=frame.empty)
-        _write(os.path.join(tmp, "report.md"), T.to_markdown(doc))
+        plots = _plots.draw(table, T.base_reference(frame), tmp)
+        doc = T.blocks(frame, table, probs, plots, results)
+        (tmp / "report.md").write_text(T.to_markdown(doc), encoding="utf-8")
         if fmt == "html":
-            _write(os.path.join(tmp, "report.html"), T.to_html(doc, tmp))
-        table.to_csv(os.path.join(tmp, "summary.csv"), index=False)
-        _write(os.path.join(tmp, MARKER), f"report of {results}\n")
+            (tmp / "report.html").write_text(T.to_html(doc, tmp), encoding="utf-8")
+        table.to_csv(tmp / "summary.csv", index=False)
+        (tmp / MARKER).write_text(f"report of {results}\n", encoding="utf-8")
     if console is not None:
-        show(frame, console, table, probs)
+        show(frame, console)
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     return {"out_dir": out_dir, "report": path(f"report.{fmt}"), "markdown": path("report.md"),
             "html": path("report.html") if fmt == "html" else None, "summary_csv": path("summary.csv"),
@@ -84,22 +67,10 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
             "empty": frame.empty}
 
 
-def show(frame: pd.DataFrame, console, table=None, probs=None) -> None:
-    """The results tables on a terminal: `progprune report`'s and a sweep's end."""
-    table = T.aggregate(frame) if table is None else table
-    for r in T.terminal(table, T.problems(frame) if probs is None else probs, frame.empty):
-        console.print(r)
-
-
 def frame_of(table: pa.Table) -> pd.DataFrame:
-    """A results table as the report reads it: numbers as floats, labels as strings; a
-    column added to the schema after the table was written reads as blank."""
-    df = table.to_pandas().reindex(columns=list(COLUMNS))
-    for c in T.METRICS + ("target_speedup",):
-        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
-    for c in ("dataset", "model", "method", "status"):
-        df[c] = df[c].astype("string").fillna("?")
-    return df
+    """A results table as the report reads it: a column added to the schema after the table
+    was written reads as blank."""
+    return table.to_pandas().reindex(columns=list(COLUMNS))
 
 
 def load(results: str) -> tuple[pd.DataFrame, str | None]:
@@ -137,11 +108,6 @@ def _one_line(e: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def _check_replaceable(out_dir: str) -> None:
     if not os.path.lexists(out_dir):
         return
@@ -154,36 +120,45 @@ def _check_replaceable(out_dir: str) -> None:
 
 @contextlib.contextmanager
 def _atomic_dir(out_dir: str):
-    """Yield a temp dir beside `out_dir`; on success it takes `out_dir`'s place (the old
+    """Yield a new directory beside `out_dir`; on success it takes `out_dir`'s place (the old
     report is moved aside first and deleted after), on failure it is removed."""
-    parent = os.path.dirname(out_dir)
+    tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{secrets.token_hex(6)}")
+    old = tmp + ".old"
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+        os.makedirs(tmp)  # mode 0777 less the umask, as any directory: a report is for reading
     except OSError as e:
         raise ProgpruneError(f"cannot write the report to {out_dir}: {e.strerror or e}; "
                              "pass a writable --out") from None
-    old = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a report is for reading
-        yield tmp
+        yield Path(tmp)
         if os.path.lexists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "report"))
+            os.rename(out_dir, old)
         try:
             os.rename(tmp, out_dir)
         except BaseException:
-            if old:
-                os.rename(os.path.join(old, "report"), out_dir)
+            if os.path.lexists(old):
+                os.rename(old, out_dir)
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
-from progprune.report._command import report_command  # noqa: E402
+@click.command("report")
+@click.argument("results")
+@click.option("--output", "--out", "out_dir", metavar="DIR", default=None,
+              help="Report directory (default: <dir of results.parquet>/report; ./report for "
+                   "s3:// and gs:// results).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="md",
+              show_default=True, help="html also writes a self-contained report.html.")
+def report_command(results: str, out_dir: str | None, fmt: str) -> None:
+    """Tables, plots and a Markdown/HTML report from RESULTS: a results.parquet file, a
+    sweep output directory, or a file://, s3:// or gs:// URI."""
+    from rich.console import Console
+
+    # piped output (CI logs, files) gets wide tables rather than rich's 80-column default
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    click.echo(f"report: {build_report(results, out_dir, fmt, console)['report']}")  # errors: cli._Cli
+
 
 __all__ = ["build_report", "show", "report_command", "FORMATS"]

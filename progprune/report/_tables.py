@@ -1,9 +1,10 @@
-"""Rows -> per-operating-point means/stds over seeds, the problems, the setup; and the report
-as one list of blocks rendered three ways (Markdown, self-contained HTML, rich tables for
-the terminal), so the three never disagree."""
+"""Rows -> per-operating-point means/stds over seeds, the problems, the setup; the report as one
+list of blocks rendered as Markdown and as self-contained HTML; and the terminal's rich tables,
+made from the same cells, so the three never disagree."""
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import html
 import json
 import math
@@ -11,6 +12,8 @@ import os
 import re
 
 import pandas as pd
+
+import progprune
 
 GROUP = ["dataset", "model", "method", "target_speedup"]
 PANEL = ["dataset", "model"]
@@ -21,6 +24,7 @@ SUMMARY_HEADERS = ["Method", "Target", "MACs speedup", "Compression (params)", "
                    "Pruned top-1 % (before FT)", "Pruned + BN re-est. %", "Final top-1 %",
                    "Latency speedup", "n"]
 PROBLEM_HEADERS = ["Dataset", "Model", "Method", "Target", "Seed", "Status", "MACs speedup reached", "Error"]
+PROBLEMS_TITLE = "Not ok: unreachable and failed combinations"
 LEGEND = (
     "Mean ± std over seeds (std with ddof=1; none for a single seed); n = seeds that "
     "finished ok (+ those that did not). Top-1 in %. MACs speedup = base MACs / pruned "
@@ -44,18 +48,14 @@ SETUP = (  # (label, column): read from the rows so a reader can rerun the sweep
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, method, target) with >= 1 ok seed; std is over seeds
     (ddof=1, so NaN for a single seed); n counts ok seeds, not_ok the others."""
-    ok = df[df["status"] == "ok"]
-    cols = GROUP + ["n", "not_ok"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-    if ok.empty:
-        return pd.DataFrame(columns=cols + ["latency_rose"])
-    g = ok.groupby(GROUP, sort=True, dropna=False)
+    g = df[df["status"] == "ok"].groupby(GROUP, sort=True, dropna=False)
     out = g.size().rename("n").to_frame()
-    out["not_ok"] = df[df["status"] != "ok"].groupby(GROUP).size().reindex(out.index).fillna(0).astype(int)
+    out["not_ok"] = df[df["status"] != "ok"].groupby(GROUP).size().reindex(out.index, fill_value=0)
     for m in METRICS:
         out[f"{m}_mean"], out[f"{m}_std"] = g[m].mean(), g[m].std(ddof=1)
     # MACs fell but the measured latency rose: the point a MACs-only table hides
     out["latency_rose"] = (out["achieved_speedup_mean"] > 1) & (out["latency_speedup_mean"] < 1)
-    return out.reset_index()[cols + ["latency_rose"]]
+    return out.reset_index()
 
 
 def base_reference(df: pd.DataFrame) -> pd.DataFrame:
@@ -67,50 +67,45 @@ def base_reference(df: pd.DataFrame) -> pd.DataFrame:
 
 def problems(df: pd.DataFrame) -> pd.DataFrame:
     """Combinations that did not finish ok, each with its error on one line."""
-    bad = df[df["status"] != "ok"].copy()
-    bad["error"] = [" ".join(str(e).split())[:500] if isinstance(e, str) else "(no error recorded)"
-                    for e in bad["error"]]
-    cols = GROUP + ["seed", "status", "achieved_speedup", "error", "combo_id"]
-    return bad.sort_values(GROUP + ["seed"])[cols].reset_index(drop=True)
+    bad = df[df["status"] != "ok"].sort_values(GROUP + ["seed"])
+    error = bad["error"].map(lambda e: " ".join(e.split())[:500] if isinstance(e, str)
+                             else "(no error recorded)")
+    return bad.assign(error=error)[GROUP + ["seed", "status", "achieved_speedup", "error", "combo_id"]] \
+        .reset_index(drop=True)
 
 
 def distinct(s: pd.Series) -> list[str]:
-    values = sorted((v for v in s.dropna().unique() if v != ""), key=lambda v: (str(type(v)), v))
-    return [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+    return [f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(s.dropna().unique()) if v != ""]
 
 
-def setup(df: pd.DataFrame) -> list[tuple[str, str]]:
+def setup(df: pd.DataFrame) -> list[list[str]]:
     status = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
-    items = [("Rows", f"{len(df)} ({status})" if len(df) else "0")]
+    items = [["Rows", f"{len(df)} ({status})" if len(df) else "0"]]
     for label, col in SETUP:
         values = distinct(df[col])
         mixed = " (mixed: rows come from different installs)" if col.endswith("_version") and len(values) > 1 else ""
-        items.append((label, (", ".join(values) or "not recorded") + mixed))
+        items.append([label, (", ".join(values) or "not recorded") + mixed])
     started, finished = distinct(df["started_at"]), distinct(df["finished_at"])
     if started or finished:
-        items.append(("Ran", f"{started[0] if started else '?'} .. {finished[-1] if finished else '?'}"))
+        items.append(["Ran", f"{started[0] if started else '?'} .. {finished[-1] if finished else '?'}"])
     return items
 
 
 def common_settings(df: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str]]:
     """From each row's resolved config_json: settings shared by every row (the recipe),
     and the keys that vary (the sweep's axes)."""
-    flat = [_flatten(json.loads(b)) for b in df["config_json"].dropna()]
-    keys = sorted(set().union(*flat)) if flat else []
-    seen = {k: {json.dumps(f.get(k), sort_keys=True) for f in flat} for k in keys}
+    def flatten(obj, prefix=""):
+        if not isinstance(obj, dict):
+            return {prefix[:-1]: obj}
+        return {k2: v2 for k, v in obj.items() for k2, v2 in flatten(v, f"{prefix}{k}.").items()}
+
+    flat = [flatten(json.loads(b)) for b in df["config_json"].dropna()]
+    seen = {k: {json.dumps(f.get(k), sort_keys=True) for f in flat} for k in sorted(set().union(*flat))}
     return [(k, v.pop()) for k, v in seen.items() if len(v) == 1], [k for k, v in seen.items() if len(v) > 1]
-
-
-def _flatten(obj, prefix=""):
-    if not isinstance(obj, dict):
-        return {prefix[:-1]: obj}
-    return {k2: v2 for k, v in obj.items() for k2, v2 in _flatten(v, f"{prefix}{k}.").items()}
 
 
 def notes(agg: pd.DataFrame) -> list[str]:
     """Where the sweep falls short of ShrinkBench's reporting practice, said plainly."""
-    if agg.empty:
-        return []
     points = agg.groupby(PANEL + ["method"]).size()
     short = [f"{d}/{m}/{meth} ({n})" for (d, m, meth), n in points.items() if n < MIN_POINTS]
     single, methods = (agg["n"] < 2).sum(), set(agg["method"])
@@ -151,18 +146,21 @@ def problem_rows(probs: pd.DataFrame) -> list[list[str]]:
              _ms(r["achieved_speedup"], suffix="x"), r["error"]] for _, r in probs.iterrows()]
 
 
-# ---- the document: ("h1"|"h2"|"h3"|"p", text) ("ul", [text]) ("table", headers, rows) ("img", file, alt)
-def blocks(*, title, intro, setup, agg, probs, plots, notes, common, varying, empty) -> list[tuple]:
-    out = [("h1", title), ("p", intro)]
-    if empty:
+# ---- the document ----------------------------------------------------------------------------
+def blocks(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: dict, results: str) -> list[tuple]:
+    """The report: ("h1"|"h2"|"h3"|"p", text), ("ul", [text]), ("table", headers, rows), ("img", file, alt)."""
+    sweeps, now = distinct(df["sweep"]), _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [("h1", "progprune report" + (f": {', '.join(sweeps)}" if sweeps else "")),
+           ("p", f"Results: `{results}`. Generated {now} by progprune {progprune.__version__}.")]
+    if df.empty:
         out.append(("p", "The results table is empty: it has no rows, so there is nothing to aggregate or plot."))
-    out += [("h2", "Setup"), ("table", ["Setting", "Value"], [list(s) for s in setup])]
-    if empty:
+    out += [("h2", "Setup"), ("table", ["Setting", "Value"], [["Results", results]] + setup(df))]
+    if df.empty:
         return out
     out.append(("h2", "Results by operating point"))
     out.append(("p", LEGEND if len(agg) else "No combination finished ok: see the list below."))
-    for title_, rows in panels(agg):
-        out += [("h3", title_), ("table", SUMMARY_HEADERS, [cells for cells, _ in rows])]
+    for title, rows in panels(agg):
+        out += [("h3", title), ("table", SUMMARY_HEADERS, [cells for cells, _ in rows])]
     if plots:
         out += [("h2", "Plots")] + [("img", file, alt) for file, alt in plots.values()]
     rose = agg[agg["latency_rose"].astype(bool)]
@@ -171,11 +169,12 @@ def blocks(*, title, intro, setup, agg, probs, plots, notes, common, varying, em
             f"{r['dataset']} / {r['model']} / `{r['method']}` at target {r['target_speedup']:g}x: "
             f"MACs speedup {r['achieved_speedup_mean']:.2f}x but latency speedup "
             f"{r['latency_speedup_mean']:.2f}x (slower than the unpruned model)" for _, r in rose.iterrows()])]
-    out.append(("h2", "Not ok: unreachable and failed combinations"))
+    out.append(("h2", PROBLEMS_TITLE))
     out.append(("table", PROBLEM_HEADERS, problem_rows(probs)) if len(probs)
                else ("p", "None: every combination finished ok."))
-    if notes:
-        out += [("h2", "Reporting notes (ShrinkBench practice)"), ("ul", notes)]
+    if len(agg) and (shortfalls := notes(agg)):
+        out += [("h2", "Reporting notes (ShrinkBench practice)"), ("ul", shortfalls)]
+    common, varying = common_settings(df)
     if common:
         axes = ": " + ", ".join(f"`{k}`" for k in varying) if varying else ""
         out += [("h2", "Recipe: settings shared by every row"),
@@ -232,28 +231,30 @@ def to_html(doc: list[tuple], image_dir: str) -> str:
             f"</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def terminal(agg: pd.DataFrame, probs: pd.DataFrame, empty: bool) -> list:
-    """The results tables for a terminal: what `progprune report` and a sweep's end print."""
+def show(df: pd.DataFrame, console) -> None:
+    """The results tables on a terminal (a rich Console): what `progprune report` and a sweep's
+    end print."""
     from rich.table import Table
     from rich.text import Text
 
-    if empty:
-        return [Text("The results table is empty: no rows to report.", style="yellow")]
-    out = [] if len(agg) else [Text("No combination finished ok.", style="yellow")]
+    if df.empty:
+        return console.print(Text("The results table is empty: no rows to report.", style="yellow"))
+    agg, probs = aggregate(df), problems(df)
+    if agg.empty:
+        console.print(Text("No combination finished ok.", style="yellow"))
     for title, rows in panels(agg):
         t = Table(*SUMMARY_HEADERS, title=title, title_justify="left")
-        for h, col in zip(SUMMARY_HEADERS, t.columns):
-            col.justify = "left" if h == "Method" else "right"
+        for col in t.columns[1:]:
+            col.justify = "right"
         for cells, rose in rows:
             t.add_row(*cells[:-2], Text(cells[-2], style="bold red" if rose else ""), cells[-1])
-        out.append(t)
+        console.print(t)
     if len(agg):
-        out.append(Text(LEGEND, style="dim"))
+        console.print(Text(LEGEND, style="dim"))
     if len(probs):
-        t = Table(*PROBLEM_HEADERS, title="Not ok: unreachable and failed combinations", title_justify="left")
+        t = Table(*PROBLEM_HEADERS, title=PROBLEMS_TITLE, title_justify="left")
         for col in t.columns:
             col.overflow = "fold"
         for r in problem_rows(probs):
             t.add_row(*r[:5], Text(r[5], style="yellow" if r[5] == "unreachable" else "red"), *r[6:])
-        out.append(t)
-    return out
+        console.print(t)
