@@ -52,10 +52,10 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
     table, probs = T.aggregate(frame), T.problems(frame)
     with _atomic_dir(out_dir) as tmp:
         plots = _plots.draw(table, T.base_reference(frame), tmp)
-        doc = T.blocks(frame, table, probs, plots, results)
-        (tmp / "report.md").write_text(T.to_markdown(doc), encoding="utf-8")
+        markdown = T.markdown(frame, table, probs, plots, results)
+        (tmp / "report.md").write_text(markdown, encoding="utf-8")
         if fmt == "html":
-            (tmp / "report.html").write_text(T.to_html(doc, tmp), encoding="utf-8")
+            (tmp / "report.html").write_text(T.to_html(markdown, tmp), encoding="utf-8")
         table.to_csv(tmp / "summary.csv", index=False)
         (tmp / MARKER).write_text(f"report of {results}\n", encoding="utf-8")
     if console is not None:

@@ -8,8 +8,8 @@ import datetime as _dt
 import html
 import json
 import math
-import os
 import re
+from pathlib import Path
 
 import pandas as pd
 
@@ -147,60 +147,46 @@ def problem_rows(probs: pd.DataFrame) -> list[list[str]]:
 
 
 # ---- the document ----------------------------------------------------------------------------
-def blocks(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: dict, results: str) -> list[tuple]:
-    """The report: ("h1"|"h2"|"h3"|"p", text), ("ul", [text]), ("table", headers, rows), ("img", file, alt)."""
+def _table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+             for cells in [headers, *rows]]
+    return "\n".join([lines[0], "|" + "---|" * len(headers), *lines[1:]])
+
+
+def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: dict, results: str) -> str:
+    """The report as Markdown; the HTML report is this, rendered."""
     sweeps, now = distinct(df["sweep"]), _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = [("h1", "progprune report" + (f": {', '.join(sweeps)}" if sweeps else "")),
-           ("p", f"Results: `{results}`. Generated {now} by progprune {progprune.__version__}.")]
+    out = ["# progprune report" + (f": {', '.join(sweeps)}" if sweeps else ""),
+           f"Results: `{results}`. Generated {now} by progprune {progprune.__version__}."]
     if df.empty:
-        out.append(("p", "The results table is empty: it has no rows, so there is nothing to aggregate or plot."))
-    out += [("h2", "Setup"), ("table", ["Setting", "Value"], [["Results", results]] + setup(df))]
+        out.append("The results table is empty: it has no rows, so there is nothing to aggregate or plot.")
+    out += ["## Setup", _table(["Setting", "Value"], [["Results", results]] + setup(df))]
     if df.empty:
-        return out
-    out.append(("h2", "Results by operating point"))
-    out.append(("p", LEGEND if len(agg) else "No combination finished ok: see the list below."))
+        return "\n\n".join(out) + "\n"
+    out += ["## Results by operating point",
+            LEGEND if len(agg) else "No combination finished ok: see the list below."]
     for title, rows in panels(agg):
-        out += [("h3", title), ("table", SUMMARY_HEADERS, [cells for cells, _ in rows])]
+        out += [f"### {title}", _table(SUMMARY_HEADERS, [cells for cells, _ in rows])]
     if plots:
-        out += [("h2", "Plots")] + [("img", file, alt) for file, alt in plots.values()]
+        out += ["## Plots"] + [f"![{alt}]({file})" for file, alt in plots.values()]
     rose = agg[agg["latency_rose"].astype(bool)]
     if len(rose):
-        out += [("h2", "Latency rose although MACs fell"), ("ul", [
-            f"{r['dataset']} / {r['model']} / `{r['method']}` at target {r['target_speedup']:g}x: "
+        out += ["## Latency rose although MACs fell", "\n".join(
+            f"- {r['dataset']} / {r['model']} / `{r['method']}` at target {r['target_speedup']:g}x: "
             f"MACs speedup {r['achieved_speedup_mean']:.2f}x but latency speedup "
-            f"{r['latency_speedup_mean']:.2f}x (slower than the unpruned model)" for _, r in rose.iterrows()])]
-    out.append(("h2", PROBLEMS_TITLE))
-    out.append(("table", PROBLEM_HEADERS, problem_rows(probs)) if len(probs)
-               else ("p", "None: every combination finished ok."))
+            f"{r['latency_speedup_mean']:.2f}x (slower than the unpruned model)" for _, r in rose.iterrows())]
+    out += [f"## {PROBLEMS_TITLE}", _table(PROBLEM_HEADERS, problem_rows(probs)) if len(probs)
+            else "None: every combination finished ok."]
     if len(agg) and (shortfalls := notes(agg)):
-        out += [("h2", "Reporting notes (ShrinkBench practice)"), ("ul", shortfalls)]
+        out += ["## Reporting notes (ShrinkBench practice)", "\n".join(f"- {n}" for n in shortfalls)]
     common, varying = common_settings(df)
     if common:
         axes = ": " + ", ".join(f"`{k}`" for k in varying) if varying else ""
-        out += [("h2", "Recipe: settings shared by every row"),
-                ("p", "From each row's resolved `config_json`" + (f"; the keys that vary are the sweep's axes{axes}."
-                                                                   if varying else ".")),
-                ("table", ["Setting", "Value"], [[k, f"`{v}`"] for k, v in common])]
-    return out
-
-
-def to_markdown(doc: list[tuple]) -> str:
-    cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = []
-    for kind, *b in doc:
-        if kind in ("h1", "h2", "h3"):
-            lines.append("#" * int(kind[1]) + " " + b[0])
-        elif kind == "p":
-            lines.append(b[0])
-        elif kind == "ul":
-            lines += [f"- {item}" for item in b[0]]
-        elif kind == "table":
-            lines += ["| " + " | ".join(map(cell, b[0])) + " |", "|" + "---|" * len(b[0])]
-            lines += ["| " + " | ".join(map(cell, r)) + " |" for r in b[1]]
-        elif kind == "img":
-            lines.append(f"![{b[1]}]({b[0]})")
-        lines.append("")
-    return "\n".join(lines)
+        out += ["## Recipe: settings shared by every row",
+                "From each row's resolved `config_json`" + (f"; the keys that vary are the sweep's axes{axes}."
+                                                             if varying else "."),
+                _table(["Setting", "Value"], [[k, f"`{v}`"] for k, v in common])]
+    return "\n\n".join(out) + "\n"
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}
@@ -209,26 +195,19 @@ font-size:13px;text-align:left}th{background:#f3f3f3}code{background:#f3f3f3;pad
 img{max-width:100%}.rose{color:#b00;font-weight:bold}"""
 
 
-def to_html(doc: list[tuple], image_dir: str) -> str:
-    """Self-contained: the images inlined as base64. `code` spans are the only inline markup."""
-    esc = lambda t: re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(str(t), quote=False))  # noqa: E731
-    td = lambda c: f'<td class="rose">{esc(c)}</td>' if "latency rose" in str(c) else f"<td>{esc(c)}</td>"  # noqa: E731
-    body = []
-    for kind, *b in doc:
-        if kind in ("h1", "h2", "h3", "p"):
-            body.append(f"<{kind}>{esc(b[0])}</{kind}>")
-        elif kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in b[0]) + "</ul>")
-        elif kind == "table":
-            body.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in b[0]) + "</tr></thead><tbody>"
-                        + "".join("<tr>" + "".join(map(td, r)) + "</tr>" for r in b[1]) + "</tbody></table>")
-        elif kind == "img":
-            with open(os.path.join(image_dir, b[0]), "rb") as f:
-                data = base64.b64encode(f.read()).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(b[1])}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(b[1])}</figcaption></figure>")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(doc[0][1])}'
-            f"</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+def to_html(markdown_text: str, image_dir) -> str:
+    """The Markdown rendered as one self-contained page: the plots inlined as base64 figures with
+    their captions, the latency cells where latency rose in red."""
+    from markdown_it import MarkdownIt  # rich's own Markdown parser
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
+    data = lambda file: base64.b64encode(Path(image_dir, file).read_bytes()).decode("ascii")  # noqa: E731
+    body = re.sub(r'<p><img src="([^"]+)" alt="([^"]*)" /></p>', lambda m: f'<figure><img alt="{m[2]}" src='
+                  f'"data:image/png;base64,{data(m[1])}"><figcaption>{m[2]}</figcaption></figure>', body)
+    body = re.sub(r"<td>([^<]*\(latency rose\))</td>", r'<td class="rose">\1</td>', body)
+    title = html.escape(markdown_text.split("\n", 1)[0].removeprefix("# "))
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{_CSS}</style></head>\n<body>\n{body}</body></html>\n")
 
 
 def show(df: pd.DataFrame, console) -> None:
