@@ -11,7 +11,8 @@ on an embedded Ray with --cpus CPUs, so the driver's figures are that process's 
 - wall: `sweep.run` from call to return (Ray start-up, plan, loop, results.parquet, report);
 - loop: the scheduling loop (`cluster.execute`), as it reports itself;
 - tasks: the sum of every Ray task's execution time, from Ray's timeline (`ray.timeline()`,
-  taken just before the driver shuts Ray down; the dump itself is left out of wall);
+  read just before the driver shuts Ray down by a second driver process, so that its events
+  never count in the measured driver's memory; the dump itself is left out of wall);
 - driver CPU: user+sys of the driver process (`getrusage(RUSAGE_SELF)`; Ray's own daemons and
   workers are other processes), in total and in the loop, per combination;
 - overhead: (loop - tasks / CPUs) / N, the wall time per combination that the cluster's
@@ -81,7 +82,7 @@ def child(args) -> None:
     from progprune.spec import load_spec_dict
 
     marks: dict = {}
-    events: list = []
+    events: dict = {}  # task name -> [count, seconds]
     connect = cluster.connect
 
     def timed_connect(address, num_cpus=None):
@@ -94,7 +95,16 @@ def child(args) -> None:
             import ray
 
             marks["loop_end"] = (time.perf_counter(), _cpu())
-            events.extend(ray.timeline())
+            # another process reads the timeline: parsed here, its events for N=1,000
+            # (~10,000) would add ~30 MiB to this driver's peak RSS, which is what we measure
+            gcs = ray.get_runtime_context().gcs_address
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--timeline-of", gcs,
+                                "--json", args.json + ".tasks"], env=os.environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if p.returncode:
+                sys.exit(f"reading the timeline failed (exit {p.returncode}):\n{p.stdout[-3000:]}")
+            with open(args.json + ".tasks") as f:
+                events.update(json.load(f))
             marks["timeline_s"] = time.perf_counter() - marks["loop_end"][0]
             close()
 
@@ -131,12 +141,7 @@ def child(args) -> None:
             if "combinations finished" in line:
                 loop_s = float(line.rsplit(" in ", 1)[1].rstrip().rstrip("s"))
 
-    tasks: dict = {}
-    for e in events:
-        if e.get("ph") == "X" and str(e.get("cat", "")).startswith("task::"):
-            name = e["cat"].split("::", 1)[1]
-            n, s = tasks.get(name, (0, 0.0))
-            tasks[name] = (n + 1, s + e["dur"] / 1e6)
+    tasks = events
 
     import pyarrow.parquet as pq
 
@@ -172,6 +177,25 @@ def child(args) -> None:
         json.dump(res, f)
 
 
+def task_times(gcs: str, out: str) -> None:
+    """Every task's execution time from Ray's timeline, summed per task name, read by a
+    second driver attached to the benchmark's cluster (so the measured one never holds it)."""
+    import logging
+
+    import ray
+
+    ray.init(address=gcs, _node_ip_address="127.0.0.1", logging_level=logging.ERROR, log_to_driver=False)
+    tasks: dict = {}
+    for e in ray.timeline():
+        if e.get("ph") == "X" and str(e.get("cat", "")).startswith("task::"):
+            name = e["cat"].split("::", 1)[1]
+            n, s = tasks.get(name, (0, 0.0))
+            tasks[name] = (n + 1, s + e["dur"] / 1e6)
+    ray.shutdown()
+    with open(out, "w") as f:
+        json.dump(tasks, f)
+
+
 def run_child(n: int, args, tmp: str) -> dict:
     out, log, js = (os.path.join(tmp, f"{x}-{n}") for x in ("out", "log", "res"))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--out", out, "--log", log,
@@ -200,19 +224,25 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="cProfile the driver (slows it)")
     ap.add_argument("--keep", help="work in a temp dir under this folder (logs readable while it runs)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--timeline-of", help=argparse.SUPPRESS)
     for a in ("--out", "--log", "--json"):
         ap.add_argument(a, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.timeline_of:
+        return task_times(args.timeline_of, args.json)
     if args.child:
         return child(args)
 
     import torch
 
+    from progprune.cluster import window_size
+
     print(f"setup: {_common.cpu_name()}, {os.cpu_count()} cores, CPU only; python {platform.python_version()}, "
           f"torch {torch.__version__}, ray {md.version('ray')}, torch-pruning {md.version('torch-pruning')}; "
           f"resnet20, synthetic 2 classes, 16 train images at 3x32x32; speedups "
           f"{'/'.join(f'{s:g}' for s in SPEEDUPS)} x N/4 seeds; base 0 epochs, {args.steps} pruning steps, "
-          f"fine-tune 0 epochs without Ray Train, latency 1 repeat; embedded Ray ({args.cpus} CPUs), 1 CPU per task; "
+          f"fine-tune 0 epochs without Ray Train, latency 1 repeat; embedded Ray ({args.cpus} CPUs), 1 CPU per task, "
+          f"submission window {window_size(args.max_concurrent)}; "
           f"one child process per N{' (cProfile on: slower)' if args.profile else ''}; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     results = []

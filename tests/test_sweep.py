@@ -115,6 +115,8 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     # issue 13: bounded storage, logs a person can follow, real timestamps, a schema version
     assert not list((out / "train").glob("ft-*"))  # Train checkpoints go once the row is written
     assert "[resnet20 group_norm 2x seed 0] " in r.stdout and "finetune epoch 3/3" in r.stdout
+    # once each: Ray Train's workers echo print() twice (its print patch), tasks._logger does not use it
+    assert r.stdout.count("[resnet20 group_norm 2x seed 0] finetune epoch 3/3") == 1, r.stdout[-3000:]
     schema = pq.read_schema(out / "results.parquet")
     assert str(schema.field("started_at").type).startswith("timestamp") and "UTC" in str(schema.field("finished_at").type)
     assert schema.metadata[b"progprune.schema_version"] == b"2"

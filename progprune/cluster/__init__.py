@@ -64,9 +64,25 @@ def connect(address: str | None, num_cpus: int | None = None):
 
 
 # ---- the scheduling loop ---------------------------------------------------------------
-def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease) -> int:
+# The submission window: at most this many combinations in flight (prune queued or running,
+# pruned and waiting for a Train slot, or fine-tuning), refilled in plan order as rows come
+# in. Every submitted task costs the driver ~11 KiB (its spec, its refs) however long it
+# waits, so the window keeps the driver's memory independent of the sweep's size, and
+# `ray.wait` sees at most this many refs. It is still far more than a cluster runs at once,
+# so an autoscaler sees more pending demand than it has workers and grows to its maximum.
+WINDOW_MIN = 64
+
+
+def window_size(max_concurrent: int) -> int:
+    """Combinations in flight at most: 64, or 4x the Train runs allowed if that is more."""
+    return max(WINDOW_MIN, 4 * max_concurrent)
+
+
+def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease,
+            window: int | None = None) -> int:
     """The scheduling loop: base and sparse tasks once each, then per combination a prune
-    task and its fine-tune coordinator; rows stream into `table` as they finish."""
+    task and its fine-tune coordinator; rows stream into `table` as they finish. At most
+    `window` combinations (default `window_size(max_concurrent)`) are in flight at once."""
     import ray
 
     from progprune.cluster.tasks import base_task, finetune_task, prune_task, sparse_task, write_fragment
@@ -74,6 +90,7 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
     # setup: what each task asks for
     spec, store = plan.spec, plan.store
     res = spec.resources
+    window = max(1, window or window_size(max_concurrent))
     task_opts = {"num_gpus": res.gpus_per_task, "num_cpus": res.cpus_per_task}
     # a GPU prune task exits after each call (Ray's default for GPU tasks) to free CUDA memory
     ft = {"num_workers": spec.finetune.num_workers, "use_gpu": spec.finetune.use_gpu,
@@ -83,37 +100,55 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
     ft_opts = {"max_retries": 1, **({} if ft["num_workers"] else task_opts)}
     in_task = not ft["num_workers"]
 
-    # tasks: bases and sparse learning once each, shared by the combinations that need them
+    # tasks: bases and sparse learning once each, shared by the combinations that need
+    # them. Bases are few (models x seeds) and long: all of them start at once. The driver
+    # lets go of a base's or a sparse model's ref once its last combination is submitted
+    # (the submitted tasks hold their own), so finished ones do not pile up.
     bases, sparse = {}, {}
     for key, cfg in plan.bases_train.items():
         bases[key] = base_task.options(**task_opts, max_retries=2).remote(cfg, store.uri, retrain=True)
     for key, cfg in plan.bases_reuse.items():  # loading a stored/checkpoint base is cheap
         bases[key] = base_task.options(num_cpus=res.cpus_per_task, max_retries=2).remote(cfg, store.uri)
+    users: dict = {}  # base or sparse key -> combinations not submitted yet that need it
+    for cfg in plan.todo:
+        for key in _upstream_keys(cfg):
+            users[key] = users.get(key, 0) + 1
 
     def upstream(cfg):
+        """The ref a combination's prune task takes (sparse model, else base)."""
+        ref = bases[cfg.base_key()]
         if needs_sparse(cfg):
             key = cfg.sparse_key()
             if key not in sparse:
                 sparse[key] = sparse_task.options(**task_opts, max_retries=2).remote(
-                    cfg, store.uri, bases[cfg.base_key()], retrain=key in plan.sparse_run)
-            return sparse[key]
-        return bases[cfg.base_key()]
+                    cfg, store.uri, ref, retrain=key in plan.sparse_run)
+            ref = sparse[key]
+        return ref
 
-    # Every prune task is queued at once, so an autoscaling cluster sees the whole demand
-    # and grows to it; `max_concurrent` bounds only the Ray Train runs in flight (each
-    # costs head memory, ray #65443). In-task fine-tuning (num_workers 0) has no Train run.
+    # Prune tasks are queued ahead of the cluster, up to the window, so that an autoscaling
+    # cluster sees the demand and grows to it; `max_concurrent` bounds only the Ray Train
+    # runs in flight (each costs head memory, ray #65443). In-task fine-tuning
+    # (num_workers 0) has no Train run.
     t_start = time.perf_counter()
-    prunes = {prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg)): cfg
-              for cfg in plan.todo}
+    todo = deque(plan.todo)  # not submitted yet, in plan order
+    prunes: dict = {}  # prune ref -> cfg
     pruned: deque = deque()  # (prune ref, cfg) waiting for a Train slot
     running: dict = {}  # coordinator ref -> cfg
     done = failed = 0
-    while prunes or pruned or running:
+    while todo or prunes or pruned or running:
+        # the window: more prune tasks as combinations finish
+        while todo and len(prunes) + len(pruned) + len(running) < window:
+            cfg = todo.popleft()
+            prunes[prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg))] = cfg
+            for key in _upstream_keys(cfg):
+                users[key] -= 1
+                if not users[key]:  # its last combination is submitted
+                    (sparse if key[0] == "sparse" else bases).pop(key[1], None)
         # Train: a coordinator per pruned combination, as slots allow
         while pruned and (in_task or len(running) < max_concurrent):
             p, cfg = pruned.popleft()
             running[finetune_task.options(**ft_opts).remote(cfg, store.uri, p, ft)] = cfg
-        progress.update(done, failed, len(running), len(prunes) + len(pruned))
+        progress.update(done, failed, len(running), len(todo) + len(prunes) + len(pruned))
         refs = [*running, *prunes]
         ready, _ = ray.wait(refs, num_returns=1, timeout=2.0)
         if ready:  # take everything that is ready: one pass per batch, not per ref
@@ -145,6 +180,14 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease)
         lease.check()  # stop if another driver took the output over
     progress.close(done, failed, time.perf_counter() - t_start)
     return failed
+
+
+def _upstream_keys(cfg) -> list:
+    """The base's key, and the sparse model's where the method has one (tagged apart)."""
+    keys = [("base", cfg.base_key())]
+    if needs_sparse(cfg):
+        keys.append(("sparse", cfg.sparse_key()))
+    return keys
 
 
 def _one_line(e: Exception) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 
 import ray
@@ -37,7 +38,15 @@ def _logger(cfg: ComboConfig, per_base: bool = False):
     log_to_driver), one line per event, prefixed with the combination it belongs to."""
     label = (f"{cfg.model} seed {cfg.seed}" if per_base else
              f"{cfg.model} {cfg.method} {cfg.target_speedup:g}x seed {cfg.seed}")
-    return lambda msg: print(f"[{label}] {msg.strip()}", flush=True)
+
+    def log(msg: str) -> None:
+        # sys.stdout, not print(): Ray Train's workers replace print() with one that logs
+        # to the console and also echoes to Ray's stdout wrapper (RAY_TRAIN_ENABLE_PRINT_PATCH),
+        # so every Train worker line would reach the job log twice
+        sys.stdout.write(f"[{label}] {msg.strip()}\n")
+        sys.stdout.flush()
+
+    return log
 
 
 def _save(store: Store, model, cfg: ComboConfig, splits, parts: tuple, history=None, meta=None) -> str:
