@@ -48,7 +48,6 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
         raise ProgpruneError(f"unknown report format {fmt!r}: use one of {', '.join(FORMATS)}")
     frame, local_path = load(results)
     out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path or ""), "report"))
-    _check_replaceable(out_dir)
     table, probs = T.aggregate(frame), T.problems(frame)
     with _atomic_dir(out_dir) as tmp:
         plots = _plots.draw(table, T.base_reference(frame), tmp)
@@ -78,8 +77,7 @@ def load(results: str) -> tuple[pd.DataFrame, str | None]:
     URI) -> (frame, its local path or None); or raise ProgpruneError saying what is wrong."""
     results = os.fspath(results)
     try:
-        fs, path = pafs.FileSystem.from_uri(results) if "://" in results else \
-            (pafs.LocalFileSystem(), os.path.abspath(results))
+        fs, path = pafs.FileSystem.from_uri(results if "://" in results else os.path.abspath(results))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
         raise ProgpruneError(f"cannot open URI {results}: {_one_line(e)}") from None
     try:
@@ -108,20 +106,15 @@ def _one_line(e: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-def _check_replaceable(out_dir: str) -> None:
-    if not os.path.lexists(out_dir):
-        return
-    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
-        raise ProgpruneError(f"report output {out_dir} exists and is not a directory")
-    if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER)):
-        raise ProgpruneError(f"refusing to replace {out_dir}: it is not an earlier progprune "
-                             f"report (pass another --out)")
-
-
 @contextlib.contextmanager
 def _atomic_dir(out_dir: str):
-    """Yield a new directory beside `out_dir`; on success it takes `out_dir`'s place (the old
+    """Yield a new directory beside `out_dir`; on success it takes `out_dir`'s place (an earlier
     report is moved aside first and deleted after), on failure it is removed."""
+    if os.path.islink(out_dir) or os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ProgpruneError(f"report output {out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER)):
+        raise ProgpruneError(f"refusing to replace {out_dir}: it is not an earlier progprune "
+                             f"report (pass another --out)")
     tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{secrets.token_hex(6)}")
     old = tmp + ".old"
     try:

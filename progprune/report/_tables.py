@@ -7,7 +7,6 @@ import base64
 import datetime as _dt
 import html
 import json
-import math
 import re
 from pathlib import Path
 
@@ -70,8 +69,8 @@ def problems(df: pd.DataFrame) -> pd.DataFrame:
     bad = df[df["status"] != "ok"].sort_values(GROUP + ["seed"])
     error = bad["error"].map(lambda e: " ".join(e.split())[:500] if isinstance(e, str)
                              else "(no error recorded)")
-    return bad.assign(error=error)[GROUP + ["seed", "status", "achieved_speedup", "error", "combo_id"]] \
-        .reset_index(drop=True)
+    cols = GROUP + ["seed", "status", "achieved_speedup", "error", "combo_id"]
+    return bad.assign(error=error)[cols].reset_index(drop=True)
 
 
 def distinct(s: pd.Series) -> list[str]:
@@ -83,8 +82,9 @@ def setup(df: pd.DataFrame) -> list[list[str]]:
     items = [["Rows", f"{len(df)} ({status})" if len(df) else "0"]]
     for label, col in SETUP:
         values = distinct(df[col])
-        mixed = " (mixed: rows come from different installs)" if col.endswith("_version") and len(values) > 1 else ""
-        items.append([label, (", ".join(values) or "not recorded") + mixed])
+        mixed = col.endswith("_version") and len(values) > 1
+        items.append([label, (", ".join(values) or "not recorded")
+                      + (" (mixed: rows come from different installs)" if mixed else "")])
     started, finished = distinct(df["started_at"]), distinct(df["finished_at"])
     if started or finished:
         items.append(["Ran", f"{started[0] if started else '?'} .. {finished[-1] if finished else '?'}"])
@@ -119,31 +119,31 @@ def notes(agg: pd.DataFrame) -> list[str]:
 
 
 # ---- cells -----------------------------------------------------------------------------------
-def _ms(mean, std=None, scale=1.0, suffix="") -> str:
-    if mean is None or math.isnan(mean):
+def _ms(metric: str, mean, std=None) -> str:
+    """A cell: mean ± std (no std for one seed), top-1 in %, the ratios with an x."""
+    if pd.isna(mean):
         return "–"
+    scale, suffix = (100, "") if "top1" in metric else (1, "x")
     text = f"{mean * scale:.2f}{suffix}"
-    return text if std is None or math.isnan(std) else text + f" ± {std * scale:.2f}"
+    return text if pd.isna(std) else f"{text} ± {std * scale:.2f}"
+
+
+def _summary_row(r: pd.Series) -> list[str]:
+    cells = [_ms(m, r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS]  # SUMMARY_HEADERS' order
+    cells[-1] += " (latency rose)" if r["latency_rose"] else ""
+    n = f"{r['n']}" + (f" (+{r['not_ok']} not ok)" if r["not_ok"] else "")
+    return [r["method"], f"{r['target_speedup']:g}x", *cells, n]
 
 
 def panels(agg: pd.DataFrame):
-    """(dataset / model title, [(cells, latency rose)]) per panel of the summary."""
+    """(dataset / model title, [row cells]) per panel of the summary."""
     for (dataset, model), sub in agg.groupby(PANEL, sort=True):
-        rows = []
-        for _, r in sub.iterrows():
-            cell = lambda m, scale=1.0, suffix="": _ms(r[f"{m}_mean"], r[f"{m}_std"], scale, suffix)  # noqa: E731
-            n = f"{r['n']}" + (f" (+{r['not_ok']} not ok)" if r["not_ok"] else "")
-            rows.append(([r["method"], f"{r['target_speedup']:g}x", cell("achieved_speedup", suffix="x"),
-                          cell("compression_ratio", suffix="x"), cell("base_top1", 100),
-                          cell("pruned_top1", 100), cell("pruned_top1_bn", 100), cell("final_top1", 100),
-                          cell("latency_speedup", suffix="x") + (" (latency rose)" if r["latency_rose"] else ""),
-                          n], bool(r["latency_rose"])))
-        yield f"{dataset} / {model}", rows
+        yield f"{dataset} / {model}", [_summary_row(r) for _, r in sub.iterrows()]
 
 
 def problem_rows(probs: pd.DataFrame) -> list[list[str]]:
     return [[r["dataset"], r["model"], r["method"], f"{r['target_speedup']:g}x", str(r["seed"]), r["status"],
-             _ms(r["achieved_speedup"], suffix="x"), r["error"]] for _, r in probs.iterrows()]
+             _ms("achieved_speedup", r["achieved_speedup"]), r["error"]] for _, r in probs.iterrows()]
 
 
 # ---- the document ----------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
     out += ["## Results by operating point",
             LEGEND if len(agg) else "No combination finished ok: see the list below."]
     for title, rows in panels(agg):
-        out += [f"### {title}", _table(SUMMARY_HEADERS, [cells for cells, _ in rows])]
+        out += [f"### {title}", _table(SUMMARY_HEADERS, rows)]
     if plots:
         out += ["## Plots"] + [f"![{alt}]({file})" for file, alt in plots.values()]
     rose = agg[agg["latency_rose"].astype(bool)]
@@ -213,7 +213,7 @@ def to_html(markdown_text: str, image_dir) -> str:
 def show(df: pd.DataFrame, console) -> None:
     """The results tables on a terminal (a rich Console): what `progprune report` and a sweep's
     end print."""
-    from rich.table import Table
+    from rich.table import Column, Table
     from rich.text import Text
 
     if df.empty:
@@ -222,18 +222,17 @@ def show(df: pd.DataFrame, console) -> None:
     if agg.empty:
         console.print(Text("No combination finished ok.", style="yellow"))
     for title, rows in panels(agg):
-        t = Table(*SUMMARY_HEADERS, title=title, title_justify="left")
-        for col in t.columns[1:]:
-            col.justify = "right"
-        for cells, rose in rows:
-            t.add_row(*cells[:-2], Text(cells[-2], style="bold red" if rose else ""), cells[-1])
+        t = Table(SUMMARY_HEADERS[0], *(Column(h, justify="right") for h in SUMMARY_HEADERS[1:]),
+                  title=title, title_justify="left")
+        for cells in rows:
+            rose = "bold red" if "(latency rose)" in cells[-2] else ""
+            t.add_row(*cells[:-2], Text(cells[-2], style=rose), cells[-1])
         console.print(t)
     if len(agg):
         console.print(Text(LEGEND, style="dim"))
     if len(probs):
-        t = Table(*PROBLEM_HEADERS, title=PROBLEMS_TITLE, title_justify="left")
-        for col in t.columns:
-            col.overflow = "fold"
+        t = Table(*(Column(h, overflow="fold") for h in PROBLEM_HEADERS), title=PROBLEMS_TITLE,
+                  title_justify="left")
         for r in problem_rows(probs):
             t.add_row(*r[:5], Text(r[5], style="yellow" if r[5] == "unreachable" else "red"), *r[6:])
         console.print(t)
