@@ -94,13 +94,9 @@ def setup(df: pd.DataFrame) -> list[list[str]]:
 def common_settings(df: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str]]:
     """From each row's resolved config_json: settings shared by every row (the recipe),
     and the keys that vary (the sweep's axes)."""
-    def flatten(obj, prefix=""):
-        if not isinstance(obj, dict):
-            return {prefix[:-1]: obj}
-        return {k2: v2 for k, v in obj.items() for k2, v2 in flatten(v, f"{prefix}{k}.").items()}
-
-    flat = [flatten(json.loads(b)) for b in df["config_json"].dropna()]
-    seen = {k: {json.dumps(f.get(k), sort_keys=True) for f in flat} for k in sorted(set().union(*flat))}
+    flat = pd.json_normalize([json.loads(b) for b in df["config_json"].dropna()]).astype(object)
+    flat = flat.where(flat.notna(), None)  # a key a row lacks reads as null, as JSON's own null does
+    seen = {k: {json.dumps(v, sort_keys=True) for v in flat[k]} for k in sorted(flat)}
     return [(k, v.pop()) for k, v in seen.items() if len(v) == 1], [k for k, v in seen.items() if len(v) > 1]
 
 
@@ -181,11 +177,9 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
         out += ["## Reporting notes (ShrinkBench practice)", "\n".join(f"- {n}" for n in shortfalls)]
     common, varying = common_settings(df)
     if common:
-        axes = ": " + ", ".join(f"`{k}`" for k in varying) if varying else ""
-        out += ["## Recipe: settings shared by every row",
-                "From each row's resolved `config_json`" + (f"; the keys that vary are the sweep's axes{axes}."
-                                                             if varying else "."),
-                _table(["Setting", "Value"], [[k, f"`{v}`"] for k, v in common])]
+        axes = "; the keys that vary are the sweep's axes: " + ", ".join(f"`{k}`" for k in varying)
+        out += ["## Recipe: settings shared by every row", f"From each row's resolved `config_json`"
+                f"{axes if varying else ''}.", _table(["Setting", "Value"], [[k, f"`{v}`"] for k, v in common])]
     return "\n\n".join(out) + "\n"
 
 
