@@ -90,7 +90,7 @@ def latency_plot(agg: pd.DataFrame, directory: str) -> tuple[str, str]:
         lo = min(1.0, sub["latency_speedup_mean"].min())
         ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="y = x (latency follows MACs)")
         ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="no speedup")
-        rose = sub[sub["latency_rose"].astype(bool)]
+        rose = sub[sub["latency_rose"]]
         if len(rose):
             ax.scatter(rose["achieved_speedup_mean"], rose["latency_speedup_mean"], marker="X", s=140,
                        color="red", zorder=5, label="latency rose")

@@ -1,6 +1,6 @@
-"""Rows -> per-operating-point means/stds over seeds, the problems, the setup; the report as one
-list of blocks rendered as Markdown and as self-contained HTML; and the terminal's rich tables,
-made from the same cells, so the three never disagree."""
+"""Rows -> per-operating-point means/stds over seeds, the problems, the setup; the report as
+Markdown (the HTML report is that Markdown rendered) and the terminal's rich tables, made from
+the same cells, so the three never disagree."""
 from __future__ import annotations
 
 import base64
@@ -165,7 +165,7 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
         out += [f"### {title}", _table(SUMMARY_HEADERS, rows)]
     if plots:
         out += ["## Plots"] + [f"![{alt}]({file})" for file, alt in plots.values()]
-    rose = agg[agg["latency_rose"].astype(bool)]
+    rose = agg[agg["latency_rose"]]
     if len(rose):
         out += ["## Latency rose although MACs fell", "\n".join(
             f"- {r['dataset']} / {r['model']} / `{r['method']}` at target {r['target_speedup']:g}x: "
