@@ -12,6 +12,9 @@ FROM rayproject/ray:${RAY_VERSION}-py311-${CUDA_TAG}
 # ARGs declared before FROM are not visible after it unless re-declared.
 ARG CUDA_TAG
 ARG TORCH_VERSION=2.13.0
+# torchvision for tv:NAME models (ray_jobs/imagenet_resnet50.yaml): the release built against
+# TORCH_VERSION, from the same wheel index; empty leaves it out.
+ARG TORCHVISION_VERSION=0.28.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${CUDA_TAG}
 
 LABEL org.opencontainers.image.title="progprune" \
@@ -29,9 +32,11 @@ ENV PYTHONUNBUFFERED=1 \
 RUN mkdir -p /home/ray/progprune
 WORKDIR /home/ray/progprune
 
-# Layer 1, torch (~GBs): depends only on the build args, so code and dependency edits reuse it.
+# Layer 1, torch (~GBs) and torchvision: depend only on the build args, so code and
+# dependency edits reuse them.
 # The base image has no torch; the CUDA build must match the image's CUDA (same CUDA_TAG).
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+        ${TORCHVISION_VERSION:+"torchvision==${TORCHVISION_VERSION}"}
 
 # Layer 2, the project's dependencies, read from pyproject.toml and held to the versions of
 # the lock docker/constraints.txt (generated from pyproject.toml by docker/lock.py), so two

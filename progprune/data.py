@@ -1,9 +1,11 @@
-"""Datasets as uint8 tensors, plus a batch iterator doing augmentation as tensor ops.
+"""Datasets, plus a batch iterator doing augmentation as tensor ops.
 
 A registry of loaders keyed by the name users write in `dataset.name`. Every loader returns
-`Splits` with images kept as uint8 (N, C, H, W): the whole set fits in (GPU) memory, and
-`batches()` normalises, crops and flips a batch at a time on the device (airbench style),
-with no DataLoader and no per-sample Python.
+an object with `size(split)`, `batches(split, ...)`, `mean`, `std`, `input_shape` and
+`num_classes`. digits, CIFAR and synthetic return `Splits`, images kept whole as uint8
+(N, C, H, W): the set fits in (GPU) memory, and `batches()` normalises, crops and flips a
+batch at a time on the device (airbench style), with no DataLoader and no per-sample
+Python. imagefolder streams instead (`progprune.folder`): its images are decoded per batch.
 
 Nothing here downloads. CIFAR is read from the standard python-pickle files with a
 restricted unpickler (numpy arrays and plain containers only), so a planted pickle cannot
@@ -27,7 +29,6 @@ from progprune.config import DatasetConfig
 from progprune.errors import ProgpruneError
 
 _SPLIT_SEED = 0  # fixed: splits must not move with the run seed
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @dataclass
@@ -337,78 +338,6 @@ register_dataset("cifar10", check=_check_cifar, num_classes=10)(_load_cifar)
 register_dataset("cifar100", check=_check_cifar, num_classes=100)(_load_cifar)
 
 
-# ---- imagefolder -----------------------------------------------------------------------
-
-_FOLDER_LAYOUT = "train/<class>/*.png|jpg and val/<class>/*.png|jpg (optional test/<class>/...)"
-
-
-def _class_dirs(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _check_imagefolder(cfg: DatasetConfig) -> None:
-    root = _need_dir(cfg, _FOLDER_LAYOUT)
-    for split in ("train", "val"):
-        if not (root / split).is_dir() or not _class_dirs(root / split):
-            raise ProgpruneError(f"{root / split} is missing or has no class folders; imagefolder "
-                                 f"expects {_FOLDER_LAYOUT}", field="dataset.data_dir")
-    classes = _class_dirs(root / "train")
-    if len(classes) < 2:  # one class: every prediction is right, 100% top-1 means nothing
-        raise ProgpruneError(f"{root / 'train'} has {len(classes)} class folder; classification "
-                             "needs at least 2", field="dataset.data_dir")
-    for split in ("val", "test"):
-        if (root / split).is_dir():
-            extra = sorted(set(_class_dirs(root / split)) - set(classes))
-            if extra:
-                raise ProgpruneError(f"{root / split} has classes not in train/: {', '.join(extra)}",
-                                     field="dataset.data_dir")
-            missing = sorted(set(classes) - set(_class_dirs(root / split)))
-            if missing:  # accuracy on a subset of the classes would mislead
-                raise ProgpruneError(f"{root / split} lacks classes of train/: {', '.join(missing[:5])}"
-                                     f"{' ...' if len(missing) > 5 else ''}", field="dataset.data_dir")
-    _check_num_classes(cfg, len(classes))
-    if cfg.image_size < 1:
-        raise ProgpruneError(f"must be >= 1, got {cfg.image_size}", field="dataset.image_size")
-    if cfg.test_split == "test" and not (root / "test").is_dir():
-        raise ProgpruneError(f"{root / 'test'} is missing; add a test/ split, or set the test split to "
-                             "val to report accuracy on the validation images", field="dataset.data_dir")
-
-
-def _read_folder(split_dir: Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image
-
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        if not (split_dir / cls).is_dir():
-            continue
-        for p in sorted((split_dir / cls).iterdir()):
-            if p.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(p) as im:
-                    im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-                    images.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-            except OSError as e:
-                raise ProgpruneError(f"{p}: cannot read image ({e}); remove or replace it") from None
-            labels.append(label)
-    if not images:
-        raise ProgpruneError(f"{split_dir} holds no .png/.jpg images under its class folders", field="dataset.data_dir")
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
-
-
-@register_dataset("imagefolder", check=_check_imagefolder)
-def _load_imagefolder(cfg: DatasetConfig, seed: int) -> Splits:
-    root = Path(cfg.data_dir).expanduser()
-    classes = _class_dirs(root / "train")
-    s = cfg.image_size
-    train_x, train_y = _read_folder(root / "train", classes, s)
-    val_x, val_y = _read_folder(root / "val", classes, s)
-    test_x, test_y = _read_folder(root / "test", classes, s) if cfg.test_split == "test" else (val_x, val_y)
-    mean, std = _mean_std(train_x)
-    return Splits("imagefolder", len(classes), (3, s, s), train_x, train_y, val_x, val_y,
-                  test_x, test_y, mean, std)
-
-
 # ---- synthetic -------------------------------------------------------------------------
 
 
@@ -436,3 +365,6 @@ def _load_synthetic(cfg: DatasetConfig, seed: int) -> Splits:
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = draw(n), draw(max(1, n // 4)), draw(max(1, n // 4))
     mean, std = _mean_std(train_x)
     return Splits("synthetic", k, (3, s, s), train_x, train_y, val_x, val_y, test_x, test_y, mean, std)
+
+
+import progprune.folder  # noqa: E402,F401 - registers imagefolder (it streams; see that module)

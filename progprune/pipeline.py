@@ -25,7 +25,7 @@ from progprune import __version__
 from progprune.artifacts import load_base_weights, save_artifact
 from progprune.config import ComboConfig, TrainConfig
 from progprune.data import Splits, load_dataset
-from progprune.models import build_model, example_inputs
+from progprune.models import build_model, check_input_size, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
 from progprune.results import ResultRow, write_rows
 from progprune.training import (FitResult, TrainingDiverged, calibration_batch, evaluate, fit,
@@ -76,10 +76,12 @@ def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tu
     if cfg.base_checkpoint:
         model, _ = load_base_weights(cfg.base_checkpoint, cfg.model, splits.num_classes,
                                      splits.input_shape, reset_head=cfg.reset_head, seed=cfg.seed)
+        check_input_size(model, cfg.model, splits.input_shape)
         source, res = "checkpoint", None
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, splits.num_classes, splits.input_shape)
+        check_input_size(model, cfg.model, splits.input_shape)
         source, res = ("trained", None) if cfg.base.epochs > 0 else ("init", None)
         if cfg.base.epochs > 0:
             log(f"training base {cfg.model} on {splits.name} for {cfg.base.epochs} epochs")

@@ -15,6 +15,7 @@ from progprune.artifacts import load_base_weights
 from progprune.config import ComboConfig
 from progprune.data import load_dataset
 from progprune.errors import ProgpruneError, SpecError
+from progprune.models import build_model, check_input_size
 from progprune.pipeline import needs_sparse
 from progprune.results import ResultRow, rows_to_table
 from progprune.spec import SweepSpec, dump_yaml
@@ -70,16 +71,24 @@ def _table(store: Store, combos: list[ComboConfig]) -> ResultsTable:
 
 
 def preflight(spec: SweepSpec) -> int:
-    """Checks that need the data: class count, and base checkpoints that really load."""
+    """Checks that need the data: class count, base checkpoints that really load, models
+    that take the data's image size."""
     splits = load_dataset(spec.dataset, seed=spec.seeds[0])
     problems = []
     for i, m in enumerate(spec.models):
-        if m.checkpoint:
-            try:
-                load_base_weights(m.checkpoint, m.name, splits.num_classes, splits.input_shape,
-                                  reset_head=m.reset_head)
-            except ProgpruneError as e:
-                problems.append(f"models[{i}].checkpoint: {e}")
+        try:
+            if m.checkpoint:
+                model, _ = load_base_weights(m.checkpoint, m.name, splits.num_classes, splits.input_shape,
+                                             reset_head=m.reset_head)
+            else:
+                model = build_model(m.name, splits.num_classes, splits.input_shape)
+        except ProgpruneError as e:
+            problems.append(f"models[{i}].checkpoint: {e}")
+            continue
+        try:
+            check_input_size(model, m.name, splits.input_shape)
+        except ProgpruneError as e:
+            problems.append(str(e))
     if problems:
         raise SpecError(problems)
     return splits.num_classes

@@ -95,31 +95,6 @@ def test_malicious_pickle_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_imagefolder(tmp_path):
-    d = write_imagefolder(tmp_path / "f", n_train=4, n_val=2)
-    # no test/: never report validation images as test accuracy unless asked to
-    with pytest.raises(ProgpruneError, match="test is missing; add a test/ split, or set the test split to val"):
-        check_dataset(DatasetConfig(name="imagefolder", data_dir=str(d), image_size=16))
-    s = load_dataset(DatasetConfig(name="imagefolder", data_dir=str(d), image_size=16, test_split="val"))
-    _check_splits(s, 3)
-    assert s.input_shape == (3, 16, 16)
-    assert (len(s.train_y), len(s.val_y)) == (12, 6)
-    assert torch.equal(s.test_x, s.val_x)  # asked for: val
-    assert s.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # classes sorted: cat, dog, frog
-    write_imagefolder(tmp_path / "g", n_train=2, n_val=1, n_test=3)
-    s = load_dataset(DatasetConfig(name="imagefolder", data_dir=str(tmp_path / "g"), image_size=8))
-    assert len(s.test_y) == 9 and s.train_x.shape[1:] == (3, 8, 8)
-
-
-def test_imagefolder_errors(tmp_path):
-    d = write_imagefolder(tmp_path / "f")
-    with pytest.raises(ProgpruneError, match="imagefolder has 3 classes, got 5"):
-        check_dataset(DatasetConfig(name="imagefolder", data_dir=str(d), num_classes=5))
-    shutil.rmtree(d / "val")
-    with pytest.raises(ProgpruneError, match=f"{d / 'val'} is missing"):
-        check_dataset(DatasetConfig(name="imagefolder", data_dir=str(d), test_split="val"))
-
-
 def test_synthetic_seeded():
     cfg = DatasetConfig(name="synthetic", num_classes=4, image_size=12, synthetic_samples=40)
     a, b, c = load_dataset(cfg, seed=1), load_dataset(cfg, seed=1), load_dataset(cfg, seed=2)

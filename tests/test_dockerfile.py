@@ -52,6 +52,16 @@ def test_torch_wheel_matches_base_image_cuda():
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"]), args
 
 
+def test_torchvision_is_the_torch_releases_own():
+    """tv:NAME models (the ImageNet recipe) need torchvision in the image, built against the
+    image's torch (torchvision 0.(N+15) pairs with torch 2.N) and from the same index."""
+    args = kc.dockerfile_args()
+    torch_minor = int(args["TORCH_VERSION"].split(".")[1])
+    assert args["TORCHVISION_VERSION"].split(".")[:2] == ["0", str(torch_minor + 15)], args
+    layer = next(i for i in kc.dockerfile_instructions() if "torch==${TORCH_VERSION}" in i)
+    assert "torchvision==${TORCHVISION_VERSION}" in layer and "${TORCH_INDEX_URL}" in layer
+
+
 def test_runs_as_ray_user():
     users = [i.split(None, 1)[1] for i in kc.dockerfile_instructions() if i.upper().startswith("USER ")]
     assert users and users[-1] in ("1000:100", "1000", "ray", "ray:users"), users

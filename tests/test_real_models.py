@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 
@@ -242,3 +243,72 @@ def test_families_prune_to_one_and_a_half_x(name, tmp_path):
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.equal(load_pruned(path)(x), model(x))
+
+
+# ---- ImageNet-sized data (issue 11) ---------------------------------------------------------
+def test_streaming_crops_are_torchvisions(tmp_path):
+    """The streaming imagefolder's recipes against torchvision's own transforms: the
+    training crop is RandomResizedCrop's (same box, then resized_crop + flip: identical
+    pixels); evaluation is Resize(int(size / 0.875)) + CenterCrop(size) within 2/255."""
+    import random
+
+    import numpy as np
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from progprune.folder import decode, random_resized_crop
+
+    rng = np.random.default_rng(0)
+    for w, h in [(300, 260), (256, 256), (500, 331), (120, 400)]:
+        arr = (np.cumsum(rng.integers(0, 256, (h, w, 3)), axis=1) % 256).astype(np.uint8)
+        path = tmp_path / f"{w}x{h}.png"
+        Image.fromarray(arr).save(path)
+        im = Image.open(path).convert("RGB")
+        for size in (224, 32):
+            ref = np.asarray(T.Compose([T.Resize(int(size / 0.875)), T.CenterCrop(size)])(im)).astype(int)
+            assert np.abs(decode(str(path), size, False, 0).astype(int) - ref).max() <= 2
+            for seed in range(3):
+                r = random.Random(seed)
+                left, top, cw, ch = random_resized_crop(w, h, r)
+                want = TF.resized_crop(im, top, left, ch, cw, [size, size])
+                want = np.asarray(TF.hflip(want) if r.random() < 0.5 else want)
+                assert np.array_equal(decode(str(path), size, True, seed), want), (w, h, size, seed)
+
+
+def test_imagenet_recipe_validates_against_a_stand_in(tmp_path):
+    """ray_jobs/imagenet_resnet50.yaml cannot run here (no ImageNet, no GPU); its dry run
+    against a stand-in of the same layout (1,000 class folders of JPEGs, a torchvision
+    ResNet-50 state_dict as the pretrained checkpoint) plans one combination, and the
+    spec's own problems (a class count that differs, a missing checkpoint) are one line."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+    from torchvision.models import resnet50
+
+    root = tmp_path / "imagenet"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    for split in ("train", "val"):
+        for c in range(1000):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True)
+            img.save(d / f"{split}_{c}.JPEG")
+    ckpt = tmp_path / "resnet50-0676ba61.pth"
+    torch.save(resnet50().state_dict(), ckpt)
+    spec = yaml.safe_load(open(os.path.join(HERE, "..", "ray_jobs", "imagenet_resnet50.yaml")))
+    spec["dataset"]["data_dir"] = str(root)
+    spec["models"][0]["checkpoint"] = str(ckpt)
+    spec["output"] = str(tmp_path / "out")
+    path = tmp_path / "imagenet.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = _cli("sweep", str(path), "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sweep imagenet-resnet50: 1 combinations" in proc.stdout, proc.stdout
+    assert not (tmp_path / "out").exists()
+
+    shutil.rmtree(root / "val" / "n00000999")
+    ckpt.unlink()
+    proc = _cli("sweep", str(path), "--dry-run")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"val lacks classes of train/: n00000999" in lines[0] and "checkpoint" in lines[0], lines[0]

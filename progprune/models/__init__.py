@@ -2,7 +2,7 @@
 Torch-Pruning's CIFAR benchmark registry (`reproduce/registry.py`), so base MACs/params
 compare 1:1 with its published tables; `tv:NAME`, `timm:NAME` and `py:module:factory` build
 torchvision, timm and your own models (see `_kinds`)."""
-from progprune.models._kinds import KINDS, build_model, kind_of, name_problems
+from progprune.models._kinds import KINDS, build_model, check_input_size, kind_of, name_problems
 from progprune.models._registry import (
     MODELS,
     classifier_layers,
@@ -19,6 +19,7 @@ __all__ = [
     "MODELS",
     "attention_heads",
     "build_model",
+    "check_input_size",
     "classifier_layers",
     "example_inputs",
     "head_name",

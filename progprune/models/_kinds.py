@@ -61,6 +61,25 @@ def build_model(name: str, num_classes: int, input_shape=None) -> nn.Module:
     return model
 
 
+def check_input_size(model: nn.Module, name: str, input_shape) -> None:
+    """One forward pass of a zero image of `input_shape`: a model built for another size
+    (a fixed pooling window, a position embedding) fails here, as one line naming the
+    setting, instead of mid-training with a traceback."""
+    import torch
+
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    except Exception as e:  # noqa: BLE001 - any failure: this model does not take this size
+        c, h, w = input_shape
+        raise ProgpruneError(f"model {name!r} cannot take {c}x{h}x{w} inputs ({type(e).__name__}: "
+                             f"{_first_line(e)}); set the image size it is built for",
+                             field="dataset.image_size") from None
+    finally:
+        model.train(was_training)
+
+
 def _resolve(name: str):
     """name -> build(num_classes, input_shape); raises ProgpruneError naming what to change."""
     from progprune.models._registry import MODELS, list_models
