@@ -239,3 +239,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_image_folder_sweep_with_two_train_workers(cluster, tmp_path):
+    """A folder of JPEGs (one unreadable) streamed through a sweep: DataLoader workers in
+    the prune task and in each of two Ray Train workers (DDP over the rank shards), the
+    skipped file reported in the job's log, one ok row."""
+    from fixtures_data import write_imagefolder
+
+    data = write_imagefolder(tmp_path / "jpegs", n_train=8, n_val=3, n_test=3, size=(40, 36))
+    (data / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    spec = tiny_spec(tmp_path, name="folder", models=["resnet20"], speedups=[1.5],
+                     dataset={"name": "imagefolder", "data_dir": str(data), "image_size": 32,
+                              "loader_workers": 1},
+                     finetune={"epochs": 2, "batch_size": 8, "num_workers": 2})
+    r = progprune("sweep", spec, "--address", cluster.address)
+    assert r.returncode == 0, r.stdout + r.stderr
+    df = _table(tmp_path / "out")
+    assert len(df) == 1 and df.status.tolist() == ["ok"], df.error.tolist()
+    row = df.iloc[0]
+    assert row.dataset == "imagefolder" and row.num_classes == 3 and row.finetune_workers == 2
+    assert row.final_top1 is not None and row.achieved_speedup >= 1.5
+    log = r.stdout + r.stderr
+    assert "imagefolder: skipped 1 unreadable image(s) of 25 in" in log and "cat/broken.jpg" in log
+    assert "finetune epoch 2/2" in log
