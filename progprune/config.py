@@ -1,70 +1,96 @@
 """The settings, declared once: the sweep spec's schema, shaped like the YAML users write.
 
-Every setting lives here with its type, bounds and default, and nowhere else: the spec
-loader validates YAML against these models, `progprune prune` builds a one-combination
-spec from its flags and validates it the same way, and the pipeline reads the frozen
-models. Bounds are what can run (an upper bound on every count), so a typo fails at load
-time, not by exhausting memory an hour later. No torch, no registries: `spec.py` checks
-registry names; this module only knows shapes.
+Each setting has its type, bounds, default and the words its error uses here and nowhere
+else. Bounds are what can run (every count has an upper bound), so a typo fails at load
+time. No torch, no registries, no files: `spec.py` checks those.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import re
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      StrictBool, StrictInt, StrictStr, create_model, field_serializer,
-                      model_validator)
+                      StrictBool, StrictInt, StrictStr, ValidationError, WrapValidator,
+                      create_model, field_serializer, model_validator)
 from pydantic_core import PydanticCustomError
+
+from progprune.errors import show
 
 MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seed range
 
 
-# ---- field types: bounds + the words an error message uses, declared together ----------
+# ---- field types: bounds and the words an error uses, declared together ------------------
 def _bad(msg: str):
     return PydanticCustomError("progprune", msg)
 
 
+def _worded(t, desc: str, *validators, **field):
+    """`t` whose own errors read `must be <desc>, got <input>` (an item's keep their own)."""
+    def wrap(v, handler):
+        try:
+            return handler(v)
+        except ValidationError as e:
+            if any(err["loc"] for err in e.errors()):
+                raise
+            raise _bad(f"must be {desc}, got {show(v)}") from None
+    return Annotated[(t, Field(description=desc, **field), *validators, WrapValidator(wrap))]
+
+
 def Int(lo: int, hi: int):  # noqa: N802 (a type factory)
-    return Annotated[StrictInt, Field(ge=lo, le=hi, description=f"an integer in [{lo}, {hi}]")]
+    return _worded(StrictInt, f"an integer in [{lo}, {hi}]", ge=lo, le=hi)
 
 
 def Num(desc: str, **bounds):  # noqa: N802
-    return Annotated[float, Field(strict=True, allow_inf_nan=False, description=f"a number {desc}",
-                                  **bounds)]
+    return _worded(float, f"a number {desc}", strict=True, allow_inf_nan=False, **bounds)
 
 
 def Opt(t):  # noqa: N802
     desc = next(m.description for m in t.__metadata__ if getattr(m, "description", None))
-    return Annotated[Optional[t], Field(description=f"{desc} (or null)")]
+    return _worded(Optional[t], f"{desc} (or null)")
 
 
-Bool = Annotated[StrictBool, Field(description="true or false")]
-Text = Annotated[StrictStr, Field(min_length=1, max_length=4096, description="a non-empty string")]
+def OneOf(*values: str):  # noqa: N802
+    return _worded(Literal[values], "one of " + ", ".join(values))
+
+
+def Items(item, desc: str, n: int, *validators):  # noqa: N802
+    return _worded(tuple[item, ...], desc, *validators, strict=False, max_length=n)
+
+
+Bool = _worded(StrictBool, "true or false")
+Text = _worded(StrictStr, "a non-empty string", min_length=1, max_length=4096)
 
 
 def _increasing(v: tuple) -> tuple:
     if any(a >= b for a, b in zip(v, v[1:])):
-        raise _bad("must be a list of increasing integers >= 1")
+        raise ValueError("not increasing")  # worded by Items
     return v
 
 
-Milestones = Annotated[tuple[Int(1, 100_000), ...], Field(strict=False, max_length=100,
-                       description="a list of increasing integers >= 1"), AfterValidator(_increasing)]
+Milestones = Items(Int(1, 100_000), "a list of increasing integers >= 1", 100,
+                   AfterValidator(_increasing))
 
 
 def _one_or_many(v):
     return [v] if isinstance(v, (str, int, float)) and not isinstance(v, bool) else v
 
 
+def _named(what: str):
+    def item(v):
+        if isinstance(v, (str, dict)):
+            return {"name": v} if isinstance(v, str) else v
+        raise _bad(f"must be a {what} name or a mapping with name and its settings, got {show(v)}")
+    return BeforeValidator(item)
+
+
 def _distinct(v: tuple) -> tuple:
     if not v:
         raise _bad("must not be empty")
     seen = set()
-    for x in v:
-        key = x.name if isinstance(x, BaseModel) else x
+    for key in (x.name if isinstance(x, BaseModel) else x for x in v):
         if key in seen:
             raise _bad(f"duplicate entry {key!r}")
         seen.add(key)
@@ -72,8 +98,18 @@ def _distinct(v: tuple) -> tuple:
 
 
 def Grid(item, what: str):  # noqa: N802: one value or a non-empty list of distinct values
-    return Annotated[tuple[item, ...], BeforeValidator(_one_or_many), AfterValidator(_distinct),
-                     Field(strict=False, max_length=10_000, description=f"a list of {what}")]
+    return Annotated[Items(item, f"a list of {what}", 10_000), BeforeValidator(_one_or_many),
+                     AfterValidator(_distinct)]
+
+
+def _storable(v: str | None) -> str | None:
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", v or "")
+    scheme = m and m[1].lower()
+    if m and scheme not in ("file", "s3", "gs"):
+        raise _bad(f"unsupported scheme {scheme!r}; use a local path, file://, s3:// or gs://")
+    if m and scheme != "file" and not m[2].split("/")[0]:
+        raise _bad(f"{scheme}:// needs a bucket, got {show(v)}")
+    return v
 
 
 class _Node(BaseModel):
@@ -82,8 +118,8 @@ class _Node(BaseModel):
 
 # ---- the sections of a spec --------------------------------------------------------------
 def _rgb(desc: str, **bounds):
-    return Opt(Annotated[tuple[Num(desc, **bounds), Num(desc, **bounds), Num(desc, **bounds)],
-                         Field(strict=False, description=f"three numbers {desc} (R, G, B)")])
+    n = Num(desc, **bounds)
+    return Opt(_worded(tuple[n, n, n], f"three numbers {desc} (R, G, B)", strict=False))
 
 
 class DatasetConfig(_Node):
@@ -97,7 +133,7 @@ class DatasetConfig(_Node):
     synthetic_samples: Int(1, 1_000_000) = 512  # synthetic: train samples (val/test: 1/4 each)
     # imagefolder: the split test accuracy is reported on; "val" only when you mean it (val
     # also picks the best epoch, so its accuracy is optimistic)
-    test_split: Literal["test", "val"] = "test"
+    test_split: OneOf("test", "val") = "test"
     # per-channel normalisation (0..1 scale); null: the data set's own (CIFAR: its recipe's,
     # imagefolder: ImageNet's, digits/synthetic: measured on the training split)
     mean: _rgb("in [0, 1]", ge=0, le=1) = None
@@ -129,7 +165,7 @@ class TrainConfig(_Node):
     momentum: Num("in [0, 1)", ge=0, lt=1) = 0.9
     weight_decay: Num("in [0, 1]", ge=0, le=1) = 5e-4
     batch_size: Int(1, 65_536) = 64
-    schedule: Literal["cosine", "multistep"] = "cosine"
+    schedule: OneOf("cosine", "multistep") = "cosine"
     milestones: Milestones = ()  # multistep: epochs at which lr *= gamma
     gamma: Num("in (0, 1]", gt=0, le=1) = 0.1
     augment: Opt(Bool) = None  # random crop + flip; null: on, except for digits (8x8 glyphs)
@@ -179,10 +215,10 @@ class PruningConfig(_Node):
     # the step that crosses the target: "fine" prunes part of that step's own selection, in
     # the method's order, to land within tolerance; "reference" takes the whole step, as
     # Torch-Pruning's loop does (its numbers, reproduced exactly)
-    crossing: Literal["fine", "reference"] = "fine"
+    crossing: OneOf("fine", "reference") = "fine"
     # module names kept whole besides the classifier head (fnmatch: "features.0.*", "*.se.*")
-    ignore: Annotated[tuple[Text, ...], BeforeValidator(_one_or_many),
-                      Field(strict=False, max_length=1000, description="a list of module-name patterns")] = ()
+    ignore: Annotated[Items(Text, "a list of module-name patterns", 1000),
+                      BeforeValidator(_one_or_many)] = ()
 
 
 class PruneConfig(PruningConfig):
@@ -209,16 +245,6 @@ class ModelEntry(_Node):
     reset_head: Bool = False  # re-initialise the checkpoint's classifier (other class count)
 
 
-def _named(what: str):
-    def item(v):
-        if isinstance(v, str):
-            return {"name": v}
-        if isinstance(v, dict):
-            return v
-        raise _bad(f"must be a {what} name or a mapping with name and its settings")
-    return item
-
-
 def _optional(field):
     field = copy.copy(field)
     field.default = None
@@ -239,20 +265,16 @@ def method_overrides(entry) -> dict:
     return {k: v for k, v in entry.model_dump(exclude={"name"}).items() if v is not None}
 
 
-def _dataset(v):
-    return {"name": v} if isinstance(v, str) else v
-
-
 class SweepSpec(_Node):
     """A sweep spec: models x speedups x methods x seeds and the settings they share."""
 
-    name: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=100,
-                                     description="a name matching [a-z0-9][a-z0-9_.-]* (it is used in paths)")]
-    dataset: Annotated[DatasetConfig, BeforeValidator(_dataset)] = DatasetConfig()
-    models: Grid(Annotated[ModelEntry, BeforeValidator(_named("model"))],
+    name: _worded(StrictStr, "a name matching [a-z0-9][a-z0-9_.-]* (it is used in paths)",
+                  pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=100)
+    dataset: Annotated[DatasetConfig, _named("dataset")] = DatasetConfig()
+    models: Grid(Annotated[ModelEntry, _named("model")],
                  "model names or {name, checkpoint} mappings")
     speedups: Grid(Num("> 1", gt=1, le=10_000), "numbers > 1")
-    methods: Grid(Annotated[MethodEntry, BeforeValidator(_named("method"))],
+    methods: Grid(Annotated[MethodEntry, _named("method")],
                   "method names or {name, <sparse_learning settings>} mappings") = (
         MethodEntry(name="group_norm"),)
     seeds: Grid(Int(0, MAX_SEED), f"integers in [0, {MAX_SEED}]") = (0,)
@@ -262,7 +284,7 @@ class SweepSpec(_Node):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     resources: ResourcesConfig = ResourcesConfig()
-    output: Opt(Text) = None  # local path, file://, s3://, gs://; null: ./runs/<name>
+    output: Annotated[Opt(Text), AfterValidator(_storable)] = None  # local path, file://, s3://, gs://; null: ./runs/<name>
 
     def combinations(self) -> list[ComboConfig]:
         """models x speedups x methods x seeds, in that nesting order (last varies fastest).

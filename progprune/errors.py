@@ -50,3 +50,9 @@ class SpecError(ProgpruneError):
     @property
     def problems(self) -> list[str]:
         return [str(p) for p in self.issues]
+
+
+def show(value) -> str:
+    """A value as an error message quotes it: its repr, cut to 60 characters."""
+    s = repr(value)
+    return s if len(s) <= 60 else s[:57] + "..."
