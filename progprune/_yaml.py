@@ -1,5 +1,4 @@
-"""YAML as a spec is read: YAML 1.2 scalars (`5e-4` is a number, `yes` is a string) and
-a key given twice refused, where PyYAML reads YAML 1.1 and keeps the last of two keys."""
+"""Reading YAML as a spec needs it: YAML 1.2 scalars and a key given twice refused."""
 from __future__ import annotations
 
 import re
@@ -9,17 +8,17 @@ import yaml
 from progprune.errors import SpecError
 
 
-def parse_yaml(text: str):
+def parse_yaml(text: str, source: str | None = None):
+    """`text` as plain data; a syntax error is a SpecError with its line and column."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         what = " ".join(str(p) for p in (e.context, e.problem) if p)
-        raise SpecError([f"YAML syntax error at {where}{what}"]) from None
+        raise SpecError([f"YAML syntax error at {where}{what}"], source) from None
     except (yaml.YAMLError, RecursionError) as e:
-        raise SpecError([f"YAML syntax error: {e}"]) from None
-
+        raise SpecError([f"YAML syntax error: {e}"], source) from None
 
 
 class _Loader(yaml.SafeLoader):

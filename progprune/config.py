@@ -1,67 +1,24 @@
 """The settings, declared once: the sweep spec's schema, shaped like the YAML users write.
 
-Each setting has its type, bounds, default and the words its error uses here and nowhere
-else. Bounds are what can run (every count has an upper bound), so a typo fails at load
-time. No torch, no registries, no files: `spec.py` checks those.
+Each setting has its type, bounds, default and error words here and nowhere else (the types
+are progprune.fields'). Bounds are what can run (every count has an upper bound), so a typo
+fails at load time. No torch, no registries, no files: `spec.py` checks those.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      StrictBool, StrictInt, StrictStr, ValidationError, WrapValidator,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, StrictStr,
                       create_model, field_serializer, model_validator)
-from pydantic_core import PydanticCustomError
 
 from progprune.errors import show
+from progprune.fields import (Bool, Grid, Int, Items, Num, OneOf, Opt, Text, invalid, named,
+                              one_or_many, worded)
 
 MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seed range
-
-
-# ---- field types: bounds and the words an error uses, declared together ------------------
-def _bad(msg: str):
-    return PydanticCustomError("progprune", msg)
-
-
-def _worded(t, desc: str, *validators, **field):
-    """`t` whose own errors read `must be <desc>, got <input>` (an item's keep their own)."""
-    def wrap(v, handler):
-        try:
-            return handler(v)
-        except ValidationError as e:
-            if any(err["loc"] for err in e.errors()):
-                raise
-            raise _bad(f"must be {desc}, got {show(v)}") from None
-    return Annotated[(t, Field(description=desc, **field), *validators, WrapValidator(wrap))]
-
-
-def Int(lo: int, hi: int):  # noqa: N802 (a type factory)
-    return _worded(StrictInt, f"an integer in [{lo}, {hi}]", ge=lo, le=hi)
-
-
-def Num(desc: str, **bounds):  # noqa: N802
-    return _worded(float, f"a number {desc}", strict=True, allow_inf_nan=False, **bounds)
-
-
-def Opt(t):  # noqa: N802
-    desc = next(m.description for m in t.__metadata__ if getattr(m, "description", None))
-    return _worded(Optional[t], f"{desc} (or null)")
-
-
-def OneOf(*values: str):  # noqa: N802
-    return _worded(Literal[values], "one of " + ", ".join(values))
-
-
-def Items(item, desc: str, n: int, *validators):  # noqa: N802
-    return _worded(tuple[item, ...], desc, *validators, strict=False, max_length=n)
-
-
-Bool = _worded(StrictBool, "true or false")
-Text = _worded(StrictStr, "a non-empty string", min_length=1, max_length=4096)
 
 
 def _increasing(v: tuple) -> tuple:
@@ -74,41 +31,13 @@ Milestones = Items(Int(1, 100_000), "a list of increasing integers >= 1", 100,
                    AfterValidator(_increasing))
 
 
-def _one_or_many(v):
-    return [v] if isinstance(v, (str, int, float)) and not isinstance(v, bool) else v
-
-
-def _named(what: str):
-    def item(v):
-        if isinstance(v, (str, dict)):
-            return {"name": v} if isinstance(v, str) else v
-        raise _bad(f"must be a {what} name or a mapping with name and its settings, got {show(v)}")
-    return BeforeValidator(item)
-
-
-def _distinct(v: tuple) -> tuple:
-    if not v:
-        raise _bad("must not be empty")
-    seen = set()
-    for key in (x.name if isinstance(x, BaseModel) else x for x in v):
-        if key in seen:
-            raise _bad(f"duplicate entry {key!r}")
-        seen.add(key)
-    return v
-
-
-def Grid(item, what: str):  # noqa: N802: one value or a non-empty list of distinct values
-    return Annotated[Items(item, f"a list of {what}", 10_000), BeforeValidator(_one_or_many),
-                     AfterValidator(_distinct)]
-
-
-def _storable(v: str | None) -> str | None:
+def _storage_uri(v: str | None) -> str | None:
     m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", v or "")
     scheme = m and m[1].lower()
     if m and scheme not in ("file", "s3", "gs"):
-        raise _bad(f"unsupported scheme {scheme!r}; use a local path, file://, s3:// or gs://")
+        raise invalid(f"unsupported scheme {scheme!r}; use a local path, file://, s3:// or gs://")
     if m and scheme != "file" and not m[2].split("/")[0]:
-        raise _bad(f"{scheme}:// needs a bucket, got {show(v)}")
+        raise invalid(f"{scheme}:// needs a bucket, got {show(v)}")
     return v
 
 
@@ -119,7 +48,7 @@ class _Node(BaseModel):
 # ---- the sections of a spec --------------------------------------------------------------
 def _rgb(desc: str, **bounds):
     n = Num(desc, **bounds)
-    return Opt(_worded(tuple[n, n, n], f"three numbers {desc} (R, G, B)", strict=False))
+    return Opt(worded(tuple[n, n, n], f"three numbers {desc} (R, G, B)", strict=False))
 
 
 class DatasetConfig(_Node):
@@ -183,7 +112,7 @@ class FinetuneConfig(TrainConfig):
     @model_validator(mode="after")
     def _batch_splits_evenly(self):
         if self.num_workers > 1 and self.batch_size % self.num_workers:
-            raise _bad(f"batch_size {self.batch_size} (the global batch) must be a multiple of "
+            raise invalid(f"batch_size {self.batch_size} (the global batch) must be a multiple of "
                        f"num_workers {self.num_workers}")
         return self
 
@@ -218,7 +147,7 @@ class PruningConfig(_Node):
     crossing: OneOf("fine", "reference") = "fine"
     # module names kept whole besides the classifier head (fnmatch: "features.0.*", "*.se.*")
     ignore: Annotated[Items(Text, "a list of module-name patterns", 1000),
-                      BeforeValidator(_one_or_many)] = ()
+                      BeforeValidator(one_or_many)] = ()
 
 
 class PruneConfig(PruningConfig):
@@ -245,19 +174,13 @@ class ModelEntry(_Node):
     reset_head: Bool = False  # re-initialise the checkpoint's classifier (other class count)
 
 
-def _optional(field):
-    field = copy.copy(field)
-    field.default = None
-    return field
-
-
 # A method, optionally with its own sparse-learning settings, which override the spec's
 # `sparse_learning:` for that method only (`methods: [group_norm, {name: slim, reg: 1e-5}]`).
 # Built from SparseConfig, so each setting keeps its one declaration (bounds, words).
 MethodEntry = create_model(
     "MethodEntry", __base__=_Node, __module__=__name__, name=(Text, ...),
-    **{k: (Optional[f.annotation], _optional(f)) for k, f in SparseConfig.model_fields.items()})
-MethodEntry.__doc__ = "A method name plus optional per-method sparse-learning settings."
+    **{k: (Annotated[(Optional[f.annotation], *f.metadata)], None)
+       for k, f in SparseConfig.model_fields.items()})
 
 
 def method_overrides(entry) -> dict:
@@ -268,13 +191,13 @@ def method_overrides(entry) -> dict:
 class SweepSpec(_Node):
     """A sweep spec: models x speedups x methods x seeds and the settings they share."""
 
-    name: _worded(StrictStr, "a name matching [a-z0-9][a-z0-9_.-]* (it is used in paths)",
+    name: worded(StrictStr, "a name matching [a-z0-9][a-z0-9_.-]* (it is used in paths)",
                   pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=100)
-    dataset: Annotated[DatasetConfig, _named("dataset")] = DatasetConfig()
-    models: Grid(Annotated[ModelEntry, _named("model")],
+    dataset: Annotated[DatasetConfig, named("dataset")] = DatasetConfig()
+    models: Grid(Annotated[ModelEntry, named("model")],
                  "model names or {name, checkpoint} mappings")
     speedups: Grid(Num("> 1", gt=1, le=10_000), "numbers > 1")
-    methods: Grid(Annotated[MethodEntry, _named("method")],
+    methods: Grid(Annotated[MethodEntry, named("method")],
                   "method names or {name, <sparse_learning settings>} mappings") = (
         MethodEntry(name="group_norm"),)
     seeds: Grid(Int(0, MAX_SEED), f"integers in [0, {MAX_SEED}]") = (0,)
@@ -284,7 +207,8 @@ class SweepSpec(_Node):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     resources: ResourcesConfig = ResourcesConfig()
-    output: Annotated[Opt(Text), AfterValidator(_storable)] = None  # local path, file://, s3://, gs://; null: ./runs/<name>
+    # a local path, file://, s3:// or gs://; null: ./runs/<name>
+    output: Annotated[Opt(Text), AfterValidator(_storage_uri)] = None
 
     def combinations(self) -> list[ComboConfig]:
         """models x speedups x methods x seeds, in that nesting order (last varies fastest).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import typing
 from typing import Any
 
 import yaml
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 from progprune._yaml import parse_yaml
 from progprune.config import DatasetConfig, SweepSpec, method_overrides
 from progprune.errors import Problem, ProgpruneError, SpecError, closest_names, show
+from progprune.fields import problems_of
 
 def load_spec(path, *, output_override: str | None = None, check_paths: bool = True) -> SweepSpec:
     """Read and validate a spec file. Relative checkpoint and data paths resolve against
@@ -24,11 +24,9 @@ def load_spec(path, *, output_override: str | None = None, check_paths: bool = T
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as f:
-            data = parse_yaml(f.read())
+            data = parse_yaml(f.read(), source)
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError([f"cannot read spec: {e}"], source=source) from None
-    except SpecError as e:
-        raise SpecError(e.issues, source=source) from None
     if output_override is not None and isinstance(data, dict):
         data = {**data, "output": output_override}
     return load_spec_dict(data, source, check_paths=check_paths,
@@ -47,7 +45,8 @@ def load_spec_dict(data: Any, source: str = "<spec>", *, check_paths: bool = Tru
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
-        problems += [_problem(err) for err in e.errors()]
+        problems += [Problem(p.path, "unknown field; list methods in the top-level 'methods'")
+                     if p.path == "pruning.method" else p for p in problems_of(e, SweepSpec)]
     problems += _registry_problems(data, check_paths)
     if spec is not None:
         problems += _sparse_problems(spec)
@@ -168,35 +167,6 @@ def _resolve_defaults(spec: SweepSpec) -> SweepSpec:
         if node.augment is None:
             update[section] = node.model_copy(update={"augment": aug})
     return spec.model_copy(update=update)
-
-
-# ---- pydantic's errors as problems (the schema words its own) -------------------------------
-def _problem(err: dict) -> Problem:
-    loc = err["loc"]
-    path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
-    if err["type"] == "extra_forbidden":
-        if path == "pruning.method":
-            return Problem(path, "unknown field; list methods in the top-level 'methods'")
-        valid = _fields_at(loc[:-1])
-        close = closest_names(str(loc[-1]), valid)
-        return Problem(path, "unknown field; " + (f"did you mean {close[0]!r}?" if close
-                                                  else f"valid: {', '.join(valid)}"))
-    if err["type"] == "missing":
-        return Problem(path, "required field missing")
-    if err["type"] == "progprune":
-        return Problem(path, err["msg"])
-    what = "a mapping" if err["type"] == "model_type" else "valid"  # else: a key not a string
-    return Problem(path, f"must be {what}, got {show(err['input'])}")
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """The field names of the section at `loc` in the schema."""
-    t = SweepSpec
-    for key in loc:
-        t = typing.get_args(t)[0] if isinstance(key, int) else t.model_fields[key].annotation
-        while typing.get_origin(t) is typing.Annotated:
-            t = t.__origin__
-    return list(t.model_fields)
 
 
 def _text(v) -> bool:
