@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import cpu_name  # noqa: E402
 
 CLASSES = 10
+VAL = 240  # validation images, every N
 MODEL = """\
 import torch.nn as nn
 
@@ -52,12 +53,13 @@ def build(num_classes):
 
 
 def make_folder(root: Path, n_train: int, seed: int = 0) -> Path:
-    """n_train JPEGs in CLASSES class folders (+ n_train/10 in val/): smooth colour fields
-    with noise, shorter side 256, the other 256-384, quality 90, like a resized photo set."""
+    """n_train JPEGs in CLASSES class folders (+ VAL in val/, the same for every N, so
+    evaluation batches are alike): smooth colour fields with noise, shorter side 256, the
+    other 256-384, quality 90, like a resized photo set."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", max(CLASSES, n_train // 10))):
+    for split, n in (("train", n_train), ("val", VAL)):
         for i in range(n):
             d = root / split / f"c{i % CLASSES:02d}"
             d.mkdir(parents=True, exist_ok=True)
@@ -72,18 +74,26 @@ def make_folder(root: Path, n_train: int, seed: int = 0) -> Path:
 
 # ---- 1. memory --------------------------------------------------------------------------------
 def _tree_pss(pid: int) -> int:
-    import psutil
-
+    """Bytes of PSS of `pid` and all its descendants, from /proc (smaps_rollup)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        kids = [c for c, p in parents.items() if p in frontier and c not in tree]
+        tree.update(kids)
+        frontier = kids
     total = 0
-    try:
-        procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    for p in procs:
+    for p in tree:
         try:
-            total += p.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(ln.split()[1]) for ln in f if ln.startswith("Pss:")) * 1024
+        except (OSError, StopIteration):
             pass
     return total
 
@@ -173,7 +183,7 @@ def main() -> None:
         t0 = time.perf_counter()
         folders = {n: make_folder(tmp / f"jpegs-{n}", n) for n in args.n}
         sizes = {n: sum(p.stat().st_size for p in folders[n].rglob("*.jpg")) / 2**20 for n in args.n}
-        print(f"made {', '.join(f'{n} (+{max(CLASSES, n // 10)} val) JPEGs, {sizes[n]:.0f} MiB' for n in args.n)} "
+        print(f"made {', '.join(f'{n} (+{VAL} val) JPEGs, {sizes[n]:.0f} MiB' for n in args.n)} "
               f"in {time.perf_counter() - t0:.0f} s")
         if args.part in ("memory", "both"):
             print("\nmemory: progprune prune (prune + 1 base epoch), peak PSS of the process tree")

@@ -236,7 +236,7 @@ class FolderSplits:
                         continue
                 seen += len(y)
                 x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
-                yield (x - mean) / std, y.to(device, non_blocking=True)
+                yield x.sub_(mean).div_(std), y.to(device, non_blocking=True)  # in place: a new tensor
         finally:
             self._report(split, d)
         if not seen and len(idx):
