@@ -226,12 +226,9 @@ class SweepSpec(_Node):
         return [
             ComboConfig(
                 model=m.name, base_checkpoint=m.checkpoint, base_checkpoint_sha256=m.sha256,
-                reset_head=m.reset_head,
-                dataset=self.dataset,
-                target_speedup=s, seed=seed, base=self.base_training,
-                prune=PruneConfig(**self.pruning.model_dump(), method=meth.name),
-                sparse=sparse(meth),
-                finetune=self.finetune, evaluation=self.evaluation, sweep=self.name)
+                reset_head=m.reset_head, dataset=self.dataset, target_speedup=s, seed=seed,
+                base=self.base_training, prune=PruneConfig(**self.pruning.model_dump(), method=meth.name),
+                sparse=sparse(meth), finetune=self.finetune, evaluation=self.evaluation, sweep=self.name)
             for m in self.models for s in self.speedups for meth in self.methods
             for seed in self.seeds
         ]
@@ -246,8 +243,7 @@ class SweepSpec(_Node):
 
     @field_serializer("methods")
     def _methods_plain(self, methods):  # a bare name where a method has no settings of its own
-        own = [method_overrides(m) for m in methods]
-        return [{"name": m.name, **o} if o else m.name for m, o in zip(methods, own)]
+        return [{"name": m.name, **o} if (o := method_overrides(m)) else m.name for m in methods]
 
     def to_dict(self) -> dict:
         """The resolved spec as plain YAML-safe data; the loader accepts it again."""
@@ -278,8 +274,7 @@ class ComboConfig(_Node):
     # ---- keys deciding reuse -------------------------------------------------------
     def base_key(self) -> str:
         """Identity of the base model: same key -> the same trained (or loaded) weights."""
-        return _digest({"model": self.model, "dataset": self.dataset.key(),
-                        "seed": self.seed,
+        return _digest({"model": self.model, "dataset": self.dataset.key(), "seed": self.seed,
                         "checkpoint": self.base_checkpoint_sha256 or self.base_checkpoint,
                         "reset_head": self.reset_head,
                         "base": None if self.base_checkpoint else self.base.model_dump()})

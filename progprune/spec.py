@@ -18,6 +18,7 @@ from progprune.config import DatasetConfig, SweepSpec, method_overrides
 from progprune.errors import Problem, ProgpruneError, SpecError, closest_names, show
 from progprune.fields import problems_of
 
+
 def load_spec(path, *, output_override: str | None = None, check_paths: bool = True) -> SweepSpec:
     """Read and validate a spec file. Relative checkpoint and data paths resolve against
     the file's directory. `check_paths=False` skips filesystem checks only."""
