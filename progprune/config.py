@@ -179,7 +179,7 @@ class ModelEntry(_Node):
 # Built from SparseConfig, so each setting keeps its one declaration (bounds, words).
 MethodEntry = create_model(
     "MethodEntry", __base__=_Node, __module__=__name__, name=(Text, ...),
-    **{k: (Annotated[(Optional[f.annotation], *f.metadata)], None)
+    **{k: (Optional[Annotated[(f.annotation, *f.metadata)]], None)
        for k, f in SparseConfig.model_fields.items()})
 
 
