@@ -10,9 +10,10 @@ large the folder grows (ImageNet's 1.28 M training images would be ~190 GB decod
 - The recipes are the standard ones: training takes a random-resized crop (scale
   0.08-1, aspect 3/4-4/3) resized to `image_size` plus a horizontal flip; evaluation
   resizes the shorter side to `image_size / 0.875` and takes the centre crop.
-- Workers hand back uint8 HWC crops (a quarter of float32's bytes through shared memory);
-  conversion and normalisation happen on the device, a batch at a time, as for the sets
-  held in memory. Pinned memory and non-blocking copies on CUDA.
+- On an accelerator, workers hand back uint8 crops (a quarter of float32's bytes through
+  shared memory and over PCIe) and the device normalises the batch, as for the sets held in
+  memory; pinned memory and non-blocking copies on CUDA. On the CPU the workers normalise,
+  in parallel, instead of the training process.
 - Each image's crop and flip are drawn from its own seed, drawn for the epoch from the
   caller's generator, so results depend on the seed, never on the number of workers.
 - An unreadable image is skipped and counted (stderr names the first one); a pass over a
@@ -170,10 +171,13 @@ def decode(path: str, size: int, train: bool, seed: int) -> np.ndarray:
 
 
 class _Images(Dataset):
-    """Items are (position, seed) pairs from the epoch's sampler list."""
+    """Items are (position, seed) pairs from the epoch's sampler list. With `norm` (mean and
+    std, 0..255 scale, (3, 1, 1)) each image leaves its worker normalised (float CHW), else
+    as uint8 HWC for the device to normalise."""
 
-    def __init__(self, root: str, paths: np.ndarray, labels: np.ndarray, size: int, train: bool):
+    def __init__(self, root: str, paths: np.ndarray, labels: np.ndarray, size: int, train: bool, norm=None):
         self.root, self.paths, self.labels, self.size, self.train = root, paths, labels, size, train
+        self.norm = norm
 
     def __len__(self):
         return len(self.labels)
@@ -181,10 +185,14 @@ class _Images(Dataset):
     def __getitem__(self, item):
         i, seed = item
         try:
-            img = decode(os.path.join(self.root, os.fsdecode(self.paths[i])), self.size, self.train, seed)
-            return torch.from_numpy(img), int(self.labels[i]), i
+            img = torch.from_numpy(decode(os.path.join(self.root, os.fsdecode(self.paths[i])), self.size,
+                                          self.train, seed))
+            label = int(self.labels[i])
         except Exception:  # noqa: BLE001 - unreadable file: skipped and counted by the caller
-            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1, i
+            img, label = torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1
+        if self.norm:
+            img = img.permute(2, 0, 1).float().sub_(self.norm[0]).div_(self.norm[1])
+        return img, label, i
 
 
 # ---- the split ----------------------------------------------------------------------------
@@ -220,11 +228,15 @@ class FolderSplits:
         # one seed per image, drawn alike on every rank (shared generator), then sharded
         seeds = (torch.randint(0, 2**62, (len(labels),), generator=generator)[idx] if augment
                  else torch.zeros(len(idx), dtype=torch.int64))
-        loader = DataLoader(_Images(str(d), paths, labels, self.input_shape[-1], augment), batch_size=batch_size,
-                            sampler=list(zip(idx.tolist(), seeds.tolist())), num_workers=self.workers,
-                            pin_memory=device.type == "cuda", prefetch_factor=4 if self.workers else None)
-        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255
+        mean = torch.tensor(self.mean, device=device).view(-1, 1, 1) * 255
+        std = torch.tensor(self.std, device=device).view(-1, 1, 1) * 255
+        # on an accelerator, uint8 crops cross to it (a quarter of float32's bytes) and it
+        # normalises them; on the CPU the workers do, in parallel, not the training process
+        on_cpu = device.type == "cpu"
+        loader = DataLoader(_Images(str(d), paths, labels, self.input_shape[-1], augment, (mean, std) if on_cpu else None),
+                            batch_size=batch_size, sampler=list(zip(idx.tolist(), seeds.tolist())),
+                            num_workers=self.workers, pin_memory=device.type == "cuda",
+                            prefetch_factor=(2 if on_cpu else 4) if self.workers else None)  # batches ahead
         seen = 0
         try:
             for x, y, pos in loader:
@@ -235,8 +247,10 @@ class FolderSplits:
                     if not len(y):
                         continue
                 seen += len(y)
-                x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
-                yield x.sub_(mean).div_(std), y.to(device, non_blocking=True)  # in place: a new tensor
+                if not on_cpu:
+                    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
+                    x = x.sub_(mean).div_(std)  # in place: a new tensor
+                yield x, y.to(device, non_blocking=True)
         finally:
             self._report(split, d)
         if not seen and len(idx):

@@ -44,6 +44,9 @@ def test_layout_labels_and_defaults(tmp_path):
     x, y = _epoch(s)
     assert x.shape == (12, 3, 16, 16) and x.dtype == torch.float32
     assert y.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # classes sorted: cat, dog, frog; notes.txt skipped
+    # an accelerator gets uint8 crops and normalises them itself (meta: the code path, no values)
+    xm, ym = next(iter(s.batches("train", 4, device="meta")))
+    assert xm.device.type == ym.device.type == "meta" and xm.shape == (4, 3, 16, 16) and xm.dtype == torch.float32
     # the image size defaults to 224 for folders, and the spec's normalisation wins
     assert load_dataset(DatasetConfig(name="imagefolder", data_dir=str(d), test_split="val")).input_shape == (3, 224, 224)
     s = load_dataset(_cfg(d, test_split="val", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))

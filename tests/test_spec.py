@@ -54,7 +54,17 @@ def test_ray_jobs_has_the_recipes():
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_shipped_spec_loads(path):
-    spec = load_spec(path, check_paths=False)
+    try:
+        spec = load_spec(path, check_paths=False)
+    except SpecError as e:
+        # tv:NAME recipes (imagenet_resnet50) need torchvision, which this environment lacks
+        # on purpose (README, Testing): then that must be the only problem. The realmodels
+        # suite loads and dry-runs them with torchvision installed.
+        import importlib.util
+
+        assert importlib.util.find_spec("torchvision") is None, e.problems
+        assert e.problems and all("needs torchvision, which is not installed" in str(p) for p in e.problems), e.problems
+        return
     assert spec.combinations()
     assert load_spec_dict(spec.to_dict(), check_paths=False) == spec
 
