@@ -164,7 +164,9 @@ class EvaluationConfig(_Node):
 class ResourcesConfig(_Node):
     gpus_per_task: Num("in [0, 64]", ge=0, le=64) = 0.0
     cpus_per_task: Num("in [0, 1024]", ge=0, le=1024) = 1.0
-    max_concurrent: Int(1, 100_000) = 4  # bounds concurrent Train runs (each costs head memory)
+    # bounds concurrent Train runs (each costs head memory), and sets the submission window:
+    # max(64, 4 x max_concurrent) combinations in flight (README: scheduling and autoscaling)
+    max_concurrent: Int(1, 100_000) = 4
 
 
 class ModelEntry(_Node):

@@ -578,3 +578,14 @@ def test_dataset_image_size_normalisation_and_loader_workers():
     assert msg.startswith("dataset.std[1]: must be a number in (0, 1]"), msg
     (msg,) = problems(spec_with(dataset={"name": "digits", "mean": [0.5, 0.5]}))
     assert msg.startswith("dataset.mean"), msg
+
+
+def test_a_methods_null_setting_means_unset():
+    """`methods: [{name: slim, milestones: null}]`: null is "not set here" (the spec's
+    sparse_learning value applies), not a value that reaches the milestone check (it once
+    escaped as a TypeError)."""
+    s = load_spec_dict(spec_with(methods=[{"name": "slim", "milestones": None, "reg": None}],
+                                 sparse_learning={"epochs": 3, "milestones": [2]}))
+    sl = s.combinations()[0].sparse
+    assert sl.milestones == (2,) and sl.reg == 1e-5  # the spec's milestones, slim's recipe reg
+    assert s.to_dict()["methods"] == ["slim"]
