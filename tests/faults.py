@@ -9,6 +9,8 @@ process of the job (tasks and Ray Train workers alike) wraps progprune's stage f
 
 - raise:STAGE:MODEL:SPEEDUP   raises in that stage (prune or finetune) of that combination;
 - kill:prune:MODEL:SPEEDUP    SIGKILLs the prune task's worker process once (Ray retries);
+- hold:prune:MODEL:SPEEDUP    waits in that prune until `<markers>/release` exists (at most
+  300 s), so a test can look at a running sweep however fast its machine is;
 - kill:finetune:MODEL:SPEEDUP SIGKILLs the Ray Train worker once, right after its report of
   epoch 1 (0-based) returns: a Train worker's result queue holds one report, so that
   report returns only once the controller has taken epoch 0's, checkpoint included, and
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,6 +48,14 @@ def _matches(cfg, stage: str) -> list[str]:
 
 
 def _strike(kind: str, stage: str, cfg) -> None:
+    if kind == "hold":
+        release = Path(os.environ["FAULT_MARKERS"]) / "release"
+        release.parent.mkdir(parents=True, exist_ok=True)
+        (release.parent / "held").write_text(cfg.combo_id())  # a test can see it held
+        deadline = time.monotonic() + 300
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return
     if kind == "raise":
         raise RuntimeError(f"injected failure in {stage} of {cfg.model}@{cfg.target_speedup}x")
     marker = Path(os.environ["FAULT_MARKERS"]) / f"{cfg.combo_id()}-{stage}"

@@ -412,13 +412,20 @@ def _probe_embedded(proc: subprocess.Popen, tmp_path: Path) -> dict:
 
 
 def _embedded_sweep(tmp_path: Path, **env) -> tuple[subprocess.Popen, Path, Path]:
+    """A tiny sweep on an embedded Ray whose first prune waits for `<tmp>/faults/release`
+    (`_release`), so the probe sees it running however fast the machine is."""
     home = tmp_path / "home"  # the embedded Ray writes its token here, not in the real ~/.ray
     home.mkdir()
     spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[1.5, 2.0], resources={"max_concurrent": 1})
-    e = _env(HOME=str(home), **env)
+    e = _env(HOME=str(home), **inject("hold:prune:resnet20:1.5", tmp_path / "faults"), **env)
     for k in {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} - env.keys():
         e.pop(k, None)
     return _popen_sweep(spec, env=e), spec, tmp_path / "out"
+
+
+def _release(tmp_path: Path) -> None:
+    (tmp_path / "faults").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "faults" / "release").write_text("probed")
 
 
 @pytest.fixture(scope="module")
@@ -431,12 +438,13 @@ def embedded(tmp_path_factory):
     proc, spec, out = _embedded_sweep(tmp, **creds)
     try:
         probe = _probe_embedded(proc, tmp)
+        _release(tmp)
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             _kill_session(proc)
     return {"probe": probe, "rc": proc.returncode, "stdout": stdout, "stderr": stderr,
-            "spec": spec, "out": out, "creds": creds}
+            "spec": spec, "out": out, "creds": creds, "held": (tmp / "faults" / "held").exists()}
 
 
 def test_embedded_sweep_runs_and_keeps_ray_closed(embedded):
@@ -446,6 +454,7 @@ def test_embedded_sweep_runs_and_keeps_ray_closed(embedded):
     assert embedded["rc"] == 0, embedded["stdout"][-3000:] + embedded["stderr"][-3000:]
     _one_row_each(embedded["out"], embedded["spec"])
     p = embedded["probe"]
+    assert embedded["held"], "the first prune was not held while the probe looked"
     assert p["still_running"], "the sweep ended before it could be probed"
     assert p["gcs_probe"].startswith("REFUSED") and "auth" in p["gcs_probe"].lower(), p
     assert p["job_api"] == 401, p
