@@ -86,11 +86,12 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
                                  field="dataset.data_dir")
         empty = [c for c in classes if next(_images(root / split / c), None) is None]
         if empty:
-            where = root / split if len(empty) == len(classes) else root / split / empty[0]
-            raise ProgpruneError(
-                f"{where} holds no images ({', '.join(SUFFIXES)})"
-                f"{'' if where == root / split else f'; nor do {len(empty) - 1} more class folders' if len(empty) > 1 else ''}"
-                f"; add images or remove the class from every split", field="dataset.data_dir")
+            where, more = root / split, ""
+            if len(empty) < len(classes):
+                where = root / split / empty[0]
+                more = f"; nor do {len(empty) - 1} more class folders" if len(empty) > 1 else ""
+            raise ProgpruneError(f"{where} holds no images ({', '.join(SUFFIXES)}){more}; add images or "
+                                 "remove the class from every split", field="dataset.data_dir")
     _check_num_classes(cfg, len(classes))
 
 
@@ -206,7 +207,6 @@ class FolderSplits:
     input_shape: tuple
     mean: tuple
     std: tuple
-    root: Path
     workers: int
     files: dict = field(default_factory=dict)  # split -> (dir, paths bytes array, labels)
     skipped: dict = field(default_factory=dict)  # split -> unreadable relative paths seen
@@ -289,7 +289,7 @@ def _load_imagefolder(cfg: DatasetConfig, seed: int) -> FolderSplits:
     root = Path(cfg.data_dir).expanduser()
     classes = _class_dirs(root / "train")
     s = cfg.image_size
-    splits = FolderSplits("imagefolder", len(classes), (3, s, s), IMAGENET_MEAN, IMAGENET_STD, root,
+    splits = FolderSplits("imagefolder", len(classes), (3, s, s), IMAGENET_MEAN, IMAGENET_STD,
                           loader_workers(cfg))
     for split in ("train", "val", "test"):
         source = "val" if split == "test" and cfg.test_split == "val" else split

@@ -76,18 +76,18 @@ def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tu
     if cfg.base_checkpoint:
         model, _ = load_base_weights(cfg.base_checkpoint, cfg.model, splits.num_classes,
                                      splits.input_shape, reset_head=cfg.reset_head, seed=cfg.seed)
-        check_input_size(model, cfg.model, splits.input_shape)
-        source, res = "checkpoint", None
+        source = "checkpoint"
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, splits.num_classes, splits.input_shape)
-        check_input_size(model, cfg.model, splits.input_shape)
-        source, res = ("trained", None) if cfg.base.epochs > 0 else ("init", None)
-        if cfg.base.epochs > 0:
-            log(f"training base {cfg.model} on {splits.name} for {cfg.base.epochs} epochs")
-            res = fit(model, splits, cfg.base, device, seed=cfg.seed, stage="base training",
-                      on_epoch=lambda m, _s: log(f"  base epoch {m['epoch'] + 1}/{cfg.base.epochs} "
-                                                 f"loss {m['loss']:.3f} val {m['val_top1']:.4f}"))
+        source = "trained" if cfg.base.epochs > 0 else "init"
+    check_input_size(model, cfg.model, splits.input_shape)  # before any training
+    res = None
+    if source == "trained":
+        log(f"training base {cfg.model} on {splits.name} for {cfg.base.epochs} epochs")
+        res = fit(model, splits, cfg.base, device, seed=cfg.seed, stage="base training",
+                  on_epoch=lambda m, _s: log(f"  base epoch {m['epoch'] + 1}/{cfg.base.epochs} "
+                                             f"loss {m['loss']:.3f} val {m['val_top1']:.4f}"))
     model.to(device)
     top1, top5 = evaluate(model, splits, "test", device)
     return model, BaseInfo(source, top1, top5, res.best_val_top1 if res else None,

@@ -70,7 +70,8 @@ def check_input_size(model: nn.Module, name: str, input_shape) -> None:
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+            device = next((p.device for p in model.parameters()), "cpu")
+            model.eval()(torch.zeros(1, *input_shape, device=device))
     except Exception as e:  # noqa: BLE001 - any failure: this model does not take this size
         c, h, w = input_shape
         raise ProgpruneError(f"model {name!r} cannot take {c}x{h}x{w} inputs ({type(e).__name__}: "
