@@ -136,8 +136,8 @@ def _schema_default(path: str):
         info = info.annotation.model_fields[field] if hasattr(info.annotation, "model_fields") else None
     default = info.get_default() if info and not info.is_required() else None
     if isinstance(default, tuple):  # a grid's first entry; an empty list shows no default
-        return default[0] if default else None
-    return default
+        default = default[0] if default else None
+    return getattr(default, "name", default)  # a methods: entry shows as its name
 
 
 def _flag_options(fn):

@@ -50,6 +50,9 @@ def test_defaults_live_in_the_schema_alone():
     assert s.finetune.batch_size == d["finetune"].default.batch_size
     help_text = cli("prune", "--help").stdout
     assert f"[default: {d['base_training'].default.lr}]" in help_text
+    # a grid's default shows as a user writes it (the method's name, not its settings)
+    method_help = " ".join(help_text.split("--method", 1)[1].split("--dataset", 1)[0].split())
+    assert method_help.endswith(f"[default: {d['methods'].default[0].name}]"), method_help
 
 
 def test_print_spec_is_a_sweep_spec_and_matches_the_run(tmp_path):
