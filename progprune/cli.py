@@ -148,7 +148,7 @@ def _flag_options(fn):
             default = decl.split("/")[0 if default else 1] if "/" in decl else None
         shown = f"  [default: {default}]" if default is not None else ""
         kind = {"flag": {"is_flag": True, "default": None}, "ints": {"type": _INTS}, "strs": {"type": _STRS},
-                bool: {}}.get(typ, {"type": typ})
+                bool: {"default": None}}.get(typ, {"type": typ})  # unset: the schema's default
         fn = click.option(decl, name, required=decl in _REQUIRED, help=help_ + shown, **kind)(fn)
     return fn
 

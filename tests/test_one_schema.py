@@ -37,6 +37,14 @@ def test_prune_and_sweep_share_defaults_and_combo_id(tmp_path):
     (grid,) = load_spec(p).combinations()
     assert one.combo_id() == grid.combo_id()
     assert one.base == grid.base and one.finetune == grid.finetune
+    # the same through the command line a user types (Click's own parsing of every flag,
+    # boolean pairs such as --global/--local included, left unset)
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", "--seed", "3", "--finetune-lr", "0.02",
+            "--print-spec")
+    assert r.returncode == 0, r.stderr
+    (typed,) = load_spec_dict(yaml.safe_load(r.stdout)).combinations()
+    assert typed.combo_id() == grid.combo_id()
+    assert typed.prune.global_pruning and typed.base.augment is False  # digits: no augmentation
     # a setting the user changes changes the id
     other = load_spec_dict(one_combination_spec({**flags, "finetune_lr": 0.03})).combinations()[0]
     assert other.combo_id() != one.combo_id()
