@@ -178,6 +178,9 @@ def _row_line(row: ResultRow) -> str:
             f"{row.achieved_speedup:.3f}x MACs, {row.latency_speedup:.2f}x latency{acc}")
 
 
+HEARTBEAT_S = 60.0  # plain-text progress: a line at least this often while nothing changes
+
+
 class _Progress:
     """rich live progress on a terminal; plain lines (for `ray job logs`) otherwise."""
 
@@ -191,7 +194,7 @@ class _Progress:
                                  TimeElapsedColumn(), console=console, transient=True)
             self.task = self.live.add_task("", total=total)
             self.live.start()
-        self.last = ""
+        self.last, self.printed = None, 0.0
 
     def update(self, done: int, failed: int, running: int, queued: int):
         """One status line; ETA from the throughput so far (rows per second)."""
@@ -201,9 +204,12 @@ class _Progress:
                 f"ETA {eta}")
         if self.live:
             self.live.update(self.task, completed=done, description=text)
-        elif text != self.last:
+        elif (done, failed, running, queued) != self.last or time.monotonic() - self.printed >= HEARTBEAT_S:
+            # a log file gets a line when the counts move, else one per HEARTBEAT_S (not one per
+            # loop turn: the ETA alone changes every 2 s)
             self.console.print(text)
-        self.last = text
+            self.printed = time.monotonic()
+        self.last = (done, failed, running, queued)
 
     def row(self, row: ResultRow) -> None:
         self.console.print(_row_line(row), markup=False)

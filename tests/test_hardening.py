@@ -411,12 +411,15 @@ def _probe_embedded(proc: subprocess.Popen, tmp_path: Path) -> dict:
     return state
 
 
-def _embedded_sweep(tmp_path: Path, **env) -> tuple[subprocess.Popen, Path, Path]:
+def _embedded_sweep(tmp_path: Path, train: bool = False, **env) -> tuple[subprocess.Popen, Path, Path]:
     """A tiny sweep on an embedded Ray whose first prune waits for `<tmp>/faults/release`
-    (`_release`), so the probe sees it running however fast the machine is."""
+    (`_release`), so the probe sees it running however fast the machine is. `train`: one
+    combination, fine-tuned through Ray Train (one worker) instead of two in-task."""
     home = tmp_path / "home"  # the embedded Ray writes its token here, not in the real ~/.ray
     home.mkdir()
-    spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[1.5, 2.0], resources={"max_concurrent": 1})
+    grid = ({"speedups": [1.5], "finetune": {"epochs": 1, "batch_size": 32, "augment": False, "num_workers": 1}}
+            if train else {"speedups": [1.5, 2.0]})
+    spec = tiny_spec(tmp_path, models=["resnet20"], resources={"max_concurrent": 1}, **grid)
     e = _env(HOME=str(home), **inject("hold:prune:resnet20:1.5", tmp_path / "faults"), **env)
     for k in {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} - env.keys():
         e.pop(k, None)
@@ -435,7 +438,7 @@ def embedded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embedded")
     creds = {"AWS_SECRET_ACCESS_KEY": "sk" + secrets.token_hex(20),
              "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper()}
-    proc, spec, out = _embedded_sweep(tmp, **creds)
+    proc, spec, out = _embedded_sweep(tmp, train=True, **creds)
     try:
         probe = _probe_embedded(proc, tmp)
         _release(tmp)
@@ -458,6 +461,13 @@ def test_embedded_sweep_runs_and_keeps_ray_closed(embedded):
     assert p["still_running"], "the sweep ended before it could be probed"
     assert p["gcs_probe"].startswith("REFUSED") and "auth" in p["gcs_probe"].lower(), p
     assert p["job_api"] == 401, p
+    # the output is the sweep's own: the combination's lines, none of Ray Train's chatter, and
+    # nothing from its placement-group cleaner, which cannot reach the state API without a
+    # dashboard (it warned once a second per Train run, or died with a traceback)
+    log = embedded["stdout"] + embedded["stderr"]
+    assert "[resnet20 group_norm 1.5x seed 0] finetune epoch 1/1" in log, log[-3000:]
+    for chatter in ("PlacementGroupCleaner", "Reporting training result", "Requesting resources"):
+        assert chatter not in log, chatter
 
 
 def test_embedded_ray_stays_closed_when_auth_is_disabled_in_the_env(tmp_path):

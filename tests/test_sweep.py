@@ -117,6 +117,11 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     assert "[resnet20 group_norm 2x seed 0] " in r.stdout and "finetune epoch 3/3" in r.stdout
     # once each: Ray Train's workers echo print() twice (its print patch), tasks._logger does not use it
     assert r.stdout.count("[resnet20 group_norm 2x seed 0] finetune epoch 3/3") == 1, r.stdout[-3000:]
+    # Ray Train's own chatter stays in Ray's log files: its lifecycle INFO lines
+    # (LoggingConfig), the per-report line and the PreemptionWatcher notice (cluster._CHATTER)
+    for chatter in ("Reporting training result", "Requesting resources", "Started training worker group",
+                    "Checkpoint successfully created", "PreemptionWatcher"):
+        assert chatter not in r.stdout + r.stderr, chatter
     schema = pq.read_schema(out / "results.parquet")
     assert str(schema.field("started_at").type).startswith("timestamp") and "UTC" in str(schema.field("finished_at").type)
     assert schema.metadata[b"progprune.schema_version"] == b"2"

@@ -205,7 +205,7 @@ def _train_loop(config: dict) -> None:
 def run_trainer(cfg: ComboConfig, store: Store, ft: dict) -> Finetuned:
     """Fine-tune on Ray Train; the figures come back as the result's metrics, the model
     as its checkpoint, which goes to the store's final.pt."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # NCCL needs real GPUs; Ray tags nodes that have them with accelerator_type:<model>
@@ -219,7 +219,10 @@ def run_trainer(cfg: ComboConfig, store: Store, ft: dict) -> Finetuned:
         # resume needs the latest checkpoint only; the directory goes once the row is written
         run_config=RunConfig(name=f"ft-{cfg.combo_id()}", storage_path=store.uri_of("train"),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=ft["max_failures"])),
+                             failure_config=FailureConfig(max_failures=ft["max_failures"]),
+                             # Train's lifecycle INFO lines (per run and per report) stay in
+                             # Ray's log files; the job log keeps the combination's own lines
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     if result.error:
