@@ -183,8 +183,21 @@ class Store:
             pass
 
     # ---- checks and locking ---------------------------------------------------------
-    def check_writable(self) -> None:
-        """Fail in seconds, before any work, if the output cannot be written."""
+    def check_writable(self, probe_write: bool = True) -> None:
+        """Fail in seconds, before any work, if the output cannot be written. Without
+        `probe_write` (a dry run, which writes nothing): a local output is judged from the
+        filesystem as it is; a bucket is not checked."""
+        if not probe_write:
+            parent = self.root
+            while self.local and not os.path.exists(parent) and parent != os.path.dirname(parent):
+                parent = os.path.dirname(parent)
+            why = ("" if not self.local else f"{'it' if parent == self.root else parent} exists and is not a "
+                   "directory" if not os.path.isdir(parent)
+                   else "" if os.access(parent, os.W_OK | os.X_OK) else f"no write permission on {parent}")
+            if why:
+                raise ProgpruneError(f"output: cannot write to {self.display()}: {why}; "
+                                     "choose a writable location with --output")
+            return
         probe = f".probe-{uuid.uuid4().hex[:8]}"
         try:
             if self.local:

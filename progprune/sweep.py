@@ -127,7 +127,8 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
     store = Store(spec.output)
     _check_owner(store, spec, replace_sweep)
     num_classes = preflight(spec)
-    if dry_run:
+    if dry_run:  # what the run would refuse, without writing anything
+        store.check_writable(probe_write=False)
         print_plan(make_plan(spec, store, force), out)
         return 0
     from progprune import cluster  # the Ray layer

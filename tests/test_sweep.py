@@ -178,6 +178,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "4 combinations" in r.stdout and "base models: train 2" in r.stdout
     assert not (tmp_path / "out").exists()
+    # what the run would refuse, the dry run refuses too, still writing nothing: an output
+    # that is a file, or below one
+    (tmp_path / "taken").write_text("a user's file\n")
+    for output, what in ((tmp_path / "taken", "it"), (tmp_path / "taken" / "sub", tmp_path / "taken")):
+        r = progprune("sweep", spec, "--dry-run", "--output", output)
+        assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+        assert r.stderr == f"error: output: cannot write to {output}: {what} exists and is not a directory; " \
+                           "choose a writable location with --output\n"
+    assert (tmp_path / "taken").read_text() == "a user's file\n" and not (tmp_path / "out").exists()
 
 
 def test_no_cluster_at_address_fails_fast(tmp_path):
