@@ -39,8 +39,10 @@ class _Cli(click.Group):
             rv = super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
+        except click.Abort:  # Ctrl-C / SIGINT: nothing half-written stays (atomic writes)
+            sweep = (sys.argv[1:] if args is None else list(args))[:1] == ["sweep"]
+            click.echo("interrupted" + (": finished combinations keep their rows; the same command "
+                                        "resumes the sweep" if sweep else ""), err=True)
             sys.exit(130)
         except click.UsageError as e:  # one line, not click's multi-line usage block
             where = f"'{e.ctx.command_path} --help'" if e.ctx else "'progprune --help'"

@@ -193,3 +193,25 @@ def test_cifar10_data_dir_missing_files(tmp_path):
 def test_cifar10_without_data_dir(tmp_path):
     line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "cifar10")
     assert line.startswith("error: --data-dir: cifar10 reads")  # the flag, not the spec path
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path):
+    """SIGINT (Ctrl-C) mid-training: exit 130, one line, no traceback, no half-written output."""
+    import signal
+
+    out = tmp_path / "out"
+    p = subprocess.Popen([str(PROGPRUNE), "prune", "--model", "resnet20", "--speedup", "2",
+                          "--dataset", "synthetic", "--num-classes", "4", "--base-epochs", "10000",
+                          "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:  # interrupt once training has begun
+            if "base epoch 1/" in line:
+                break
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stderr
+    assert stderr.strip() == "interrupted", stderr  # Click ends the terminal's ^C line first
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
