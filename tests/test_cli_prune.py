@@ -202,7 +202,10 @@ def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     p = subprocess.Popen([str(PROGPRUNE), "prune", "--model", "resnet20", "--speedup", "2",
                           "--dataset", "synthetic", "--num-classes", "4", "--base-epochs", "10000",
-                          "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # as from a terminal: a test run started in the background (CI, `cmd &`)
+                         # hands its children SIGINT ignored, and Python then installs no handler
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stdout:  # interrupt once training has begun
             if "base epoch 1/" in line:
