@@ -188,16 +188,19 @@ class Store:
         `probe_write` (a dry run, which writes nothing): a local output is judged from the
         filesystem as it is; a bucket is not checked."""
         if not probe_write:
+            if not self.local:
+                return
             parent = self.root
-            while self.local and not os.path.exists(parent) and parent != os.path.dirname(parent):
+            while not os.path.exists(parent) and parent != os.path.dirname(parent):
                 parent = os.path.dirname(parent)
-            why = ("" if not self.local else f"{'it' if parent == self.root else parent} exists and is not a "
-                   "directory" if not os.path.isdir(parent)
-                   else "" if os.access(parent, os.W_OK | os.X_OK) else f"no write permission on {parent}")
-            if why:
-                raise ProgpruneError(f"output: cannot write to {self.display()}: {why}; "
-                                     "choose a writable location with --output")
-            return
+            if not os.path.isdir(parent):
+                why = f"{'it' if parent == self.root else parent} exists and is not a directory"
+            elif not os.access(parent, os.W_OK | os.X_OK):
+                why = f"no write permission on {parent}"
+            else:
+                return
+            raise ProgpruneError(f"output: cannot write to {self.display()}: {why}; "
+                                 "choose a writable location with --output")
         probe = f".probe-{uuid.uuid4().hex[:8]}"
         try:
             if self.local:

@@ -77,7 +77,10 @@ def _quiet_worker_logs(embedded: bool) -> None:
     per epoch, and on the embedded cluster (no dashboard, so no state API) Ray Train's
     placement-group cleaner, which cannot work there, warned once a second per Train run
     (203 of 355 lines of a 4-combination sweep)."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    try:  # Ray's own printer, private (Ray is pinned); elsewhere the log stays as Ray prints it
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
 
     def quiet(print_logs):
         def handler(data):
