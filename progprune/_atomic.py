@@ -1,4 +1,5 @@
-"""One way to write a local file so that readers never see half of it."""
+"""One way to write a local file so that readers never see half of it, and where a new one
+would go."""
 from __future__ import annotations
 
 import os
@@ -37,3 +38,14 @@ def atomic_path(path, suffix: str = ""):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def nearest_existing(path: str) -> str:
+    """`path` if it exists, else its closest existing ancestor ("." for a relative path none of
+    whose parts exist): where a directory made at `path` would be created, so what to check."""
+    while not os.path.exists(path):
+        parent = os.path.dirname(path.rstrip("/")) or "."
+        if parent == path:
+            break
+        path = parent
+    return path

@@ -13,6 +13,7 @@ import tempfile
 
 import click
 
+from progprune._atomic import nearest_existing
 from progprune.errors import Problem, ProgpruneError, SpecError
 
 
@@ -213,10 +214,8 @@ def _check_out_dir(out: str) -> None:
         if os.path.isdir(os.path.join(out, name)):
             raise ProgpruneError(f"{os.path.join(out, name)} is a directory; remove it or choose "
                                  "another --output", field="--output")
-    parent = out
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent.rstrip("/")) or "."
-    if not os.access(parent or ".", os.W_OK | os.X_OK):
+    parent = nearest_existing(out or ".")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise ProgpruneError(f"cannot write to {parent}; choose a writable directory", field="--output")
 
 

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 
-from progprune._atomic import atomic_path, create_new
+from progprune._atomic import atomic_path, create_new, nearest_existing
 from progprune.errors import ProgpruneError
 
 LOCK_NAME = ".lock"
@@ -190,9 +190,7 @@ class Store:
         if not probe_write:
             if not self.local:
                 return
-            parent = self.root
-            while not os.path.exists(parent) and parent != os.path.dirname(parent):
-                parent = os.path.dirname(parent)
+            parent = nearest_existing(self.root)
             if not os.path.isdir(parent):
                 why = f"{'it' if parent == self.root else parent} exists and is not a directory"
             elif not os.access(parent, os.W_OK | os.X_OK):
