@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from progprune._atomic import atomic_path
-from progprune.errors import ProgpruneError
+from progprune.errors import BadInput
 from progprune.models import build_model, head_name, sync_attention  # noqa: F401 (head_name: re-exported)
 
 FORMAT = "progprune.artifact/1"
@@ -91,13 +91,13 @@ def _read_safetensors(path: str) -> dict:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise ProgpruneError(f"checkpoint {path} is a .safetensors file: reading it needs the "
+        raise BadInput(f"checkpoint {path} is a .safetensors file: reading it needs the "
                              "safetensors package (pip install safetensors)") from None
     try:
         return dict(load_file(path, device="cpu"))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ProgpruneError(f"checkpoint {path} is a corrupt safetensors file: {first}") from None
+        raise BadInput(f"checkpoint {path} is a corrupt safetensors file: {first}") from None
 
 
 def _describe_bytes(path: str) -> str:
@@ -115,7 +115,7 @@ def _describe_bytes(path: str) -> str:
 def _read(path) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ProgpruneError(f"checkpoint not found: {path}")
+        raise BadInput(f"checkpoint not found: {path}")
     if _is_safetensors(path):
         return _read_safetensors(path)
     try:
@@ -125,14 +125,14 @@ def _read(path) -> dict:
     except pickle.UnpicklingError as e:
         blocked = re.search(r"GLOBAL (\S+)", str(e))
         if blocked:  # a pickle that would import code: name what it wanted
-            raise ProgpruneError(
+            raise BadInput(
                 f"checkpoint {path} refused: it would import {blocked.group(1)}; "
                 "progprune loads only plain weights (weights_only=True)") from None
-        raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file ({_describe_bytes(path)})") from None
+        raise BadInput(f"checkpoint {path} is corrupt or not a torch file ({_describe_bytes(path)})") from None
     except Exception:  # garbage bytes surface as many error types (KeyError '101' for text)
-        raise ProgpruneError(f"checkpoint {path} is corrupt or not a torch file ({_describe_bytes(path)})") from None
+        raise BadInput(f"checkpoint {path} is corrupt or not a torch file ({_describe_bytes(path)})") from None
     if not isinstance(obj, dict):
-        raise ProgpruneError(f"checkpoint {path}: expected a dict of weights, got {type(obj).__name__}")
+        raise BadInput(f"checkpoint {path}: expected a dict of weights, got {type(obj).__name__}")
     return obj
 
 
@@ -154,7 +154,7 @@ def _unwrap(obj: dict, path: str) -> tuple[dict, str | None, str]:
                 break
         else:
             found = ", ".join(sorted(map(str, obj))[:6]) or "nothing"
-            raise ProgpruneError(
+            raise BadInput(
                 f"checkpoint {path}: neither a progprune artifact nor a state_dict of tensors "
                 f"(top-level keys: {found}; expected tensors or one of {', '.join(_WRAPPER_KEYS)})")
     prefix = ""
@@ -230,7 +230,7 @@ def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list
     head_keys = {k for k in model.state_dict() if head and k.startswith(head + ".")}
     ck_classes = int(sd[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in sd else None
     if ck_classes is not None and ck_classes != num_classes and not reset_head:
-        raise ProgpruneError(
+        raise BadInput(
             f"checkpoint {path} has a {ck_classes}-class head ({head}.weight "
             f"{list(sd[f'{head}.weight'].shape)}), the dataset has {num_classes} classes; "
             "pass --reset-head (models[].reset_head: true) to re-initialise the head, "
@@ -264,7 +264,7 @@ def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list
             if items:
                 more = f", +{len(items) - _SHOW} more" if len(items) > _SHOW else ""
                 parts.append(f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}")
-        raise ProgpruneError(f"checkpoint {path} does not fit {name} with {num_classes} classes "
+        raise BadInput(f"checkpoint {path} does not fit {name} with {num_classes} classes "
                              f"({'; '.join(parts)}); {hint}")
     model.load_state_dict(sd, strict=not reset_head)
     model.eval()
@@ -310,10 +310,10 @@ def _load(path, model_name, num_classes, input_shape, *, reset_head: bool, seed:
     if obj.get("format") == FORMAT:
         name, ck_classes = obj["model"], int(obj["num_classes"])
         if model_name is not None and name != model_name:
-            raise ProgpruneError(f"checkpoint {path} holds a {name}, not a {model_name}; "
+            raise BadInput(f"checkpoint {path} holds a {name}, not a {model_name}; "
                                  "point to a checkpoint of this model")
         if num_classes is not None and ck_classes != int(num_classes) and not reset_head:
-            raise ProgpruneError(
+            raise BadInput(
                 f"checkpoint {path} has {ck_classes} classes, the dataset has {num_classes}; "
                 "pass --reset-head (models[].reset_head: true) to re-initialise the head, "
                 "or use a checkpoint trained on this dataset")
@@ -324,11 +324,11 @@ def _load(path, model_name, num_classes, input_shape, *, reset_head: bool, seed:
         hint = "the file is damaged or was written for another architecture"
     else:
         if artifact_only:
-            raise ProgpruneError(f"{path} is not a progprune artifact (a plain state_dict): build the "
+            raise BadInput(f"{path} is not a progprune artifact (a plain state_dict): build the "
                                  "model yourself and call load_state_dict")
         sd, key, prefix = _unwrap(obj, path)
         if model_name is None or num_classes is None:
-            raise ProgpruneError(f"checkpoint {path} is a plain state_dict: give the model name and class count")
+            raise BadInput(f"checkpoint {path} is a plain state_dict: give the model name and class count")
         name, history, meta, target = model_name, [], {}, int(num_classes)
         shape = tuple(input_shape or (3, 32, 32))
         source = "safetensors" if _is_safetensors(path) else "state_dict"

@@ -14,7 +14,7 @@ import tempfile
 import click
 
 from progprune._atomic import nearest_existing
-from progprune.errors import Problem, ProgpruneError, SpecError
+from progprune.errors import BadInput, Problem, ProgpruneError, SpecError
 
 
 class _Cli(click.Group):
@@ -200,23 +200,23 @@ def one_combination_spec(flags: dict, output: str | None = None) -> dict:
     return spec
 
 
-def _as_flags(e: SpecError) -> ProgpruneError:
+def _as_flags(e: SpecError) -> BadInput:
     """Spec paths -> the flags a `prune` user typed."""
     msgs = [f"{_FLAG_OF.get(p.path, p.path)}: {p.message}" if p.path else p.message for p in e.issues]
-    return ProgpruneError("; ".join(dict.fromkeys(msgs)))
+    return BadInput("; ".join(dict.fromkeys(msgs)))
 
 
 def _check_out_dir(out: str) -> None:
     """Before any work: the directory can be created and written, and nothing in the way."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ProgpruneError(f"{out} exists and is not a directory; choose another", field="--output")
+        raise BadInput(f"{out} exists and is not a directory; choose another", field="--output")
     for name in ("pruned.pt", "result.parquet"):
         if os.path.isdir(os.path.join(out, name)):
-            raise ProgpruneError(f"{os.path.join(out, name)} is a directory; remove it or choose "
+            raise BadInput(f"{os.path.join(out, name)} is a directory; remove it or choose "
                                  "another --output", field="--output")
     parent = nearest_existing(out or ".")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ProgpruneError(f"cannot write to {parent}; choose a writable directory", field="--output")
+        raise BadInput(f"cannot write to {parent}; choose a writable directory", field="--output")
 
 
 @main.command("prune")
@@ -248,7 +248,7 @@ def prune_cmd(device, output, as_json, print_spec, **flags):
     from progprune.pipeline import run_combination
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise ProgpruneError("no CUDA device is available; use --device cpu", field="--device")
+        raise BadInput("no CUDA device is available; use --device cpu", field="--device")
     if output:
         _check_out_dir(output)
     (cfg,) = spec.combinations()
@@ -262,7 +262,7 @@ def prune_cmd(device, output, as_json, print_spec, **flags):
             row = run_combination(cfg, stage, dev, log)
         except SpecError as e:
             raise _as_flags(e) from None
-        except ProgpruneError as e:
+        except BadInput as e:
             raise _as_flags(SpecError([Problem(e.field or "", e.message)])) from None
         if output:
             os.makedirs(output, exist_ok=True)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from progprune.config import DatasetConfig
-from progprune.errors import ProgpruneError
+from progprune.errors import BadInput
 
 _SPLIT_SEED = 0  # fixed: splits must not move with the run seed
 
@@ -86,7 +86,7 @@ def check_dataset(cfg: DatasetConfig) -> None:
     entry = _entry(cfg.name)
     if cfg.num_classes is not None and (isinstance(cfg.num_classes, bool) or
                                         not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
-        raise ProgpruneError(f"must be a positive integer, got {cfg.num_classes!r}", field="dataset.num_classes")
+        raise BadInput(f"must be a positive integer, got {cfg.num_classes!r}", field="dataset.num_classes")
     if entry.num_classes is not None:
         _check_num_classes(cfg, entry.num_classes)
     entry.check(cfg)
@@ -103,13 +103,13 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Splits:
 
 def _entry(name: str) -> _Entry:
     if name not in DATASETS:
-        raise ProgpruneError(f"unknown dataset {name!r}; valid: {', '.join(list_datasets())}", field="dataset.name")
+        raise BadInput(f"unknown dataset {name!r}; valid: {', '.join(list_datasets())}", field="dataset.name")
     return DATASETS[name]
 
 
 def _check_num_classes(cfg: DatasetConfig, actual: int) -> None:
     if cfg.num_classes is not None and cfg.num_classes != actual:
-        raise ProgpruneError(
+        raise BadInput(
             f"{cfg.name} has {actual} classes, got {cfg.num_classes}; remove it or set it to match",
             field="dataset.num_classes")
 
@@ -148,9 +148,9 @@ def sample_order(n: int, batch_size: int, *, shuffle: bool = False, generator=No
     """The positions rank `rank` visits in one epoch over `n` samples, in order (see
     `batches`); its length is a multiple of batch_size when drop_last."""
     if batch_size < 1:
-        raise ProgpruneError(f"batch_size: must be >= 1, got {batch_size}")
+        raise BadInput(f"batch_size: must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
-        raise ProgpruneError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+        raise BadInput(f"rank: must be in [0, world_size={world_size}), got {rank}")
     idx = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if world_size > 1:
         per_rank = n // world_size if drop_last else math.ceil(n / world_size)
@@ -213,10 +213,10 @@ def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def _need_dir(cfg: DatasetConfig, expected: str) -> Path:
     if not cfg.data_dir:
-        raise ProgpruneError(f"{cfg.name} reads {expected} from a directory; set its data directory", field="dataset.data_dir")
+        raise BadInput(f"{cfg.name} reads {expected} from a directory; set its data directory", field="dataset.data_dir")
     d = Path(cfg.data_dir).expanduser()
     if not d.is_dir():
-        raise ProgpruneError(f"{d} is not a directory; {cfg.name} expects {expected} there", field="dataset.data_dir")
+        raise BadInput(f"{d} is not a directory; {cfg.name} expects {expected} there", field="dataset.data_dir")
     return d
 
 
@@ -278,10 +278,10 @@ def _read_pickle(path: Path) -> dict:
         with open(path, "rb") as f:
             obj = _DataUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
     except Exception as e:  # any parse failure is a bad file, not a bug here
-        raise ProgpruneError(f"{path}: not a CIFAR python-pickle data file ({e}); "
+        raise BadInput(f"{path}: not a CIFAR python-pickle data file ({e}); "
                              "use the 'python version' archive from cs.toronto.edu/~kriz") from None
     if not isinstance(obj, dict):
-        raise ProgpruneError(f"{path}: expected a dict in a CIFAR pickle, got {type(obj).__name__}")
+        raise BadInput(f"{path}: expected a dict in a CIFAR pickle, got {type(obj).__name__}")
     return {k.encode() if isinstance(k, str) else k: v for k, v in obj.items()}
 
 
@@ -291,7 +291,7 @@ def _check_cifar(cfg: DatasetConfig) -> None:
     d = _need_dir(cfg, ", ".join(files))
     missing = [f for f in files if not (d / f).is_file()]
     if missing:
-        raise ProgpruneError(
+        raise BadInput(
             f"{d} lacks {', '.join(missing)} for {cfg.name} (expected "
             f"{', '.join(files)}: the extracted 'python version' archive; progprune never downloads)",
             field="dataset.data_dir")
@@ -303,10 +303,10 @@ def _cifar_arrays(path: Path, label_key: bytes, classes: int) -> tuple[torch.Ten
         data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except (KeyError, ValueError) as e:
-        raise ProgpruneError(f"{path}: malformed CIFAR batch ({e!r}); expected b'data' (N x 3072 uint8) "
+        raise BadInput(f"{path}: malformed CIFAR batch ({e!r}); expected b'data' (N x 3072 uint8) "
                              f"and {label_key!r}") from None
     if len(labels) != len(data) or (len(labels) and not 0 <= labels.min() <= labels.max() < classes):
-        raise ProgpruneError(f"{path}: {len(data)} images but {len(labels)} labels, or labels outside 0..{classes - 1}")
+        raise BadInput(f"{path}: {len(data)} images but {len(labels)} labels, or labels outside 0..{classes - 1}")
     return torch.from_numpy(data.copy()), torch.from_numpy(labels)
 
 
@@ -343,11 +343,11 @@ register_dataset("cifar100", check=_check_cifar, num_classes=100)(_load_cifar)
 
 def _check_synthetic(cfg: DatasetConfig) -> None:
     if cfg.num_classes is not None and cfg.num_classes < 2:
-        raise ProgpruneError(f"synthetic needs >= 2 classes, got {cfg.num_classes}", field="dataset.num_classes")
+        raise BadInput(f"synthetic needs >= 2 classes, got {cfg.num_classes}", field="dataset.num_classes")
     if cfg.image_size < 1:
-        raise ProgpruneError(f"must be >= 1, got {cfg.image_size}", field="dataset.image_size")
+        raise BadInput(f"must be >= 1, got {cfg.image_size}", field="dataset.image_size")
     if cfg.synthetic_samples < 1:
-        raise ProgpruneError(f"must be >= 1, got {cfg.synthetic_samples}", field="dataset.synthetic_samples")
+        raise BadInput(f"must be >= 1, got {cfg.synthetic_samples}", field="dataset.synthetic_samples")
 
 
 @register_dataset("synthetic", check=_check_synthetic)

@@ -1,4 +1,11 @@
-"""The project's error types. The CLI maps each to one clean line and an exit code."""
+"""The project's error types, and how an exception reads on one line.
+
+One hierarchy, two meanings the CLI keeps apart:
+  ProgpruneError          the root; catch it to catch everything progprune raises
+  +- BadInput             a spec, flag or file to change: exit 2, nothing was run
+  |  +- SpecError         a spec with one or more problems, each named by its field path
+  +- CombinationFailed    the input was fine but the run failed (a diverged training): exit 1
+"""
 from __future__ import annotations
 
 import difflib
@@ -14,16 +21,45 @@ def closest_names(word: str, options, n: int = 5, cutoff: float = 0.6) -> list[s
                                         len(os.path.commonprefix([word, c]))), reverse=True)
 
 
+def did_you_mean(word: str, options) -> str:
+    """"; did you mean 'x'?" when one of `options` is close to `word`, else ""."""
+    close = closest_names(word, options, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def one_line(e: BaseException, limit: int = 200, with_type: bool = False) -> str:
+    """An exception's first non-empty line, at most `limit` characters ("..." marks a cut);
+    the type's name when the message is empty. `with_type`: "Type: line"."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    if len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
+    return f"{type(e).__name__}: {text}" if with_type and lines else text
+
+
 class ProgpruneError(Exception):
-    """Bad user input (spec, flag, file). The CLI prints it on one line and exits 2.
+    """Root of progprune's errors. The CLI prints one as one line and exits `exit_code`.
     `field` names the setting at fault (a spec path such as 'dataset.data_dir') when
     there is one, so callers can re-label it (the CLI names its flag instead)."""
 
-    exit_code = 2
+    exit_code = 1
 
     def __init__(self, message: str, field: str | None = None):
         self.message, self.field = message, field
         super().__init__(f"{field}: {message}" if field else message)
+
+
+class BadInput(ProgpruneError):
+    """Bad user input (spec, flag, file): say what to change. Exit 2; nothing was run."""
+
+    exit_code = 2
+
+
+class CombinationFailed(ProgpruneError):
+    """The input was valid but running it failed (e.g. training diverged). Exit 1; a
+    sweep records it as the combination's failed row."""
+
+    exit_code = 1
 
 
 class Problem(NamedTuple):
@@ -36,7 +72,7 @@ class Problem(NamedTuple):
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-class SpecError(ProgpruneError):
+class SpecError(BadInput):
     """A sweep spec with one or more problems, each a `Problem` (field path + message)."""
 
     def __init__(self, problems, source=None):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from progprune.config import DatasetConfig
 from progprune.data import _check_num_classes, _need_dir, register_dataset, sample_order
-from progprune.errors import ProgpruneError
+from progprune.errors import BadInput
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,14 +64,14 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
     root = _need_dir(cfg, _LAYOUT)
     for split in ("train", "val"):
         if not (root / split).is_dir() or not _class_dirs(root / split):
-            raise ProgpruneError(f"{root / split} is missing or has no class folders; imagefolder "
+            raise BadInput(f"{root / split} is missing or has no class folders; imagefolder "
                                  f"expects {_LAYOUT}", field="dataset.data_dir")
     classes = _class_dirs(root / "train")
     if len(classes) < 2:  # one class: every prediction is right, 100% top-1 means nothing
-        raise ProgpruneError(f"{root / 'train'} has {len(classes)} class folder; classification "
+        raise BadInput(f"{root / 'train'} has {len(classes)} class folder; classification "
                              "needs at least 2", field="dataset.data_dir")
     if cfg.test_split == "test" and not (root / "test").is_dir():
-        raise ProgpruneError(f"{root / 'test'} is missing; add a test/ split, or set the test split to "
+        raise BadInput(f"{root / 'test'} is missing; add a test/ split, or set the test split to "
                              "val to report accuracy on the validation images", field="dataset.data_dir")
     for split in ("train", "val", "test"):
         if not (root / split).is_dir():
@@ -79,10 +79,10 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
         have = _class_dirs(root / split)
         extra, missing = sorted(set(have) - set(classes)), sorted(set(classes) - set(have))
         if extra:
-            raise ProgpruneError(f"{root / split} has classes not in train/: {_few(extra)}",
+            raise BadInput(f"{root / split} has classes not in train/: {_few(extra)}",
                                  field="dataset.data_dir")
         if missing:  # accuracy on a subset of the classes would mislead
-            raise ProgpruneError(f"{root / split} lacks classes of train/: {_few(missing)}",
+            raise BadInput(f"{root / split} lacks classes of train/: {_few(missing)}",
                                  field="dataset.data_dir")
         empty = [c for c in classes if next(_images(root / split / c), None) is None]
         if empty:
@@ -90,7 +90,7 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
             if len(empty) < len(classes):
                 where = root / split / empty[0]
                 more = f"; nor do {len(empty) - 1} more class folders" if len(empty) > 1 else ""
-            raise ProgpruneError(f"{where} holds no images ({', '.join(SUFFIXES)}){more}; add images or "
+            raise BadInput(f"{where} holds no images ({', '.join(SUFFIXES)}){more}; add images or "
                                  "remove the class from every split", field="dataset.data_dir")
     _check_num_classes(cfg, len(classes))
 
@@ -255,7 +255,7 @@ class FolderSplits:
             self._report(split, d)
         if not seen and len(idx):
             bad = sorted(self.skipped.get(split, ()))
-            raise ProgpruneError(f"{d}: none of its {len(labels)} images could be read (first: {bad[0]}: "
+            raise BadInput(f"{d}: none of its {len(labels)} images could be read (first: {bad[0]}: "
                                  f"{_why(d / bad[0])}); replace or remove them", field="dataset.data_dir")
 
     def _report(self, split: str, d: Path) -> None:

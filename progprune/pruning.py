@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from progprune.errors import ProgpruneError
+from progprune.errors import BadInput
 from progprune.macs import _BNS, MacsCounter, count_exact
 from progprune.models import attention_heads, classifier_layers, sync_attention
 from progprune.models._attention import HEAD_PRUNING_RATIO
@@ -122,7 +122,7 @@ def get_method(name: str | Method) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ProgpruneError(
+        raise BadInput(
             f"unknown method '{name}'; valid: {', '.join(METHODS)}"
         ) from None
 
@@ -301,7 +301,7 @@ def ignored_modules(model: nn.Module, patterns) -> list[nn.Module]:
         hits = [m for n, m in named if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             names = ", ".join(n for n, _ in named[:5])
-            raise ProgpruneError(f"{pattern!r} matches no module name (they read like {names}, ...)",
+            raise BadInput(f"{pattern!r} matches no module name (they read like {names}, ...)",
                                  field="pruning.ignore")
         out += [m for m in hits if m not in out]
     return out
@@ -340,7 +340,7 @@ def make_pruner(model: nn.Module, example_inputs: torch.Tensor, cfg: PruneConfig
         raise
     except Exception as e:  # an architecture DepGraph cannot trace (e.g. ShuffleNet's shuffle)
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ProgpruneError(f"Torch-Pruning cannot build the dependency graph of this model "
+        raise BadInput(f"Torch-Pruning cannot build the dependency graph of this model "
                              f"({type(e).__name__}: {first}); choose another model") from None
     pruner.progprune_method = method
     return pruner
@@ -721,16 +721,16 @@ def progressive_prune(
     `calib`: (x, y), for methods that read gradients (the method's registry entry says so).
     """
     if not target_speedup > 1.0:
-        raise ProgpruneError(f"speedup must be a number > 1, got {target_speedup}")
+        raise BadInput(f"speedup must be a number > 1, got {target_speedup}")
     if crossing not in CROSSINGS:
-        raise ProgpruneError(f"crossing must be one of {', '.join(CROSSINGS)}, got {crossing!r}")
+        raise BadInput(f"crossing must be one of {', '.join(CROSSINGS)}, got {crossing!r}")
     if method is None:
         method = getattr(pruner, "progprune_method", None)
     method = get_method(method) if method is not None else None
     before = method.before_step if method else None
     after = method.after_step if method else None
     if method is not None and method.gradients and calib is None:
-        raise ProgpruneError(f"{method.gradients} importance needs calibration data")
+        raise BadInput(f"{method.gradients} importance needs calibration data")
     t0 = time.perf_counter()
     model.eval()
     base_macs, base_params = count_exact(model, example_inputs)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from progprune._yaml import parse_yaml
 from progprune.config import DatasetConfig, SweepSpec, method_overrides
-from progprune.errors import Problem, ProgpruneError, SpecError, closest_names, show
+from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, closest_names, show
 from progprune.fields import problems_of
 
 

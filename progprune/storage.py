@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import pyarrow.fs as pafs
 
 from progprune._atomic import atomic_path, create_new, nearest_existing
-from progprune.errors import ProgpruneError
+from progprune.errors import BadInput
 
 LOCK_NAME = ".lock"
 LEASE_ENV = "PROGPRUNE_LOCK_LEASE_S"
@@ -70,7 +70,7 @@ def _env_seconds(name: str, default: float, allow_zero: bool = False) -> float:
     except ValueError:
         v = float("nan")
     if not (v >= 0 if allow_zero else v > 0) or v == float("inf"):
-        raise ProgpruneError(f"{name}: expected a number of seconds {'>= 0' if allow_zero else '> 0'}, got {raw!r}")
+        raise BadInput(f"{name}: expected a number of seconds {'>= 0' if allow_zero else '> 0'}, got {raw!r}")
     return v
 
 
@@ -78,7 +78,7 @@ def lease_seconds(lease_s: float | None = None) -> float:
     """The lock lease: the argument, else $PROGPRUNE_LOCK_LEASE_S, else 120 s."""
     if lease_s is not None:
         if not lease_s > 0:
-            raise ProgpruneError(f"lock lease: expected seconds > 0, got {lease_s}")
+            raise BadInput(f"lock lease: expected seconds > 0, got {lease_s}")
         return float(lease_s)
     return _env_seconds(LEASE_ENV, DEFAULT_LEASE_S)
 
@@ -102,7 +102,7 @@ class Store:
             try:
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
             except Exception as e:  # pyarrow raises several types for bad URIs
-                raise ProgpruneError(f"output: cannot open {_redact(uri)}: {str(e).splitlines()[0]}") from None
+                raise BadInput(f"output: cannot open {_redact(uri)}: {str(e).splitlines()[0]}") from None
 
     def __repr__(self) -> str:
         return f"Store({_redact(self.uri)})"
@@ -197,7 +197,7 @@ class Store:
                 why = f"no write permission on {parent}"
             else:
                 return
-            raise ProgpruneError(f"output: cannot write to {self.display()}: {why}; "
+            raise BadInput(f"output: cannot write to {self.display()}: {why}; "
                                  "choose a writable location with --output")
         probe = f".probe-{uuid.uuid4().hex[:8]}"
         try:
@@ -207,7 +207,7 @@ class Store:
             self.delete(probe)
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ProgpruneError(f"output: cannot write to {self.display()}: {first}; "
+            raise BadInput(f"output: cannot write to {self.display()}: {first}; "
                                  "choose a writable location with --output") from None
 
     @contextmanager
@@ -325,7 +325,7 @@ class Lease:
     def _refuse(self, rec: dict):
         age = _age(rec)
         when = f", last heartbeat {age:.0f}s ago" if age is not None else ""
-        raise ProgpruneError(
+        raise BadInput(
             f"output {self.store.display()} is in use by another sweep ({rec.get('holder', 'unknown holder')}"
             f"{when}); wait for it to finish, or rerun with --break-lock if that process is gone")
 
@@ -361,7 +361,7 @@ class Lease:
                 self.on_wait(f"lock: took over the lock of {rec.get('holder')} on {self.store.display()} ({why})")
                 return self._start()
             # another sweep claimed it first: look again (its heartbeat makes us refuse)
-        raise ProgpruneError(f"output {self.store.display()}: could not take the lock (it keeps changing hands)")
+        raise BadInput(f"output {self.store.display()}: could not take the lock (it keeps changing hands)")
 
     def _watch(self, raw: bytes, rec: dict):
         """Watch a lock until its heartbeat moves ('alive'), it disappears ('gone') or its
@@ -412,7 +412,7 @@ class Lease:
 
     def check(self) -> None:
         if self.lost:
-            raise ProgpruneError(f"output {self.store.display()}: this sweep lost its lock to {self.lost_to}; "
+            raise BadInput(f"output {self.store.display()}: this sweep lost its lock to {self.lost_to}; "
                                  "stopping so that two sweeps do not write one output")
 
     def _release(self) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from progprune.artifacts import load_base_weights
 from progprune.config import ComboConfig
 from progprune.data import load_dataset
-from progprune.errors import ProgpruneError, SpecError
+from progprune.errors import BadInput, SpecError
 from progprune.models import build_model, check_input_size
 from progprune.pipeline import needs_sparse
 from progprune.results import ResultRow, rows_to_table
@@ -82,12 +82,12 @@ def preflight(spec: SweepSpec) -> int:
                                              reset_head=m.reset_head)
             else:
                 model = build_model(m.name, splits.num_classes, splits.input_shape)
-        except ProgpruneError as e:
+        except BadInput as e:
             problems.append(f"models[{i}].checkpoint: {e}")
             continue
         try:
             check_input_size(model, m.name, splits.input_shape)
-        except ProgpruneError as e:
+        except BadInput as e:
             problems.append(str(e))
     if problems:
         raise SpecError(problems)
@@ -166,7 +166,7 @@ def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:
     except Exception:  # unreadable: the lock and the rows still protect it
         return
     if owner and owner != spec.name:
-        raise ProgpruneError(
+        raise BadInput(
             f"output {store.display()} holds sweep {owner!r}, not {spec.name!r}; choose another "
             "--output, or pass --replace-sweep to let this sweep take it over", field="output")
 
@@ -234,6 +234,6 @@ def _final(rows: list[ResultRow], store: Store, console) -> None:
             rep = build_report(store.path("results.parquet"), store.path("report"), console=console)
             console.print(f"report: {rep['report']}")
             return
-        except ProgpruneError as e:
+        except BadInput as e:
             console.print(f"report skipped: {e}")
     show(frame_of(rows_to_table(rows)), console)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from progprune.config import TrainConfig
 from progprune.data import Splits
-from progprune.errors import ProgpruneError
+from progprune.errors import CombinationFailed
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -39,14 +39,12 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-class TrainingDiverged(ProgpruneError):
+class TrainingDiverged(CombinationFailed):
     """The loss (or the weights) stopped being finite: the run failed, it is not bad input.
 
     `stage` names the training that diverged ("base training", "sparse learning",
     "fine-tune"), so the pipeline's failed row says which; `epoch` is 1-based.
     """
-
-    exit_code = 1
 
     def __init__(self, stage: str, epoch: int, lr: float, detail: str, loss: float | None = None):
         self.stage, self.epoch, self.lr, self.loss = stage, epoch, lr, loss

@@ -13,7 +13,7 @@ import socket
 import time
 from collections import deque
 
-from progprune.errors import ProgpruneError
+from progprune.errors import BadInput
 from progprune.pipeline import build_row, needs_sparse
 from progprune.results import ResultRow
 
@@ -26,11 +26,11 @@ def probe(address: str) -> None:
     hostport = address.split("://", 1)[-1].split("/", 1)[0]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise ProgpruneError(f"--address: expected HOST:PORT (or ray://HOST:PORT), got {address!r}")
+        raise BadInput(f"--address: expected HOST:PORT (or ray://HOST:PORT), got {address!r}")
     try:
         socket.create_connection((host, int(port)), timeout=3).close()
     except OSError as e:
-        raise ProgpruneError(f"--address: no Ray cluster answers at {address} ({e.strerror or e}); "
+        raise BadInput(f"--address: no Ray cluster answers at {address} ({e.strerror or e}); "
                              "start one with `ray start --head` or omit --address for an embedded one")
 
 

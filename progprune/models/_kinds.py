@@ -19,7 +19,7 @@ import sys
 
 from torch import nn
 
-from progprune.errors import Problem, ProgpruneError, closest_names
+from progprune.errors import BadInput, Problem, ProgpruneError, closest_names
 
 KINDS = (
     ("tv:", "tv:NAME", "any torchvision classification model, weights=None; "
@@ -52,11 +52,11 @@ def build_model(name: str, num_classes: int, input_shape=None) -> nn.Module:
     """A freshly initialised model of any kind. `input_shape` (C, H, W) reaches the
     architectures whose layers depend on the image size (torchvision/timm ViTs)."""
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ProgpruneError(f"num_classes: must be a positive integer, got {num_classes!r}")
+        raise BadInput(f"num_classes: must be a positive integer, got {num_classes!r}")
     build = _resolve(name)
     model = build(num_classes, tuple(input_shape) if input_shape else None)
     if not isinstance(model, nn.Module):
-        raise ProgpruneError(f"model {name!r}: the factory returned a {type(model).__name__}, "
+        raise BadInput(f"model {name!r}: the factory returned a {type(model).__name__}, "
                              "not a torch.nn.Module; return the model")
     return model
 
@@ -74,7 +74,7 @@ def check_input_size(model: nn.Module, name: str, input_shape) -> None:
             model.eval()(torch.zeros(1, *input_shape, device=device))
     except Exception as e:  # noqa: BLE001 - any failure: this model does not take this size
         c, h, w = input_shape
-        raise ProgpruneError(f"model {name!r} cannot take {c}x{h}x{w} inputs ({type(e).__name__}: "
+        raise BadInput(f"model {name!r} cannot take {c}x{h}x{w} inputs ({type(e).__name__}: "
                              f"{_first_line(e)}); set the image size it is built for",
                              field="dataset.image_size") from None
     finally:
@@ -86,12 +86,12 @@ def _resolve(name: str):
     from progprune.models._registry import MODELS, list_models
 
     if not isinstance(name, str) or not name.strip():
-        raise ProgpruneError(f"model name must be a non-empty string, got {name!r}")
+        raise BadInput(f"model name must be a non-empty string, got {name!r}")
     kind = kind_of(name)
     if kind == "registry":
         if name not in MODELS:
             forms = " or ".join(f for _, f, _ in KINDS)
-            raise ProgpruneError(f"unknown model {name!r}; {_hint(name, list_models())}"
+            raise BadInput(f"unknown model {name!r}; {_hint(name, list_models())}"
                                  f"valid: {', '.join(list_models())}, or {forms}")
         return lambda nc, shape: MODELS[name](nc)
     return {"tv": _torchvision, "timm": _timm, "py": _factory}[kind](name, name.split(":", 1)[1])
@@ -110,7 +110,7 @@ def _need(package: str, name: str):
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise ProgpruneError(f"model {name!r} needs {package}, which is not installed; run "
+        raise BadInput(f"model {name!r} needs {package}, which is not installed; run "
                              "pip install 'progprune[models]'") from None
 
 
@@ -118,7 +118,7 @@ def _torchvision(name: str, arch: str):
     tv = _need("torchvision", name)
     valid = sorted(tv.models.list_models(module=tv.models))
     if arch not in valid:
-        raise ProgpruneError(f"unknown torchvision model {name!r}; {_hint(arch, valid, 'tv:')}"
+        raise BadInput(f"unknown torchvision model {name!r}; {_hint(arch, valid, 'tv:')}"
                              "see torchvision.models.list_models() (classification models)")
     builder = tv.models.get_model_builder(arch)
 
@@ -143,7 +143,7 @@ def _kwargs_of(tv, arch: str) -> set:
 def _timm(name: str, arch: str):
     timm = _need("timm", name)
     if not timm.is_model(arch):
-        raise ProgpruneError(f"unknown timm model {name!r}; {_hint(arch, timm.list_models(), 'timm:')}"
+        raise BadInput(f"unknown timm model {name!r}; {_hint(arch, timm.list_models(), 'timm:')}"
                              "see timm.list_models()")
 
     def build(nc, shape):
@@ -160,7 +160,7 @@ def _timm(name: str, arch: str):
 def _factory(name: str, target: str):
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise ProgpruneError(f"model {name!r}: write py:package.module:factory (a module path, a "
+        raise BadInput(f"model {name!r}: write py:package.module:factory (a module path, a "
                              "colon, the callable's name)")
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # the working directory, as `python -m` does
@@ -168,18 +168,18 @@ def _factory(name: str, target: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # the user's code: any error at import names the factory and cause
-        raise ProgpruneError(f"model {name!r}: cannot import {module_name} "
+        raise BadInput(f"model {name!r}: cannot import {module_name} "
                              f"({type(e).__name__}: {_first_line(e)}); it must be importable from "
                              "the working directory or PYTHONPATH") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ProgpruneError(f"model {name!r}: {module_name} has no callable {attr!r}")
+        raise BadInput(f"model {name!r}: {module_name} has no callable {attr!r}")
 
     def build(nc, shape):
         try:
             return fn(num_classes=nc)
         except Exception as e:
-            raise ProgpruneError(f"model {name!r}: {attr}(num_classes={nc}) failed "
+            raise BadInput(f"model {name!r}: {attr}(num_classes={nc}) failed "
                                  f"({type(e).__name__}: {_first_line(e)})") from None
 
     return build

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from progprune.errors import ProgpruneError
+from progprune.errors import BadInput
 from progprune.report import _plots, _tables as T
 from progprune.report._tables import show
 from progprune.results import COLUMNS
@@ -45,7 +45,7 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
     anything is written; the directory appears complete or not at all.
     """
     if fmt not in FORMATS:
-        raise ProgpruneError(f"unknown report format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise BadInput(f"unknown report format {fmt!r}: use one of {', '.join(FORMATS)}")
     frame, local_path = load(results)
     out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path or ""), "report"))
     table, probs = T.aggregate(frame), T.problems(frame)
@@ -79,24 +79,24 @@ def load(results: str) -> tuple[pd.DataFrame, str | None]:
     try:
         fs, path = pafs.FileSystem.from_uri(results if "://" in results else os.path.abspath(results))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
-        raise ProgpruneError(f"cannot open URI {results}: {_one_line(e)}") from None
+        raise BadInput(f"cannot open URI {results}: {_one_line(e)}") from None
     try:
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.Directory:  # a sweep's output: its results.parquet is the table
             path = path.rstrip("/") + "/" + RESULTS_NAME
             if fs.get_file_info(path).type != pafs.FileType.File:
-                raise ProgpruneError(f"no {RESULTS_NAME} in directory {results}")
+                raise BadInput(f"no {RESULTS_NAME} in directory {results}")
         elif kind == pafs.FileType.NotFound:
-            raise ProgpruneError(f"results not found: {results}")
+            raise BadInput(f"results not found: {results}")
         with fs.open_input_file(path) as f:
             table = pq.read_table(f)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise ProgpruneError(f"not a Parquet file: {results} ({_one_line(e)})") from None
+        raise BadInput(f"not a Parquet file: {results} ({_one_line(e)})") from None
     except OSError as e:
-        raise ProgpruneError(f"cannot read {results}: {_one_line(e)}") from None
+        raise BadInput(f"cannot read {results}: {_one_line(e)}") from None
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
-        raise ProgpruneError(f"not a progprune results table: {results} lacks required columns "
+        raise BadInput(f"not a progprune results table: {results} lacks required columns "
                              f"{', '.join(missing)}")
     return frame_of(table), path if isinstance(fs, pafs.LocalFileSystem) else None
 
@@ -111,16 +111,16 @@ def _atomic_dir(out_dir: str):
     """Yield a new directory beside `out_dir`; on success it takes `out_dir`'s place (an earlier
     report is moved aside first and deleted after), on failure it is removed."""
     if os.path.islink(out_dir) or os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        raise ProgpruneError(f"report output {out_dir} exists and is not a directory")
+        raise BadInput(f"report output {out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER)):
-        raise ProgpruneError(f"refusing to replace {out_dir}: it is not an earlier progprune "
+        raise BadInput(f"refusing to replace {out_dir}: it is not an earlier progprune "
                              f"report (pass another --out)")
     tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{secrets.token_hex(6)}")
     old = tmp + ".old"
     try:
         os.makedirs(tmp)  # mode 0777 less the umask, as any directory: a report is for reading
     except OSError as e:
-        raise ProgpruneError(f"cannot write the report to {out_dir}: {e.strerror or e}; "
+        raise BadInput(f"cannot write the report to {out_dir}: {e.strerror or e}; "
                              "pass a writable --out") from None
     try:
         yield Path(tmp)
