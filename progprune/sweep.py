@@ -159,12 +159,13 @@ def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:
     """An output belongs to one sweep name: another sweep would replace its table."""
     if replace or not store.exists("spec.resolved.yaml"):
         return
-    try:
-        import yaml
+    import yaml
 
-        owner = yaml.safe_load(store.read_bytes("spec.resolved.yaml")).get("name")
-    except Exception:  # unreadable: the lock and the rows still protect it
+    try:
+        doc = yaml.safe_load(store.read_bytes("spec.resolved.yaml"))
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable: the lock and the rows still protect it
         return
+    owner = doc.get("name") if isinstance(doc, dict) else None
     if owner and owner != spec.name:
         raise BadInput(
             f"output {store.display()} holds sweep {owner!r}, not {spec.name!r}; choose another "
