@@ -311,9 +311,12 @@ def finish_combination(cfg: ComboConfig, pruned: Pruned, finetune: Callable[[], 
     return build_row(cfg, pruned, ft)
 
 
-def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop) -> ResultRow:
+def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop,
+                    shown_dir: str | None = None) -> ResultRow:
     """Every stage in this process: what `progprune prune` runs. A combination that fails
-    (`CombinationFailed`: a training that diverges) ends as a failed row (no artifact: its weights are not finite)."""
+    (`CombinationFailed`: a training that diverges) ends as a failed row, without an
+    artifact (its weights are not finite). `out_dir` receives pruned.pt and result.parquet;
+    `shown_dir` is where they will live once the caller moves them (the row names it)."""
     started, base, pruned = now(), None, None
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     try:
@@ -323,14 +326,15 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
         pruned = prune_combination(cfg, model, base, splits, device, log)
         pruned.started_at = started
         if out_dir:  # the model as it ends, fine-tuned or not
-            pruned.artifact = os.path.join(out_dir, "pruned.pt")
+            pruned.artifact = os.path.join(shown_dir or out_dir, "pruned.pt")
         row = finish_combination(cfg, pruned, lambda: finetune_combination(cfg, model, splits, device, log))
     except CombinationFailed as e:  # what ran so far stays in the row; no artifact
         row = build_row(cfg, Pruned(base, pruned.prune if pruned else None, device_label(device),
                                     splits.num_classes, started), error=str(e))
     if out_dir and row.status != "failed":
-        save_artifact(row.artifact_uri, model, model_name=cfg.model, num_classes=splits.num_classes,
-                      input_shape=splits.input_shape, history=pruned.prune.outcome.history,
+        save_artifact(os.path.join(out_dir, "pruned.pt"), model, model_name=cfg.model,
+                      num_classes=splits.num_classes, input_shape=splits.input_shape,
+                      history=pruned.prune.outcome.history,
                       meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
     if out_dir:
         write_rows([row], os.path.join(out_dir, "result.parquet"))
