@@ -138,7 +138,7 @@ import json, sys
 row, mode, ft, secs = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 checks = {
     "status ok": row["status"] == "ok",
-    f"device {mode}": row["device"] == mode,
+    f"device {mode}": row["device"].split(":")[0] == mode,  # "cpu" or "cuda:<GPU name>"
     "2.55 <= achieved <= 2.55 * 1.005": 2.55 <= row["achieved_speedup"] <= 2.55 * 1.005,
     f"{ft} fine-tune epochs": row["finetune_epochs"] == ft,
     "latencies measured": (row["base_latency_ms"] or 0) > 0 and (row["pruned_latency_ms"] or 0) > 0,
@@ -161,7 +161,7 @@ import torch.nn.functional as F
 from progprune.config import TrainConfig
 from progprune.data import Splits
 from progprune.models import build_model
-from progprune.training import fit, measure_latency
+from progprune.training import fit, measure_latency_stats
 
 mode, n, bs, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 dev = torch.device(mode)
@@ -221,7 +221,7 @@ for epoch in range(EPOCHS):
     sync(); plain_s = time.perf_counter() - t
 plain_ips = steps * bs / plain_s
 
-lat = measure_latency([model], (3, 32, 32), dev, batch_size=1, repeats=20)[0]
+lat = measure_latency_stats([model], (3, 32, 32), dev, batch_size=1, repeats=20)[0].median_ms
 checks = {
     f"autocast {want} in the training forward": seen == {(dev.type, str(want))},
     f"batches arrive on {dev.type}": {d for d, _ in seen} == {dev.type},

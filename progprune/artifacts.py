@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from progprune._atomic import atomic_path
-from progprune.errors import BadInput
+from progprune.errors import BadInput, one_line
 from progprune.models import build_model, head_name, sync_attention  # noqa: F401 (head_name: re-exported)
 
 FORMAT = "progprune.artifact/1"
@@ -89,15 +89,15 @@ def _is_safetensors(path: str) -> bool:
 
 def _read_safetensors(path: str) -> dict:
     try:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError:
         raise BadInput(f"checkpoint {path} is a .safetensors file: reading it needs the "
                              "safetensors package (pip install safetensors)") from None
     try:
         return dict(load_file(path, device="cpu"))
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise BadInput(f"checkpoint {path} is a corrupt safetensors file: {first}") from None
+    except (SafetensorError, OSError) as e:  # every header or data fault is a SafetensorError
+        raise BadInput(f"checkpoint {path} is a corrupt safetensors file: {one_line(e, limit=120)}") from None
 
 
 def _describe_bytes(path: str) -> str:
@@ -129,7 +129,9 @@ def _read(path) -> dict:
                 f"checkpoint {path} refused: it would import {blocked.group(1)}; "
                 "progprune loads only plain weights (weights_only=True)") from None
         raise BadInput(f"checkpoint {path} is corrupt or not a torch file ({_describe_bytes(path)})") from None
-    except Exception:  # garbage bytes surface as many error types (KeyError '101' for text)
+    # broad on purpose: torch's unpickler on bytes of unknown origin raises many types
+    # (KeyError '101' for text, RuntimeError, EOFError, ...); each means "not a torch file"
+    except Exception:
         raise BadInput(f"checkpoint {path} is corrupt or not a torch file ({_describe_bytes(path)})") from None
     if not isinstance(obj, dict):
         raise BadInput(f"checkpoint {path}: expected a dict of weights, got {type(obj).__name__}")
@@ -244,6 +246,7 @@ def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list
             dg.load_pruning_history([(n, bool(o), list(i)) for n, o, i in history])
             sync_attention(model)  # head counts follow the replayed widths
             rebuilt, carried = "history", list(history)
+        # broad on purpose: Torch-Pruning replaying a history on a model of unknown origin
         except Exception:  # names or indices that do not replay: the shapes decide below
             model = _fresh(name, num_classes, seed, input_shape)
         if rebuilt == "history" and _shape_mismatches(model, sd):
@@ -252,6 +255,7 @@ def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list
         try:
             carried, rebuilt = _fit_to_shapes(model, sd, input_shape, head), "shapes"
             sync_attention(model)
+        # broad on purpose: Torch-Pruning cutting a model of unknown origin to given widths
         except Exception:  # a width no pruning reaches: the message below names it
             model, rebuilt, carried = _fresh(name, num_classes, seed, input_shape), "fresh", []
     own = model.state_dict()

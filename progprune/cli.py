@@ -1,7 +1,8 @@
 """The `progprune` command. Thin: parse, build a spec, call the library, map errors.
 
-Exit codes: 0 done, 1 anything unexpected (or failed combinations in a sweep),
-2 bad input (one line, no traceback, nothing written), 3 target unreachable.
+Exit codes: 0 done, 1 a failed combination (`CombinationFailed`, e.g. a diverged training:
+its row says why; a sweep with any failed row) or anything unexpected, 2 bad input
+(`BadInput`: one line, no traceback, nothing written), 3 target unreachable.
 """
 from __future__ import annotations
 
@@ -259,19 +260,15 @@ def prune_cmd(device, output, as_json, print_spec, **flags):
     stage = tempfile.mkdtemp(prefix=".progprune-") if output else None
     try:
         try:
-            row = run_combination(cfg, stage, dev, log)
+            row = run_combination(cfg, stage, dev, log, shown_dir=os.path.abspath(output) if output else None)
         except SpecError as e:
             raise _as_flags(e) from None
         except BadInput as e:
             raise _as_flags(SpecError([Problem(e.field or "", e.message)])) from None
         if output:
             os.makedirs(output, exist_ok=True)
-            for name in os.listdir(stage):
+            for name in os.listdir(stage):  # the row, written once, already names output
                 os.replace(os.path.join(stage, name), os.path.join(output, name))
-            row.artifact_uri = os.path.abspath(os.path.join(output, "pruned.pt"))
-            from progprune.results import write_rows
-
-            write_rows([row], os.path.join(output, "result.parquet"))
     finally:
         if stage:
             shutil.rmtree(stage, ignore_errors=True)

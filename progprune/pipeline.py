@@ -27,8 +27,9 @@ from progprune.config import ComboConfig, TrainConfig
 from progprune.data import Splits, load_dataset
 from progprune.models import build_model, check_input_size, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
-from progprune.results import ResultRow, write_rows
-from progprune.training import (FitResult, TrainingDiverged, calibration_batch, evaluate, fit,
+from progprune.errors import CombinationFailed
+from progprune.results import ResultRow, compose, write_rows
+from progprune.training import (FitResult, calibration_batch, device_label, evaluate, fit,
                                 measure_latency_stats, recalibrate_bn)
 
 Log = Callable[[str], None]
@@ -53,12 +54,6 @@ def versions() -> dict:
             "ray_version": v("ray"), "progprune_version": __version__}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return "cpu"
-
-
 # ---- stage 1: the base model ----------------------------------------------------------
 @dataclass
 class BaseInfo:
@@ -68,6 +63,9 @@ class BaseInfo:
     val_top1: float | None
     epochs: int
     seconds: float
+
+    def columns(self) -> dict:
+        return {"base_top1": self.top1, "base_top5": self.top5}
 
 
 def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tuple[nn.Module, BaseInfo]:
@@ -134,6 +132,22 @@ class PruneInfo:
     pruned_top1_bn: float | None = None  # after BatchNorm statistics re-estimated on train data
     unpruned_top1: tuple[float, float] | None = None  # (top-1, top-5) of the model as pruned,
     # measured when sparse learning changed it from the base
+    unreachable: str | None = None  # why the target was not reached (status "unreachable")
+
+    def columns(self) -> dict:
+        o = self.outcome
+        return {
+            "status": o.status, "error": self.unreachable, "achieved_speedup": o.achieved_speedup,
+            "overshoot_pct": o.overshoot_pct, "base_macs": o.base_macs, "base_params": o.base_params,
+            "pruned_macs": o.macs, "pruned_params": o.params, "compression_ratio": o.base_params / o.params,
+            "prune_steps": o.steps, "prune_seconds": o.seconds, "crossing": o.crossing,
+            "crossing_cut": o.crossing_cut, "macs_counter": o.macs_counter,
+            "pruned_top1": self.pruned_top1, "pruned_top1_bn": self.pruned_top1_bn,
+            "base_latency_ms": self.base_latency_ms, "pruned_latency_ms": self.pruned_latency_ms,
+            "latency_speedup": self.base_latency_ms / self.pruned_latency_ms,
+            "base_latency_iqr_ms": self.base_latency_iqr_ms, "pruned_latency_iqr_ms": self.pruned_latency_iqr_ms,
+            "latency_threads": self.latency_threads, "latency_noisy": self.latency_noisy,
+        }
 
 
 def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> PruneInfo:
@@ -164,7 +178,8 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
                                    cfg.evaluation.latency_batch_size, repeats=cfg.evaluation.latency_repeats)
     del base_copy
     return PruneInfo(outcome, top1, top5, lb.median_ms, lp.median_ms, lb.iqr_ms, lp.iqr_ms,
-                     lb.threads, lb.noisy or lp.noisy, top1_bn, unpruned)
+                     lb.threads, lb.noisy or lp.noisy, top1_bn, unpruned,
+                     None if outcome.status == "ok" else _unreachable(cfg, outcome))
 
 
 # ---- stage 4: fine-tuning -------------------------------------------------------------
@@ -186,52 +201,28 @@ def finetune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, l
 
 
 # ---- stage 5: the row -----------------------------------------------------------------
-def build_row(cfg: ComboConfig, *, base: BaseInfo | None = None, prune: PruneInfo | None = None,
-              final: tuple[float, float] | None = None, finetune_seconds: float | None = None,
-              device: str | None = None, artifact_uri: str | None = None,
-              started_at: str | None = None, error: str | None = None,
-              num_classes: int | None = None, finetune_workers: int | None = None) -> ResultRow:
-    row = ResultRow(
-        combo_id=cfg.combo_id(), sweep=cfg.sweep, model=cfg.model, dataset=cfg.dataset.name,
-        method=cfg.method + ("-nosl" if cfg.sparse is not None and cfg.sparse.epochs == 0 else ""),
-        seed=cfg.seed, target_speedup=float(cfg.target_speedup),
-        device=device, finetune_epochs=cfg.finetune.epochs, artifact_uri=artifact_uri,
-        started_at=started_at, finished_at=now(), global_pruning=cfg.prune.global_pruning,
-        iterative_steps=cfg.prune.iterative_steps, round_to=cfg.prune.round_to,
-        num_classes=num_classes, base_epochs=cfg.base.epochs if not cfg.base_checkpoint else 0,
-        sparse_epochs=cfg.sparse.epochs if cfg.sparse else 0,
-        latency_batch_size=cfg.evaluation.latency_batch_size, finetune_workers=finetune_workers,
-        config_json=cfg.model_dump_json(), base_checkpoint_sha256=cfg.base_checkpoint_sha256,
-        reset_head=cfg.reset_head, finetune_global_batch=cfg.finetune.batch_size,
-        sparse_reg=cfg.sparse.reg if cfg.sparse else None,
-        finetune_seconds=finetune_seconds, **versions(),
-    )
-    if base:
-        row.base_top1, row.base_top5 = base.top1, base.top5
-    if prune:
-        o = prune.outcome
-        row.base_macs, row.base_params, row.pruned_macs, row.pruned_params = o.base_macs, o.base_params, o.macs, o.params
-        row.achieved_speedup, row.overshoot_pct = o.achieved_speedup, o.overshoot_pct
-        row.compression_ratio = o.base_params / o.params
-        row.prune_steps, row.prune_seconds = o.steps, o.seconds
-        row.crossing, row.crossing_cut = cfg.prune.crossing, o.crossing_cut
-        row.macs_counter = o.macs_counter
-        row.pruned_top1 = prune.pruned_top1
-        row.base_latency_ms, row.pruned_latency_ms = prune.base_latency_ms, prune.pruned_latency_ms
-        row.base_latency_iqr_ms, row.pruned_latency_iqr_ms = prune.base_latency_iqr_ms, prune.pruned_latency_iqr_ms
-        row.latency_threads, row.latency_noisy = prune.latency_threads, prune.latency_noisy
-        row.pruned_top1_bn = prune.pruned_top1_bn
-        if prune.unpruned_top1 and base:  # the base of a sparse method is what it pruned
-            row.base_top1_pre_sparse = row.base_top1
-            row.base_top1, row.base_top5 = prune.unpruned_top1
-        row.latency_speedup = prune.base_latency_ms / prune.pruned_latency_ms
-        row.status = o.status
-        row.error = None if o.status == "ok" else _unreachable(cfg, o)
-    if final:
-        row.final_top1, row.final_top5 = final
-    if error:
-        row.status, row.error = "failed", error
-    return row
+def config_columns(cfg: ComboConfig) -> dict:
+    """The row's columns that the settings decide, whatever ran."""
+    sl = cfg.sparse
+    return {
+        "combo_id": cfg.combo_id(), "sweep": cfg.sweep, "model": cfg.model, "dataset": cfg.dataset.name,
+        "method": cfg.method + ("-nosl" if sl is not None and sl.epochs == 0 else ""),
+        "seed": cfg.seed, "target_speedup": float(cfg.target_speedup),
+        "global_pruning": cfg.prune.global_pruning, "iterative_steps": cfg.prune.iterative_steps,
+        "round_to": cfg.prune.round_to, "base_epochs": cfg.base.epochs if not cfg.base_checkpoint else 0,
+        "sparse_epochs": sl.epochs if sl else 0, "sparse_reg": sl.reg if sl else None,
+        "finetune_epochs": cfg.finetune.epochs, "finetune_global_batch": cfg.finetune.batch_size,
+        "latency_batch_size": cfg.evaluation.latency_batch_size, "reset_head": cfg.reset_head,
+        "base_checkpoint_sha256": cfg.base_checkpoint_sha256, "config_json": cfg.model_dump_json(),
+    }
+
+
+def build_row(cfg: ComboConfig, *records, error: str | None = None, **columns) -> ResultRow:
+    """The combination's row: its settings' columns, then each record's own (`Pruned`,
+    `Finetuned`; None for a stage that did not run), then `columns`. `error` makes it a
+    failed row whatever the records say."""
+    failed = {"status": "failed", "error": error} if error else {}
+    return compose(config_columns(cfg), versions(), {"finished_at": now()}, *records, columns, failed)
 
 
 def _unreachable(cfg: ComboConfig, o: PruneOutcome) -> str:
@@ -261,11 +252,22 @@ class Pruned:
     """What stage 3 hands to stage 4: the figures so far, and where the pruned model is
     stored (None while it stays in this process)."""
     base: BaseInfo | None
-    prune: PruneInfo
+    prune: PruneInfo | None  # None: the combination failed before stage 3 finished
     device: str
     num_classes: int
     started_at: str
     artifact: str | None = None
+
+    def columns(self) -> dict:
+        cols = {"device": self.device, "num_classes": self.num_classes, "started_at": self.started_at,
+                "artifact_uri": self.artifact, "finetune_workers": 0}
+        cols |= self.base.columns() if self.base else {}
+        if self.prune:
+            cols |= self.prune.columns()
+            if self.prune.unpruned_top1 and self.base:  # the base of a sparse method is what it pruned
+                cols["base_top1_pre_sparse"] = self.base.top1
+                cols["base_top1"], cols["base_top5"] = self.prune.unpruned_top1
+        return cols
 
 
 @dataclass
@@ -278,12 +280,17 @@ class Finetuned:
     workers: int = 0  # Ray Train workers (0: fine-tuned in one process)
     resumed_from_epoch: int | None = None  # Ray Train restarted from this epoch's checkpoint
 
+    def columns(self) -> dict:
+        cols = {"final_top1": self.top1, "final_top5": self.top5, "finetune_seconds": self.seconds,
+                "finetune_workers": self.workers, "finetune_resumed_from_epoch": self.resumed_from_epoch}
+        return cols | ({"artifact_uri": self.artifact} if self.artifact else {})
+
 
 def prune_combination(cfg: ComboConfig, model: nn.Module, base: BaseInfo | None, splits: Splits,
                       device, log: Log = _noop) -> Pruned:
     """Stage 3: prune `model` in place (it comes out of stages 1-2 or the store)."""
     started = now()
-    return Pruned(base, prune_stage(cfg, model, splits, device, log), device_name(torch.device(device)),
+    return Pruned(base, prune_stage(cfg, model, splits, device, log), device_label(device),
                   splits.num_classes, started)
 
 
@@ -298,20 +305,18 @@ def finetune_combination(cfg: ComboConfig, model: nn.Module, splits: Splits, dev
 
 def finish_combination(cfg: ComboConfig, pruned: Pruned, finetune: Callable[[], Finetuned]) -> ResultRow:
     """Stage 4 when the target was reached, by `finetune` (here, in a Ray task or on Ray
-    Train), then stage 5, the row. A diverged fine-tune raises `TrainingDiverged`."""
+    Train), then stage 5, the row. A diverged fine-tune raises `TrainingDiverged` (a
+    `CombinationFailed`)."""
     ft = finetune() if pruned.prune.outcome.status == "ok" else None
-    row = build_row(cfg, base=pruned.base, prune=pruned.prune, final=(ft.top1, ft.top5) if ft else None,
-                    finetune_seconds=ft.seconds if ft else None, device=pruned.device,
-                    artifact_uri=ft.artifact if ft and ft.artifact else pruned.artifact,
-                    started_at=pruned.started_at, num_classes=pruned.num_classes,
-                    finetune_workers=ft.workers if ft else 0)
-    row.finetune_resumed_from_epoch = ft.resumed_from_epoch if ft else None
-    return row
+    return build_row(cfg, pruned, ft)
 
 
-def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop) -> ResultRow:
-    """Every stage in this process: what `progprune prune` runs. A training that diverges
-    ends the combination as failed (no artifact: its weights are not finite)."""
+def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop,
+                    shown_dir: str | None = None) -> ResultRow:
+    """Every stage in this process: what `progprune prune` runs. A combination that fails
+    (`CombinationFailed`: a training that diverges) ends as a failed row, without an
+    artifact (its weights are not finite). `out_dir` receives pruned.pt and result.parquet;
+    `shown_dir` is where they will live once the caller moves them (the row names it)."""
     started, base, pruned = now(), None, None
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     try:
@@ -321,15 +326,15 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
         pruned = prune_combination(cfg, model, base, splits, device, log)
         pruned.started_at = started
         if out_dir:  # the model as it ends, fine-tuned or not
-            pruned.artifact = os.path.join(out_dir, "pruned.pt")
+            pruned.artifact = os.path.join(shown_dir or out_dir, "pruned.pt")
         row = finish_combination(cfg, pruned, lambda: finetune_combination(cfg, model, splits, device, log))
-    except TrainingDiverged as e:
-        row = build_row(cfg, base=base, prune=pruned.prune if pruned else None,
-                        device=device_name(torch.device(device)), started_at=started,
-                        num_classes=splits.num_classes, finetune_workers=0, error=str(e))
+    except CombinationFailed as e:  # what ran so far stays in the row; no artifact
+        row = build_row(cfg, Pruned(base, pruned.prune if pruned else None, device_label(device),
+                                    splits.num_classes, started), error=str(e))
     if out_dir and row.status != "failed":
-        save_artifact(row.artifact_uri, model, model_name=cfg.model, num_classes=splits.num_classes,
-                      input_shape=splits.input_shape, history=pruned.prune.outcome.history,
+        save_artifact(os.path.join(out_dir, "pruned.pt"), model, model_name=cfg.model,
+                      num_classes=splits.num_classes, input_shape=splits.input_shape,
+                      history=pruned.prune.outcome.history,
                       meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
     if out_dir:
         write_rows([row], os.path.join(out_dir, "result.parquet"))

@@ -1,4 +1,8 @@
-"""The result row (the column names are the contract) and the one Parquet writer."""
+"""The result row (the column names are the contract) and the one Parquet writer.
+
+A row is composed, not filled in: each stage's record says which columns it measured
+(`columns()`, a dict keyed by column name), and `compose` lays them over one another in
+the order the stages ran."""
 from __future__ import annotations
 
 import dataclasses
@@ -76,6 +80,17 @@ class ResultRow:
     reset_head: bool | None = None  # the checkpoint's classifier was re-initialised
     base_checkpoint_sha256: str | None = None  # content of the base checkpoint, if one was given
     config_json: str | None = None  # the resolved ComboConfig, so the row can be rerun
+
+
+def compose(*records, **columns) -> ResultRow:
+    """A row from the records of what ran, in order: each a dict of columns or an object
+    whose `columns()` gives one (None: did not run); a later record's column replaces an
+    earlier one's, then `columns`. A name that is not a column is an error (TypeError)."""
+    merged: dict = {}
+    for rec in records:
+        if rec is not None:
+            merged.update(rec if isinstance(rec, dict) else rec.columns())
+    return ResultRow(**(merged | columns))
 
 
 _ARROW_TYPES = {

@@ -39,10 +39,11 @@ class Plan:
 
 
 def make_plan(spec: SweepSpec, store: Store, force: bool = False,
-              statuses: dict | None = None) -> Plan:
+              statuses: dict | None = None, combos: list[ComboConfig] | None = None) -> Plan:
     """What is left to run. `statuses` (combo_id -> status of its stored row) comes from
-    the results table, which read every fragment once."""
-    plan = Plan(spec, store, spec.combinations())
+    the results table, which read every fragment once; `combos` is the spec's grid where
+    the caller has expanded it already."""
+    plan = Plan(spec, store, spec.combinations() if combos is None else combos)
     if statuses is None:
         statuses = _table(store, plan.combos).statuses()
     for cfg in plan.combos:
@@ -137,8 +138,9 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
         cluster.probe(address or os.environ["RAY_ADDRESS"])  # before anything is written
     store.check_writable()
     with store.lock(break_lock=break_lock, on_wait=out) as lease:
-        table = _table(store, spec.combinations())
-        plan = make_plan(spec, store, force, table.statuses())
+        combos = spec.combinations()
+        table = _table(store, combos)
+        plan = make_plan(spec, store, force, table.statuses(), combos)
         print_plan(plan, out)
         store.write_bytes(dump_yaml(spec).encode(), "spec.resolved.yaml")
         failed = 0
@@ -159,12 +161,13 @@ def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:
     """An output belongs to one sweep name: another sweep would replace its table."""
     if replace or not store.exists("spec.resolved.yaml"):
         return
-    try:
-        import yaml
+    import yaml
 
-        owner = yaml.safe_load(store.read_bytes("spec.resolved.yaml")).get("name")
-    except Exception:  # unreadable: the lock and the rows still protect it
+    try:
+        doc = yaml.safe_load(store.read_bytes("spec.resolved.yaml"))
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable: the lock and the rows still protect it
         return
+    owner = doc.get("name") if isinstance(doc, dict) else None
     if owner and owner != spec.name:
         raise BadInput(
             f"output {store.display()} holds sweep {owner!r}, not {spec.name!r}; choose another "

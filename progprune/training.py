@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import statistics
 import time
 import warnings
@@ -118,7 +117,7 @@ class Latency:
     iqr_ms: float  # interquartile range (p75 - p25) of the timed runs
     runs: int
     threads: int  # torch.get_num_threads() during the measurement
-    device: str  # "cpu: <model name>" or "cuda: <GPU name>"
+    device: str  # as the row's `device` column: "cpu" or "cuda:<GPU name>"
     noisy: bool  # iqr_ms > noisy_rel_iqr * median_ms: too spread out to trust one figure
 
     @property
@@ -126,18 +125,13 @@ class Latency:
         return self.iqr_ms / self.median_ms if self.median_ms > 0 else float("inf")
 
 
-def device_label(device: torch.device) -> str:
-    """The hardware a figure was measured on, by name."""
+def device_label(device) -> str:
+    """The device a figure was measured on, as the results table's `device` column spells
+    it: "cuda:<GPU name>" (the GPU model, which decides the latency), else the device type."""
     device = torch.device(device)
     if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{device.type}: {name}"
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 @torch.no_grad()
@@ -181,12 +175,6 @@ def measure_latency_stats(models, input_shape, device, batch_size: int = 1, warm
         out.append(Latency(median_ms=median, iqr_ms=iqr, runs=len(t), threads=threads, device=label,
                            noisy=len(t) < 5 or iqr > noisy_rel_iqr * median))
     return out
-
-
-def measure_latency(models, input_shape, device, batch_size: int = 1,
-                    warmup: int = 5, repeats: int = 20) -> list[float]:
-    """Median ms per model (see `measure_latency_stats`, which also gives the spread)."""
-    return [s.median_ms for s in measure_latency_stats(models, input_shape, device, batch_size, warmup, repeats)]
 
 
 @dataclass

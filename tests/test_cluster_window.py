@@ -98,7 +98,7 @@ class Watch:
         rows = len(self.table)
         if kind == "prune":
             self.max_in_flight = max(self.max_in_flight, len(self.calls["prune"]) - rows)
-        if kind == "finetune" and args[3]["num_workers"]:  # a Ray Train run
+        if kind == "finetune" and args[0].finetune.num_workers:  # a Ray Train run
             self.max_train = max(self.max_train, len(self.calls["finetune"]) - rows)
         self.max_refs = max(self.max_refs, _refs_held())
 
@@ -137,16 +137,17 @@ def _run(monkeypatch, spec, window, fail=()):
         return ("pruned", cfg.combo_id())
 
     @ray.remote(num_cpus=0)
-    def finetune(cfg, uri, pruned, ft):
+    def finetune(cfg, uri, pruned, resources):
         assert pruned == ("pruned", cfg.combo_id()), pruned
         if cfg.combo_id() in fails:
             raise RuntimeError("injected failure")
-        if ft["num_workers"]:
+        assert resources.cpus_per_task == 1  # the typed settings, as the driver passes them
+        if cfg.finetune.num_workers:
             time.sleep(0.05)  # a "Train run" lasts long enough for the next to start beside it
         return ResultRow(combo_id=cfg.combo_id(), sweep=cfg.sweep, model=cfg.model, dataset=cfg.dataset.name,
                          method=cfg.method, seed=cfg.seed, target_speedup=float(cfg.target_speedup),
                          achieved_speedup=float(cfg.target_speedup), latency_speedup=1.0,
-                         status="ok", finetune_workers=ft["num_workers"])
+                         status="ok", finetune_workers=cfg.finetune.num_workers)
 
     store = Store(spec.output)
     table = _table(store, spec.combinations())

@@ -277,3 +277,32 @@ def test_image_folder_sweep_with_two_train_workers(cluster, tmp_path):
     log = r.stdout + r.stderr
     assert "imagefolder: skipped 1 unreadable image(s) of 25 in" in log and "cat/broken.jpg" in log
     assert "finetune epoch 2/2" in log
+
+
+def test_a_run_with_nothing_left_expands_the_grid_once(tmp_path, monkeypatch):
+    """`sweep.run` builds `spec.combinations()` once (it built it for the table and again
+    for the plan). Every combination has its row here, so nothing runs and no Ray starts."""
+    import io
+
+    from rich.console import Console
+
+    from progprune import sweep
+    from progprune.config import SweepSpec
+    from progprune.pipeline import build_row
+    from progprune.results import write_rows
+    from progprune.storage import row_parts
+
+    spec = load_spec(tiny_spec(tmp_path))
+    store = Store(spec.output)
+    for cfg in spec.combinations():
+        row = build_row(cfg, {"status": "unreachable", "error": "kept from an earlier run"})
+        path = store.path(*row_parts(row.combo_id))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_rows([row], path)
+    calls = []
+    grid = SweepSpec.combinations
+    monkeypatch.setattr(SweepSpec, "combinations", lambda self: calls.append(1) or grid(self))
+    out = io.StringIO()
+    assert sweep.run(spec, console=Console(file=out, highlight=False, markup=False, width=160)) == 0
+    assert "to run   0; already done (kept) 4" in out.getvalue()
+    assert len(calls) == 1

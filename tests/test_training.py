@@ -1,4 +1,4 @@
-"""fit / evaluate / measure_latency on a tiny model and synthetic data."""
+"""fit / evaluate / measure_latency_stats on a tiny model and synthetic data."""
 import copy
 import dataclasses
 import math
@@ -11,8 +11,8 @@ import torch.nn as nn
 from progprune.config import TrainConfig
 import time
 
-from progprune.training import (Latency, TrainingDiverged, calibration_batch, evaluate, fit,
-                                measure_latency, measure_latency_stats, recalibrate_bn)
+from progprune.training import (Latency, TrainingDiverged, calibration_batch, device_label, evaluate,
+                                fit, measure_latency_stats, recalibrate_bn)
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=4, lr=0.05, batch_size=64, augment=False)
@@ -152,10 +152,18 @@ def test_evaluate_returns_fractions(synthetic_splits):
 
 
 def test_measure_latency_positive():
-    (ms,) = measure_latency(_tiny(), (3, 32, 32), CPU, batch_size=2, warmup=1, repeats=3)
-    assert isinstance(ms, float) and ms > 0
-    both = measure_latency([_tiny(), _tiny(1)], (3, 32, 32), CPU, warmup=1, repeats=3)
-    assert len(both) == 2 and all(isinstance(v, float) and v > 0 for v in both)
+    (one,) = measure_latency_stats(_tiny(), (3, 32, 32), CPU, batch_size=2, warmup=1, repeats=3)
+    assert isinstance(one.median_ms, float) and one.median_ms > 0
+    both = measure_latency_stats([_tiny(), _tiny(1)], (3, 32, 32), CPU, warmup=1, repeats=3)
+    assert len(both) == 2 and all(isinstance(v.median_ms, float) and v.median_ms > 0 for v in both)
+
+
+def test_device_label_is_the_results_tables_spelling():
+    """One spelling for the device a figure was measured on: the row's `device` column
+    ("cpu", "cuda:<GPU name>"), which the latency figures carry too."""
+    assert device_label(CPU) == device_label("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert device_label("cuda") == f"cuda:{torch.cuda.get_device_name(0)}"
 
 
 def test_calibration_batch_is_fixed(synthetic_splits):
@@ -273,7 +281,7 @@ def test_latency_stats_report_spread_threads_and_device():
     a, b = measure_latency_stats([steady, jumpy], (3, 8, 8), CPU, warmup=1, repeats=12)
     for st in (a, b):
         assert isinstance(st, Latency) and st.runs == 12
-        assert st.threads == torch.get_num_threads() and st.device.startswith("cpu: ")
+        assert st.threads == torch.get_num_threads() and st.device == "cpu"
     assert a.median_ms >= 30 and not a.noisy and a.iqr_ms < 0.25 * a.median_ms
     assert b.noisy and b.iqr_ms > 40  # half the runs at 5 ms, half at 60 ms
 

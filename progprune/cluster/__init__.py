@@ -13,7 +13,7 @@ import socket
 import time
 from collections import deque
 
-from progprune.errors import BadInput
+from progprune.errors import BadInput, one_line
 from progprune.pipeline import build_row, needs_sparse
 from progprune.results import ResultRow
 
@@ -125,12 +125,9 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease,
     window = max(1, window or window_size(max_concurrent))
     task_opts = {"num_gpus": res.gpus_per_task, "num_cpus": res.cpus_per_task}
     # a GPU prune task exits after each call (Ray's default for GPU tasks) to free CUDA memory
-    ft = {"num_workers": spec.finetune.num_workers, "use_gpu": spec.finetune.use_gpu,
-          "max_failures": spec.finetune.max_failures,
-          "resources_per_worker": {"CPU": res.cpus_per_task} if spec.finetune.num_workers else None}
+    in_task = not spec.finetune.num_workers
     # no Train workers: the coordinator fine-tunes itself, on the prune task's resources
-    ft_opts = {"max_retries": 1, **({} if ft["num_workers"] else task_opts)}
-    in_task = not ft["num_workers"]
+    ft_opts = {"max_retries": 1, **(task_opts if in_task else {})}
 
     # tasks: bases and sparse learning once each, shared by the combinations that need
     # them. Bases are few (models x seeds) and long: all of them start at once. The driver
@@ -179,7 +176,7 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease,
         # Train: a coordinator per pruned combination, as slots allow
         while pruned and (in_task or len(running) < max_concurrent):
             p, cfg = pruned.popleft()
-            running[finetune_task.options(**ft_opts).remote(cfg, store.uri, p, ft)] = cfg
+            running[finetune_task.options(**ft_opts).remote(cfg, store.uri, p, res)] = cfg
         progress.update(done, failed, len(running), len(todo) + len(prunes) + len(pruned))
         refs = [*running, *prunes]
         ready, _ = ray.wait(refs, num_returns=1, timeout=2.0)
@@ -193,8 +190,10 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease,
             cfg = running.pop(ref)
             try:
                 row: ResultRow = ray.get(ref)
-            except Exception as e:  # the combination failed: record it and go on
-                row = build_row(cfg, error=_one_line(e), started_at=None, num_classes=num_classes)
+            # broad on purpose: a task runs the user's models and Torch-Pruning, and Ray adds
+            # its own failures (worker died, out of memory); each fails this combination only
+            except Exception as e:
+                row = build_row(cfg, error=failure_line(e), num_classes=num_classes)
                 kept = table.statuses().get(row.combo_id)
                 if kept in ("ok", "unreachable"):  # never replace a finished row with a failure
                     progress.note(f"kept the earlier {kept} row of {cfg.model} {cfg.method} "
@@ -222,10 +221,14 @@ def _upstream_keys(cfg) -> list:
     return keys
 
 
-def _one_line(e: Exception) -> str:
-    """The innermost error message of a Ray task failure, on one line."""
+_TRACEBACK = ("File ", "Traceback", "^", "~")
+
+
+def failure_line(e: BaseException) -> str:
+    """A Ray task failure on one line: the innermost error. Ray wraps the task's exception
+    (`cause`), and Ray Train nests the worker's traceback in its message, so this takes the
+    last line that is not traceback (errors.one_line takes the first), cut as one_line cuts."""
     cause = getattr(e, "cause", None) or e
-    msg = f"{type(cause).__name__}: {cause}"
-    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
-    tail = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))]
-    return (tail[-1] if tail else lines[-1] if lines else type(e).__name__)[:500]
+    lines = [ln.strip() for ln in f"{type(cause).__name__}: {cause}".splitlines() if ln.strip()]
+    tail = [ln for ln in lines if not ln.startswith(_TRACEBACK)]
+    return one_line(RuntimeError(tail[-1] if tail else lines[-1]), limit=500)

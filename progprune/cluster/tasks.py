@@ -24,12 +24,12 @@ import ray
 
 from progprune import pipeline
 from progprune.artifacts import load_artifact, save_artifact
-from progprune.config import ComboConfig
+from progprune.config import ComboConfig, ResourcesConfig
 from progprune.data import load_dataset
 from progprune.pipeline import BaseInfo, Finetuned, Pruned
 from progprune.results import ResultRow, write_rows
 from progprune.storage import Store, base_parts, row_parts, sparse_parts
-from progprune.training import pick_device
+from progprune.training import device_label, pick_device
 
 
 # ---- setup: logging and the store -----------------------------------------------------
@@ -88,7 +88,7 @@ def base_task(cfg: ComboConfig, store_uri: str, retrain: bool = False) -> BaseIn
         return BaseInfo(**{k: v for k, v in info["meta"].items() if k in names})
     device = pick_device()
     model, base = pipeline.base_stage(cfg, splits, device, _logger(cfg, per_base=True))
-    meta = dataclasses.asdict(base) | {"device": pipeline.device_name(device), "trained_at": pipeline.now()}
+    meta = dataclasses.asdict(base) | {"device": device_label(device), "trained_at": pipeline.now()}
     _save(store, model, cfg, splits, base_parts(cfg), meta=meta)
     return base
 
@@ -122,13 +122,14 @@ def prune_task(cfg: ComboConfig, store_uri: str, base: BaseInfo) -> Pruned:
 
 
 @ray.remote(num_cpus=0)
-def finetune_task(cfg: ComboConfig, store_uri: str, pruned: Pruned, ft: dict) -> ResultRow:
-    """Stage 4 and the row. With Train workers (`ft["num_workers"]` > 0) this coordinator
-    holds no CPU/GPU and runs the TorchTrainer; with none, the driver gives it the prune
-    task's resources and it fine-tunes here."""
+def finetune_task(cfg: ComboConfig, store_uri: str, pruned: Pruned, resources: ResourcesConfig) -> ResultRow:
+    """Stage 4 and the row. With Train workers (`cfg.finetune.num_workers` > 0) this
+    coordinator holds no CPU/GPU and runs the TorchTrainer, each worker taking
+    `resources.cpus_per_task` CPUs; with none, the driver gives it the prune task's
+    resources and it fine-tunes here."""
     store = Store(store_uri)
-    if ft["num_workers"]:
-        runner = lambda: run_trainer(cfg, store, ft)  # noqa: E731
+    if cfg.finetune.num_workers:
+        runner = lambda: run_trainer(cfg, store, resources)  # noqa: E731
     else:
         runner = lambda: _finetune_here(cfg, store)  # noqa: E731
     row = pipeline.finish_combination(cfg, pruned, runner)
@@ -202,24 +203,26 @@ def _train_loop(config: dict) -> None:
         ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def run_trainer(cfg: ComboConfig, store: Store, ft: dict) -> Finetuned:
-    """Fine-tune on Ray Train; the figures come back as the result's metrics, the model
-    as its checkpoint, which goes to the store's final.pt."""
+def run_trainer(cfg: ComboConfig, store: Store, resources: ResourcesConfig) -> Finetuned:
+    """Fine-tune on Ray Train (`cfg.finetune`'s workers, GPU use and restarts); the figures
+    come back as the result's metrics, the model as its checkpoint, which goes to the
+    store's final.pt."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    ft = cfg.finetune
     # NCCL needs real GPUs; Ray tags nodes that have them with accelerator_type:<model>
     real_gpus = any(k.startswith("accelerator_type:") for k in ray.cluster_resources())
     trainer = TorchTrainer(
         _train_loop,
-        torch_config=TorchConfig(backend="nccl" if ft["use_gpu"] and real_gpus else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if ft.use_gpu and real_gpus else "gloo"),
         train_loop_config={"cfg": cfg, "store": store.uri},
-        scaling_config=ScalingConfig(num_workers=ft["num_workers"], use_gpu=ft["use_gpu"],
-                                     resources_per_worker=ft.get("resources_per_worker")),
+        scaling_config=ScalingConfig(num_workers=ft.num_workers, use_gpu=ft.use_gpu,
+                                     resources_per_worker={"CPU": resources.cpus_per_task}),
         # resume needs the latest checkpoint only; the directory goes once the row is written
         run_config=RunConfig(name=f"ft-{cfg.combo_id()}", storage_path=store.uri_of("train"),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=ft["max_failures"]),
+                             failure_config=FailureConfig(max_failures=ft.max_failures),
                              # Train's lifecycle INFO lines (per run and per report) stay in
                              # Ray's log files; the job log keeps the combination's own lines
                              logging_config=LoggingConfig(log_level="WARNING")),
@@ -230,7 +233,7 @@ def run_trainer(cfg: ComboConfig, store: Store, ft: dict) -> Finetuned:
     done = Finetuned(**result.metrics)
     with result.checkpoint.as_directory() as d:
         store.put_file(os.path.join(d, "final.pt"), *_final_parts(cfg))
-    done.artifact, done.workers = store.display(*_final_parts(cfg)), ft["num_workers"]
+    done.artifact, done.workers = store.display(*_final_parts(cfg)), ft.num_workers
     return done
 
 
