@@ -201,7 +201,7 @@ class ModelEntry(_Node):
 # A method, optionally with its own sparse-learning settings, which override the spec's
 # `sparse_learning:` for that method only (`methods: [group_norm, {name: slim, reg: 1e-5}]`).
 # Built from SparseConfig, so each setting keeps its one declaration (bounds, words).
-# `sparse`: whether the method learns sparsity. Loading a spec fills it, and the method's
+# `sparse`: whether the method learns sparsity (unset: no). Loading a spec fills it, and the method's
 # recipe values (its reg, ...) where nothing else sets them, from the method registry
 # (progprune.spec), so the resolved spec states them and `combinations()` needs no registry.
 MethodEntry = create_model(
@@ -240,12 +240,8 @@ class SweepSpec(_Node):
 
     def combinations(self) -> list[ComboConfig]:
         """models x speedups x methods x seeds, in that nesting order (last varies fastest).
-        Methods without sparse learning carry no sparse-learning settings. A spec as loaded
-        (`progprune.spec`) only: it says which methods learn sparsity."""
-        unresolved = [m.name for m in self.methods if m.sparse is None]
-        if unresolved:
-            raise ValueError(f"methods {unresolved} are not resolved: load the spec with "
-                             "progprune.spec.load_spec_dict")
+        Only the methods whose entry says `sparse: true`, which loading a spec fills in
+        (`progprune.spec`), carry sparse-learning settings."""
 
         def sparse(entry) -> SparseConfig | None:
             return self.sparse_learning_of(entry) if entry.sparse else None

@@ -146,8 +146,8 @@ def _sparse_problems(spec: SweepSpec) -> list[Problem]:
             continue  # reported as unknown
         m, own = get_method(entry.name), method_overrides(entry)
         if entry.sparse is not None and entry.sparse != m.sparse:
-            out.append(Problem(f"methods[{i}].sparse", f"{entry.name} {'learns' if m.sparse else 'has no'} "
-                               "sparse learning; remove the setting (the method registry fills it)"))
+            out.append(Problem(f"methods[{i}].sparse", f"{entry.name} learns {'' if m.sparse else 'no '}"
+                               "sparsity; remove the setting (the method registry fills it)"))
         if not m.sparse and own:
             out.append(Problem(f"methods[{i}]", f"{entry.name} has no sparse learning, so "
                                f"{', '.join(own)} would change nothing; remove them"))
