@@ -29,12 +29,11 @@ DATASETS: Registry[Entry] = Registry("dataset", field="dataset.name")
 
 def register_dataset(name: str, *, check: Callable[[DatasetConfig], None] | None = None,
                      num_classes: int | None = None, data_dir: bool = False, doc: str = ""):
-    """Register `fn(cfg, seed) -> Splits` under `name`; `check(cfg)` must not load data. `doc`
-    defaults to the first line of fn's docstring."""
+    """Register `fn(cfg, seed) -> Splits` under `name`; `check(cfg)` must not load data;
+    `doc`: one line for `progprune datasets`."""
 
     def deco(fn):
-        line = doc or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
-        DATASETS.register(name, Entry(fn, check or (lambda cfg: None), num_classes, data_dir, line))
+        DATASETS.register(name, Entry(fn, check or (lambda cfg: None), num_classes, data_dir, doc))
         return fn
 
     return deco
