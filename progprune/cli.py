@@ -77,23 +77,55 @@ def models_cmd():
 @main.command("methods")
 def methods_cmd():
     """List the pruning methods."""
-    from progprune.pruning import METHODS
+    from progprune.pruning import get_method, list_methods
 
-    for m in METHODS.values():
+    for m in map(get_method, list_methods()):
         tag = " [sparse learning]" if m.sparse else ""
         click.echo(f"{m.name:12s} {m.doc}{tag}")
+
+
+@main.command("datasets")
+def datasets_cmd():
+    """List the data sets (`dataset.name`, --dataset)."""
+    from progprune.data import DATASETS
+
+    for name, entry in DATASETS.items():
+        click.echo(f"{name:12s} {entry.doc}{' [data_dir]' if entry.data_dir else ''}")
+
+
+def _registry_words() -> dict:
+    """What help texts list from the registries (imported only when help is shown: torch)."""
+    from progprune.data import DATASETS
+    from progprune.models import KINDS
+    from progprune.pruning import get_method, list_methods
+
+    methods = [get_method(n) for n in list_methods()]
+    return {"datasets": ", ".join(DATASETS.names()),
+            "file_datasets": ", ".join(n for n, e in DATASETS.items() if e.data_dir),
+            "model_forms": ", ".join(f for _, f, _ in KINDS[:-1]) + f" or {KINDS[-1][1]}",
+            "sparse_methods": ", ".join(m.name for m in methods if m.sparse),
+            "growing_methods": ", ".join(m.name for m in methods if "delta_reg" in m.sparse_defaults)}
+
+
+class _Option(click.Option):
+    """An option whose help names registry entries ({datasets}, ...): filled when help is
+    shown, so that starting the command imports no torch."""
+
+    def get_help_record(self, ctx):
+        if self.help and "{" in self.help:
+            self.help = self.help.format(**_registry_words())
+        return super().get_help_record(ctx)
 
 
 # ---- prune: a one-combination spec built from flags -------------------------------------
 # flag -> the spec field(s) it sets. Types, bounds and defaults come from the schema
 # (progprune.config), so `prune` and `sweep` validate and hash the same settings alike.
 _FLAGS = [
-    ("--model", ["models[0].name"], str,
-     "registry name, tv:NAME, timm:NAME or py:package.module:factory (see `progprune models`)"),
+    ("--model", ["models[0].name"], str, "registry name, {model_forms} (see `progprune models`)"),
     ("--speedup", ["speedups[0]"], float, "target MACs speedup (base MACs / pruned MACs), > 1"),
     ("--method", ["methods[0]"], str, "pruning method (see `progprune methods`)"),
-    ("--dataset", ["dataset.name"], str, "digits, cifar10, cifar100, imagefolder, synthetic"),
-    ("--data-dir", ["dataset.data_dir"], str, "dataset directory (cifar10/100, imagefolder); never downloads"),
+    ("--dataset", ["dataset.name"], str, "{datasets} (see `progprune datasets`)"),
+    ("--data-dir", ["dataset.data_dir"], str, "dataset directory ({file_datasets}); never downloads"),
     ("--num-classes", ["dataset.num_classes"], int, "synthetic: class count; others: checked against the data"),
     ("--image-size", ["dataset.image_size"], int, "square input side in pixels, every dataset (models are traced, counted and timed at it)"),
     ("--test-split", ["dataset.test_split"], str, "imagefolder: test, or val (only when you mean it)"),
@@ -109,11 +141,11 @@ _FLAGS = [
     ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of the target (fraction)"),
     ("--base-epochs", ["base_training.epochs"], int, "base training epochs; 0 keeps the seeded random init"),
     ("--base-lr", ["base_training.lr"], float, "base training learning rate"),
-    ("--sl-epochs", ["sparse_learning.epochs"], int, "sparse learning epochs (slim, group_slim, group_sl, growing_reg)"),
+    ("--sl-epochs", ["sparse_learning.epochs"], int, "sparse learning epochs ({sparse_methods})"),
     ("--sl-lr", ["sparse_learning.lr"], float, "sparse learning learning rate"),
-    ("--sl-milestones", ["sparse_learning.milestones"], "ints", "sparse learning: epochs at which lr *= 0.1 (e.g. 60,80)"),
+    ("--sl-milestones", ["sparse_learning.milestones"], "ints", "sparse learning: epochs at which lr *= its gamma (e.g. 60,80)"),
     ("--reg", ["sparse_learning.reg"], float, "sparse-learning regularization (default: the method's recipe)"),
-    ("--delta-reg", ["sparse_learning.delta_reg"], float, "growing_reg: regularization growth per epoch"),
+    ("--delta-reg", ["sparse_learning.delta_reg"], float, "{growing_methods}: regularization growth per epoch"),
     ("--allow-zero-sl-epochs", ["sparse_learning.allow_zero_epochs"], "flag",
      "let a regularised method run with 0 sparse-learning epochs (its row reads <method>-nosl)"),
     ("--crossing", ["pruning.crossing"], str, "the step crossing the target: fine (within tolerance) or reference (whole step, Torch-Pruning's numbers)"),
@@ -153,7 +185,7 @@ def _flag_options(fn):
         shown = f"  [default: {default}]" if default is not None else ""
         kind = {"flag": {"is_flag": True, "default": None}, "ints": {"type": _INTS}, "strs": {"type": _STRS},
                 bool: {"default": None}}.get(typ, {"type": typ})  # unset: the schema's default
-        fn = click.option(decl, name, required=decl in _REQUIRED, help=help_ + shown, **kind)(fn)
+        fn = click.option(decl, name, cls=_Option, required=decl in _REQUIRED, help=help_ + shown, **kind)(fn)
     return fn
 
 

@@ -52,8 +52,8 @@ def _rgb(desc: str, **bounds):
 
 
 class DatasetConfig(_Node):
-    name: Text = "digits"  # digits, cifar10, cifar100, imagefolder, synthetic
-    data_dir: Opt(Text) = None  # cifar/imagefolder read from here; never downloads
+    name: Text = "digits"  # see `progprune datasets`
+    data_dir: Opt(Text) = None  # the data sets that read files read them here; never downloads
     num_classes: Opt(Int(1, 100_000)) = None  # synthetic: the class count; others: checked
     # square side in pixels the models see: the size they are traced, counted and timed at.
     # null: 224 for imagefolder (random-resized crops of it in training, resize to
@@ -118,19 +118,41 @@ class FinetuneConfig(TrainConfig):
 
 
 class SparseConfig(_Node):
-    """Sparse learning before pruning: the regularised methods only (slim, group_sl, ...).
-    reg/delta_reg null: each method's published recipe (slim 1e-5, group_sl 5e-4,
-    growing_reg 1e-4 growing by 1e-5), filled per combination and recorded in its row."""
+    """Sparse learning before pruning: the regularised methods only (`progprune methods`
+    tags them). reg/delta_reg null: each method's published recipe, which the loaded spec
+    states in its `methods:` entries and each row records."""
 
     epochs: Int(0, 10_000) = 10
     lr: Num("in (0, 10]", gt=0, le=10) = 0.01
     reg: Opt(Num("in [0, 1]", ge=0, le=1)) = None
-    delta_reg: Opt(Num("in [0, 1]", ge=0, le=1)) = None  # growing_reg: growth per epoch
+    delta_reg: Opt(Num("in [0, 1]", ge=0, le=1)) = None  # growth of reg per epoch (growing_reg)
     batch_size: Int(1, 65_536) = 64
-    milestones: Milestones = ()
+    milestones: Milestones = ()  # epochs at which lr *= gamma; none: a cosine schedule
     # 0 epochs turns a regularised method into its unregularised self: refused unless you
     # say so here, and then the row's method reads "<name>-nosl"
     allow_zero_epochs: Bool = False
+    # the optimiser (SGD) and data of the reference recipes; fixed in code before they were
+    # settings, so at these values they hash as before (`key`)
+    momentum: Num("in [0, 1)", ge=0, lt=1) = 0.9
+    weight_decay: Num("in [0, 1]", ge=0, le=1) = 0.0  # the regulariser is the only penalty
+    gamma: Num("in (0, 1]", gt=0, le=1) = 0.1
+    augment: Bool = True  # random crop + flip, for every data set
+
+    def training(self) -> TrainConfig:
+        """The training phase these settings describe."""
+        return TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, batch_size=self.batch_size,
+                           schedule="multistep" if self.milestones else "cosine",
+                           milestones=self.milestones, gamma=self.gamma, augment=self.augment)
+
+    def key(self) -> dict:
+        """What identifies this sparse learning (hashed into the sparse and combination
+        keys): settings added later hash as before while at the value they had."""
+        return {k: v for k, v in self.model_dump().items()
+                if k not in _SPARSE_ADDED or v != type(self).model_fields[k].default}
+
+
+_SPARSE_ADDED = ("momentum", "weight_decay", "gamma", "augment")  # hard-coded before
 
 
 class PruningConfig(_Node):
@@ -179,15 +201,19 @@ class ModelEntry(_Node):
 # A method, optionally with its own sparse-learning settings, which override the spec's
 # `sparse_learning:` for that method only (`methods: [group_norm, {name: slim, reg: 1e-5}]`).
 # Built from SparseConfig, so each setting keeps its one declaration (bounds, words).
+# `sparse`: whether the method learns sparsity (unset: no). Loading a spec fills it, and the method's
+# recipe values (its reg, ...) where nothing else sets them, from the method registry
+# (progprune.spec), so the resolved spec states them and `combinations()` needs no registry.
 MethodEntry = create_model(
     "MethodEntry", __base__=_Node, __module__=__name__, name=(Text, ...),
+    sparse=(Opt(Bool), None),
     **{k: (Optional[Annotated[(f.annotation, *f.metadata)]], None)
        for k, f in SparseConfig.model_fields.items()})
 
 
 def method_overrides(entry) -> dict:
     """A `methods:` entry's own sparse-learning settings (those it sets)."""
-    return {k: v for k, v in entry.model_dump(exclude={"name"}).items() if v is not None}
+    return {k: v for k, v in entry.model_dump(exclude={"name", "sparse"}).items() if v is not None}
 
 
 class SweepSpec(_Node):
@@ -214,16 +240,11 @@ class SweepSpec(_Node):
 
     def combinations(self) -> list[ComboConfig]:
         """models x speedups x methods x seeds, in that nesting order (last varies fastest).
-        Methods without sparse learning carry no sparse-learning settings."""
-        from progprune.pruning import METHODS  # the registry knows which (lazy: torch)
+        Only the methods whose entry says `sparse: true`, which loading a spec fills in
+        (`progprune.spec`), carry sparse-learning settings."""
 
         def sparse(entry) -> SparseConfig | None:
-            m = METHODS.get(entry.name)
-            if m is None or not m.sparse:
-                return None
-            sl = self.sparse_learning_of(entry)
-            return sl.model_copy(update={k: v for k, v in m.sparse_defaults.items()
-                                         if getattr(sl, k, None) is None})
+            return self.sparse_learning_of(entry) if entry.sparse else None
 
         return [
             ComboConfig(
@@ -245,7 +266,8 @@ class SweepSpec(_Node):
 
     @field_serializer("methods")
     def _methods_plain(self, methods):  # a bare name where a method has no settings of its own
-        return [{"name": m.name, **o} if (o := method_overrides(m)) else m.name for m in methods]
+        return [{"name": m.name, **({"sparse": True} if m.sparse else {}), **o}
+                if (o := method_overrides(m)) or m.sparse else m.name for m in methods]
 
     def to_dict(self) -> dict:
         """The resolved spec as plain YAML-safe data; the loader accepts it again."""
@@ -286,7 +308,7 @@ class ComboConfig(_Node):
         p = self.prune
         return _digest({"base": self.base_key(), "method": p.method, "global": p.global_pruning,
                         "max_ratio": p.max_pruning_ratio, "round_to": p.round_to,
-                        "sparse": self.sparse.model_dump() if self.sparse else None,
+                        "sparse": self.sparse.key() if self.sparse else None,
                         **({"ignore": list(p.ignore)} if p.ignore else {})})
 
     def combo_id(self) -> str:
@@ -294,6 +316,7 @@ class ComboConfig(_Node):
         exclude = {"sweep"} | ({"base_checkpoint"} if self.base_checkpoint_sha256 else set())
         data = self.model_dump(exclude=exclude)
         data["dataset"] = self.dataset.key()
+        data["sparse"] = self.sparse.key() if self.sparse else None
         if not self.prune.ignore:  # settings added later hash as before while unset
             data["prune"].pop("ignore")
         return _digest(data)

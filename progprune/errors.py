@@ -16,9 +16,10 @@ from typing import NamedTuple
 def closest_names(word: str, options, n: int = 5, cutoff: float = 0.6) -> list[str]:
     """Up to `n` of `options` close to `word`, best first: difflib's ratio, ties to the
     longer common prefix (resnet21 -> resnet20)."""
-    close = difflib.get_close_matches(word, list(options), n=n, cutoff=cutoff)
+    options = list(options)
+    close = difflib.get_close_matches(word, options, n=len(options), cutoff=cutoff)  # all: ties first
     return sorted(close, key=lambda c: (difflib.SequenceMatcher(None, word, c).ratio(),
-                                        len(os.path.commonprefix([word, c]))), reverse=True)
+                                        len(os.path.commonprefix([word, c]))), reverse=True)[:n]
 
 
 def did_you_mean(word: str, options) -> str:

@@ -14,7 +14,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, StrictB
                       StrictStr, ValidationError, WrapValidator)
 from pydantic_core import PydanticCustomError
 
-from progprune.errors import Problem, closest_names, show
+from progprune.errors import Problem, did_you_mean, show
 
 
 def invalid(msg: str) -> PydanticCustomError:
@@ -98,9 +98,8 @@ def _problem(err: dict, root: type[BaseModel]) -> Problem:
     path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
     if err["type"] == "extra_forbidden":
         valid = list(_type_at(root, loc[:-1]).model_fields)
-        close = closest_names(str(loc[-1]), valid)
-        return Problem(path, "unknown field; " + (f"did you mean {close[0]!r}?" if close
-                                                  else f"valid: {', '.join(valid)}"))
+        return Problem(path, "unknown field" + (did_you_mean(str(loc[-1]), valid)
+                                                or f"; valid: {', '.join(valid)}"))
     if err["type"] == "missing":
         return Problem(path, "required field missing")
     if err["type"] == "progprune":

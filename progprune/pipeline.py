@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from progprune import __version__
 from progprune.artifacts import load_base_weights, save_artifact
-from progprune.config import ComboConfig, TrainConfig
+from progprune.config import ComboConfig
 from progprune.data import Splits, load_dataset
 from progprune.models import build_model, check_input_size, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
@@ -106,12 +106,9 @@ def sparse_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log
     ex = example_inputs(splits.input_shape).to(device)
     pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
     sl = cfg.sparse
-    train_cfg = TrainConfig(epochs=sl.epochs, lr=sl.lr, momentum=0.9, weight_decay=0.0,
-                            batch_size=sl.batch_size, schedule="multistep" if sl.milestones else "cosine",
-                            milestones=sl.milestones, gamma=0.1, augment=True)
     log(f"sparse learning ({cfg.method}) for {sl.epochs} epochs, reg {sl.reg}")
     update = getattr(pruner, "update_reg", None)
-    return fit(model, splits, train_cfg, device, seed=cfg.seed,
+    return fit(model, splits, sl.training(), device, seed=cfg.seed,
                after_backward=lambda m: pruner.regularize(m),
                after_epoch=(lambda e: update()) if update else None,
                select_best=True, stage="sparse learning")  # the reference keeps its best epoch

@@ -62,7 +62,8 @@ class Registry(Generic[T]):
             lower = {n.lower(): n for n in self._items}
             if name.lower() in lower:
                 hint = f"; did you mean {lower[name.lower()]!r}?"
-        return f"unknown {self.kind} {name!r}{hint} (valid: {', '.join(self.names())})"
+        # "unknown model 'x'; did you mean 'y'? valid: ..." or "unknown model 'x'; valid: ..."
+        return f"unknown {self.kind} {name!r}{hint or ';'} valid: {', '.join(self.names())}"
 
     def names(self) -> list[str]:
         """Registered names in natural order (resnet20 before resnet110)."""

@@ -2,7 +2,9 @@
 
 `load_spec` raises one `SpecError` listing every problem as a field path and what to change
 (`finetune.epochs: must be an integer in [0, 10000], got -1`). The schema words its own
-errors; here is what it cannot know: the registries, files, paths relative to the spec.
+errors; here is what it cannot know: the registries, files, paths relative to the spec. The
+spec it returns is resolved: defaults that depend on other settings or on a registry (each
+method's recipe) are filled, so the resolved spec states them.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pydantic import ValidationError
 
 from progprune._yaml import parse_yaml
 from progprune.config import DatasetConfig, SweepSpec, method_overrides
-from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, closest_names, show
+from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, show
 from progprune.fields import problems_of
 
 
@@ -99,15 +101,14 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
     together with the schema's problems."""
     from progprune.data import check_dataset
     from progprune.models import name_problems
-    from progprune.pruning import list_methods
+    from progprune.pruning import get_method
 
     out = [p for where, name in _names(data, "models") for p in name_problems(where, name)]
-    methods = list_methods()
     for where, name in _names(data, "methods"):
-        if name not in methods:
-            close = closest_names(name, methods)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            out.append(Problem(where, f"unknown method {name!r}; {hint}valid: {', '.join(methods)}"))
+        try:
+            get_method(name)
+        except BadInput as e:
+            out.append(Problem(where, e.message))
     try:
         raw = data.get("dataset", {})
         ds = DatasetConfig.model_validate({"name": raw} if isinstance(raw, str) else raw)
@@ -137,15 +138,20 @@ def _names(data: dict, key: str):
 def _sparse_problems(spec: SweepSpec) -> list[Problem]:
     """Per-method settings only where a method learns sparsity; and a regularised method
     with no sparse learning is another method under its name."""
-    from progprune.pruning import METHODS
+    from progprune.pruning import METHODS, get_method
 
     out, unregularised = [], []
     for i, entry in enumerate(spec.methods):
-        m, own = METHODS.get(entry.name), method_overrides(entry)
-        if m is not None and not m.sparse and own:
+        if entry.name not in METHODS:
+            continue  # reported as unknown
+        m, own = get_method(entry.name), method_overrides(entry)
+        if entry.sparse is not None and entry.sparse != m.sparse:
+            out.append(Problem(f"methods[{i}].sparse", f"{entry.name} learns {'' if m.sparse else 'no '}"
+                               "sparsity; remove the setting (the method registry fills it)"))
+        if not m.sparse and own:
             out.append(Problem(f"methods[{i}]", f"{entry.name} has no sparse learning, so "
                                f"{', '.join(own)} would change nothing; remove them"))
-        elif m is not None and m.sparse:
+        elif m.sparse:
             sl = spec.sparse_learning_of(entry)
             if sl.epochs == 0 and not sl.allow_zero_epochs:
                 unregularised.append((f"methods[{i}].epochs" if "epochs" in own
@@ -160,14 +166,26 @@ def _sparse_problems(spec: SweepSpec) -> list[Problem]:
 
 
 def _resolve_defaults(spec: SweepSpec) -> SweepSpec:
-    """Defaults that depend on other settings, filled so the resolved spec states them."""
+    """Defaults that depend on other settings or a registry, filled so the resolved spec
+    states them: each method says whether it learns sparsity and carries its recipe's
+    values (slim's reg, ...) where neither it nor `sparse_learning:` sets them."""
     aug = spec.dataset.name != "digits"  # flips and crops turn 8x8 digits into other glyphs
-    update = {"output": spec.output or f"./runs/{spec.name}"}
+    update = {"output": spec.output or f"./runs/{spec.name}",
+              "methods": tuple(_with_recipe(spec, entry) for entry in spec.methods)}
     for section in ("base_training", "finetune"):
         node = getattr(spec, section)
         if node.augment is None:
             update[section] = node.model_copy(update={"augment": aug})
     return spec.model_copy(update=update)
+
+
+def _with_recipe(spec: SweepSpec, entry):
+    from progprune.pruning import get_method
+
+    m = get_method(entry.name)
+    sl = spec.sparse_learning_of(entry)
+    recipe = {k: v for k, v in m.sparse_defaults.items() if getattr(sl, k) is None} if m.sparse else {}
+    return entry.model_copy(update={"sparse": m.sparse, **recipe})
 
 
 def _text(v) -> bool:

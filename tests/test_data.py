@@ -26,6 +26,32 @@ def test_registry_names():
     assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
     with pytest.raises(ProgpruneError, match="unknown dataset 'mnist'; valid: cifar10, cifar100"):
         check_dataset(DatasetConfig(name="mnist"))
+    with pytest.raises(ProgpruneError, match="^dataset.name: unknown dataset 'CIFAR10'; did you mean 'cifar10'"):
+        check_dataset(DatasetConfig(name="CIFAR10"))
+
+
+def test_one_registry_shape_and_no_circle():
+    """Issue 22: datasets register on the one Registry (a duplicate is refused, not
+    overwritten); any module of the package imports alone (data no longer imports folder at
+    its bottom, nor folder data's privates); `progprune datasets` lists the registry."""
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from progprune.cli import main
+    from progprune.data import DATASETS, register_dataset
+
+    with pytest.raises(ValueError, match="dataset 'digits' registered twice"):
+        register_dataset("digits")(lambda cfg, seed: None)
+    assert DATASETS.get("digits").num_classes == 10  # still the original
+    for module in ("progprune.data.folder", "progprune.data.memory", "progprune.data._registry"):
+        code = f"import {module}, progprune.data as d; print(d.list_datasets())"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == str(list_datasets()), module
+    lines = CliRunner().invoke(main, ["datasets"]).output.splitlines()
+    assert [ln.split()[0] for ln in lines] == list_datasets()
+    assert [ln.endswith("[data_dir]") for ln in lines] == [True, True, False, True, False]
 
 
 @pytest.fixture(scope="module")

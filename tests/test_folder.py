@@ -17,7 +17,7 @@ from fixtures_data import write_imagefolder
 from progprune.config import DatasetConfig
 from progprune.data import check_dataset, load_dataset
 from progprune.errors import ProgpruneError
-from progprune.folder import IMAGENET_MEAN, IMAGENET_STD, FolderSplits, centre_crop_box, decode, random_resized_crop
+from progprune.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderSplits, centre_crop_box, decode, random_resized_crop
 from progprune.training import calibration_batch, evaluate, recalibrate_bn
 
 PROGPRUNE = Path(sys.executable).with_name("progprune")

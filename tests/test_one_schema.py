@@ -61,6 +61,66 @@ def test_defaults_live_in_the_schema_alone():
     # a grid's default shows as a user writes it (the method's name, not its settings)
     method_help = " ".join(help_text.split("--method", 1)[1].split("--dataset", 1)[0].split())
     assert method_help.endswith(f"[default: {d['methods'].default[0].name}]"), method_help
+    # lists of names come from the registries (issue 22), not from words written beside them
+    from progprune.data import list_datasets
+    from progprune.pruning import get_method, list_methods
+
+    flat = " ".join(help_text.split())
+    assert f"--dataset TEXT {', '.join(list_datasets())} (see `progprune datasets`)" in flat
+    sparse = ", ".join(m for m in list_methods() if get_method(m).sparse)
+    assert f"sparse learning epochs ({sparse})" in flat
+
+
+def _schema_defaults(model=SweepSpec, out=None) -> dict:
+    """Every setting's name -> the defaults the schema declares for it (in any section)."""
+    from pydantic import BaseModel
+
+    from progprune.config import PruneConfig
+
+    out = {} if out is None else out
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            _schema_defaults(f.annotation, out)
+        elif not f.is_required():
+            out.setdefault(name, []).append(f.get_default())
+    return out if model is not SweepSpec else _schema_defaults(PruneConfig, out)
+
+
+def _library_functions():
+    """(where, function) for every function and method the modules of progprune define
+    (the Ray layer included)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import progprune
+
+    for info in pkgutil.walk_packages(progprune.__path__, "progprune."):
+        mod = importlib.import_module(info.name)
+        for name, obj in vars(mod).items():
+            if getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isfunction(obj):
+                yield f"{mod.__name__}.{name}", obj
+            elif inspect.isclass(obj):
+                for attr, fn in vars(obj).items():
+                    if inspect.isfunction(fn):
+                        yield f"{mod.__name__}.{name}.{attr}", fn
+
+
+def test_library_functions_do_not_restate_schema_defaults():
+    """Issue 22: a library parameter named like a setting takes the setting's value from
+    the caller; a default equal to the schema's is a second declaration that silently stays
+    when the schema's changes (None, "unset", is no restatement)."""
+    import inspect
+
+    defaults = _schema_defaults()
+    restated = [f"{where}({p.name}={p.default!r})" for where, fn in _library_functions()
+                for p in inspect.signature(fn).parameters.values()
+                if p.name in defaults and p.default is not inspect.Parameter.empty
+                and p.default is not None and any(p.default == d and type(p.default) is type(d)
+                                                  for d in defaults[p.name])]
+    assert not restated, restated
 
 
 def test_print_spec_is_a_sweep_spec_and_matches_the_run(tmp_path):

@@ -508,10 +508,14 @@ def test_methods_carry_their_own_sparse_settings():
     for c in s.combinations():
         same = ids[(c.method, c.model, c.target_speedup, c.seed)] == c.combo_id()
         assert same == (c.method in ("group_norm", "group_sl"))
-    # the resolved spec keeps bare names where a method has no settings, and reloads equal
+    # the resolved spec keeps bare names where a method has no sparse learning, states each
+    # recipe value that nothing else sets (issue 22: combinations() needs no registry), and
+    # reloads equal
     dumped = s.to_dict()["methods"]
-    assert dumped == ["group_norm", {"name": "slim", "epochs": 4, "reg": 3e-5},
-                      {"name": "growing_reg", "delta_reg": 2e-5}, "group_sl"]
+    assert dumped == ["group_norm", {"name": "slim", "sparse": True, "epochs": 4, "reg": 3e-5},
+                      {"name": "growing_reg", "sparse": True, "reg": 1e-4, "delta_reg": 2e-5},
+                      {"name": "group_sl", "sparse": True, "reg": 5e-4}]
+    assert load_spec_dict(s.to_dict()) == s
     assert load_spec_dict(s.to_dict()).combinations() == s.combinations()
 
 
@@ -588,4 +592,60 @@ def test_a_methods_null_setting_means_unset():
                                  sparse_learning={"epochs": 3, "milestones": [2]}))
     sl = s.combinations()[0].sparse
     assert sl.milestones == (2,) and sl.reg == 1e-5  # the spec's milestones, slim's recipe reg
-    assert s.to_dict()["methods"] == ["slim"]
+    assert s.to_dict()["methods"] == [{"name": "slim", "sparse": True, "reg": 1e-5}]
+
+
+def test_shipped_specs_keep_their_ids():
+    """Issue 22: settings that moved (each method's recipe into the resolved spec) or were
+    added (the sparse-learning optimiser) leave the shipped specs' keys as they were."""
+    combos = load_spec(RAY_JOBS / "cifar10_resnet56.yaml", check_paths=False).combinations()
+    assert [c.combo_id() for c in combos[:4]] == [
+        "da8fa864d36c5310", "c7910659a4a675d7", "177c00078780a608", "e9e87fabeb563122"]
+    assert combos[3].method == "group_sl" and combos[3].sparse_key() == "8e7948af6f909af4"
+    smoke = load_spec(RAY_JOBS / "digits_smoke.yaml").combinations()
+    assert [c.combo_id() for c in smoke] == ["b89af7838b5f7350", "3efa4e305124753d", "4a1b292aa944101f",
+                                             "5816e3cbe742f284", "5d91b6eef7daefda", "5dacbb47ca78f371"]
+
+
+def test_sparse_learning_optimiser_is_settings():
+    """Issue 22: momentum, weight decay, gamma and augmentation of sparse learning were
+    hard-coded in the pipeline; now settings (per method too) that reach its training and
+    its keys, hashed only when changed."""
+    plain = load_spec_dict(spec_with(methods=["slim"], sparse_learning={"epochs": 2})).combinations()[0]
+    t = plain.sparse.training()
+    assert (t.momentum, t.weight_decay, t.gamma, t.augment, t.schedule) == (0.9, 0.0, 0.1, True, "cosine")
+    assert (t.epochs, t.lr, t.batch_size) == (2, plain.sparse.lr, plain.sparse.batch_size)
+    changed = load_spec_dict(spec_with(methods=[{"name": "slim", "momentum": 0.8}],
+                                       sparse_learning={"epochs": 2, "milestones": [1], "gamma": 0.5}))
+    c = changed.combinations()[0]
+    t = c.sparse.training()
+    assert (t.momentum, t.gamma, t.schedule, t.milestones) == (0.8, 0.5, "multistep", (1,))
+    assert c.combo_id() != plain.combo_id() and c.sparse_key() != plain.sparse_key()
+    assert c.base_key() == plain.base_key()
+    (msg,) = problems(spec_with(sparse_learning={"momentum": 1.0}))
+    assert msg.startswith("sparse_learning.momentum: must be a number in [0, 1)")
+
+
+def test_combinations_need_no_registry(tmp_path):
+    """Issue 22: the resolved spec states which methods learn sparsity and their recipe
+    values, so building combinations from it imports no registry (and no torch)."""
+    import json
+    import subprocess
+    import sys
+
+    resolved = load_spec_dict(spec_with(methods=["group_norm", "growing_reg"],
+                                        sparse_learning={"epochs": 2})).to_dict()
+    (tmp_path / "r.json").write_text(json.dumps(resolved))
+    code = ("import json, sys\nfrom progprune.config import SweepSpec\n"
+            "s = SweepSpec.model_validate(json.load(open('r.json')))\n"
+            "print(json.dumps({c.method: c.sparse and [c.sparse.reg, c.sparse.delta_reg] for c in s.combinations()}),"
+            " 'progprune.pruning' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout
+    assert out.split() == ['{"group_norm":', 'null,', '"growing_reg":', '[0.0001,', '1e-05]}', "False", "False"], out
+
+
+def test_a_method_says_truly_whether_it_learns_sparsity():
+    assert load_spec_dict(spec_with(methods=[{"name": "slim", "sparse": True}])).methods[0].sparse
+    assert problems(spec_with(methods=[{"name": "slim", "sparse": False}])) == [
+        "methods[0].sparse: slim learns sparsity; remove the setting (the method registry fills it)"]

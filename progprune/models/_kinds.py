@@ -19,7 +19,7 @@ import sys
 
 from torch import nn
 
-from progprune.errors import BadInput, Problem, ProgpruneError, closest_names
+from progprune.errors import BadInput, Problem, ProgpruneError, did_you_mean, one_line
 
 KINDS = (
     ("tv:", "tv:NAME", "any torchvision classification model, weights=None; "
@@ -28,7 +28,6 @@ KINDS = (
     ("py:", "py:package.module:factory", "your own callable, called with num_classes=N, "
                                          "imported from the working directory or PYTHONPATH"),
 )
-_SHOW = 3  # closest names in a message
 
 
 def kind_of(name: str) -> str:
@@ -57,7 +56,7 @@ def build_model(name: str, num_classes: int, input_shape=None) -> nn.Module:
     model = build(num_classes, tuple(input_shape) if input_shape else None)
     if not isinstance(model, nn.Module):
         raise BadInput(f"model {name!r}: the factory returned a {type(model).__name__}, "
-                             "not a torch.nn.Module; return the model")
+                       "not a torch.nn.Module; return the model")
     return model
 
 
@@ -74,36 +73,32 @@ def check_input_size(model: nn.Module, name: str, input_shape) -> None:
             model.eval()(torch.zeros(1, *input_shape, device=device))
     except Exception as e:  # noqa: BLE001 - any failure: this model does not take this size
         c, h, w = input_shape
-        raise BadInput(f"model {name!r} cannot take {c}x{h}x{w} inputs ({type(e).__name__}: "
-                             f"{_first_line(e)}); set the image size it is built for",
-                             field="dataset.image_size") from None
+        raise BadInput(f"model {name!r} cannot take {c}x{h}x{w} inputs ({one_line(e, with_type=True)}); "
+                       "set the image size it is built for",
+                       field="dataset.image_size") from None
     finally:
         model.train(was_training)
 
 
 def _resolve(name: str):
     """name -> build(num_classes, input_shape); raises ProgpruneError naming what to change."""
-    from progprune.models._registry import MODELS, list_models
+    from progprune.models._registry import MODELS
 
     if not isinstance(name, str) or not name.strip():
         raise BadInput(f"model name must be a non-empty string, got {name!r}")
     kind = kind_of(name)
     if kind == "registry":
         if name not in MODELS:
-            forms = " or ".join(f for _, f, _ in KINDS)
-            raise BadInput(f"unknown model {name!r}; {_hint(name, list_models())}"
-                                 f"valid: {', '.join(list_models())}, or {forms}")
-        return lambda nc, shape: MODELS[name](nc)
+            raise BadInput(f"{MODELS.unknown(name)}, or {' or '.join(f for _, f, _ in KINDS)}")
+        factory = MODELS.get(name)
+        return lambda nc, shape: factory(nc)
     return {"tv": _torchvision, "timm": _timm, "py": _factory}[kind](name, name.split(":", 1)[1])
 
 
-def _hint(word: str, options, prefix: str = "") -> str:
-    """"did you mean 'X'? " (+ the next closest names), or "" when nothing is close."""
-    close = closest_names(word, options, n=_SHOW + 2, cutoff=0.5)[:_SHOW]
-    if not close:
-        return ""
-    more = f" (or {', '.join(repr(prefix + c) for c in close[1:])})" if close[1:] else ""
-    return f"did you mean {prefix + close[0]!r}?{more} "
+def _unknown(what: str, name: str, prefix: str, valid, where: str) -> BadInput:
+    """"unknown <what> 'tv:x'; did you mean 'tv:y'? see <where>" (the hint when one is close)."""
+    hint = did_you_mean(name, [prefix + v for v in valid]) or ";"
+    return BadInput(f"unknown {what} {name!r}{hint} see {where}")
 
 
 def _need(package: str, name: str):
@@ -111,15 +106,15 @@ def _need(package: str, name: str):
         return importlib.import_module(package)
     except ImportError:
         raise BadInput(f"model {name!r} needs {package}, which is not installed; run "
-                             "pip install 'progprune[models]'") from None
+                       "pip install 'progprune[models]'") from None
 
 
 def _torchvision(name: str, arch: str):
     tv = _need("torchvision", name)
     valid = sorted(tv.models.list_models(module=tv.models))
     if arch not in valid:
-        raise BadInput(f"unknown torchvision model {name!r}; {_hint(arch, valid, 'tv:')}"
-                             "see torchvision.models.list_models() (classification models)")
+        raise _unknown("torchvision model", name, "tv:", valid,
+                       "torchvision.models.list_models() (classification models)")
     builder = tv.models.get_model_builder(arch)
 
     def build(nc, shape):
@@ -143,8 +138,7 @@ def _kwargs_of(tv, arch: str) -> set:
 def _timm(name: str, arch: str):
     timm = _need("timm", name)
     if not timm.is_model(arch):
-        raise BadInput(f"unknown timm model {name!r}; {_hint(arch, timm.list_models(), 'timm:')}"
-                             "see timm.list_models()")
+        raise _unknown("timm model", name, "timm:", timm.list_models(), "timm.list_models()")
 
     def build(nc, shape):
         if shape:  # ViT-style models size their positional embeddings from img_size
@@ -161,16 +155,16 @@ def _factory(name: str, target: str):
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise BadInput(f"model {name!r}: write py:package.module:factory (a module path, a "
-                             "colon, the callable's name)")
+                       "colon, the callable's name)")
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # the working directory, as `python -m` does
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:  # the user's code: any error at import names the factory and cause
+    except Exception as e:  # noqa: BLE001 - the user's code: any error at import names the factory and cause
         raise BadInput(f"model {name!r}: cannot import {module_name} "
-                             f"({type(e).__name__}: {_first_line(e)}); it must be importable from "
-                             "the working directory or PYTHONPATH") from None
+                       f"({one_line(e, with_type=True)}); it must be importable from "
+                       "the working directory or PYTHONPATH") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise BadInput(f"model {name!r}: {module_name} has no callable {attr!r}")
@@ -178,12 +172,8 @@ def _factory(name: str, target: str):
     def build(nc, shape):
         try:
             return fn(num_classes=nc)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the user's factory may raise anything: name it and the cause
             raise BadInput(f"model {name!r}: {attr}(num_classes={nc}) failed "
-                                 f"({type(e).__name__}: {_first_line(e)})") from None
+                           f"({one_line(e, with_type=True)})") from None
 
     return build
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]

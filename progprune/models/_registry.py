@@ -1,4 +1,5 @@
-"""The model registry: a dict filled by `@register_model`, keyed by the name users type."""
+"""The model registry, filled by `@register_model` and keyed by the name users type, and
+what pruning asks of any model (its example input, its classifier head)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -6,20 +7,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {}
+from progprune.registry import Registry
+
+MODELS: Registry[Callable[[int], nn.Module]] = Registry("model")
 
 
 def register_model(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
     """Register `fn(num_classes) -> nn.Module` under its function name."""
-    name = fn.__name__
-    assert name not in MODELS, f"model {name!r} registered twice"
-    MODELS[name] = fn
-    return fn
+    return MODELS.register(fn)
 
 
 def list_models() -> list[str]:
-    """Registered names, sorted (tv:/timm:/py: models are named, not listed)."""
-    return sorted(MODELS, key=_natural_key)
+    """Registered names, in natural order (tv:/timm:/py: models are named, not listed)."""
+    return MODELS.names()
 
 
 def example_inputs(input_shape: tuple[int, ...] = (3, 32, 32)) -> torch.Tensor:
@@ -43,7 +43,7 @@ def head_name(model: nn.Module, example_inputs: torch.Tensor | None = None) -> s
     if callable(get):
         try:
             found = _last_layer(get(), names)
-        except Exception:  # a get_classifier of another meaning: the generic rules decide
+        except Exception:  # noqa: BLE001 - the model's own method, of any meaning: the generic rules decide
             found = None
         if found:
             return found
@@ -79,19 +79,13 @@ def _last_layer(module: nn.Module, names: dict) -> str | None:
     return last
 
 
-def classifier_layers(model: nn.Module, num_classes: int | None = None,
-                      example_inputs: torch.Tensor | None = None) -> list[nn.Module]:
+def classifier_layers(model: nn.Module, *, example_inputs: torch.Tensor | None = None) -> list[nn.Module]:
     """Layers to keep whole when pruning: the model's classifier head (`head_name`).
 
-    Torch-Pruning's reproduce/main.py ignores every Linear/Conv whose width is num_classes;
-    on its CIFAR models that is the same single layer, but a real model with a 64-class
-    data set has whole stages 64 wide. `num_classes` is accepted for callers' symmetry.
+    Not, as Torch-Pruning's reproduce/main.py does, every Linear/Conv whose width is the
+    class count: on its CIFAR models that is the same single layer, but a real model with a
+    64-class data set has whole stages 64 wide. (`example_inputs` is keyword-only so that a
+    call in the old form, with a class count second, fails instead of passing it as input.)
     """
     name = head_name(model, example_inputs)
     return [model.get_submodule(name)] if name else []
-
-
-def _natural_key(name: str):
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -1,11 +1,8 @@
-"""Datasets, plus a batch iterator doing augmentation as tensor ops.
+"""The data sets held whole in memory: digits, CIFAR-10/100 and synthetic.
 
-A registry of loaders keyed by the name users write in `dataset.name`. Every loader returns
-an object with `size(split)`, `batches(split, ...)`, `mean`, `std`, `input_shape` and
-`num_classes`. digits, CIFAR and synthetic return `Splits`, images kept whole as uint8
-(N, C, H, W): the set fits in (GPU) memory, and `batches()` normalises, crops and flips a
-batch at a time on the device (airbench style), with no DataLoader and no per-sample
-Python. imagefolder streams instead (`progprune.folder`): its images are decoded per batch.
+Each loader returns `Splits`, images kept whole as uint8 (N, C, H, W): the set fits in (GPU)
+memory, and `batches()` normalises, crops and flips a batch at a time on the device
+(airbench style), with no DataLoader and no per-sample Python.
 
 Nothing here downloads. CIFAR is read from the standard python-pickle files with a
 restricted unpickler (numpy arrays and plain containers only), so a planted pickle cannot
@@ -15,17 +12,17 @@ seed, so every run of a sweep sees the same train/val/test images.
 from __future__ import annotations
 
 import io
-import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from progprune.config import DatasetConfig
+from progprune.data._registry import need_dir, register_dataset
+from progprune.data.batches import batches
 from progprune.errors import BadInput
 
 _SPLIT_SEED = 0  # fixed: splits must not move with the run seed
@@ -50,130 +47,9 @@ class Splits:
 
     def batches(self, split: str, batch_size: int, *, device="cpu", **kw):
         """Normalised batches of `split` ("train", "val", "test") on `device`; keywords as
-        `batches()`. The interface every data set offers (see `progprune.folder` too)."""
+        `batches()`. The interface every data set offers (see `progprune.data.folder` too)."""
         return batches(getattr(self, f"{split}_x"), getattr(self, f"{split}_y"), batch_size,
                        mean=self.mean, std=self.std, device=device, **kw)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    load: Callable[[DatasetConfig, int], Splits]
-    check: Callable[[DatasetConfig], None]
-    num_classes: int | None  # fixed class count; None: from cfg or the files
-
-
-DATASETS: dict[str, _Entry] = {}
-
-
-def register_dataset(name: str, *, check: Callable[[DatasetConfig], None] | None = None,
-                     num_classes: int | None = None):
-    """Register `fn(cfg, seed) -> Splits` under `name`; `check(cfg)` must not load data."""
-
-    def deco(fn):
-        assert name not in DATASETS, f"dataset {name!r} registered twice"
-        DATASETS[name] = _Entry(fn, check or (lambda cfg: None), num_classes)
-        return fn
-
-    return deco
-
-
-def list_datasets() -> list[str]:
-    return sorted(DATASETS)
-
-
-def check_dataset(cfg: DatasetConfig) -> None:
-    """Cheap checks (no image is read): known name, files present, class count agrees."""
-    entry = _entry(cfg.name)
-    if cfg.num_classes is not None and (isinstance(cfg.num_classes, bool) or
-                                        not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
-        raise BadInput(f"must be a positive integer, got {cfg.num_classes!r}", field="dataset.num_classes")
-    if entry.num_classes is not None:
-        _check_num_classes(cfg, entry.num_classes)
-    entry.check(cfg)
-
-
-def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Splits:
-    """Load `cfg` as uint8 tensors. `seed` only affects `synthetic` (real splits are fixed)."""
-    check_dataset(cfg)
-    splits = DATASETS[cfg.name].load(cfg, seed)
-    _check_num_classes(cfg, splits.num_classes)
-    splits.mean, splits.std = cfg.mean or splits.mean, cfg.std or splits.std  # the spec's, if set
-    return splits
-
-
-def _entry(name: str) -> _Entry:
-    if name not in DATASETS:
-        raise BadInput(f"unknown dataset {name!r}; valid: {', '.join(list_datasets())}", field="dataset.name")
-    return DATASETS[name]
-
-
-def _check_num_classes(cfg: DatasetConfig, actual: int) -> None:
-    if cfg.num_classes is not None and cfg.num_classes != actual:
-        raise BadInput(
-            f"{cfg.name} has {actual} classes, got {cfg.num_classes}; remove it or set it to match",
-            field="dataset.num_classes")
-
-
-# ---- batches -------------------------------------------------------------------------
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, mean, std, shuffle: bool = False,
-            augment: bool = False, generator: torch.Generator | None = None, device="cpu",
-            rank: int = 0, world_size: int = 1, drop_last: bool = False,
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (normalised float x, int64 y) batches on `device` from uint8 `x`.
-
-    Shuffling draws one permutation from `generator` (a CPU generator): ranks that seed it
-    alike agree on it. With `world_size > 1` rank r takes positions r, r+W, ... of that
-    permutation, like DistributedSampler: shards are disjoint and equal; the tail is wrapped
-    around to pad the last shard (drop_last=False) or trimmed (drop_last=True, which also
-    drops an incomplete last batch). Augmentation is a random crop of the image padded by 4
-    (reflect; zeros below 5 pixels) and a horizontal flip, drawn per sample from `generator` and applied as batched tensor ops.
-    """
-    idx = sample_order(len(x), batch_size, shuffle=shuffle, generator=generator, rank=rank,
-                       world_size=world_size, drop_last=drop_last)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
-    idx = idx.to(x.device)
-    for start in range(0, len(idx), batch_size):
-        b = idx[start:start + batch_size]
-        xb = x[b].to(device, non_blocking=True).float()
-        if augment:
-            xb = _augment(xb, generator)
-        yield (xb - mean_t) / std_t, y[b.to(y.device)].to(device, non_blocking=True)
-
-
-def sample_order(n: int, batch_size: int, *, shuffle: bool = False, generator=None, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False) -> torch.Tensor:
-    """The positions rank `rank` visits in one epoch over `n` samples, in order (see
-    `batches`); its length is a multiple of batch_size when drop_last."""
-    if batch_size < 1:
-        raise BadInput(f"batch_size: must be >= 1, got {batch_size}")
-    if not 0 <= rank < world_size:
-        raise BadInput(f"rank: must be in [0, world_size={world_size}), got {rank}")
-    idx = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    if world_size > 1:
-        per_rank = n // world_size if drop_last else math.ceil(n / world_size)
-        total = per_rank * world_size
-        if total > n:
-            idx = idx.repeat(math.ceil(total / n))
-        idx = idx[:total][rank::world_size]
-    return idx[:(len(idx) // batch_size) * batch_size] if drop_last else idx
-
-
-def _augment(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4) -> torch.Tensor:
-    n, _, h, w = x.shape
-    # draw on the CPU generator (reproducible, shared across ranks), then move the few ints
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    mode = "reflect" if min(h, w) > pad else "constant"  # reflect needs pad < side
-    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = torch.where(flip[:, None], dx[:, None] + torch.arange(w - 1, -1, -1, device=x.device),
-                       dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]  # crop and flip in one gather
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -211,19 +87,10 @@ def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(xf.mean(1).tolist()), tuple(xf.std(1).clamp_min(1e-3).tolist())
 
 
-def _need_dir(cfg: DatasetConfig, expected: str) -> Path:
-    if not cfg.data_dir:
-        raise BadInput(f"{cfg.name} reads {expected} from a directory; set its data directory", field="dataset.data_dir")
-    d = Path(cfg.data_dir).expanduser()
-    if not d.is_dir():
-        raise BadInput(f"{d} is not a directory; {cfg.name} expects {expected} there", field="dataset.data_dir")
-    return d
-
-
 # ---- digits ----------------------------------------------------------------------------
 
 
-@register_dataset("digits", num_classes=10)
+@register_dataset("digits", num_classes=10, doc="scikit-learn's 1,797 8x8 digits, upsampled; no files needed")
 def _load_digits(cfg: DatasetConfig, seed: int) -> Splits:
     """scikit-learn's 1,797 8x8 digits, upsampled to 3 x image_size x image_size (default
     32); fixed 70/15/15 split."""
@@ -277,9 +144,9 @@ def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _DataUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except Exception as e:  # any parse failure is a bad file, not a bug here
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle raises nearly any type: a bad file
         raise BadInput(f"{path}: not a CIFAR python-pickle data file ({e}); "
-                             "use the 'python version' archive from cs.toronto.edu/~kriz") from None
+                       "use the 'python version' archive from cs.toronto.edu/~kriz") from None
     if not isinstance(obj, dict):
         raise BadInput(f"{path}: expected a dict in a CIFAR pickle, got {type(obj).__name__}")
     return {k.encode() if isinstance(k, str) else k: v for k, v in obj.items()}
@@ -288,13 +155,13 @@ def _read_pickle(path: Path) -> dict:
 def _check_cifar(cfg: DatasetConfig) -> None:
     spec = _CIFAR[cfg.name]
     files = [*spec["train"], spec["test"], spec["meta"]]
-    d = _need_dir(cfg, ", ".join(files))
+    d = need_dir(cfg, ", ".join(files))
     missing = [f for f in files if not (d / f).is_file()]
     if missing:
         raise BadInput(
-            f"{d} lacks {', '.join(missing)} for {cfg.name} (expected "
-            f"{', '.join(files)}: the extracted 'python version' archive; progprune never downloads)",
-            field="dataset.data_dir")
+                       f"{d} lacks {', '.join(missing)} for {cfg.name} (expected "
+                       f"{', '.join(files)}: the extracted 'python version' archive; progprune never downloads)",
+                       field="dataset.data_dir")
 
 
 def _cifar_arrays(path: Path, label_key: bytes, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +171,7 @@ def _cifar_arrays(path: Path, label_key: bytes, classes: int) -> tuple[torch.Ten
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except (KeyError, ValueError) as e:
         raise BadInput(f"{path}: malformed CIFAR batch ({e!r}); expected b'data' (N x 3072 uint8) "
-                             f"and {label_key!r}") from None
+                       f"and {label_key!r}") from None
     if len(labels) != len(data) or (len(labels) and not 0 <= labels.min() <= labels.max() < classes):
         raise BadInput(f"{path}: {len(data)} images but {len(labels)} labels, or labels outside 0..{classes - 1}")
     return torch.from_numpy(data.copy()), torch.from_numpy(labels)
@@ -334,8 +201,9 @@ def _resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
                       for part in x.split(chunk)]) if len(x) else x.new_zeros((0, x.shape[1], size, size))
 
 
-register_dataset("cifar10", check=_check_cifar, num_classes=10)(_load_cifar)
-register_dataset("cifar100", check=_check_cifar, num_classes=100)(_load_cifar)
+for _name, _classes in (("cifar10", 10), ("cifar100", 100)):
+    register_dataset(_name, check=_check_cifar, num_classes=_classes, data_dir=True,
+                     doc=f"CIFAR-{_classes}, the extracted 'python version' archive in data_dir")(_load_cifar)
 
 
 # ---- synthetic -------------------------------------------------------------------------
@@ -350,7 +218,8 @@ def _check_synthetic(cfg: DatasetConfig) -> None:
         raise BadInput(f"must be >= 1, got {cfg.synthetic_samples}", field="dataset.synthetic_samples")
 
 
-@register_dataset("synthetic", check=_check_synthetic)
+@register_dataset("synthetic", check=_check_synthetic,
+                  doc="seeded noise around one prototype per class, for smoke tests; no files needed")
 def _load_synthetic(cfg: DatasetConfig, seed: int) -> Splits:
     """Seeded noise around one random prototype per class: learnable, for smoke tests only."""
     k, s, n = cfg.num_classes or 10, cfg.image_size, cfg.synthetic_samples
@@ -366,5 +235,3 @@ def _load_synthetic(cfg: DatasetConfig, seed: int) -> Splits:
     mean, std = _mean_std(train_x)
     return Splits("synthetic", k, (3, s, s), train_x, train_y, val_x, val_y, test_x, test_y, mean, std)
 
-
-import progprune.folder  # noqa: E402,F401 - registers imagefolder (it streams; see that module)

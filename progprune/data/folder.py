@@ -1,6 +1,6 @@
 """imagefolder: a folder of images too large for memory, decoded a batch at a time.
 
-Digits and CIFAR are held whole on the device (`progprune.data`); an image folder is
+Digits and CIFAR are held whole on the device (`progprune.data.memory`); an image folder is
 streamed: a split keeps only each image's path and label, and DataLoader worker processes
 decode, crop and resize the images of one batch at a time, so memory stays flat however
 large the folder grows (ImageNet's 1.28 M training images would be ~190 GB decoded).
@@ -36,8 +36,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from progprune.config import DatasetConfig
-from progprune.data import _check_num_classes, _need_dir, register_dataset, sample_order
-from progprune.errors import BadInput
+from progprune.data._registry import check_num_classes, need_dir, register_dataset
+from progprune.data.batches import sample_order
+from progprune.errors import BadInput, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,18 +62,18 @@ def _images(d: Path):
 
 def _check_imagefolder(cfg: DatasetConfig) -> None:
     """Layout checks without decoding: splits and class folders agree, none is empty."""
-    root = _need_dir(cfg, _LAYOUT)
+    root = need_dir(cfg, _LAYOUT)
     for split in ("train", "val"):
         if not (root / split).is_dir() or not _class_dirs(root / split):
             raise BadInput(f"{root / split} is missing or has no class folders; imagefolder "
-                                 f"expects {_LAYOUT}", field="dataset.data_dir")
+                           f"expects {_LAYOUT}", field="dataset.data_dir")
     classes = _class_dirs(root / "train")
     if len(classes) < 2:  # one class: every prediction is right, 100% top-1 means nothing
         raise BadInput(f"{root / 'train'} has {len(classes)} class folder; classification "
-                             "needs at least 2", field="dataset.data_dir")
+                       "needs at least 2", field="dataset.data_dir")
     if cfg.test_split == "test" and not (root / "test").is_dir():
         raise BadInput(f"{root / 'test'} is missing; add a test/ split, or set the test split to "
-                             "val to report accuracy on the validation images", field="dataset.data_dir")
+                       "val to report accuracy on the validation images", field="dataset.data_dir")
     for split in ("train", "val", "test"):
         if not (root / split).is_dir():
             continue
@@ -80,10 +81,10 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
         extra, missing = sorted(set(have) - set(classes)), sorted(set(classes) - set(have))
         if extra:
             raise BadInput(f"{root / split} has classes not in train/: {_few(extra)}",
-                                 field="dataset.data_dir")
+                           field="dataset.data_dir")
         if missing:  # accuracy on a subset of the classes would mislead
             raise BadInput(f"{root / split} lacks classes of train/: {_few(missing)}",
-                                 field="dataset.data_dir")
+                           field="dataset.data_dir")
         empty = [c for c in classes if next(_images(root / split / c), None) is None]
         if empty:
             where, more = root / split, ""
@@ -91,8 +92,8 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
                 where = root / split / empty[0]
                 more = f"; nor do {len(empty) - 1} more class folders" if len(empty) > 1 else ""
             raise BadInput(f"{where} holds no images ({', '.join(SUFFIXES)}){more}; add images or "
-                                 "remove the class from every split", field="dataset.data_dir")
-    _check_num_classes(cfg, len(classes))
+                           "remove the class from every split", field="dataset.data_dir")
+    check_num_classes(cfg, len(classes))
 
 
 def _few(names: list[str]) -> str:
@@ -189,7 +190,7 @@ class _Images(Dataset):
             img = torch.from_numpy(decode(os.path.join(self.root, os.fsdecode(self.paths[i])), self.size,
                                           self.train, seed))
             label = int(self.labels[i])
-        except Exception:  # noqa: BLE001 - unreadable file: skipped and counted by the caller
+        except Exception:  # noqa: BLE001 - PIL raises many types on a bad file: skipped and counted
             img, label = torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1
         if self.norm:
             img = img.permute(2, 0, 1).float().sub_(self.norm[0]).div_(self.norm[1])
@@ -219,7 +220,7 @@ class FolderSplits:
                 augment: bool = False, generator: torch.Generator | None = None, rank: int = 0,
                 world_size: int = 1, drop_last: bool = False):
         """Normalised float batches of `split` on `device`; shuffling, sharding and
-        drop_last as the in-memory sets (`progprune.data.batches`); augment: the training
+        drop_last as the in-memory sets (`progprune.data.batches.batches`); augment: the training
         crop and flip, else the evaluation crop."""
         d, paths, labels = self.files[split]
         device = torch.device(device)
@@ -256,7 +257,7 @@ class FolderSplits:
         if not seen and len(idx):
             bad = sorted(self.skipped.get(split, ()))
             raise BadInput(f"{d}: none of its {len(labels)} images could be read (first: {bad[0]}: "
-                                 f"{_why(d / bad[0])}); replace or remove them", field="dataset.data_dir")
+                           f"{_why(d / bad[0])}); replace or remove them", field="dataset.data_dir")
 
     def _report(self, split: str, d: Path) -> None:
         bad = self.skipped.get(split, set())
@@ -270,8 +271,8 @@ class FolderSplits:
 def _why(path: Path) -> str:
     try:
         decode(str(path), 8, False, 0)
-    except Exception as e:  # noqa: BLE001 - the reason, for the message
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on a bad file: its reason, for the message
+        return one_line(e, with_type=True)
     return "read on retry"
 
 
@@ -284,7 +285,8 @@ def _listing(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarra
     return np.array(paths, dtype=bytes), np.array(labels, dtype=np.int64)
 
 
-@register_dataset("imagefolder", check=_check_imagefolder)
+@register_dataset("imagefolder", check=_check_imagefolder, data_dir=True,
+                  doc=f"a folder of images, streamed: {_LAYOUT}")
 def _load_imagefolder(cfg: DatasetConfig, seed: int) -> FolderSplits:
     root = Path(cfg.data_dir).expanduser()
     classes = _class_dirs(root / "train")
