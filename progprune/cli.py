@@ -210,7 +210,9 @@ def _check_out_dir(out: str) -> None:
     """Before any work: the directory can be created and written, and nothing in the way."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"{out} exists and is not a directory; choose another", field="--output")
-    for name in ("pruned.pt", "result.parquet"):
+    from progprune.storage.layout import PRUNE_LAYOUT
+
+    for name in PRUNE_LAYOUT.files:
         if os.path.isdir(os.path.join(out, name)):
             raise BadInput(f"{os.path.join(out, name)} is a directory; remove it or choose "
                                  "another --output", field="--output")
@@ -246,6 +248,7 @@ def prune_cmd(device, output, as_json, print_spec, **flags):
     import torch
 
     from progprune.pipeline import run_combination
+    from progprune.storage.layout import PRUNE_LAYOUT
 
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("no CUDA device is available; use --device cpu", field="--device")
@@ -265,13 +268,13 @@ def prune_cmd(device, output, as_json, print_spec, **flags):
         except BadInput as e:
             raise _as_flags(SpecError([Problem(e.field or "", e.message)])) from None
         if output:
+            from progprune.results import write_rows
+
+            row.artifact_uri = os.path.abspath(os.path.join(output, PRUNE_LAYOUT.artifact))
+            write_rows([row], os.path.join(stage, PRUNE_LAYOUT.row))  # once: the row names its final place
             os.makedirs(output, exist_ok=True)
             for name in os.listdir(stage):
                 os.replace(os.path.join(stage, name), os.path.join(output, name))
-            row.artifact_uri = os.path.abspath(os.path.join(output, "pruned.pt"))
-            from progprune.results import write_rows
-
-            write_rows([row], os.path.join(output, "result.parquet"))
     finally:
         if stage:
             shutil.rmtree(stage, ignore_errors=True)

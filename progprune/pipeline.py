@@ -27,7 +27,8 @@ from progprune.config import ComboConfig, TrainConfig
 from progprune.data import Splits, load_dataset
 from progprune.models import build_model, check_input_size, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
-from progprune.results import ResultRow, write_rows
+from progprune.results import ResultRow
+from progprune.storage.layout import PRUNE_LAYOUT
 from progprune.training import (FitResult, TrainingDiverged, calibration_batch, evaluate, fit,
                                 measure_latency_stats, recalibrate_bn)
 
@@ -321,7 +322,7 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
         pruned = prune_combination(cfg, model, base, splits, device, log)
         pruned.started_at = started
         if out_dir:  # the model as it ends, fine-tuned or not
-            pruned.artifact = os.path.join(out_dir, "pruned.pt")
+            pruned.artifact = os.path.join(out_dir, PRUNE_LAYOUT.artifact)
         row = finish_combination(cfg, pruned, lambda: finetune_combination(cfg, model, splits, device, log))
     except TrainingDiverged as e:
         row = build_row(cfg, base=base, prune=pruned.prune if pruned else None,
@@ -331,6 +332,4 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
         save_artifact(row.artifact_uri, model, model_name=cfg.model, num_classes=splits.num_classes,
                       input_shape=splits.input_shape, history=pruned.prune.outcome.history,
                       meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
-    if out_dir:
-        write_rows([row], os.path.join(out_dir, "result.parquet"))
-    return row
+    return row  # the caller writes it, once it knows where the artifact ends up
