@@ -27,7 +27,7 @@ from progprune.errors import BadInput, one_line
 from progprune.report import _plots, _tables as T
 from progprune.report._tables import show
 from progprune.results import COLUMNS
-from progprune.storage import LAYOUT, Store
+from progprune.storage import LAYOUT, Store, redact
 
 FORMATS = ("md", "html")
 REQUIRED = T.GROUP + ["seed", "status", "error", "achieved_speedup", "compression_ratio", "base_top1",
@@ -47,6 +47,7 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
     if fmt not in FORMATS:
         raise BadInput(f"unknown report format {fmt!r}: use one of {', '.join(FORMATS)}")
     frame, local_path = load(results)
+    results = redact(os.fspath(results))  # the report names its source; never with credentials
     out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path or ""), *LAYOUT.report))
     table, probs = T.aggregate(frame), T.problems(frame)
     with _atomic_dir(out_dir) as tmp:
@@ -76,8 +77,8 @@ def load(results: str) -> tuple[pd.DataFrame, str | None]:
     """Read `results` (a results.parquet, a sweep output directory, a file://, s3:// or gs://
     URI), through the Store as a sweep writes it -> (frame, its local path or None); or raise
     BadInput saying what is wrong."""
-    results = os.fspath(results)
-    store = Store(results, label="results")
+    store = Store(os.fspath(results), label="results")
+    results = redact(os.fspath(results))  # as the messages name it
     parts: tuple = ()
     try:
         kind = store.kind()

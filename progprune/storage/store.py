@@ -25,7 +25,7 @@ from progprune.storage.lockio import STORE_ERRORS
 CHUNK = 1 << 20  # streamed copies move 1 MiB at a time
 
 
-def _redact(uri: str) -> str:
+def redact(uri: str) -> str:
     """Drop any credentials embedded in a URI (s3://KEY:SECRET@bucket)."""
     if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
         scheme, rest = uri.split("://", 1)
@@ -49,10 +49,10 @@ class Store:
             try:
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
             except (ValueError, OSError, pa.ArrowException) as e:  # a bad URI, or a bucket not found
-                raise BadInput(f"{label}: cannot open {_redact(uri)}: {one_line(e)}") from None
+                raise BadInput(f"{label}: cannot open {redact(uri)}: {one_line(e)}") from None
 
     def __repr__(self) -> str:
-        return f"Store({_redact(self.uri)})"
+        return f"Store({redact(self.uri)})"
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts) if not self.local else os.path.join(self.root, *parts)
@@ -62,7 +62,7 @@ class Store:
         return self.path(*parts) if self.local else self.uri.rstrip("/") + "/" + "/".join(parts)
 
     def display(self, *parts: str) -> str:
-        return self.path(*parts) if self.local else _redact(self.uri.rstrip("/") + "/" + "/".join(parts))
+        return self.path(*parts) if self.local else redact(self.uri.rstrip("/") + "/" + "/".join(parts))
 
     # ---- basic IO -------------------------------------------------------------------
     def exists(self, *parts: str) -> bool:
@@ -172,5 +172,4 @@ class Store:
         """One sweep at a time per output: a context manager holding the lease on this
         output and yielding it (`storage.lease.hold`, which says how a lock found on entry
         is treated)."""
-        return hold(self, lease_s=lease_s, break_lock=break_lock, wait=wait, on_wait=on_wait,
-                          settle_s=settle_s)
+        return hold(self, lease_s=lease_s, break_lock=break_lock, wait=wait, on_wait=on_wait, settle_s=settle_s)
