@@ -272,8 +272,9 @@ def test_contenders_for_a_stale_lock_one_wins(tmp_path, kind):
     t_won, t_released = float(won[1]), float(won[3])
     for o, _ in results:
         if o.startswith("refused"):
-            # refused while it was held (on an object store: from its claim's PUT, `settle` before it won)
-            assert t_won - (1.0 if kind == "object" else 0) <= float(o.split()[1]) <= t_released, (won, o)
+            # refused while it was held: from its claim, which lands before its body prints "won" (on a
+            # loaded machine a contender can see it first), on an object store `settle` before that
+            assert t_won - (1.0 if kind == "object" else 0.25) <= float(o.split()[1]) <= t_released, (won, o)
             assert "in use by another sweep" in o
     assert not (out / LOCK_NAME).exists()
 
