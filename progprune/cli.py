@@ -243,7 +243,9 @@ def _check_out_dir(out: str) -> None:
     """Before any work: the directory can be created and written, and nothing in the way."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"{out} exists and is not a directory; choose another", field="--output")
-    for name in ("pruned.pt", "result.parquet"):
+    from progprune.storage.layout import PRUNE_LAYOUT
+
+    for name in PRUNE_LAYOUT.files:
         if os.path.isdir(os.path.join(out, name)):
             raise BadInput(f"{os.path.join(out, name)} is a directory; remove it or choose "
                                  "another --output", field="--output")
@@ -279,6 +281,7 @@ def prune_cmd(device, output, as_json, print_spec, **flags):
     import torch
 
     from progprune.pipeline import run_combination
+    from progprune.storage.layout import PRUNE_LAYOUT
 
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("no CUDA device is available; use --device cpu", field="--device")
@@ -298,6 +301,10 @@ def prune_cmd(device, output, as_json, print_spec, **flags):
         except BadInput as e:
             raise _as_flags(SpecError([Problem(e.field or "", e.message)])) from None
         if output:
+            from progprune.results import write_rows
+
+            # once: run_combination named the artifact's final place (none for a failed row)
+            write_rows([row], os.path.join(stage, PRUNE_LAYOUT.row))
             os.makedirs(output, exist_ok=True)
             for name in os.listdir(stage):  # the row, written once, already names output
                 os.replace(os.path.join(stage, name), os.path.join(output, name))

@@ -29,6 +29,7 @@ from progprune.models import build_model, check_input_size, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
 from progprune.errors import CombinationFailed
 from progprune.results import ResultRow, compose, write_rows
+from progprune.storage.layout import PRUNE_LAYOUT
 from progprune.training import (FitResult, calibration_batch, device_label, evaluate, fit,
                                 measure_latency_stats, recalibrate_bn)
 
@@ -323,16 +324,14 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
         pruned = prune_combination(cfg, model, base, splits, device, log)
         pruned.started_at = started
         if out_dir:  # the model as it ends, fine-tuned or not
-            pruned.artifact = os.path.join(shown_dir or out_dir, "pruned.pt")
+            pruned.artifact = os.path.join(shown_dir or out_dir, PRUNE_LAYOUT.artifact)
         row = finish_combination(cfg, pruned, lambda: finetune_combination(cfg, model, splits, device, log))
     except CombinationFailed as e:  # what ran so far stays in the row; no artifact
         row = build_row(cfg, Pruned(base, pruned.prune if pruned else None, device_label(device),
                                     splits.num_classes, started), error=str(e))
     if out_dir and row.status != "failed":
-        save_artifact(os.path.join(out_dir, "pruned.pt"), model, model_name=cfg.model,
+        save_artifact(os.path.join(out_dir, PRUNE_LAYOUT.artifact), model, model_name=cfg.model,
                       num_classes=splits.num_classes, input_shape=splits.input_shape,
                       history=pruned.prune.outcome.history,
                       meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
-    if out_dir:
-        write_rows([row], os.path.join(out_dir, "result.parquet"))
-    return row
+    return row  # the caller writes it, once it knows where the artifact ends up

@@ -19,7 +19,7 @@ from progprune.models import build_model, check_input_size
 from progprune.pipeline import needs_sparse
 from progprune.results import ResultRow, rows_to_table
 from progprune.spec import SweepSpec, dump_yaml
-from progprune.storage import Store, base_parts, sparse_parts
+from progprune.storage import LAYOUT, Store
 from progprune.table import ResultsTable
 
 FINISHED = ("ok", "unreachable")
@@ -54,12 +54,12 @@ def make_plan(spec: SweepSpec, store: Store, force: bool = False,
         plan.todo.append(cfg)
         key = cfg.base_key()
         # --force retrains what it reruns: a broken stored base must not fail good rows
-        if cfg.base_checkpoint is None and (force or not store.exists(*base_parts(cfg))):
+        if cfg.base_checkpoint is None and (force or not store.exists(*LAYOUT.base(cfg))):
             plan.bases_train.setdefault(key, cfg)
         else:
             plan.bases_reuse.setdefault(key, cfg)
         if needs_sparse(cfg):
-            stored = not force and store.exists(*sparse_parts(cfg))
+            stored = not force and store.exists(*LAYOUT.sparse(cfg))
             target = plan.sparse_reuse if stored else plan.sparse_run
             target.setdefault(cfg.sparse_key(), cfg)
     return plan
@@ -142,7 +142,7 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
         table = _table(store, combos)
         plan = make_plan(spec, store, force, table.statuses(), combos)
         print_plan(plan, out)
-        store.write_bytes(dump_yaml(spec).encode(), "spec.resolved.yaml")
+        store.write_bytes(dump_yaml(spec).encode(), *LAYOUT.spec)
         failed = 0
         if plan.todo:
             close = cluster.connect(address)
@@ -159,12 +159,12 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
 
 def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:
     """An output belongs to one sweep name: another sweep would replace its table."""
-    if replace or not store.exists("spec.resolved.yaml"):
+    if replace or not store.exists(*LAYOUT.spec):
         return
     import yaml
 
     try:
-        doc = yaml.safe_load(store.read_bytes("spec.resolved.yaml"))
+        doc = yaml.safe_load(store.read_bytes(*LAYOUT.spec))
     except (OSError, ValueError, yaml.YAMLError):  # unreadable: the lock and the rows still protect it
         return
     owner = doc.get("name") if isinstance(doc, dict) else None
@@ -231,10 +231,10 @@ def _final(rows: list[ResultRow], store: Store, console) -> None:
     """The results tables (`progprune report`'s own), and the report beside the table."""
     from progprune.report import build_report, frame_of, show
 
-    console.print(f"results: {store.display('results.parquet')}")
+    console.print(f"results: {store.display(*LAYOUT.results)}")
     if store.local:
         try:
-            rep = build_report(store.path("results.parquet"), store.path("report"), console=console)
+            rep = build_report(store.path(*LAYOUT.results), store.path(*LAYOUT.report), console=console)
             console.print(f"report: {rep['report']}")
             return
         except BadInput as e:

@@ -12,28 +12,28 @@ import os
 import tempfile
 import time
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 
+from progprune._env import env_seconds
 from progprune.results import SCHEMA, ResultRow, read_rows, rows_from_records, write_rows
-from progprune.storage import Store, _env_seconds, row_parts
+from progprune.storage import LAYOUT, Store
 
 INTERVAL_ENV = "PROGPRUNE_RESULTS_INTERVAL_S"
 DEFAULT_INTERVAL_S = 10.0
-TABLE_NAME = "results.parquet"
-
-
-_rows = rows_from_records
+# what a fragment of another shape or a torn write raises when read (pyarrow's, the row's own)
+_UNREADABLE = (OSError, ValueError, TypeError, pa.ArrowException)
 
 
 class ResultsTable:
     """The rows of one sweep's combinations (`combo_ids`, in that order) and the
     results.parquet they are written to."""
 
-    def __init__(self, store: Store, combo_ids, min_interval_s: float | None = None, name: str = TABLE_NAME):
-        self.store, self.name = store, name
+    def __init__(self, store: Store, combo_ids, min_interval_s: float | None = None):
+        self.store = store
         self.ids = list(dict.fromkeys(combo_ids))
         self._known = set(self.ids)
-        self.min_interval_s = (_env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S, allow_zero=True)
+        self.min_interval_s = (env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S, allow_zero=True)
                                if min_interval_s is None else float(min_interval_s))
         self._rows: dict[str, ResultRow] = {}
         self.unreadable: list[str] = []  # combo ids whose fragment exists but cannot be read
@@ -46,8 +46,8 @@ class ResultsTable:
     def load(self) -> list[ResultRow]:
         """Read the existing fragments of these combinations, once. An unreadable fragment
         is left out (and listed in `unreadable`): its combination is simply run again."""
-        present = set(self.store.list("rows"))
-        wanted = [cid for cid in self.ids if os.path.basename(row_parts(cid)[-1]) in present]
+        present = set(self.store.list(*LAYOUT.rows))
+        wanted = [cid for cid in self.ids if LAYOUT.row(cid)[-1] in present]
         rows = self._scan(wanted)
         self._rows = {r.combo_id: r for r in rows if r.combo_id in self._known}
         self._dirty = True  # the table on disk may lag the fragments (a driver killed before a flush)
@@ -56,20 +56,20 @@ class ResultsTable:
     def _scan(self, ids: list[str]) -> list[ResultRow]:
         if not ids:
             return []
-        paths = [self.store.path(*row_parts(cid)) for cid in ids]
+        paths = [self.store.path(*LAYOUT.row(cid)) for cid in ids]
         try:  # one dataset over all fragments: parallel reads, missing columns as nulls
             table = pads.dataset(paths, schema=SCHEMA, format="parquet", filesystem=self.store.fs).to_table()
             self.fragments_read += len(paths)
-            return _rows(table.to_pylist())
-        except Exception:  # some fragment is corrupt or of another shape: read them one by one
+            return rows_from_records(table.to_pylist())
+        except _UNREADABLE:  # some fragment is corrupt or of another shape: read them one by one
             pass
         out = []
         for cid in ids:
             self.fragments_read += 1
             try:
-                with self.store.local_copy(*row_parts(cid)) as p:
+                with self.store.local_copy(*LAYOUT.row(cid)) as p:
                     out.extend(read_rows(p))
-            except Exception:
+            except _UNREADABLE:
                 self.unreadable.append(cid)
         return out
 
@@ -105,10 +105,11 @@ class ResultsTable:
 
     def _write(self, rows: list[ResultRow]) -> None:
         if self.store.local:
-            write_rows(rows, self.store.path(self.name))
+            write_rows(rows, self.store.path(*LAYOUT.results))
         else:
             with tempfile.TemporaryDirectory(prefix="progprune-") as d:
-                self.store.put_file(write_rows(rows, os.path.join(d, self.name)), self.name)
+                local = write_rows(rows, os.path.join(d, LAYOUT.results[-1]))
+                self.store.put_file(local, *LAYOUT.results)
         self.writes += 1
         self._dirty = False
         self._last_write = time.monotonic()

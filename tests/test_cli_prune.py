@@ -218,3 +218,32 @@ def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path):
     assert p.returncode == 130, stderr
     assert stderr.strip() == "interrupted", stderr  # Click ends the terminal's ^C line first
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_prune_writes_its_row_once_naming_where_its_artifact_ends(tmp_path, monkeypatch):
+    """The row is written once, after the artifact's final place is known (it used to be
+    written in the staging folder, moved, and written again over it)."""
+    from click.testing import CliRunner
+
+    from progprune.cli import main
+
+    written, write_table = [], pq.write_table
+
+    def counting(table, where, *args, **kwargs):  # the real writer, counted
+        written.append(table.column("combo_id").to_pylist())
+        return write_table(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", counting)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["prune", "--model", "resnet20", "--dataset", "synthetic", "--base-epochs", "0",
+                                       "--finetune-epochs", "0", "--sl-epochs", "0", "--speedup", "1.5",
+                                       "--iterative-steps", "20", "--latency-repeats", "1", "--device", "cpu",
+                                       "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert written == [[row["combo_id"]]]
+    assert sorted(os.listdir(out)) == ["pruned.pt", "result.parquet"]
+    (stored,) = pd.read_parquet(out / "result.parquet").to_dict("records")
+    assert stored["artifact_uri"] == row["artifact_uri"] == str((out / "pruned.pt").resolve())
+    assert stored["combo_id"] == row["combo_id"] and stored["status"] == row["status"] == "ok"
+    assert stored["pruned_macs"] == row["pruned_macs"]

@@ -289,6 +289,19 @@ def test_file_uri_and_default_out_dir(sweep_dir):
     assert os.path.exists(out["markdown"])
 
 
+def test_reads_a_sweep_output_by_uri_through_the_store(sweep_dir):
+    out = build_report("file://" + str(sweep_dir))  # a directory: its results.parquet, as a sweep wrote it
+    assert out["out_dir"] == str(sweep_dir / "report") and not out["empty"]
+
+
+def test_a_bad_uri_is_one_line_without_its_credentials(tmp_path):
+    result = CliRunner().invoke(main, ["report", "s3://KEY:SECRET@bucket/sweep?no_such_option=1",
+                                       "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 2 and "SECRET" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: results: cannot open s3://***@bucket/sweep") and "no_such_option" in line
+
+
 def test_rerun_replaces_the_report_and_failure_keeps_the_old_one(sweep_dir, monkeypatch):
     first = build_report(str(sweep_dir))
     marker = os.path.join(first["out_dir"], "stale.txt")

@@ -28,7 +28,7 @@ from progprune.config import ComboConfig, ResourcesConfig
 from progprune.data import load_dataset
 from progprune.pipeline import BaseInfo, Finetuned, Pruned
 from progprune.results import ResultRow, write_rows
-from progprune.storage import Store, base_parts, row_parts, sparse_parts
+from progprune.storage import LAYOUT, Store
 from progprune.training import device_label, pick_device
 
 
@@ -67,14 +67,6 @@ def _load(store: Store, cfg: ComboConfig, splits, parts: tuple):
                              input_shape=splits.input_shape)
 
 
-def _pruned_parts(cfg: ComboConfig) -> tuple:
-    return ("combos", cfg.combo_id(), "pruned.pt")
-
-
-def _final_parts(cfg: ComboConfig) -> tuple:
-    return ("combos", cfg.combo_id(), "final.pt")
-
-
 # ---- tasks ----------------------------------------------------------------------------
 @ray.remote
 def base_task(cfg: ComboConfig, store_uri: str, retrain: bool = False) -> BaseInfo:
@@ -82,14 +74,14 @@ def base_task(cfg: ComboConfig, store_uri: str, retrain: bool = False) -> BaseIn
     `retrain` (the plan found none, or --force) ignores a stored file from an earlier run."""
     store = Store(store_uri)
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    if store.exists(*base_parts(cfg)) and not retrain:
-        _, info = _load(store, cfg, splits, base_parts(cfg))
+    if store.exists(*LAYOUT.base(cfg)) and not retrain:
+        _, info = _load(store, cfg, splits, LAYOUT.base(cfg))
         names = {f.name for f in dataclasses.fields(BaseInfo)}
         return BaseInfo(**{k: v for k, v in info["meta"].items() if k in names})
     device = pick_device()
     model, base = pipeline.base_stage(cfg, splits, device, _logger(cfg, per_base=True))
     meta = dataclasses.asdict(base) | {"device": device_label(device), "trained_at": pipeline.now()}
-    _save(store, model, cfg, splits, base_parts(cfg), meta=meta)
+    _save(store, model, cfg, splits, LAYOUT.base(cfg), meta=meta)
     return base
 
 
@@ -98,10 +90,10 @@ def sparse_task(cfg: ComboConfig, store_uri: str, base: BaseInfo, retrain: bool 
     """Sparse learning once per (base, method, settings), stored for every speedup."""
     store = Store(store_uri)
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    if retrain or not store.exists(*sparse_parts(cfg)):
-        model, _ = _load(store, cfg, splits, base_parts(cfg))
+    if retrain or not store.exists(*LAYOUT.sparse(cfg)):
+        model, _ = _load(store, cfg, splits, LAYOUT.base(cfg))
         pipeline.sparse_stage(cfg, model, splits, pick_device(), _logger(cfg))
-        _save(store, model, cfg, splits, sparse_parts(cfg), meta={"base": dataclasses.asdict(base)})
+        _save(store, model, cfg, splits, LAYOUT.sparse(cfg), meta={"base": dataclasses.asdict(base)})
     return base
 
 
@@ -111,11 +103,11 @@ def prune_task(cfg: ComboConfig, store_uri: str, base: BaseInfo) -> Pruned:
     store = Store(store_uri)
     device = pick_device()
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    src = sparse_parts(cfg) if pipeline.needs_sparse(cfg) else base_parts(cfg)
+    src = LAYOUT.sparse(cfg) if pipeline.needs_sparse(cfg) else LAYOUT.base(cfg)
     model, _ = _load(store, cfg, splits, src)
     pruned = pipeline.prune_combination(cfg, model, base, splits, device, _logger(cfg))
     history = pruned.prune.outcome.history
-    pruned.artifact = _save(store, model, cfg, splits, _pruned_parts(cfg), history=history,
+    pruned.artifact = _save(store, model, cfg, splits, LAYOUT.pruned(cfg), history=history,
                             meta={"combo_id": cfg.combo_id()})
     pruned.prune.outcome.history = []  # large; it lives in the artifact
     return pruned
@@ -134,16 +126,16 @@ def finetune_task(cfg: ComboConfig, store_uri: str, pruned: Pruned, resources: R
         runner = lambda: _finetune_here(cfg, store)  # noqa: E731
     row = pipeline.finish_combination(cfg, pruned, runner)
     write_fragment(store, row)
-    store.delete_tree("train", f"ft-{cfg.combo_id()}")  # bounded storage: final.pt stays
+    store.delete_tree(*LAYOUT.train_run(cfg.combo_id()))  # bounded storage: final.pt stays
     return row
 
 
 def _finetune_here(cfg: ComboConfig, store: Store) -> Finetuned:
     device = pick_device()
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    model, _ = _load(store, cfg, splits, _pruned_parts(cfg))
+    model, _ = _load(store, cfg, splits, LAYOUT.pruned(cfg))
     ft = pipeline.finetune_combination(cfg, model, splits, device, _logger(cfg))
-    ft.artifact = _save(store, model, cfg, splits, _final_parts(cfg), meta={"combo_id": cfg.combo_id()})
+    ft.artifact = _save(store, model, cfg, splits, LAYOUT.final(cfg), meta={"combo_id": cfg.combo_id()})
     return ft
 
 
@@ -165,7 +157,7 @@ def _train_loop(config: dict) -> None:
     # machine): use CUDA only where torch really sees it
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    model, _ = _load(store, cfg, splits, _pruned_parts(cfg))
+    model, _ = _load(store, cfg, splits, LAYOUT.pruned(cfg))
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -220,7 +212,7 @@ def run_trainer(cfg: ComboConfig, store: Store, resources: ResourcesConfig) -> F
         scaling_config=ScalingConfig(num_workers=ft.num_workers, use_gpu=ft.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_task}),
         # resume needs the latest checkpoint only; the directory goes once the row is written
-        run_config=RunConfig(name=f"ft-{cfg.combo_id()}", storage_path=store.uri_of("train"),
+        run_config=RunConfig(name=LAYOUT.train_run(cfg.combo_id())[-1], storage_path=store.uri_of(*LAYOUT.train),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=ft.max_failures),
                              # Train's lifecycle INFO lines (per run and per report) stay in
@@ -232,8 +224,8 @@ def run_trainer(cfg: ComboConfig, store: Store, resources: ResourcesConfig) -> F
         raise result.error
     done = Finetuned(**result.metrics)
     with result.checkpoint.as_directory() as d:
-        store.put_file(os.path.join(d, "final.pt"), *_final_parts(cfg))
-    done.artifact, done.workers = store.display(*_final_parts(cfg)), ft.num_workers
+        store.put_file(os.path.join(d, "final.pt"), *LAYOUT.final(cfg))
+    done.artifact, done.workers = store.display(*LAYOUT.final(cfg)), ft.num_workers
     return done
 
 
@@ -241,4 +233,4 @@ def run_trainer(cfg: ComboConfig, store: Store, resources: ResourcesConfig) -> F
 def write_fragment(store: Store, row: ResultRow) -> None:
     """The combination's row, as `rows/<combo_id>.parquet`: the source of truth for resume."""
     with tempfile.TemporaryDirectory() as d:
-        store.put_file(write_rows([row], os.path.join(d, "row.parquet")), *row_parts(row.combo_id))
+        store.put_file(write_rows([row], os.path.join(d, "row.parquet")), *LAYOUT.row(row.combo_id))

@@ -23,13 +23,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from progprune.errors import BadInput
+from progprune.errors import BadInput, one_line
 from progprune.report import _plots, _tables as T
 from progprune.report._tables import show
 from progprune.results import COLUMNS
+from progprune.storage import LAYOUT, Store, redact
 
 FORMATS = ("md", "html")
-RESULTS_NAME = "results.parquet"
 REQUIRED = T.GROUP + ["seed", "status", "error", "achieved_speedup", "compression_ratio", "base_top1",
                       "pruned_top1", "final_top1", "latency_speedup"]  # without these, no report
 MARKER = ".progprune-report"  # only a directory holding this is ever replaced
@@ -41,13 +41,14 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
     Returns {"out_dir", "report" (the md, or the html with fmt="html"), "markdown", "html",
     "plots" (name -> path), "summary_csv", "table" (aggregated DataFrame; accuracies as
     fractions), "problems" (rows not ok, DataFrame), "empty"}. Prints the terminal tables to
-    `console` (a rich Console) when one is given. Raises ProgpruneError on bad input before
+    `console` (a rich Console) when one is given. Raises BadInput on bad input before
     anything is written; the directory appears complete or not at all.
     """
     if fmt not in FORMATS:
         raise BadInput(f"unknown report format {fmt!r}: use one of {', '.join(FORMATS)}")
     frame, local_path = load(results)
-    out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path or ""), "report"))
+    results = redact(os.fspath(results))  # the report names its source; never with credentials
+    out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path or ""), *LAYOUT.report))
     table, probs = T.aggregate(frame), T.problems(frame)
     with _atomic_dir(out_dir) as tmp:
         plots = _plots.draw(table, T.base_reference(frame), tmp)
@@ -74,36 +75,30 @@ def frame_of(table: pa.Table) -> pd.DataFrame:
 
 def load(results: str) -> tuple[pd.DataFrame, str | None]:
     """Read `results` (a results.parquet, a sweep output directory, a file://, s3:// or gs://
-    URI) -> (frame, its local path or None); or raise ProgpruneError saying what is wrong."""
-    results = os.fspath(results)
+    URI), through the Store as a sweep writes it -> (frame, its local path or None); or raise
+    BadInput saying what is wrong."""
+    store = Store(os.fspath(results), label="results")
+    results = redact(os.fspath(results))  # as the messages name it
+    parts: tuple = ()
     try:
-        fs, path = pafs.FileSystem.from_uri(results if "://" in results else os.path.abspath(results))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
-        raise BadInput(f"cannot open URI {results}: {_one_line(e)}") from None
-    try:
-        kind = fs.get_file_info(path).type
+        kind = store.kind()
         if kind == pafs.FileType.Directory:  # a sweep's output: its results.parquet is the table
-            path = path.rstrip("/") + "/" + RESULTS_NAME
-            if fs.get_file_info(path).type != pafs.FileType.File:
-                raise BadInput(f"no {RESULTS_NAME} in directory {results}")
+            parts = LAYOUT.results
+            if store.kind(*parts) != pafs.FileType.File:
+                raise BadInput(f"no {LAYOUT.results[-1]} in directory {results}")
         elif kind == pafs.FileType.NotFound:
             raise BadInput(f"results not found: {results}")
-        with fs.open_input_file(path) as f:
+        with store.open_input(*parts) as f:
             table = pq.read_table(f)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise BadInput(f"not a Parquet file: {results} ({_one_line(e)})") from None
+        raise BadInput(f"not a Parquet file: {results} ({one_line(e, limit=300)})") from None
     except OSError as e:
-        raise BadInput(f"cannot read {results}: {_one_line(e)}") from None
+        raise BadInput(f"cannot read {results}: {one_line(e, limit=300)}") from None
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise BadInput(f"not a progprune results table: {results} lacks required columns "
-                             f"{', '.join(missing)}")
-    return frame_of(table), path if isinstance(fs, pafs.LocalFileSystem) else None
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
+                       f"{', '.join(missing)}")
+    return frame_of(table), store.path(*parts) if store.local else None
 
 
 @contextlib.contextmanager
@@ -114,14 +109,14 @@ def _atomic_dir(out_dir: str):
         raise BadInput(f"report output {out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER)):
         raise BadInput(f"refusing to replace {out_dir}: it is not an earlier progprune "
-                             f"report (pass another --out)")
+                       f"report (pass another --out)")
     tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{secrets.token_hex(6)}")
     old = tmp + ".old"
     try:
         os.makedirs(tmp)  # mode 0777 less the umask, as any directory: a report is for reading
     except OSError as e:
         raise BadInput(f"cannot write the report to {out_dir}: {e.strerror or e}; "
-                             "pass a writable --out") from None
+                       "pass a writable --out") from None
     try:
         yield Path(tmp)
         if os.path.lexists(out_dir):
