@@ -7,7 +7,7 @@ torchvision's.
    sum of PSS (proportional set size: pages shared between the forked workers and their
    parent count once), next to what the extra images would take decoded at 224 px.
 2. loader: images/s of one training epoch through progprune's streaming loader
-   (`progprune.folder`: RandomResizedCrop 224 + flip in the workers, uint8 batches,
+   (`progprune.data.folder`: RandomResizedCrop 224 + flip in the workers, uint8 batches,
    normalised after) against torchvision's `ImageFolder` + `DataLoader` with the same
    transforms (RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize), the same
    worker count and batch size, on the same folder. Both end with a normalised float batch
@@ -135,7 +135,7 @@ def loader_epochs(folder: Path, workers: int, batch: int, repeats: int) -> list[
 
     from progprune.config import DatasetConfig
     from progprune.data import load_dataset
-    from progprune.folder import IMAGENET_MEAN, IMAGENET_STD
+    from progprune.data.folder import IMAGENET_MEAN, IMAGENET_STD
 
     splits = load_dataset(DatasetConfig(name="imagefolder", data_dir=str(folder), image_size=224,
                                         test_split="val", loader_workers=workers))

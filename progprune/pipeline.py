@@ -313,8 +313,8 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
                     shown_dir: str | None = None) -> ResultRow:
     """Every stage in this process: what `progprune prune` runs. A combination that fails
     (`CombinationFailed`: a training that diverges) ends as a failed row, without an
-    artifact (its weights are not finite). `out_dir` receives pruned.pt and result.parquet;
-    `shown_dir` is where they will live once the caller moves them (the row names it)."""
+    artifact (its weights are not finite). `out_dir` receives pruned.pt; `shown_dir` is
+    where it will live once the caller moves it (the row names it; the caller writes the row)."""
     started, base, pruned = now(), None, None
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     try:

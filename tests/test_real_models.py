@@ -107,7 +107,7 @@ def test_the_real_classifier_is_kept_whole(name, head):
     """Only the head, not every layer as wide as the class count (64 classes: whole stages)."""
     model = build_model(name, 64, (3, SIZE, SIZE))
     named = {m: n for n, m in model.named_modules()}
-    assert [named[m] for m in classifier_layers(model, 64, torch.randn(1, 3, SIZE, SIZE))] == [head]
+    assert [named[m] for m in classifier_layers(model, example_inputs=torch.randn(1, 3, SIZE, SIZE))] == [head]
 
 
 def test_ignore_patterns_keep_layers_whole():
@@ -257,7 +257,7 @@ def test_streaming_crops_are_torchvisions(tmp_path):
     import torchvision.transforms.functional as TF
     from PIL import Image
 
-    from progprune.folder import decode, random_resized_crop
+    from progprune.data.folder import decode, random_resized_crop
 
     rng = np.random.default_rng(0)
     for w, h in [(300, 260), (256, 256), (500, 331), (120, 400)]:
