@@ -8,18 +8,13 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from progprune.config import PruneConfig
 from progprune.errors import ProgpruneError
 from progprune.models import build_model, example_inputs
 from progprune.pruning import get_method, list_methods, make_pruner, progressive_prune
 
 NUM_CLASSES = 10
 
-
-def PruneConfig(method="group_norm", global_pruning=True, iterative_steps=400, max_pruning_ratio=1.0,
-                round_to=None):
-    """make_pruner reads these attributes only (duck-typed: the settings schema is not needed)."""
-    return SimpleNamespace(method=method, global_pruning=global_pruning, iterative_steps=iterative_steps,
-                           max_pruning_ratio=max_pruning_ratio, round_to=round_to)
 
 
 def _trained_like(model):
@@ -37,9 +32,10 @@ def _prune(name, target, *, method="group_norm", global_pruning=True, steps=400,
     if trained_like:
         _trained_like(model)
     ex = example_inputs()
-    cfg = PruneConfig(method=method, global_pruning=global_pruning, iterative_steps=steps, round_to=round_to)
+    cfg = PruneConfig(method=method, global_pruning=global_pruning, iterative_steps=steps, round_to=round_to,
+                      crossing=crossing)
     pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
-    out = progressive_prune(model, pruner, ex, target, calib=calib, crossing=crossing, on_step=on_step)
+    out = progressive_prune(model, pruner, ex, target, cfg, calib=calib, on_step=on_step)
     return model, out
 
 
@@ -142,18 +138,20 @@ def test_bn_scale_methods_prune_an_untrained_model(method):
 def test_target_must_exceed_one(target):
     model = build_model("resnet20", NUM_CLASSES).eval()
     ex = example_inputs()
-    pruner = make_pruner(model, ex, PruneConfig(iterative_steps=10), NUM_CLASSES)
+    cfg = PruneConfig(iterative_steps=10)
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
     with pytest.raises(ProgpruneError, match="speedup must be a number > 1"):
-        progressive_prune(model, pruner, ex, target)
+        progressive_prune(model, pruner, ex, target, cfg)
 
 
 @pytest.mark.parametrize("method", ["taylor", "hessian", "obdc"])
 def test_gradient_methods_need_calibration_data(method):
     model = build_model("resnet20", NUM_CLASSES).eval()
     ex = example_inputs()
-    pruner = make_pruner(model, ex, PruneConfig(method=method, iterative_steps=10), NUM_CLASSES)
+    cfg = PruneConfig(method=method, iterative_steps=10)
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
     with pytest.raises(ProgpruneError, match="needs calibration data"):
-        progressive_prune(model, pruner, ex, 1.5)
+        progressive_prune(model, pruner, ex, 1.5, cfg)
     assert pruner.current_step == 0
 
 
