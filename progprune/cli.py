@@ -78,7 +78,7 @@ def methods_cmd():
     """List the pruning methods."""
     from progprune.pruning import METHODS
 
-    for m in METHODS.values():
+    for _, m in METHODS.items():
         tag = " [sparse learning]" if m.sparse else ""
         click.echo(f"{m.name:12s} {m.doc}{tag}")
 

@@ -218,7 +218,7 @@ class SweepSpec(_Node):
         from progprune.pruning import METHODS  # the registry knows which (lazy: torch)
 
         def sparse(entry) -> SparseConfig | None:
-            m = METHODS.get(entry.name)
+            m = METHODS.get(entry.name) if entry.name in METHODS else None
             if m is None or not m.sparse:
                 return None
             sl = self.sparse_learning_of(entry)

@@ -141,7 +141,7 @@ def _sparse_problems(spec: SweepSpec) -> list[Problem]:
 
     out, unregularised = [], []
     for i, entry in enumerate(spec.methods):
-        m, own = METHODS.get(entry.name), method_overrides(entry)
+        m, own = METHODS.get(entry.name) if entry.name in METHODS else None, method_overrides(entry)
         if m is not None and not m.sparse and own:
             out.append(Problem(f"methods[{i}]", f"{entry.name} has no sparse learning, so "
                                f"{', '.join(own)} would change nothing; remove them"))
