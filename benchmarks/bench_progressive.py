@@ -5,7 +5,7 @@ schedule, pruning_ratio=1.0, 400 steps by default) to each target speedup. The r
 is Torch-Pruning's `reproduce/main.py::progressive_pruning`, reimplemented literally below:
 `pruner.step()`, then `tp.utils.count_ops_and_params` (deep copy + forward) after every
 step, stop at the first step that reaches the target or at the step cap. progprune's loop
-is `progprune.pruning.progressive_prune` with its default `crossing="fine"`; the last
+is `progprune.pruning.progressive_prune` with the default `crossing="fine"`; the last
 column says how it cut its last step (`whole`/`prefix`/`subset`, channels pruned/selected).
 
 Timing covers the loop only (pruner construction, i.e. DepGraph tracing, is the same for
@@ -23,12 +23,11 @@ import platform
 import statistics
 import time
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from progprune.config import PruneConfig
 from progprune.models import build_model, example_inputs
 from progprune.pruning import make_pruner, progressive_prune
 
@@ -60,13 +59,12 @@ def _setup(model_name, seed, steps, global_pruning, bn_spread=False):
                 if isinstance(m, nn.BatchNorm2d):
                     m.weight.uniform_(0.2, 1.5)
     ex = example_inputs()
-    cfg = SimpleNamespace(method="group_norm", global_pruning=global_pruning, iterative_steps=steps,
-                          max_pruning_ratio=1.0, round_to=None)
-    return model, ex, make_pruner(model, ex, cfg, NUM_CLASSES)
+    cfg = PruneConfig(method="group_norm", global_pruning=global_pruning, iterative_steps=steps)
+    return model, ex, make_pruner(model, ex, cfg, NUM_CLASSES), cfg
 
 
 def run_reference(model_name, target, seed, steps, global_pruning, bn_spread=False):
-    model, ex, pruner = _setup(model_name, seed, steps, global_pruning, bn_spread)
+    model, ex, pruner, _ = _setup(model_name, seed, steps, global_pruning, bn_spread)
     t0 = time.perf_counter()
     with torch.enable_grad():
         achieved = reference_loop(pruner, model, target, ex)
@@ -75,9 +73,9 @@ def run_reference(model_name, target, seed, steps, global_pruning, bn_spread=Fal
 
 
 def run_progprune(model_name, target, seed, steps, global_pruning, bn_spread=False):
-    model, ex, pruner = _setup(model_name, seed, steps, global_pruning, bn_spread)
+    model, ex, pruner, cfg = _setup(model_name, seed, steps, global_pruning, bn_spread)
     t0 = time.perf_counter()
-    out = progressive_prune(model, pruner, ex, target)  # crossing="fine", the default
+    out = progressive_prune(model, pruner, ex, target, cfg)  # crossing="fine", the default
     seconds = time.perf_counter() - t0
     return {"achieved": out.achieved_speedup, "steps": out.steps, "seconds": seconds, "status": out.status,
             "cut": f"{out.crossing_cut} {out.crossing_channels[0]}/{out.crossing_channels[1]}"}

@@ -55,8 +55,9 @@ def make_pruned(path: str, model_name: str, dataset: DatasetConfig, speedup: flo
     torch.manual_seed(seed)
     model = build_model(model_name, splits.num_classes).eval()
     ex = example_inputs(splits.input_shape)
-    pruner = make_pruner(model, ex, PruneConfig(method="group_norm"), splits.num_classes)
-    out = progressive_prune(model, pruner, ex, speedup)
+    cfg = PruneConfig(method="group_norm")
+    pruner = make_pruner(model, ex, cfg, splits.num_classes)
+    out = progressive_prune(model, pruner, ex, speedup, cfg)
     save_artifact(path, model, model_name=model_name, num_classes=splits.num_classes,
                   input_shape=splits.input_shape, history=out.history)
     return {"achieved": out.achieved_speedup, "train": splits.size("train"), "val": splits.size("val"),

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from progprune._tp import COUNTED_BY_TP
+
 _ACTS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU)
 _POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -29,7 +31,7 @@ _POOLS = (
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Any other module type that tp counts makes the fast counter decline (exact fallback).
 _UNSUPPORTED = tuple(
-    t for t in tp.utils.op_counter.MODULES_MAPPING
+    t for t in COUNTED_BY_TP
     if not issubclass(t, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _ACTS + _POOLS + _BNS)
 )
 
@@ -38,10 +40,6 @@ def count_exact(model: nn.Module, example_inputs) -> tuple[int, int]:
     """MACs and params as torch-pruning reports them (deep copy + forward)."""
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs), int(params)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _width(module: nn.Module, out: bool = True) -> int:
@@ -145,20 +143,3 @@ class MacsCounter:
                 c = _width(src) - cut.get(src, (0, 0))[0]
                 total += c * positions
         return int(total)
-
-    def macs_if_pruned(self, group, is_out_fn, n: int | None = None) -> int:
-        """MACs after pruning `group` (only its first `n` root channels if given)."""
-        n_root = len(group[0].idxs)
-        cut: dict = {}
-        for dep, idxs in group:
-            m = dep.target.module
-            if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear) + _BNS):
-                continue
-            k = len(idxs) if n is None else len(idxs) * n // max(n_root, 1)
-            co, ci = cut.get(m, (0, 0))
-            if is_out_fn(dep.handler):
-                co = max(co, k)
-            else:
-                ci = max(ci, k)
-            cut[m] = (co, ci)
-        return self.macs(cut)

@@ -160,8 +160,7 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     log(f"pruning {cfg.model} with {cfg.method} to {cfg.target_speedup}x "
         f"({'global' if cfg.prune.global_pruning else 'local'}, {cfg.prune.iterative_steps} steps)")
     torch.manual_seed(cfg.seed)  # random importance draws from the global generator
-    outcome = progressive_prune(model, pruner, ex, cfg.target_speedup, tolerance=cfg.prune.tolerance,
-                                crossing=cfg.prune.crossing, calib=calib)
+    outcome = progressive_prune(model, pruner, ex, cfg.target_speedup, cfg.prune, calib=calib)
     log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x after {outcome.steps} steps "
         f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
     if outcome.macs_counter != "fast":  # once per prune, and in the row (macs_counter)

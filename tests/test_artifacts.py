@@ -21,7 +21,8 @@ def pruned_resnet20(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("resnet20", 10).eval()
     ex = example_inputs()
-    out = progressive_prune(model, make_pruner(model, ex, PruneConfig(iterative_steps=100), 10), ex, 2.0)
+    cfg = PruneConfig(iterative_steps=100)
+    out = progressive_prune(model, make_pruner(model, ex, cfg, 10), ex, 2.0, cfg)
     assert out.status == "ok"
     with torch.no_grad():  # non-default BN buffers, so a lost buffer shows in the outputs
         for m in model.modules():
@@ -229,7 +230,8 @@ def test_dict_without_tensors(tmp_path):
 # ---- histories compose: prune a pruned model, the artifact reloads --------------------
 def _prune(model, speedup):
     ex = example_inputs()
-    out = progressive_prune(model, make_pruner(model, ex, PruneConfig(iterative_steps=10), 10), ex, speedup)
+    cfg = PruneConfig(iterative_steps=10)
+    out = progressive_prune(model, make_pruner(model, ex, cfg, 10), ex, speedup, cfg)
     assert out.status == "ok"
     return out
 

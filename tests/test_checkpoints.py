@@ -132,7 +132,8 @@ def test_reset_head_on_a_pruned_artifact(tmp_path):
     torch.manual_seed(0)
     m = _trained_looking("resnet20", 100)
     ex = example_inputs()
-    out = progressive_prune(m, make_pruner(m, ex, PruneConfig(iterative_steps=10), 100), ex, 1.3)
+    cfg = PruneConfig(iterative_steps=10)
+    out = progressive_prune(m, make_pruner(m, ex, cfg, 100), ex, 1.3, cfg)
     p = save_artifact(tmp_path / "p100.pt", m, model_name="resnet20", num_classes=100, history=out.history)
     with pytest.raises(ProgpruneError, match="has 100 classes, the dataset has 10.*--reset-head"):
         load_base_weights(p, "resnet20", 10)
@@ -186,7 +187,8 @@ def test_plain_state_dict_of_a_pruned_model_loads_by_shapes(tmp_path):
     torch.manual_seed(0)
     m = _trained_looking("vgg11", 10)
     ex = example_inputs()
-    progressive_prune(m, make_pruner(m, ex, PruneConfig(iterative_steps=10), 10), ex, 1.5)
+    cfg = PruneConfig(iterative_steps=10)
+    progressive_prune(m, make_pruner(m, ex, cfg, 10), ex, 1.5, cfg)
     p = tmp_path / "pruned-sd.pt"
     torch.save(m.state_dict(), p)
     model, info = load_base_weights(p, "vgg11", 10)

@@ -9,7 +9,6 @@ the speedup lies between the target and the reference's.
 import dataclasses
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
+from progprune.config import PruneConfig
 from progprune.errors import ProgpruneError
 from progprune.macs import MacsCounter
 from progprune.models import build_model, example_inputs
@@ -26,8 +26,13 @@ NUM_CLASSES = 10
 
 
 def _cfg(global_pruning=True, steps=50, method="group_norm", round_to=None, max_pruning_ratio=1.0):
-    return SimpleNamespace(method=method, global_pruning=global_pruning, iterative_steps=steps,
-                           max_pruning_ratio=max_pruning_ratio, round_to=round_to)
+    return PruneConfig(method=method, global_pruning=global_pruning, iterative_steps=steps,
+                       max_pruning_ratio=max_pruning_ratio, round_to=round_to)
+
+
+def _crossing(cfg, crossing):
+    """`cfg` with `crossing` as given (unvalidated: the loop must refuse an unknown one)."""
+    return cfg.model_copy(update={"crossing": crossing})
 
 
 def _weights(name, seed=0):
@@ -44,7 +49,7 @@ def _weights(name, seed=0):
 def _run(model, target, crossing, cfg, ex):
     pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
     marks = []  # history length after each step: where each step's entries end
-    out = progressive_prune(model, pruner, ex, target, crossing=crossing,
+    out = progressive_prune(model, pruner, ex, target, _crossing(cfg, crossing),
                             on_step=lambda step, s: marks.append(len(pruner.pruning_history())))
     return out, marks
 
@@ -169,10 +174,11 @@ def test_unreachable_target_reports_no_cut():
 def test_crossing_must_be_known(crossing):
     ex = example_inputs()
     model = _weights("resnet20", 0)
-    pruner = make_pruner(model, ex, _cfg(steps=10), NUM_CLASSES)
+    cfg = _cfg(steps=10)
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ProgpruneError, match="crossing must be one of fine, reference"):
-        progressive_prune(model, pruner, ex, 2.0, crossing=crossing)
+        progressive_prune(model, pruner, ex, 2.0, _crossing(cfg, crossing))
     assert pruner.current_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -226,7 +232,7 @@ def test_concat_and_residual_network(global_pruning, crossing, target):
     pruner = tp.pruner.GroupNormPruner(
         model, ex, importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=global_pruning,
         pruning_ratio=1.0, iterative_steps=5, ignored_layers=[model.fc])
-    out = progressive_prune(model, pruner, ex, target, crossing=crossing)
+    out = progressive_prune(model, pruner, ex, target, PruneConfig(crossing=crossing))
     assert out.status == "ok" and out.achieved_speedup >= target
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, NUM_CLASSES)

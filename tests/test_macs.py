@@ -3,8 +3,10 @@ import pytest
 import torch
 import torch_pruning as tp
 
+from progprune._tp import COUNTED_BY_TP
 from progprune.macs import MacsCounter, count_exact
 from progprune.models import build_model, classifier_layers, example_inputs, list_models
+from progprune.pruning.planner import _apply, _CutSet, _items, _plan_step
 
 
 def _tp_macs(model, ex):
@@ -15,7 +17,7 @@ def _pruner(model, ex, global_pruning, ratio=0.3):
     return tp.pruner.BasePruner(
         model, ex, importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=ratio, global_pruning=global_pruning,
-        ignored_layers=classifier_layers(model, 10))
+        ignored_layers=classifier_layers(model))
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -38,49 +40,57 @@ def test_counter_matches_torch_pruning_before_and_after_pruning(name):
         assert c.macs() == now, f"{name} global={global_pruning}: counter {c.macs()} vs tp {now}"
 
 
+def _planned(model, ex, global_pruning, ratio):
+    """One step of a pruner, planned as the loop plans it: (pruner, plan, items)."""
+    pruner = _pruner(model, ex, global_pruning, ratio)
+    plan, scores = _plan_step(pruner)
+    return pruner, plan, _items(pruner, plan, scores)
+
+
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
-def test_macs_if_pruned_predicts_the_real_count(name):
+def test_cut_set_predicts_the_real_count_of_each_group(name):
+    """What the crossing step predicts for a group's whole selection is what pruning it gives."""
     torch.manual_seed(0)
     model = build_model(name, 10).eval()
     ex = example_inputs()
     counter = MacsCounter(model, ex, expected=_tp_macs(model, ex))
-    pruner = _pruner(model, ex, global_pruning=False, ratio=0.25)
-    is_out = pruner.DG.is_out_channel_pruning_fn
-    groups = [g for g in pruner.step(interactive=True) if len(g[0].idxs)]
+    pruner, plan, items = _planned(model, ex, global_pruning=False, ratio=0.25)
+    groups = [gi for gi, p in enumerate(plan) if p.idxs]
     assert len(groups) >= 4
     # several groups of different kinds: first, last, and ones from the middle
-    picked = {0, 1, len(groups) // 2, len(groups) - 1}
-    checked = 0
-    for i, group in enumerate(groups):
-        if i in picked:
-            predicted = counter.macs_if_pruned(group, is_out)
-            group.prune()
-            assert predicted == _tp_macs(model, ex) == counter.macs(), f"{name} group {i}"
-            checked += 1
-        else:
-            group.prune()
-    assert checked == len(picked)
+    picked = {groups[0], groups[1], groups[len(groups) // 2], groups[-1]}
+    for gi, p in enumerate(plan):
+        cut = _CutSet(counter, plan)
+        for it in items:
+            if it.group == gi:
+                cut.add(it)
+        predicted = cut.macs()
+        _apply(pruner, [p])
+        if gi in picked:
+            assert predicted == _tp_macs(model, ex) == counter.macs(), f"{name} group {gi}"
 
 
-def test_macs_if_pruned_partial_count_matches_a_real_partial_prune():
-    """`n` = only the first n root channels: what the crossing step relies on."""
+def test_cut_set_partial_count_matches_a_real_partial_prune():
+    """Part of a group's selection (its first items in the method's order): what the
+    crossing step relies on."""
     torch.manual_seed(0)
     model = build_model("resnet20", 10).eval()
     ex = example_inputs()
     counter = MacsCounter(model, ex)
-    pruner = _pruner(model, ex, global_pruning=False)
-    is_out = pruner.DG.is_out_channel_pruning_fn
-    group = next(g for g in pruner.step(interactive=True) if len(g[0].idxs) >= 3)
-    dep = group[0].dep
-    idxs = list(group[0].idxs)[:2]
-    predicted = counter.macs_if_pruned(group, is_out, 2)
-    pruner.DG.get_pruning_group(dep.target.module, dep.handler, idxs).prune()
-    assert predicted == _tp_macs(model, ex)
+    pruner, plan, items = _planned(model, ex, global_pruning=False, ratio=0.3)
+    gi = next(gi for gi, p in enumerate(plan) if len(p.idxs) >= 3)
+    cut = _CutSet(counter, plan)
+    for it in [it for it in items if it.group == gi][:2]:
+        cut.add(it)
+    predicted = cut.macs()
+    assert 0 < sum(len(it.roots) for it in cut.items) < len(plan[gi].idxs)
+    _apply(pruner, plan, {gi: {r for it in cut.items for r in it.roots}})
+    assert predicted == _tp_macs(model, ex) == counter.macs()
 
 
 def test_counter_declines_unsupported_modules():
     """tp counts GELU, which the width counter does not model: it must decline, not guess."""
-    assert torch.nn.GELU in tp.utils.op_counter.MODULES_MAPPING
+    assert torch.nn.GELU in COUNTED_BY_TP
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GELU(), torch.nn.Flatten(),
                                 torch.nn.Linear(8 * 30 * 30, 2))
     ex = torch.randn(1, 3, 32, 32)
@@ -118,15 +128,14 @@ class _Small(torch.nn.Module):
 def test_outcome_names_the_counter_that_ran_the_loop(kind):
     """A model the fast counter does not know falls back to Torch-Pruning's count, and the
     outcome (hence the row's macs_counter column) says so."""
-    from types import SimpleNamespace
-
+    from progprune.config import PruneConfig
     from progprune.pruning import make_pruner, progressive_prune
 
     torch.manual_seed(0)
     model = _Small(kind == "layernorm").eval()
     ex = example_inputs()
-    cfg = SimpleNamespace(method="l1", global_pruning=True, iterative_steps=20, max_pruning_ratio=1.0, round_to=None)
-    out = progressive_prune(model, make_pruner(model, ex, cfg, 10), ex, 1.5)
+    cfg = PruneConfig(method="l1", iterative_steps=20)
+    out = progressive_prune(model, make_pruner(model, ex, cfg, 10), ex, 1.5, cfg)
     assert out.status == "ok" and out.achieved_speedup >= 1.5
     assert out.macs_counter == ("fast" if kind == "batchnorm" else "torch_pruning")
     assert (out.macs, out.params) == count_exact(model, ex)

@@ -6,13 +6,13 @@ allows. Every layer keeps at least ceil(width * (1 - ratio)) of the channels it 
 the run started; a target the cap puts out of reach ends "unreachable", never past it.
 """
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from progprune.config import PruneConfig
 from progprune.models import example_inputs
 from progprune.pruning import make_pruner, progressive_prune
 from test_crossing import NUM_CLASSES, _weights as _model  # seeded, BN scales spread
@@ -36,10 +36,10 @@ def _prune(name, target, ratio, *, global_pruning=True, steps=60, round_to=None,
     model = _model(name)
     ex = example_inputs()
     before = _widths(model)
-    cfg = SimpleNamespace(method="group_norm", global_pruning=global_pruning, iterative_steps=steps,
-                          max_pruning_ratio=ratio, round_to=round_to)
+    cfg = PruneConfig(method="group_norm", global_pruning=global_pruning, iterative_steps=steps,
+                      max_pruning_ratio=ratio, round_to=round_to, crossing=crossing)
     pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
-    out = progressive_prune(model, pruner, ex, target, crossing=crossing)
+    out = progressive_prune(model, pruner, ex, target, cfg)
     after = _widths(model)
     macs, params = tp.utils.count_ops_and_params(model, ex)
     assert (out.macs, out.params) == (int(macs), int(params))
@@ -120,8 +120,7 @@ def test_the_default_cap_changes_nothing():
     out, _, after = _prune("resnet20", 2.0, 1.0, steps=30, crossing="reference")
     model = _model("resnet20")
     ex = example_inputs()
-    cfg = SimpleNamespace(method="group_norm", global_pruning=True, iterative_steps=30,
-                          max_pruning_ratio=1.0, round_to=None)
+    cfg = PruneConfig(method="group_norm", global_pruning=True, iterative_steps=30)
     pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
     for _ in range(out.steps):
         pruner.step()

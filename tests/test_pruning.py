@@ -8,18 +8,14 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from progprune.errors import ProgpruneError
+from progprune.config import PruneConfig
+from progprune.errors import BadInput, ProgpruneError
 from progprune.models import build_model, example_inputs
-from progprune.pruning import get_method, list_methods, make_pruner, progressive_prune
+from progprune.pruning import (METHODS, Method, get_method, list_methods, make_pruner,
+                               progressive_prune, register_method)
 
 NUM_CLASSES = 10
 
-
-def PruneConfig(method="group_norm", global_pruning=True, iterative_steps=400, max_pruning_ratio=1.0,
-                round_to=None):
-    """make_pruner reads these attributes only (duck-typed: the settings schema is not needed)."""
-    return SimpleNamespace(method=method, global_pruning=global_pruning, iterative_steps=iterative_steps,
-                           max_pruning_ratio=max_pruning_ratio, round_to=round_to)
 
 
 def _trained_like(model):
@@ -37,9 +33,10 @@ def _prune(name, target, *, method="group_norm", global_pruning=True, steps=400,
     if trained_like:
         _trained_like(model)
     ex = example_inputs()
-    cfg = PruneConfig(method=method, global_pruning=global_pruning, iterative_steps=steps, round_to=round_to)
+    cfg = PruneConfig(method=method, global_pruning=global_pruning, iterative_steps=steps, round_to=round_to,
+                      crossing=crossing)
     pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
-    out = progressive_prune(model, pruner, ex, target, calib=calib, crossing=crossing, on_step=on_step)
+    out = progressive_prune(model, pruner, ex, target, cfg, calib=calib, on_step=on_step)
     return model, out
 
 
@@ -142,18 +139,20 @@ def test_bn_scale_methods_prune_an_untrained_model(method):
 def test_target_must_exceed_one(target):
     model = build_model("resnet20", NUM_CLASSES).eval()
     ex = example_inputs()
-    pruner = make_pruner(model, ex, PruneConfig(iterative_steps=10), NUM_CLASSES)
+    cfg = PruneConfig(iterative_steps=10)
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
     with pytest.raises(ProgpruneError, match="speedup must be a number > 1"):
-        progressive_prune(model, pruner, ex, target)
+        progressive_prune(model, pruner, ex, target, cfg)
 
 
 @pytest.mark.parametrize("method", ["taylor", "hessian", "obdc"])
 def test_gradient_methods_need_calibration_data(method):
     model = build_model("resnet20", NUM_CLASSES).eval()
     ex = example_inputs()
-    pruner = make_pruner(model, ex, PruneConfig(method=method, iterative_steps=10), NUM_CLASSES)
+    cfg = PruneConfig(method=method, iterative_steps=10)
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
     with pytest.raises(ProgpruneError, match="needs calibration data"):
-        progressive_prune(model, pruner, ex, 1.5)
+        progressive_prune(model, pruner, ex, 1.5, cfg)
     assert pruner.current_step == 0
 
 
@@ -162,6 +161,74 @@ def test_unknown_method_lists_valid_names():
         get_method("l3")
     assert "unknown method 'l3'" in str(e.value)
     assert all(m in str(e.value) for m in list_methods())
+
+
+def test_a_method_name_registered_twice_is_refused():
+    """The registry never overwrites silently (it used to: the second entry won)."""
+    l1 = get_method("l1")
+    with pytest.raises(ValueError, match="method 'l1' registered twice"):
+        register_method(Method("l1", lambda nc: tp.importance.RandomImportance()))
+    assert get_method("l1") is l1 and len(METHODS) == len(list_methods())
+
+
+class _ThroughNumpy(nn.Module):
+    """A forward that leaves torch for numpy: it runs without gradients, but autograd (and
+    so Torch-Pruning's tracing) refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(torch.from_numpy(self.conv(x).mean((2, 3)).numpy()))
+
+
+def test_a_model_torch_pruning_cannot_trace_is_bad_input():
+    """One line naming Torch-Pruning's error (it was a NameError: the except clause named
+    an exception class the module did not import)."""
+    model = _ThroughNumpy().eval()
+    with pytest.raises(BadInput, match=r"^Torch-Pruning cannot build the dependency graph of this "
+                                       r"model \(RuntimeError: Can't call numpy\(\) on Tensor"):
+        make_pruner(model, example_inputs(), PruneConfig(iterative_steps=5), NUM_CLASSES)
+
+
+class _Drift(nn.Module):
+    """The fast MACs counter ties each ReLU call to the latest module whose output had the
+    ReLU input's shape: here `b`, though the ReLUs follow `a`. The counts agree while the
+    two convs are as wide; once `b` is pruned more (its weights are smaller) the fast count
+    runs low, so the loop believes the target reached before it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(3, 16, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(32, NUM_CLASSES)
+        with torch.no_grad():
+            self.b.weight.mul_(0.01)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        for _ in range(8):
+            a = self.act(a)
+        return self.fc(torch.cat([a.mean((2, 3)), b.mean((2, 3))], 1))
+
+
+def test_the_exact_count_fallback_reports_every_step():
+    """When the fast counter drifts the loop finishes with exact counts; `on_step` hears
+    those steps too (it used to stop hearing at the drift), the last with the outcome's
+    speedup."""
+    torch.manual_seed(0)
+    model, ex = _Drift().eval(), example_inputs()
+    cfg = PruneConfig(method="l1", iterative_steps=20)
+    seen = []
+    out = progressive_prune(model, make_pruner(model, ex, cfg, NUM_CLASSES), ex, 1.5, cfg,
+                            on_step=lambda step, s: seen.append((step, s)))
+    assert out.status == "ok" and out.macs_counter == "torch_pruning"
+    assert [step for step, _ in seen] == list(range(1, out.steps + 1))
+    assert seen[-1][1] == out.achieved_speedup >= 1.5
+    assert seen[-2][1] >= 1.5  # the fast count's belief, before the exact count said otherwise
 
 
 def test_registry_entries_carry_method_needs():

@@ -57,7 +57,7 @@ def _pruned(name: str, tmp: str):
     ex = torch.randn(1, 3, SIZE, SIZE)
     cfg = PruneConfig(iterative_steps=STEPS)
     pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
-    out = progressive_prune(model, pruner, ex, 2.0)
+    out = progressive_prune(model, pruner, ex, 2.0, cfg)
     path = os.path.join(tmp, name.replace(":", "_") + ".pt")
     save_artifact(path, model, model_name=name, num_classes=NUM_CLASSES, input_shape=(3, SIZE, SIZE),
                   history=out.history)
@@ -114,8 +114,9 @@ def test_ignore_patterns_keep_layers_whole():
     torch.manual_seed(0)
     model = build_model("tv:resnet18", NUM_CLASSES).eval()
     ex = torch.randn(1, 3, SIZE, SIZE)
-    pruner = make_pruner(model, ex, PruneConfig(iterative_steps=STEPS, ignore=("layer1.*",)), NUM_CLASSES)
-    progressive_prune(model, pruner, ex, 2.0)
+    cfg = PruneConfig(iterative_steps=STEPS, ignore=("layer1.*",))
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
+    progressive_prune(model, pruner, ex, 2.0, cfg)
     assert model.layer1[0].conv1.out_channels == 64 and model.layer4[0].conv1.out_channels < 512
     with pytest.raises(ProgpruneError, match="pruning.ignore: 'layr1.*' matches no module name"):
         make_pruner(model, ex, PruneConfig(ignore=("layr1.*",)), NUM_CLASSES)
@@ -141,7 +142,8 @@ def test_pretrained_state_dict_round_trip(tmp_path):
             assert torch.equal(model(x), want), file
         models.append(model)
     model, ex = models[0], torch.randn(1, 3, SIZE, SIZE)
-    out = progressive_prune(model, make_pruner(model, ex, PruneConfig(iterative_steps=STEPS), NUM_CLASSES), ex, 2.0)
+    cfg = PruneConfig(iterative_steps=STEPS)
+    out = progressive_prune(model, make_pruner(model, ex, cfg, NUM_CLASSES), ex, 2.0, cfg)
     assert out.achieved_speedup >= 2.0
     assert model.conv1.out_channels < 64 or model.layer4[0].conv1.out_channels < 512
     # the surviving stem filters are rows of the checkpoint's (its input, RGB, is never pruned)
@@ -235,7 +237,8 @@ def test_families_prune_to_one_and_a_half_x(name, tmp_path):
     torch.manual_seed(0)
     model = build_model(name, NUM_CLASSES, (3, SIZE, SIZE)).eval()
     ex = torch.randn(1, 3, SIZE, SIZE)
-    out = progressive_prune(model, make_pruner(model, ex, PruneConfig(iterative_steps=STEPS), NUM_CLASSES), ex, 1.5)
+    cfg = PruneConfig(iterative_steps=STEPS)
+    out = progressive_prune(model, make_pruner(model, ex, cfg, NUM_CLASSES), ex, 1.5, cfg)
     assert out.status == "ok" and 1.5 <= out.achieved_speedup, out.achieved_speedup
     path = str(tmp_path / "m.pt")
     save_artifact(path, model, model_name=name, num_classes=NUM_CLASSES, input_shape=(3, SIZE, SIZE),

@@ -72,7 +72,7 @@ def test_a_combinations_row_is_its_stages_columns():
                              "dataset": {"name": "synthetic", "num_classes": 10},
                              "sparse_learning": {"epochs": 2}}).combinations()
     o = PruneOutcome("ok", 2.0, 40_000_000, 270_000, 19_900_000, 120_000, 7, 2.25, crossing="fine",
-                     crossing_cut="prefix")
+                     max_pruning_ratio=1.0, crossing_cut="prefix")
     prune = PruneInfo(o, 0.3, 0.6, 2.0, 1.25, 0.1, 0.05, 4, False, 0.5, unpruned_top1=(0.6, 0.85))
     pruned = Pruned(BaseInfo("trained", 0.8, 0.95, 0.79, 3, 1.5), prune, "cpu", 10, "2024-01-01T00:00:00+00:00",
                     "s3://b/pruned.pt")
