@@ -1,0 +1,170 @@
+"""The `progprune` command end to end: bad input exits 2 with one line on stderr, no
+traceback, nothing written (issue 6). `progprune prune` has test_cli_prune.py; the schema
+the CLI shares with sweeps has test_one_schema.py.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from progprune.storage import Store
+from helpers import progprune, progprune_in_process, tiny_spec
+
+
+def test_no_cluster_at_address_fails_fast(tmp_path):
+    from raycluster import free_ports
+
+    spec = tiny_spec(tmp_path)
+    t0 = time.monotonic()
+    r = progprune("sweep", spec, "--address", f"127.0.0.1:{free_ports(1)[0]}", timeout=60)
+    assert r.returncode == 2
+    assert time.monotonic() - t0 < 30
+    assert r.stderr.count("\n") == 1 and "no Ray cluster answers" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    spec = tiny_spec(tmp_path)
+    r = progprune("sweep", spec, "--output", blocker / "sub")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: output: cannot write") and "Traceback" not in r.stderr
+
+
+def test_second_sweep_on_the_same_output_is_refused(tmp_path):
+    spec = tiny_spec(tmp_path)
+    store = Store(str(tmp_path / "out"))
+    with store.lock():
+        r = progprune("sweep", spec)
+    assert r.returncode == 2
+    assert "in use by another sweep" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "results.parquet").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"finetune": {"epochs": -1}}, "finetune.epochs"),
+    ({"speedups": "fast"}, "speedups"),
+    ({"models": ["resnet21"]}, "models[0]"),
+    ({"output": "ftp://host/x"}, "output: unsupported scheme"),
+])
+def test_bad_spec_exits_2_with_one_line(tmp_path, bad, message):
+    spec = tiny_spec(tmp_path, **bad)
+    r = progprune("sweep", spec)
+    assert r.returncode == 2
+    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- bad input through the real CLI: exit 2, one line, nothing written ----------------
+class Evil:
+    """A pickle that runs a shell command when loaded (what weights-only loading refuses)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _write_bad_cases(root: Path) -> dict:
+    """id -> (spec path, output dir, text the one error line must contain)."""
+    import torch
+
+    from progprune.artifacts import save_artifact
+    from progprune.models import build_model
+
+    files = root / "files"
+    files.mkdir()
+    # fixed bytes: seed 2 makes torch's weights-only unpickler raise IndexError, not
+    # UnpicklingError; protocol 17 makes it print a multi-line UserWarning first
+    (files / "random.pt").write_bytes(random.Random(0).randbytes(4096))
+    (files / "random-indexerror.pt").write_bytes(random.Random(2).randbytes(4096))
+    (files / "odd-protocol.pt").write_bytes(b"\x80\x11N.")
+    save_artifact(files / "vgg11.pt", build_model("vgg11", 4), model_name="vgg11", num_classes=4)
+    save_artifact(files / "resnet20-10.pt", build_model("resnet20", 10), model_name="resnet20", num_classes=10)
+    torch.save({"state_dict": Evil(root / "pwned")}, files / "evil.pt")
+    (files / "cifar-empty").mkdir()
+
+    ck = lambda f: {"models": [{"name": "resnet20", "checkpoint": str(files / f)}]}  # noqa: E731
+    cases = {
+        "unknown-field": ({"finetun": {"epochs": 1}}, "finetun: unknown field; did you mean 'finetune'"),
+        "unknown-nested-field": ({"pruning": {"iterative_step": 5}}, "pruning.iterative_step: unknown field; did you mean 'iterative_steps'"),
+        "wrong-type-seeds": ({"seeds": ["zero"]}, "seeds[0]: must be an integer"),
+        "speedup-1": ({"speedups": [1.0, 2.0]}, "speedups[0]: must be a number > 1"),
+        "empty-speedups": ({"speedups": []}, "speedups: must not be empty"),
+        "duplicate-speedups": ({"speedups": [2.0, 2.0]}, "speedups: duplicate entry"),
+        "negative-epochs": ({"base_training": {"epochs": -2}}, "base_training.epochs: must be an integer in [0, 10000], got -2"),
+        "negative-lr": ({"finetune": {"lr": -0.01}}, "finetune.lr: must be a number in (0, 10], got -0.01"),
+        "unknown-method": ({"methods": ["group_nrom"]}, "methods[0]: unknown method 'group_nrom'; did you mean 'group_norm'"),
+        "unknown-dataset": ({"dataset": {"name": "imagenet"}}, "dataset.name: unknown dataset 'imagenet'"),
+        "unknown-model": ({"models": [{"name": "resnet_20"}]}, "models[0].name: unknown model 'resnet_20'"),
+        "checkpoint-missing": (ck("nope.pt"), "models[0].checkpoint: file not found"),
+        "checkpoint-corrupt": (ck("random.pt"), "models[0].checkpoint: checkpoint"),
+        "checkpoint-corrupt-indexerror": (ck("random-indexerror.pt"), "models[0].checkpoint: checkpoint"),
+        "checkpoint-odd-protocol": (ck("odd-protocol.pt"), "models[0].checkpoint: checkpoint"),
+        "checkpoint-other-arch": (ck("vgg11.pt"), "holds a vgg11, not a resnet20"),
+        "checkpoint-other-classes": (ck("resnet20-10.pt"), "has 10 classes, the dataset has 4"),
+        "checkpoint-malicious-pickle": (ck("evil.pt"), "refused: it would import"),
+        "cifar-missing-files": ({"dataset": {"name": "cifar10", "data_dir": str(files / "cifar-empty")}}, "dataset.data_dir"),
+        "num-classes-mismatch": ({"dataset": {"name": "digits", "num_classes": 7}}, "dataset.num_classes: digits has 10 classes, got 7"),
+        "output-scheme": ({"output": "http://example.com/runs"}, "output: unsupported scheme 'http'"),
+    }
+    out = {}
+    for name, (over, message) in cases.items():
+        d = root / name
+        d.mkdir()
+        out[name] = (tiny_spec(d, **over), d / "out", message)
+    d = root / "yaml-syntax"
+    d.mkdir()
+    bad = d / "bad.yaml"
+    bad.write_text(f"name: y\noutput: {d / 'out'}\nmodels: [resnet20\nspeedups: [2]\n")
+    out["yaml-syntax"] = (bad, d / "out", "YAML syntax error at line 4, column 9")
+    return out
+
+
+BAD_IDS = ["yaml-syntax", "unknown-field", "unknown-nested-field", "wrong-type-seeds",
+           "speedup-1", "empty-speedups", "duplicate-speedups",
+           "negative-epochs", "negative-lr", "unknown-method", "unknown-dataset",
+           "unknown-model", "checkpoint-missing", "checkpoint-corrupt",
+           "checkpoint-corrupt-indexerror", "checkpoint-odd-protocol", "checkpoint-other-arch",
+           "checkpoint-other-classes", "checkpoint-malicious-pickle", "cifar-missing-files",
+           "num-classes-mismatch", "output-scheme"]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every bad case through `progprune sweep`, a few at a time (each is mostly import time)."""
+    root = tmp_path_factory.mktemp("bad")
+    cases = _write_bad_cases(root)
+    assert sorted(cases) == sorted(BAD_IDS)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        runs = dict(zip(cases, pool.map(lambda c: progprune("sweep", c[0], timeout=120), cases.values())))
+    return {k: (runs[k], *cases[k][1:], root) for k in cases}
+
+
+@pytest.mark.parametrize("case", BAD_IDS)
+def test_bad_input_exits_2_with_one_line(bad_runs, case):
+    r, out, message, _ = bad_runs[case]
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not out.exists()
+
+
+def test_malicious_checkpoint_never_runs(bad_runs):
+    *_, root = bad_runs["checkpoint-malicious-pickle"]
+    assert not (root / "pwned").exists()
+    # and the same file does run its command under a plain pickle load: the test has teeth
+    import torch
+
+    probe = root / "files" / "evil-probe.pt"
+    torch.save(Evil(root / "pwned-probe"), probe)
+    torch.load(probe, weights_only=False)
+    assert (root / "pwned-probe").exists()
