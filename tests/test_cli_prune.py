@@ -1,4 +1,6 @@
-"""`progprune prune/models/methods` run as real subprocesses, like a user would."""
+"""`progprune prune/models/methods` run as real subprocesses, like a user would. Bad input
+that fails before any work runs the same click group in-process (`_in`) except for one
+real-process case per family (registry names, flag ranges, checkpoints, data)."""
 import json
 import os
 import subprocess
@@ -15,6 +17,7 @@ from progprune.artifacts import load_artifact, save_artifact
 from progprune.models import build_model, list_models
 from progprune.pruning import list_methods
 from progprune.results import COLUMNS
+from helpers import progprune_in_process as _in
 
 PROGPRUNE = Path(sys.executable).with_name("progprune")
 FAST = ["--dataset", "synthetic", "--base-epochs", "0", "--finetune-epochs", "1", "--sl-epochs", "0"]
@@ -90,11 +93,11 @@ def test_unreachable_target_exits_3_with_its_row(tmp_path):
 
 # ---- bad input: exit 2, one clean line, nothing written -----------------------------------
 
-def _bad(tmp_path, *args, exists=False):
+def _bad(tmp_path, *args, exists=False, run=_run):
     out = tmp_path / "out"
     if exists:
         out.mkdir()
-    proc = _run("prune", *args, "--out", out)
+    proc = run("prune", *args, "--out", out)
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = proc.stderr.strip().splitlines()
@@ -112,32 +115,34 @@ def test_unknown_model(tmp_path):
 
 
 def test_unknown_dataset(tmp_path):
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "mnist")
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "mnist", run=_in)
     assert "unknown dataset 'mnist'" in line
     assert all(d in line for d in ("cifar10", "cifar100", "digits", "imagefolder", "synthetic"))
 
 
 def test_unknown_method(tmp_path):
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--method", "l3", *FAST)
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--method", "l3", *FAST, run=_in)
     assert "unknown method 'l3'" in line and all(m in line for m in list_methods())
 
 
-@pytest.mark.parametrize("speedup", ["1", "0.5", "fast", "-2", "nan", "inf"])
-def test_bad_speedup(tmp_path, speedup):
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", speedup, *FAST)
+@pytest.mark.parametrize("speedup, run", [("1", _run), *((v, _in) for v in ("0.5", "fast", "-2", "nan", "inf"))],
+                         ids=["1", "0.5", "fast", "-2", "nan", "inf"])
+def test_bad_speedup(tmp_path, speedup, run):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", speedup, *FAST, run=run)
     assert "--speedup" in line and ("must be a number > 1" in line or "is not a valid float" in line)
 
 
-@pytest.mark.parametrize("flag", ["--base-epochs", "--finetune-epochs", "--sl-epochs"])
-def test_negative_epochs(tmp_path, flag):
+@pytest.mark.parametrize("flag, run", [("--base-epochs", _run), ("--finetune-epochs", _in), ("--sl-epochs", _in)],
+                         ids=["--base-epochs", "--finetune-epochs", "--sl-epochs"])
+def test_negative_epochs(tmp_path, flag, run):
     args = dict(zip(FAST[::2], FAST[1::2]))
     args[flag] = "-1"
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *[v for kv in args.items() for v in kv])
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *[v for kv in args.items() for v in kv], run=run)
     assert flag in line and "must be an integer in [0, 10000], got -1" in line
 
 
 def test_missing_checkpoint(tmp_path):
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", tmp_path / "none.pt")
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", tmp_path / "none.pt", run=_in)
     assert "--checkpoint: file not found" in line
 
 
@@ -186,7 +191,7 @@ def test_cifar10_data_dir_missing_files(tmp_path):
     data = write_cifar10(tmp_path / "cifar")
     (data / "data_batch_3").unlink()
     line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "cifar10",
-                "--data-dir", data, "--base-epochs", "0")
+                "--data-dir", data, "--base-epochs", "0", run=_in)
     assert "lacks data_batch_3" in line
 
 
