@@ -1,11 +1,14 @@
 """The `progprune` command end to end: bad input exits 2 with one line on stderr, no
-traceback, nothing written (issue 6). `progprune prune` has test_cli_prune.py; the schema
+traceback, nothing written (issue 6); usage errors, `python -m progprune`, and outputs
+checked before any work (issue 9). `progprune prune` has test_cli_prune.py; the schema
 the CLI shares with sweeps has test_one_schema.py.
 """
 from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 
 from progprune.storage import Store
 from helpers import progprune, progprune_in_process, tiny_spec
+from helpers import progprune as cli
 
 
 def test_no_cluster_at_address_fails_fast(tmp_path):
@@ -179,3 +183,75 @@ def test_malicious_checkpoint_never_runs(bad_runs):
     torch.save(Evil(root / "pwned-probe"), probe)
     torch.load(probe, weights_only=False)
     assert (root / "pwned-probe").exists()
+
+
+# ---- usage errors, python -m, outputs checked before any work (issue 9) ------------------
+@pytest.mark.parametrize("args, expected", [
+    (["--bogus"], "error: No such option '--bogus'"),
+    (["prune", "--model"], "error: Option '--model' requires an argument"),
+    (["prune", "--speedup", "2"], "error: Missing option '--model'"),
+    (["sweep"], "error: Missing argument 'SPEC'"),
+    (["nosuch"], "error: No such command 'nosuch'"),
+    (["prune", "--model", "resnet20", "--speedup", "2", "--seed", "99999999999999999999"],
+     "error: --seed: must be an integer in [0, 4294967295]"),
+    (["prune", "--model", "resnet20", "--speedup", "2", "--iterative-steps", "99999999999999999999"],
+     "error: --iterative-steps: must be an integer in [1, 100000]"),
+    (["prune", "--model", "resnet20", "--speedup", "2", "--finetune-lr", "inf"],
+     "error: --finetune-lr: must be a number in (0, 10], got inf"),
+    (["prune", "--model", "resnet20", "--speedup", "2", "--reg", "inf"],
+     "error: --reg: must be a number in [0, 1] (or null), got inf"),
+])
+def test_usage_errors_are_one_line(args, expected):
+    r = cli(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), r.stderr
+
+
+def test_python_dash_m_and_envvar_help():
+    r = subprocess.run([sys.executable, "-m", "progprune", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "progprune" in r.stdout
+    assert "RAY_ADDRESS" in cli("sweep", "--help").stdout
+
+
+def test_prune_output_is_checked_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", "--base-epochs", "15", "--output", tmp_path / "afile")
+    assert r.returncode == 2 and "--output" in r.stderr and "training" not in r.stdout
+    (tmp_path / "o" / "result.parquet").mkdir(parents=True)
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", "--output", tmp_path / "o")
+    assert r.returncode == 2 and "result.parquet is a directory" in r.stderr
+    assert not (tmp_path / "o" / "pruned.pt").exists()
+
+
+def test_bad_address_writes_nothing(tmp_path):
+    out = tmp_path / "never"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: t\nmodels: [resnet20]\nspeedups: [2]\noutput: {out}\n")
+    r = cli("sweep", spec, "--address", "127.0.0.1:9")
+    assert r.returncode == 2 and "no Ray cluster answers" in r.stderr
+    assert not out.exists()
+
+
+def test_an_output_belongs_to_one_sweep(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spec.resolved.yaml").write_text("name: sweep-a\n")
+    spec = tmp_path / "b.yaml"
+    spec.write_text(f"name: sweep-b\nmodels: [resnet20]\nspeedups: [2]\noutput: {out}\n")
+    r = cli("sweep", spec, "--dry-run")
+    assert r.returncode == 2 and "holds sweep 'sweep-a', not 'sweep-b'" in r.stderr
+    assert "--replace-sweep" in r.stderr and sorted(p.name for p in out.iterdir()) == ["spec.resolved.yaml"]
+    assert cli("sweep", spec, "--dry-run", "--replace-sweep").returncode == 0
+    (out / "spec.resolved.yaml").write_text("name: sweep-b\n")  # the same sweep, edited grid: fine
+    assert cli("sweep", spec, "--dry-run").returncode == 0
+
+
+def test_report_to_an_unwritable_place_is_one_line(tmp_path):
+    from progprune.results import ResultRow, write_rows
+
+    write_rows([ResultRow(combo_id="x", sweep="s", model="resnet20", dataset="digits", method="l1",
+                          seed=0, target_speedup=2.0)], tmp_path / "results.parquet")
+    r = cli("report", tmp_path / "results.parquet", "--format", "html", "--output", "/proc/nope/x")
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot write the report to /proc/nope/x")
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -17,6 +17,7 @@ from progprune.artifacts import load_artifact, save_artifact
 from progprune.models import build_model, list_models
 from progprune.pruning import list_methods
 from progprune.results import COLUMNS
+from helpers import progprune as cli
 from helpers import progprune_in_process as _in
 
 PROGPRUNE = Path(sys.executable).with_name("progprune")
@@ -252,3 +253,69 @@ def test_prune_writes_its_row_once_naming_where_its_artifact_ends(tmp_path, monk
     assert stored["artifact_uri"] == row["artifact_uri"] == str((out / "pruned.pt").resolve())
     assert stored["combo_id"] == row["combo_id"] and stored["status"] == row["status"] == "ok"
     assert stored["pruned_macs"] == row["pruned_macs"]
+
+
+# ---- rows of prune runs (issues 9, 12, 14) --------------------------------------------
+# 4 classes, no training, a short schedule: the row's fields are what is checked
+FAST_4 = ["--dataset", "synthetic", "--num-classes", "4", "--base-epochs", "0", "--finetune-epochs", "0",
+          "--iterative-steps", "40", "--latency-repeats", "1"]
+
+
+def test_pruning_in_rounds_reloads(tmp_path):
+    """Issue 14 #1: a pruned artifact is a valid base; the second round's artifact reloads
+    (histories compose) and its row carries the latency spread and the thread count."""
+    import progprune
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.2", *FAST_4, "--output", a)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.3", *FAST_4, "--checkpoint", a / "pruned.pt",
+            "--output", b, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["achieved_speedup"] >= 1.3 and row["latency_threads"] >= 1
+    assert row["base_latency_iqr_ms"] >= 0 and isinstance(row["latency_noisy"], bool)
+    assert row["base_checkpoint_sha256"] and 0 <= row["pruned_top1_bn"] <= 1
+    first, second = progprune.load_pruned(a / "pruned.pt"), progprune.load_pruned(b / "pruned.pt")
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(second) < n(first)
+    import torch
+
+    assert second(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("crossing, cuts", [("reference", {"whole"}), ("fine", {"whole", "prefix", "subset"})])
+def test_crossing_reaches_the_row(crossing, cuts):
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--crossing", crossing, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["crossing"] == crossing and row["crossing_cut"] in cuts and row["achieved_speedup"] >= 2
+
+
+def test_sparse_method_rows_report_the_model_they_pruned():
+    """Issue 12: base_top1 of a sparse method is the model after sparse learning (the one
+    pruned); the pre-sparse figure has its own column; the row records the recipe's reg."""
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.5", "--method", "slim", *FAST_4,
+            "--sl-epochs", "1", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["method"] == "slim" and row["sparse_reg"] == 1e-5 and row["sparse_epochs"] == 1
+    assert 0 <= row["base_top1_pre_sparse"] <= 1 and 0 <= row["base_top1"] <= 1
+
+
+def test_one_step_schedule_explains_itself():
+    """Issue 14 #8: --iterative-steps 1 asks for every channel at once, which Torch-Pruning
+    refuses; the row says what the schedule allows instead of only 'unreachable'."""
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--iterative-steps", "1", "--json")
+    assert r.returncode == 3
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "the schedule is 1 steps" in row["error"] and "use more iterative_steps" in row["error"]
+    assert "prunes none of them" in row["error"]
+
+
+def test_max_pruning_ratio_is_a_cap_and_the_row_says_so():
+    """Issue 14 #7: a target the cap forbids ends unreachable, naming the cap."""
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--max-pruning-ratio", "0.3", "--json")
+    assert r.returncode == 3, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "at its max_pruning_ratio 0.3 floor" in row["error"] and row["achieved_speedup"] < 2

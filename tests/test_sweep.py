@@ -222,3 +222,15 @@ def test_a_run_with_nothing_left_expands_the_grid_once(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_user_text_keeps_its_brackets():
+    """Issue 14 #11: rich must not eat '[torchvision]' out of an error."""
+    from rich.console import Console
+
+    from progprune.results import ResultRow
+    from progprune.sweep import _Progress
+
+    console = Console(record=True, markup=False, width=200, force_terminal=False)
+    row = ResultRow(combo_id="x", sweep="s", model="tv:resnet18", dataset="digits", method="l1", seed=0,
+                    target_speedup=2.0, error="run pip install 'progprune[torchvision]'")
+    _Progress(console, 1).row(row)
+    assert "'progprune[torchvision]'" in console.export_text()
