@@ -1,7 +1,7 @@
 """The `progprune` command end to end: bad input exits 2 with one line on stderr, no
 traceback, nothing written (issue 6); usage errors, `python -m progprune`, and outputs
 checked before any work (issue 9). `progprune prune` has test_cli_prune.py; the schema
-the CLI shares with sweeps has test_one_schema.py.
+the CLI shares with sweeps has test_config.py.
 """
 from __future__ import annotations
 
