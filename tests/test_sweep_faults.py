@@ -22,7 +22,8 @@ pytestmark = pytest.mark.ray
 
 
 def test_killed_prune_worker_is_retried_and_the_sweep_finishes(cluster, tmp_path):
-    spec = tiny_spec(tmp_path)
+    # one model, both speedups: the killed combination and one that runs beside it
+    spec = tiny_spec(tmp_path, models=["vgg11"])
     markers = tmp_path / "faults"
     r = progprune("sweep", spec, "--address", cluster.address,
                   env=run_env(**inject("kill:prune:vgg11:2.0", markers)), timeout=600)
@@ -35,7 +36,8 @@ def test_killed_prune_worker_is_retried_and_the_sweep_finishes(cluster, tmp_path
 
 
 def test_killed_driver_then_rerun_runs_only_what_is_missing(cluster, tmp_path):
-    spec = tiny_spec(tmp_path, resources={"max_concurrent": 1})
+    # one model, two speedups, one at a time: killed after the first row, the second is missing
+    spec = tiny_spec(tmp_path, models=["resnet20"], resources={"max_concurrent": 1})
     out = tmp_path / "out"
     total = len(combo_ids(spec))
     proc = popen_sweep(spec, "--address", cluster.address)
