@@ -17,6 +17,8 @@ def closest_names(word: str, options, n: int = 5, cutoff: float = 0.6) -> list[s
     """Up to `n` of `options` close to `word`, best first: difflib's ratio, ties to the
     longer common prefix (resnet21 -> resnet20)."""
     options = list(options)
+    if not options:
+        return []
     close = difflib.get_close_matches(word, options, n=len(options), cutoff=cutoff)  # all: ties first
     return sorted(close, key=lambda c: (difflib.SequenceMatcher(None, word, c).ratio(),
                                         len(os.path.commonprefix([word, c]))), reverse=True)[:n]

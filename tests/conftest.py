@@ -1,4 +1,5 @@
-"""Shared fixtures. Keep this small: helpers used by one file live in that file."""
+"""Shared fixtures. Keep this small: helpers used by one file live in that file; helpers
+used by several live in helpers.py."""
 from __future__ import annotations
 
 import pytest
@@ -21,3 +22,18 @@ def calib(synthetic_splits):
     mean = torch.tensor(s.mean).view(1, -1, 1, 1) * 255
     std = torch.tensor(s.std).view(1, -1, 1, 1) * 255
     return (s.train_x[:8].float() - mean) / std, s.train_y[:8]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """One 2-CPU local Ray cluster (`ray start --head` on 127.0.0.1) for every end-to-end
+    sweep that needs nothing special of it: started once per session, on first use
+    (test_sweep, test_sweep_faults, test_sweep_takeover). Its environment is the one each
+    of those files gave its own cluster (run_env()); what a test varies (faults, lease,
+    hostname) it passes to its driver, never to the cluster. Clusters of another shape
+    (a GPU, token auth, another Python) stay with their tests."""
+    from helpers import run_env
+    from raycluster import LocalRay
+
+    with LocalRay(num_cpus=2, env=run_env()) as c:
+        yield c

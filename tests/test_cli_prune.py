@@ -1,4 +1,6 @@
-"""`progprune prune/models/methods` run as real subprocesses, like a user would."""
+"""`progprune prune/models/methods` run as real subprocesses, like a user would. Bad input
+that fails before any work runs the same click group in-process (`_in`) except for one
+real-process case per family (registry names, flag ranges, checkpoints, data)."""
 import json
 import os
 import subprocess
@@ -15,6 +17,8 @@ from progprune.artifacts import load_artifact, save_artifact
 from progprune.models import build_model, list_models
 from progprune.pruning import list_methods
 from progprune.results import COLUMNS
+from helpers import progprune as cli
+from helpers import progprune_in_process as _in
 
 PROGPRUNE = Path(sys.executable).with_name("progprune")
 FAST = ["--dataset", "synthetic", "--base-epochs", "0", "--finetune-epochs", "1", "--sl-epochs", "0"]
@@ -90,11 +94,11 @@ def test_unreachable_target_exits_3_with_its_row(tmp_path):
 
 # ---- bad input: exit 2, one clean line, nothing written -----------------------------------
 
-def _bad(tmp_path, *args, exists=False):
+def _bad(tmp_path, *args, exists=False, run=_run):
     out = tmp_path / "out"
     if exists:
         out.mkdir()
-    proc = _run("prune", *args, "--out", out)
+    proc = run("prune", *args, "--out", out)
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = proc.stderr.strip().splitlines()
@@ -112,32 +116,34 @@ def test_unknown_model(tmp_path):
 
 
 def test_unknown_dataset(tmp_path):
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "mnist")
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "mnist", run=_in)
     assert "unknown dataset 'mnist'" in line
     assert all(d in line for d in ("cifar10", "cifar100", "digits", "imagefolder", "synthetic"))
 
 
 def test_unknown_method(tmp_path):
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--method", "l3", *FAST)
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--method", "l3", *FAST, run=_in)
     assert "unknown method 'l3'" in line and all(m in line for m in list_methods())
 
 
-@pytest.mark.parametrize("speedup", ["1", "0.5", "fast", "-2", "nan", "inf"])
-def test_bad_speedup(tmp_path, speedup):
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", speedup, *FAST)
+@pytest.mark.parametrize("speedup, run", [("1", _run), *((v, _in) for v in ("0.5", "fast", "-2", "nan", "inf"))],
+                         ids=["1", "0.5", "fast", "-2", "nan", "inf"])
+def test_bad_speedup(tmp_path, speedup, run):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", speedup, *FAST, run=run)
     assert "--speedup" in line and ("must be a number > 1" in line or "is not a valid float" in line)
 
 
-@pytest.mark.parametrize("flag", ["--base-epochs", "--finetune-epochs", "--sl-epochs"])
-def test_negative_epochs(tmp_path, flag):
+@pytest.mark.parametrize("flag, run", [("--base-epochs", _run), ("--finetune-epochs", _in), ("--sl-epochs", _in)],
+                         ids=["--base-epochs", "--finetune-epochs", "--sl-epochs"])
+def test_negative_epochs(tmp_path, flag, run):
     args = dict(zip(FAST[::2], FAST[1::2]))
     args[flag] = "-1"
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *[v for kv in args.items() for v in kv])
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *[v for kv in args.items() for v in kv], run=run)
     assert flag in line and "must be an integer in [0, 10000], got -1" in line
 
 
 def test_missing_checkpoint(tmp_path):
-    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", tmp_path / "none.pt")
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", tmp_path / "none.pt", run=_in)
     assert "--checkpoint: file not found" in line
 
 
@@ -186,7 +192,7 @@ def test_cifar10_data_dir_missing_files(tmp_path):
     data = write_cifar10(tmp_path / "cifar")
     (data / "data_batch_3").unlink()
     line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "cifar10",
-                "--data-dir", data, "--base-epochs", "0")
+                "--data-dir", data, "--base-epochs", "0", run=_in)
     assert "lacks data_batch_3" in line
 
 
@@ -247,3 +253,69 @@ def test_prune_writes_its_row_once_naming_where_its_artifact_ends(tmp_path, monk
     assert stored["artifact_uri"] == row["artifact_uri"] == str((out / "pruned.pt").resolve())
     assert stored["combo_id"] == row["combo_id"] and stored["status"] == row["status"] == "ok"
     assert stored["pruned_macs"] == row["pruned_macs"]
+
+
+# ---- rows of prune runs (issues 9, 12, 14) --------------------------------------------
+# 4 classes, no training, a short schedule: the row's fields are what is checked
+FAST_4 = ["--dataset", "synthetic", "--num-classes", "4", "--base-epochs", "0", "--finetune-epochs", "0",
+          "--iterative-steps", "40", "--latency-repeats", "1"]
+
+
+def test_pruning_in_rounds_reloads(tmp_path):
+    """Issue 14 #1: a pruned artifact is a valid base; the second round's artifact reloads
+    (histories compose) and its row carries the latency spread and the thread count."""
+    import progprune
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.2", *FAST_4, "--output", a)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.3", *FAST_4, "--checkpoint", a / "pruned.pt",
+            "--output", b, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["achieved_speedup"] >= 1.3 and row["latency_threads"] >= 1
+    assert row["base_latency_iqr_ms"] >= 0 and isinstance(row["latency_noisy"], bool)
+    assert row["base_checkpoint_sha256"] and 0 <= row["pruned_top1_bn"] <= 1
+    first, second = progprune.load_pruned(a / "pruned.pt"), progprune.load_pruned(b / "pruned.pt")
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(second) < n(first)
+    import torch
+
+    assert second(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("crossing, cuts", [("reference", {"whole"}), ("fine", {"whole", "prefix", "subset"})])
+def test_crossing_reaches_the_row(crossing, cuts):
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--crossing", crossing, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["crossing"] == crossing and row["crossing_cut"] in cuts and row["achieved_speedup"] >= 2
+
+
+def test_sparse_method_rows_report_the_model_they_pruned():
+    """Issue 12: base_top1 of a sparse method is the model after sparse learning (the one
+    pruned); the pre-sparse figure has its own column; the row records the recipe's reg."""
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.5", "--method", "slim", *FAST_4,
+            "--sl-epochs", "1", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["method"] == "slim" and row["sparse_reg"] == 1e-5 and row["sparse_epochs"] == 1
+    assert 0 <= row["base_top1_pre_sparse"] <= 1 and 0 <= row["base_top1"] <= 1
+
+
+def test_one_step_schedule_explains_itself():
+    """Issue 14 #8: --iterative-steps 1 asks for every channel at once, which Torch-Pruning
+    refuses; the row says what the schedule allows instead of only 'unreachable'."""
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--iterative-steps", "1", "--json")
+    assert r.returncode == 3
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "the schedule is 1 steps" in row["error"] and "use more iterative_steps" in row["error"]
+    assert "prunes none of them" in row["error"]
+
+
+def test_max_pruning_ratio_is_a_cap_and_the_row_says_so():
+    """Issue 14 #7: a target the cap forbids ends unreachable, naming the cap."""
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--max-pruning-ratio", "0.3", "--json")
+    assert r.returncode == 3, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "at its max_pruning_ratio 0.3 floor" in row["error"] and row["achieved_speedup"] < 2

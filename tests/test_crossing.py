@@ -22,6 +22,8 @@ from progprune.macs import MacsCounter
 from progprune.models import build_model, example_inputs
 from progprune.pruning import CROSSING_CUTS, make_pruner, progressive_prune
 
+from helpers import spread_bn_model
+
 NUM_CLASSES = 10
 
 
@@ -36,14 +38,7 @@ def _crossing(cfg, crossing):
 
 
 def _weights(name, seed=0):
-    """A seeded model with BN scales spread out as training leaves them."""
-    torch.manual_seed(seed)
-    model = build_model(name, NUM_CLASSES).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.2, 1.5)
-    return model
+    return spread_bn_model(name, NUM_CLASSES, seed)
 
 
 def _run(model, target, crossing, cfg, ex):

@@ -176,6 +176,7 @@ def test_image_runs_as_ray_user_with_locked_versions(image):
         assert name in installed, sorted(installed)
 
 
+@pytest.mark.ray  # an embedded Ray inside the container
 def test_sweep_inside_the_image(image, tmp_path):
     import pyarrow.parquet as pq
 

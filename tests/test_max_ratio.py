@@ -15,7 +15,14 @@ import torch_pruning as tp
 from progprune.config import PruneConfig
 from progprune.models import example_inputs
 from progprune.pruning import make_pruner, progressive_prune
-from test_crossing import NUM_CLASSES, _weights as _model  # seeded, BN scales spread
+
+from helpers import spread_bn_model
+
+NUM_CLASSES = 10
+
+
+def _model(name, seed=0):
+    return spread_bn_model(name, NUM_CLASSES, seed)  # seeded, BN scales spread
 
 
 

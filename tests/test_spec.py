@@ -649,3 +649,27 @@ def test_a_method_says_truly_whether_it_learns_sparsity():
     assert load_spec_dict(spec_with(methods=[{"name": "slim", "sparse": True}])).methods[0].sparse
     assert problems(spec_with(methods=[{"name": "slim", "sparse": False}])) == [
         "methods[0].sparse: slim learns sparsity; remove the setting (the method registry fills it)"]
+
+
+def test_checkpoints_are_keyed_by_content(tmp_path):
+    import torch
+
+    from progprune.models import build_model
+
+    ck = tmp_path / "base.pt"
+    d = {"name": "t", "models": [{"name": "resnet20", "checkpoint": str(ck)}], "speedups": [2]}
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 10).state_dict(), ck)
+    first = load_spec_dict(d)
+    torch.manual_seed(1)
+    torch.save(build_model("resnet20", 10).state_dict(), ck)  # new weights, same file name
+    second = load_spec_dict(d)
+    (a,), (b,) = first.combinations(), second.combinations()
+    assert a.base_checkpoint == b.base_checkpoint and a.combo_id() != b.combo_id()
+    assert len(b.base_checkpoint_sha256) == 64 and b.base_key() != a.base_key()
+    # the resolved spec pins the content: a later change of the file is refused
+    pinned = first.to_dict()
+    from progprune.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"models\[0\]\.sha256: .* the file changed"):
+        load_spec_dict(pinned)

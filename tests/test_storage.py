@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import signal
 import stat
 import subprocess
@@ -490,3 +491,12 @@ def test_a_bad_uri_names_the_store_and_hides_credentials():
     text = str(e.value)
     assert text.startswith("results: cannot open s3://***@bucket/out") and "SECRET" not in text
     assert "no_such_option" in text and "\n" not in text
+
+
+# ---- secure defaults ------------------------------------------------------------------
+def test_store_never_shows_uri_credentials():
+    secret = "S3CR3T" + secrets.token_hex(8)
+    s = Store(f"s3://AKIAKEY:{secret}@bucket/runs?region=us-east-1&endpoint_override=127.0.0.1:9")
+    for text in (repr(s), s.display(), s.display("results.parquet")):
+        assert secret not in text and "AKIAKEY" not in text, text
+        assert "bucket" in text

@@ -1,72 +1,27 @@
 """Sweeps end to end on a real local Ray cluster (ray start --head on 127.0.0.1), through
 the real `ray job submit` CLI and the real `progprune` CLI; results read back with
-pyarrow and pandas."""
+pyarrow and pandas. The cluster is the session's (conftest `cluster`); the 1-GPU one
+is its test's own. Bad input through the CLI is test_cli.py's, faults test_sweep_faults.py's."""
 from __future__ import annotations
 
 import os
 import subprocess
-import time
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from progprune.results import COLUMNS
 from progprune.spec import load_spec
 from progprune.storage import Store
 from faults import inject
+from helpers import ROOT, progprune, read_results, run_env, tiny_spec
 from raycluster import BIN, LocalRay
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "ray_jobs" / "digits_smoke.yaml"
 
 
-def _env(**extra) -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def progprune(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "progprune"), *map(str, args)], capture_output=True, text=True,
-                          env=env or _env(), timeout=timeout, cwd=ROOT)
-
-
-def tiny_spec(tmp_path: Path, name="tiny", **over) -> Path:
-    """A small synthetic grid: 2 models x 2 speedups, fine-tuned in-task (num_workers 0)."""
-    spec = {
-        "name": name,
-        "dataset": {"name": "synthetic", "num_classes": 4, "synthetic_samples": 96},
-        "models": ["resnet20", "vgg11"],
-        "speedups": [1.5, 2.0],
-        "base_training": {"epochs": 1, "batch_size": 32, "augment": False},
-        "finetune": {"epochs": 1, "batch_size": 32, "augment": False, "num_workers": 0},
-        "pruning": {"iterative_steps": 60},
-        "evaluation": {"latency_repeats": 2},
-        "resources": {"max_concurrent": 2},
-        "output": str(tmp_path / "out"),
-    }
-    for k, v in over.items():
-        spec[k] = v
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(spec))
-    return p
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalRay(num_cpus=2, env=_env()) as c:
-        yield c
-
-
-def _table(out: Path) -> pd.DataFrame:
-    table = pq.read_table(out / "results.parquet")
-    assert set(COLUMNS) <= set(table.column_names)
-    return table.to_pandas()
-
-
+@pytest.mark.ray
 def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     out = tmp_path / "smoke"
     # this cluster's Python has progprune and its dependencies: the shipped runtime env
@@ -86,10 +41,10 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
         [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
          "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--",
          "python", "-m", "progprune", "sweep", str(spec_path), "--output", str(out)],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1200)
+        capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     spec = load_spec(spec_path)
-    df = _table(out)
+    df = read_results(out)
     assert len(df) == len(spec.combinations()) == 2
     assert sorted(df.combo_id) == sorted(c.combo_id() for c in spec.combinations())
     assert (df.status == "ok").all(), df[["model", "target_speedup", "status", "error"]]
@@ -136,17 +91,18 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     assert "to run   0" in r2.stdout
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after
-    df2 = _table(out)
+    df2 = read_results(out)
     pd.testing.assert_frame_equal(df.sort_values("combo_id").reset_index(drop=True),
                                   df2.sort_values("combo_id").reset_index(drop=True))
 
 
+@pytest.mark.ray
 def test_failed_combination_becomes_a_row_and_the_sweep_goes_on(cluster, tmp_path):
     spec = tiny_spec(tmp_path)
     r = progprune("sweep", spec, "--address", cluster.address,
-                  env=_env(**inject("raise:prune:vgg11:2.0", tmp_path / "faults")))
+                  env=run_env(**inject("raise:prune:vgg11:2.0", tmp_path / "faults")))
     assert r.returncode == 1, r.stdout + r.stderr
-    df = _table(tmp_path / "out")
+    df = read_results(tmp_path / "out")
     assert len(df) == 4
     bad = df[(df.model == "vgg11") & (df.target_speedup == 2.0)]
     assert bad.status.tolist() == ["failed"]
@@ -157,15 +113,16 @@ def test_failed_combination_becomes_a_row_and_the_sweep_goes_on(cluster, tmp_pat
     r2 = progprune("sweep", spec, "--address", cluster.address)
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert "to run   1" in r2.stdout
-    df2 = _table(tmp_path / "out")
+    df2 = read_results(tmp_path / "out")
     assert len(df2) == 4 and (df2.status == "ok").all()
 
 
+@pytest.mark.ray
 def test_unreachable_target_is_a_row_not_an_error(cluster, tmp_path):
     spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[1000.0], pruning={"iterative_steps": 30})
     r = progprune("sweep", spec, "--address", cluster.address)
     assert r.returncode == 0, r.stdout + r.stderr
-    df = _table(tmp_path / "out")
+    df = read_results(tmp_path / "out")
     assert df.status.tolist() == ["unreachable"]
     assert df.achieved_speedup.iloc[0] < 1000
     assert df.prune_steps.iloc[0] == 30
@@ -189,51 +146,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert (tmp_path / "taken").read_text() == "a user's file\n" and not (tmp_path / "out").exists()
 
 
-def test_no_cluster_at_address_fails_fast(tmp_path):
-    from raycluster import free_ports
-
-    spec = tiny_spec(tmp_path)
-    t0 = time.monotonic()
-    r = progprune("sweep", spec, "--address", f"127.0.0.1:{free_ports(1)[0]}", timeout=60)
-    assert r.returncode == 2
-    assert time.monotonic() - t0 < 30
-    assert r.stderr.count("\n") == 1 and "no Ray cluster answers" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_unwritable_output_fails_before_any_work(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    spec = tiny_spec(tmp_path)
-    r = progprune("sweep", spec, "--output", blocker / "sub")
-    assert r.returncode == 2
-    assert r.stderr.startswith("error: output: cannot write") and "Traceback" not in r.stderr
-
-
-def test_second_sweep_on_the_same_output_is_refused(tmp_path):
-    spec = tiny_spec(tmp_path)
-    store = Store(str(tmp_path / "out"))
-    with store.lock():
-        r = progprune("sweep", spec)
-    assert r.returncode == 2
-    assert "in use by another sweep" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "out" / "results.parquet").exists()
-
-
-@pytest.mark.parametrize("bad, message", [
-    ({"finetune": {"epochs": -1}}, "finetune.epochs"),
-    ({"speedups": "fast"}, "speedups"),
-    ({"models": ["resnet21"]}, "models[0]"),
-    ({"output": "ftp://host/x"}, "output: unsupported scheme"),
-])
-def test_bad_spec_exits_2_with_one_line(tmp_path, bad, message):
-    spec = tiny_spec(tmp_path, **bad)
-    r = progprune("sweep", spec)
-    assert r.returncode == 2
-    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
-
-
+@pytest.mark.ray
 def test_one_gpu_cluster_does_not_deadlock(tmp_path):
     """Every prune task asks for the only (logical) GPU and every fine-tune asks Ray Train
     for a GPU worker: with the prune task holding its GPU while waiting, this hangs."""
@@ -241,10 +154,10 @@ def test_one_gpu_cluster_does_not_deadlock(tmp_path):
                      finetune={"epochs": 1, "batch_size": 32, "augment": False,
                                "num_workers": 1, "use_gpu": True},
                      resources={"gpus_per_task": 1, "cpus_per_task": 1, "max_concurrent": 3})
-    with LocalRay(num_cpus=2, num_gpus=1, env=_env()) as c:
+    with LocalRay(num_cpus=2, num_gpus=1, env=run_env()) as c:
         r = progprune("sweep", spec, "--address", c.address, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    df = _table(tmp_path / "out")
+    df = read_results(tmp_path / "out")
     assert len(df) == 3 and (df.status == "ok").all()
     assert (df.device == "cpu").all()  # the declared GPU is not real: torch used the CPU
 
@@ -255,6 +168,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.ray
 def test_image_folder_sweep_with_two_train_workers(cluster, tmp_path):
     """A folder of JPEGs (one unreadable) streamed through a sweep: DataLoader workers in
     the prune task and in each of two Ray Train workers (DDP over the rank shards), the
@@ -269,7 +183,7 @@ def test_image_folder_sweep_with_two_train_workers(cluster, tmp_path):
                      finetune={"epochs": 2, "batch_size": 8, "num_workers": 2})
     r = progprune("sweep", spec, "--address", cluster.address)
     assert r.returncode == 0, r.stdout + r.stderr
-    df = _table(tmp_path / "out")
+    df = read_results(tmp_path / "out")
     assert len(df) == 1 and df.status.tolist() == ["ok"], df.error.tolist()
     row = df.iloc[0]
     assert row.dataset == "imagefolder" and row.num_classes == 3 and row.finetune_workers == 2
@@ -306,3 +220,17 @@ def test_a_run_with_nothing_left_expands_the_grid_once(tmp_path, monkeypatch):
     assert sweep.run(spec, console=Console(file=out, highlight=False, markup=False, width=160)) == 0
     assert "to run   0; already done (kept) 4" in out.getvalue()
     assert len(calls) == 1
+
+
+def test_user_text_keeps_its_brackets():
+    """Issue 14 #11: rich must not eat '[torchvision]' out of an error."""
+    from rich.console import Console
+
+    from progprune.results import ResultRow
+    from progprune.sweep import _Progress
+
+    console = Console(record=True, markup=False, width=200, force_terminal=False)
+    row = ResultRow(combo_id="x", sweep="s", model="tv:resnet18", dataset="digits", method="l1", seed=0,
+                    target_speedup=2.0, error="run pip install 'progprune[torchvision]'")
+    _Progress(console, 1).row(row)
+    assert "'progprune[torchvision]'" in console.export_text()

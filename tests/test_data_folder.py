@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from fixtures_data import write_imagefolder
+from helpers import progprune_in_process
 from progprune.config import DatasetConfig
 from progprune.data import check_dataset, load_dataset
 from progprune.errors import ProgpruneError
@@ -210,9 +211,8 @@ def test_prune_on_a_folder_through_the_cli(tmp_path):
     base = [*cmd, "prune", "--model", "resnet20", "--dataset", "imagefolder", "--data-dir", str(d),
             "--speedup", "1.5", "--iterative-steps", "20", "--base-epochs", "1", "--finetune-epochs", "1"]
 
-    def bad(*args) -> str:
-        proc = subprocess.run([*base, *args, "--out", str(tmp_path / "bad")], capture_output=True, text=True,
-                              timeout=300)
+    def bad(*args) -> str:  # fails before any work: the same click group, in this process
+        proc = progprune_in_process(*base[len(cmd):], *args, "--out", str(tmp_path / "bad"))
         assert proc.returncode == 2 and not (tmp_path / "bad").exists(), proc.stderr
         (line,) = proc.stderr.strip().splitlines()
         return line

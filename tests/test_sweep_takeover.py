@@ -24,8 +24,10 @@ import pytest
 
 from progprune.spec import load_spec
 from progprune.storage import LOCK_NAME, Store
-from raycluster import BIN, LocalRay
-from test_sweep import ROOT, _env, tiny_spec
+from helpers import ROOT, run_env, tiny_spec
+from raycluster import BIN
+
+pytestmark = pytest.mark.ray
 
 LEASE_S = 10
 
@@ -45,7 +47,7 @@ def _sweep(hostname: str, *args, **popen) -> subprocess.Popen:
     (killing its process group touches nothing else). unshare and sh exec: its pid is the driver's."""
     cmd = [*_unshare_prefix(), "sh", "-c", 'hostname "$0" && exec "$@"', hostname,
            str(BIN / "progprune"), "sweep", *map(str, args)]
-    env = _env(PROGPRUNE_LOCK_LEASE_S=str(LEASE_S))
+    env = run_env(PROGPRUNE_LOCK_LEASE_S=str(LEASE_S))
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, **popen)
 
@@ -86,32 +88,31 @@ def _rows(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def takeover(tmp_path_factory):
-    """Run the scenario once; the tests below check what it left."""
+def takeover(tmp_path_factory, cluster):
+    """Run the scenario once, on the session's cluster; the tests below check what it left."""
     tmp = tmp_path_factory.mktemp("takeover")
     spec = tiny_spec(tmp, models=["resnet20"], speedups=[1.5, 2.0, 3.0], resources={"max_concurrent": 1})
     out = tmp / "out"
-    with LocalRay(num_cpus=2, env=_env()) as cluster:
-        first = _sweep("pp-first", spec, "--address", cluster.address)
-        try:
-            deadline = time.monotonic() + 600
-            _wait_for((out / LOCK_NAME).exists, first, deadline, "its lock")
-            lock = json.loads((out / LOCK_NAME).read_text())
-            # a live holder on another host: refused, in about one heartbeat, on one line
-            t0 = time.monotonic()
-            live = _sweep("pp-third", spec, "--address", cluster.address)
-            live_out, live_err = live.communicate(timeout=300)
-            live_s = time.monotonic() - t0
-            _wait_for(lambda: any((out / "rows").glob("*.parquet")), first, deadline, "its first row")
-        finally:
-            _kill_group(first)
-        left = json.loads((out / LOCK_NAME).read_text())  # the killed driver's lease
-        time.sleep(2)  # let anything the dead driver's tasks were writing land before we look
-        kept = _rows(out)
+    first = _sweep("pp-first", spec, "--address", cluster.address)
+    try:
+        deadline = time.monotonic() + 600
+        _wait_for((out / LOCK_NAME).exists, first, deadline, "its lock")
+        lock = json.loads((out / LOCK_NAME).read_text())
+        # a live holder on another host: refused, in about one heartbeat, on one line
         t0 = time.monotonic()
-        rerun = _sweep("pp-second", spec, "--address", cluster.address)
-        stdout, stderr = rerun.communicate(timeout=900)
-        rerun_s = time.monotonic() - t0
+        live = _sweep("pp-third", spec, "--address", cluster.address)
+        live_out, live_err = live.communicate(timeout=300)
+        live_s = time.monotonic() - t0
+        _wait_for(lambda: any((out / "rows").glob("*.parquet")), first, deadline, "its first row")
+    finally:
+        _kill_group(first)
+    left = json.loads((out / LOCK_NAME).read_text())  # the killed driver's lease
+    time.sleep(2)  # let anything the dead driver's tasks were writing land before we look
+    kept = _rows(out)
+    t0 = time.monotonic()
+    rerun = _sweep("pp-second", spec, "--address", cluster.address)
+    stdout, stderr = rerun.communicate(timeout=900)
+    rerun_s = time.monotonic() - t0
     return dict(spec=spec, out=out, lock=lock, left=left, live=(live.returncode, live_out, live_err, live_s),
                 kept=kept, rerun=(rerun.returncode, stdout, stderr, rerun_s), first_pid=first.pid)
 

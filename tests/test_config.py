@@ -1,0 +1,136 @@
+"""progprune.config, one schema (issue 9): `prune` is a one-combination sweep spec built
+from its flags, so both commands share defaults, validation and combo_id; defaults live in
+the schema alone (not restated by library functions or help texts). The CLI's one-line
+errors are test_cli.py's; prune runs that check a row are test_cli_prune.py's."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from progprune.cli import one_combination_spec
+from progprune.config import SweepSpec
+from progprune.spec import load_spec, load_spec_dict
+from helpers import progprune as cli
+
+FAST = ["--dataset", "synthetic", "--num-classes", "4", "--base-epochs", "0", "--finetune-epochs", "0",
+        "--iterative-steps", "40", "--latency-repeats", "1"]
+
+
+def test_prune_and_sweep_share_defaults_and_combo_id(tmp_path):
+    flags = {"model": "resnet20", "speedup": 2.0, "seed": 3, "finetune_lr": 0.02}
+    one = load_spec_dict(one_combination_spec(flags)).combinations()[0]
+    # the same settings written as a user's sweep spec
+    p = tmp_path / "s.yaml"
+    p.write_text("name: other-name\nmodels: [resnet20]\nspeedups: [2]\nseeds: [3]\n"
+                 "finetune: {lr: 0.02, num_workers: 0}\n")
+    (grid,) = load_spec(p).combinations()
+    assert one.combo_id() == grid.combo_id()
+    assert one.base == grid.base and one.finetune == grid.finetune
+    # the same through the command line a user types (Click's own parsing of every flag,
+    # boolean pairs such as --global/--local included, left unset)
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", "--seed", "3", "--finetune-lr", "0.02",
+            "--print-spec")
+    assert r.returncode == 0, r.stderr
+    (typed,) = load_spec_dict(yaml.safe_load(r.stdout)).combinations()
+    assert typed.combo_id() == grid.combo_id()
+    assert typed.prune.global_pruning and typed.base.augment is False  # digits: no augmentation
+    # a setting the user changes changes the id
+    other = load_spec_dict(one_combination_spec({**flags, "finetune_lr": 0.03})).combinations()[0]
+    assert other.combo_id() != one.combo_id()
+
+
+def test_defaults_live_in_the_schema_alone():
+    s = load_spec_dict(one_combination_spec({"model": "resnet20", "speedup": 2.0}))
+    d = SweepSpec.model_fields
+    assert s.base_training.epochs == d["base_training"].default.epochs
+    assert s.base_training.lr == d["base_training"].default.lr
+    assert s.finetune.batch_size == d["finetune"].default.batch_size
+    help_text = cli("prune", "--help").stdout
+    assert f"[default: {d['base_training'].default.lr}]" in help_text
+    # a grid's default shows as a user writes it (the method's name, not its settings)
+    method_help = " ".join(help_text.split("--method", 1)[1].split("--dataset", 1)[0].split())
+    assert method_help.endswith(f"[default: {d['methods'].default[0].name}]"), method_help
+    # lists of names come from the registries (issue 22), not from words written beside them
+    from progprune.data import list_datasets
+    from progprune.pruning import get_method, list_methods
+
+    flat = " ".join(help_text.split())
+    assert f"--dataset TEXT {', '.join(list_datasets())} (see `progprune datasets`)" in flat
+    sparse = ", ".join(m for m in list_methods() if get_method(m).sparse)
+    assert f"sparse learning epochs ({sparse})" in flat
+
+
+def _schema_defaults(model=SweepSpec, out=None) -> dict:
+    """Every setting's name -> the defaults the schema declares for it (in any section)."""
+    from pydantic import BaseModel
+
+    from progprune.config import PruneConfig
+
+    out = {} if out is None else out
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            _schema_defaults(f.annotation, out)
+        elif not f.is_required():
+            out.setdefault(name, []).append(f.get_default())
+    return out if model is not SweepSpec else _schema_defaults(PruneConfig, out)
+
+
+def _library_functions():
+    """(where, function) for every function and method the modules of progprune define
+    (the Ray layer included)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import progprune
+
+    for info in pkgutil.walk_packages(progprune.__path__, "progprune."):
+        mod = importlib.import_module(info.name)
+        for name, obj in vars(mod).items():
+            if getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isfunction(obj):
+                yield f"{mod.__name__}.{name}", obj
+            elif inspect.isclass(obj):
+                for attr, fn in vars(obj).items():
+                    if inspect.isfunction(fn):
+                        yield f"{mod.__name__}.{name}.{attr}", fn
+
+
+def test_library_functions_do_not_restate_schema_defaults():
+    """Issue 22: a library parameter named like a setting takes the setting's value from
+    the caller; a default equal to the schema's is a second declaration that silently stays
+    when the schema's changes (None, "unset", is no restatement)."""
+    import inspect
+
+    defaults = _schema_defaults()
+    restated = [f"{where}({p.name}={p.default!r})" for where, fn in _library_functions()
+                for p in inspect.signature(fn).parameters.values()
+                if p.name in defaults and p.default is not inspect.Parameter.empty
+                and p.default is not None and any(p.default == d and type(p.default) is type(d)
+                                                  for d in defaults[p.name])]
+    assert not restated, restated
+
+
+def test_print_spec_is_a_sweep_spec_and_matches_the_run(tmp_path):
+    r = cli("prune", "--model", "resnet20", "--speedup", "1.5", *FAST, "--print-spec")
+    assert r.returncode == 0, r.stderr
+    p = tmp_path / "grown.yaml"
+    p.write_text(r.stdout)
+    spec = load_spec(p)
+    assert [c.model for c in spec.combinations()] == ["resnet20"]
+    run = cli("prune", "--model", "resnet20", "--speedup", "1.5", *FAST, "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    assert row["combo_id"] == spec.combinations()[0].combo_id()
+
+
+def test_print_spec_can_be_grown_into_a_sweep(tmp_path):
+    r = cli("prune", "--model", "vgg11", "--speedup", "2", "--print-spec")
+    d = yaml.safe_load(r.stdout)
+    d["speedups"] = [1.5, 2, 3]
+    d["models"].append({"name": "resnet20"})
+    assert len(load_spec_dict(d).combinations()) == 6
+
+
