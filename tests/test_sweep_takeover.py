@@ -91,7 +91,11 @@ def _rows(out: Path) -> dict:
 def takeover(tmp_path_factory, cluster):
     """Run the scenario once, on the session's cluster; the tests below check what it left."""
     tmp = tmp_path_factory.mktemp("takeover")
-    spec = tiny_spec(tmp, models=["resnet20"], speedups=[1.5, 2.0, 3.0], resources={"max_concurrent": 1})
+    # the live-holder probe below runs while the first sweep trains its base and prunes: a base
+    # of several epochs and five combinations one at a time leave the first sweep unfinished
+    # when it is killed, even on a loaded machine
+    spec = tiny_spec(tmp, models=["resnet20"], speedups=[1.5, 2.0, 2.5, 3.0, 3.5], resources={"max_concurrent": 1},
+                     base_training={"epochs": 8, "batch_size": 32, "augment": False})
     out = tmp / "out"
     first = _sweep("pp-first", spec, "--address", cluster.address)
     try:
@@ -109,6 +113,9 @@ def takeover(tmp_path_factory, cluster):
     left = json.loads((out / LOCK_NAME).read_text())  # the killed driver's lease
     time.sleep(2)  # let anything the dead driver's tasks were writing land before we look
     kept = _rows(out)
+    if len(kept) == len(_ids(spec)):
+        pytest.fail("the first sweep finished every combination before it could be killed: "
+                    "nothing is left for the rerun to take over (the live-holder probe ran too long)")
     t0 = time.monotonic()
     rerun = _sweep("pp-second", spec, "--address", cluster.address)
     stdout, stderr = rerun.communicate(timeout=900)
