@@ -6,15 +6,14 @@ its row says why; a sweep with any failed row) or anything unexpected, 2 bad inp
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import click
 
-from progprune._atomic import nearest_existing
+from progprune._atomic import StagedDir, nearest_existing
 from progprune.errors import BadInput, Problem, ProgpruneError, SpecError
 
 
@@ -41,8 +40,11 @@ class _Cli(click.Group):
             rv = super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.Abort:  # Ctrl-C / SIGINT: nothing half-written stays (atomic writes)
+        except click.Abort as e:  # Ctrl-C / SIGINT, SIGTERM: nothing half-written stays
             sweep = (sys.argv[1:] if args is None else list(args))[:1] == ["sweep"]
+            if isinstance(e.__cause__, _Terminated):
+                click.echo("terminated", err=True)
+                sys.exit(143)
             click.echo("interrupted" + (": finished combinations keep their rows; the same command "
                                         "resumes the sweep" if sweep else ""), err=True)
             sys.exit(130)
@@ -239,19 +241,81 @@ def _as_flags(e: SpecError) -> BadInput:
     return BadInput("; ".join(dict.fromkeys(msgs)))
 
 
-def _check_out_dir(out: str) -> None:
-    """Before any work: the directory can be created and written, and nothing in the way."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise BadInput(f"{out} exists and is not a directory; choose another", field="--output")
+def _local_out_dir(output: str) -> str:
+    """--output as the local directory it names (as a sweep reads a local output: file:// and
+    ~ understood); bad values refused before anything is imported or run."""
+    if not output.strip():
+        raise BadInput(f"empty path {output!r}; name a directory (made if missing)", field="--output")
+    if output.startswith("file://"):
+        return os.path.expanduser(output[len("file://"):]) or "/"
+    if "://" in output:
+        raise BadInput(f"prune writes a local directory, got {output!r}; give a local path "
+                       "(a sweep spec's output may be s3:// or gs://)", field="--output")
+    return os.path.expanduser(output)
+
+
+def _check_out_dir(out: str, force: bool) -> None:
+    """Before any work: the directory can be created and written, nothing is in the way, and
+    it holds no earlier prune's files (unless `force`)."""
     from progprune.storage.layout import PRUNE_LAYOUT
 
+    parent = nearest_existing(out)
+    if os.path.islink(parent) and not os.path.exists(parent):
+        raise BadInput(f"{parent} is a symlink to {os.readlink(parent)}, which does not exist; create "
+                       "its target or choose another --output", field="--output")
+    if not os.path.isdir(parent):
+        raise BadInput(f"{parent} exists and is not a directory; choose another --output", field="--output")
     for name in PRUNE_LAYOUT.files:
         if os.path.isdir(os.path.join(out, name)):
             raise BadInput(f"{os.path.join(out, name)} is a directory; remove it or choose "
                                  "another --output", field="--output")
-    parent = nearest_existing(out or ".")
+    held = [n for n in PRUNE_LAYOUT.files if os.path.lexists(os.path.join(out, n))]
+    if held and not force:
+        raise BadInput(f"{out} already holds {_earlier_run(out, held)}; choose another --output, or pass "
+                       "--force to replace it", field="--output")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadInput(f"cannot write to {parent}; choose a writable directory", field="--output")
+
+
+def _earlier_run(out: str, held: list) -> str:
+    """What an earlier prune left in `out`, as its row names it (else the file names)."""
+    from progprune.storage.layout import PRUNE_LAYOUT
+
+    files = " and ".join(held)
+    try:
+        import pyarrow.parquet as pq
+
+        (r,) = pq.read_table(os.path.join(out, PRUNE_LAYOUT.row),
+                             columns=["model", "method", "target_speedup", "seed"]).to_pylist()
+        return f"the prune of {r['model']} / {r['method']} / {r['target_speedup']}x / seed {r['seed']} ({files})"
+    except Exception:  # unreadable or another format: name the files
+        return files
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, Kubernetes stopping a pod), raised where the program is, so that it
+    unwinds like Ctrl-C: `finally` blocks and context managers remove what is half-written."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While in this block, SIGTERM raises `_Terminated` (once: a second one during the
+    clean-up is ignored); the main loop maps it to one line and exit 143 (128 + SIGTERM)."""
+    import signal
+
+    def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command("prune")
@@ -260,15 +324,22 @@ def _check_out_dir(out: str) -> None:
               help="where this process runs every stage")
 @click.option("--output", "--out", "output", default=None, metavar="DIR",
               help="write pruned.pt and result.parquet here (checked before any work)")
+@click.option("--force", is_flag=True, help="replace the pruned.pt and result.parquet an earlier prune left in --output")
 @click.option("--json", "as_json", is_flag=True, help="print the result row as one JSON object on the last line")
 @click.option("--print-spec", is_flag=True, help="print the equivalent one-combination sweep spec and exit")
-def prune_cmd(device, output, as_json, print_spec, **flags):
+def prune_cmd(device, output, force, as_json, print_spec, **flags):
     """Progressively prune one model to one target speedup, in this process.
 
     The flags build a one-combination sweep spec (see --print-spec), validated and hashed
     exactly like `progprune sweep` would."""
+    with _sigterm_unwinds():
+        return _prune(device, output, force, as_json, print_spec, flags)
+
+
+def _prune(device, output, force, as_json, print_spec, flags):
     from progprune.spec import dump_yaml, load_spec_dict
 
+    out_dir = None if output is None else _local_out_dir(output)
     try:
         spec = load_spec_dict(one_combination_spec(flags, output), source="")
     except SpecError as e:
@@ -285,32 +356,28 @@ def prune_cmd(device, output, as_json, print_spec, **flags):
 
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("no CUDA device is available; use --device cpu", field="--device")
-    if output:
-        _check_out_dir(output)
+    if out_dir is not None:
+        _check_out_dir(out_dir, force)
     (cfg,) = spec.combinations()
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
 
-    # work in a private temp dir; move into --output only when the combination finished
-    stage = tempfile.mkdtemp(prefix=".progprune-") if output else None
-    try:
+    # work in a private folder on --output's filesystem (renamed into place, never copied);
+    # publish only once the combination finished; the folder goes whatever happens
+    staged = StagedDir(out_dir) if out_dir is not None else None
+    with staged or contextlib.nullcontext() as stage:
         try:
-            row = run_combination(cfg, stage, dev, log, shown_dir=os.path.abspath(output) if output else None)
+            row = run_combination(cfg, stage, dev, log, shown_dir=os.path.abspath(out_dir) if stage else None)
         except SpecError as e:
             raise _as_flags(e) from None
         except BadInput as e:
             raise _as_flags(SpecError([Problem(e.field or "", e.message)])) from None
-        if output:
+        if stage:
             from progprune.results import write_rows
 
             # once: run_combination named the artifact's final place (none for a failed row)
             write_rows([row], os.path.join(stage, PRUNE_LAYOUT.row))
-            os.makedirs(output, exist_ok=True)
-            for name in os.listdir(stage):  # the row, written once, already names output
-                os.replace(os.path.join(stage, name), os.path.join(output, name))
-    finally:
-        if stage:
-            shutil.rmtree(stage, ignore_errors=True)
+            staged.publish(PRUNE_LAYOUT.files)  # the artifact first: the row names it
     _summary(row, log)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(row), default=str))

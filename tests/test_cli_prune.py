@@ -319,3 +319,146 @@ def test_max_pruning_ratio_is_a_cap_and_the_row_says_so():
     assert r.returncode == 3, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert "at its max_pruning_ratio 0.3 floor" in row["error"] and row["achieved_speedup"] < 2
+
+
+# ---- where prune writes: --output checked up front, staged on its filesystem (issue 23) --
+FAST_OUT = ["--model", "resnet20", "--speedup", "1.2", *FAST_4]
+
+
+def _other_device_dir(tmp_path) -> Path:
+    """A fresh directory on another filesystem than both tmp_path and the temporary directory
+    (/dev/shm is a tmpfs on Linux and in Docker)."""
+    import tempfile
+    import uuid
+
+    here = {os.stat(tmp_path).st_dev, os.stat(tempfile.gettempdir()).st_dev}
+    for root in ("/dev/shm", "/run/shm"):
+        if os.path.isdir(root) and os.access(root, os.W_OK) and os.stat(root).st_dev not in here:
+            return Path(root) / f"progprune-test-{uuid.uuid4().hex[:8]}"
+    pytest.skip("no writable filesystem other than the temporary directory's (needs /dev/shm as a tmpfs)")
+
+
+def test_output_on_another_filesystem_is_renamed_into_place(tmp_path):
+    """Issue 23 #1: an --output on another filesystem than the temporary directory (a tmpfs,
+    a mounted volume) used to end, after all the work, in 'Invalid cross-device link', the
+    model thrown away and an empty folder left. Staged beside the output, it is renamed."""
+    out = _other_device_dir(tmp_path) / "run"
+    try:
+        r = cli("prune", *FAST_OUT, "--output", out, "--json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert sorted(os.listdir(out.parent)) == ["run"]  # no staging folder left beside it
+        assert sorted(os.listdir(out)) == ["pruned.pt", "result.parquet"]
+        row = _json_row(r)
+        assert row["artifact_uri"] == str(out / "pruned.pt")
+        assert pd.read_parquet(out / "result.parquet").loc[0, "combo_id"] == row["combo_id"]
+        import progprune
+
+        assert progprune.load_pruned(out / "pruned.pt")(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+        # into an existing folder of that filesystem too (the files move one by one)
+        r = _in("prune", *FAST_OUT, "--output", out, "--force")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert sorted(os.listdir(out)) == ["pruned.pt", "result.parquet"]
+    finally:
+        import shutil
+
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def test_output_holding_another_run_is_refused_unless_forced(tmp_path):
+    """Issue 23 #4: an --output that holds an earlier prune's pruned.pt and result.parquet is
+    refused before any work, naming what it holds; --force replaces both."""
+    out = tmp_path / "run"
+    r = cli("prune", *FAST_OUT, "--output", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = {n: (out / n).read_bytes() for n in ("pruned.pt", "result.parquet")}
+
+    r = cli("prune", "--model", "vgg11", "--speedup", "1.5", *FAST_4, "--output", out)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stdout == "" and "Traceback" not in r.stderr  # no stage ran
+    assert r.stderr.strip() == (f"error: --output: {out} already holds the prune of resnet20 / group_norm / "
+                                "1.2x / seed 0 (pruned.pt and result.parquet); choose another --output, "
+                                "or pass --force to replace it")
+    assert {n: (out / n).read_bytes() for n in before} == before
+
+    (out / "pruned.pt").unlink()  # either file alone is an earlier run's
+    r = _in("prune", "--model", "vgg11", "--speedup", "1.5", *FAST_4, "--output", out)
+    assert r.returncode == 2 and "already holds the prune of resnet20" in r.stderr, r.stderr
+    assert sorted(os.listdir(out)) == ["result.parquet"]
+
+    r = _in("prune", "--model", "vgg11", "--speedup", "1.5", *FAST_4, "--output", out, "--force", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["pruned.pt", "result.parquet"]
+    assert pd.read_parquet(out / "result.parquet").loc[0, "model"] == "vgg11"
+    assert load_artifact(out / "pruned.pt", model_name="vgg11", num_classes=4)[1]["model"] == "vgg11"
+
+
+def test_force_removes_what_the_new_run_does_not_write(tmp_path):
+    """A forced run that writes no artifact (a failed row has none) must not leave the
+    earlier run's pruned.pt beside its row: publishing replaces the whole set of files."""
+    from progprune._atomic import StagedDir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pruned.pt").write_bytes(b"old model")
+    (out / "result.parquet").write_bytes(b"old row")
+    (out / "notes.txt").write_bytes(b"the user's")
+    staged = StagedDir(out)
+    with staged as stage:
+        assert os.path.dirname(stage) == str(out)  # an existing folder: staged inside it
+        Path(stage, "result.parquet").write_bytes(b"new row")
+        staged.publish(["pruned.pt", "result.parquet"])
+    assert sorted(os.listdir(out)) == ["notes.txt", "result.parquet"]
+    assert (out / "result.parquet").read_bytes() == b"new row"
+
+
+@pytest.mark.parametrize("case, run", [("empty", _in), ("dangling", _run), ("under-dangling", _in),
+                                       ("bucket", _in), ("file", _in)])
+def test_bad_output_is_refused_up_front(tmp_path, case, run):
+    """Issue 23 #15, #23: --output "" used to exit 0 writing nothing; an --output at a
+    dangling symlink passed the check, ran everything, then raised FileExistsError. Both are
+    one line before any work (like the sweep), and nothing is made anywhere."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "missing")
+    output, expected = {
+        "empty": ("", "error: --output: empty path ''; name a directory (made if missing)"),
+        "dangling": (link, f"error: --output: {link} is a symlink to {tmp_path / 'missing'}, which does not "
+                           "exist; create its target or choose another --output"),
+        "under-dangling": (link / "sub", f"error: --output: {link} is a symlink to {tmp_path / 'missing'}"),
+        "bucket": ("s3://bucket/run", "error: --output: prune writes a local directory, got 's3://bucket/run'"),
+        "file": (f"file://{link}", f"error: --output: {link} is a symlink to"),
+    }[case]
+    r = run("prune", *FAST_OUT, "--output", output)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(expected), r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["link"] and not os.path.exists(link)
+    assert not os.path.exists("s3:") and not os.path.exists("file:")
+
+
+def test_sigterm_exits_143_with_one_line_and_leaves_nothing(tmp_path):
+    """Issue 23 #28: SIGTERM (`kill`, Kubernetes stopping a pod) unwinds like Ctrl-C: one
+    line, exit 128 + 15, the staging folder and the folders made for --output removed, and
+    nothing left in the temporary directory (it used to exit 143 silently, leaving a
+    .progprune-* folder there)."""
+    import signal
+
+    tmpdir, out = tmp_path / "tmp", tmp_path / "a" / "b" / "out"
+    tmpdir.mkdir()
+    p = subprocess.Popen([str(PROGPRUNE), "prune", "--model", "resnet20", "--speedup", "2",
+                          "--dataset", "synthetic", "--num-classes", "4", "--base-epochs", "10000",
+                          "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "TMPDIR": str(tmpdir)})
+    try:
+        for line in p.stdout:  # once training has begun, the staging folder exists
+            if "base epoch 1/" in line:
+                break
+        staged = [str(s) for s in (tmp_path / "a" / "b").glob(".progprune-*")]
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, (p.returncode, stderr)
+    assert stderr.strip() == "terminated", stderr
+    assert len(staged) == 1  # staged beside the output, not in the temporary directory
+    assert sorted(os.listdir(tmp_path)) == ["tmp"] and os.listdir(tmpdir) == []
