@@ -149,7 +149,7 @@ def _run(spec, store, cluster, address, force, max_concurrent, break_lock, num_c
         if address:  # an existing cluster: connected (and its resources checked) before anything is written
             close = cluster.connect(address)
             _SIGTERM.install()  # Ray's driver installs its own crash handler for SIGTERM
-            cluster.check_resources(spec, address)
+            cluster.check_resources(spec, address, warn=out)
         store.check_writable()
         with store.lock(break_lock=break_lock, on_wait=out) as lease:
             combos = spec.combinations()

@@ -254,3 +254,20 @@ def test_user_text_keeps_its_brackets():
                     target_speedup=2.0, error="run pip install 'progprune[torchvision]'")
     _Progress(console, 1).row(row)
     assert "'progprune[torchvision]'" in console.export_text()
+
+
+def test_a_read_only_monitor_is_not_an_autoscaler():
+    """`ray start --head` runs a read-only monitor that writes the same status as Ray's v1
+    autoscaler: taking it for one let a GPU spec on a GPU-less cluster wait forever with a
+    warning; a real autoscaler (KubeRay) names node groups, and only then is the check a
+    warning (it may add GPU nodes)."""
+    import json
+
+    from progprune.cluster import _v1_autoscaler
+
+    def status(mapping):
+        return json.dumps({"autoscaler_report": {"node_type_mapping": mapping, "legacy": True}}).encode()
+
+    assert not _v1_autoscaler(None)
+    assert not _v1_autoscaler(status({"5f5a38": "node_5f5a38"}))  # what `ray start --head` writes
+    assert _v1_autoscaler(status({"5f5a38": "headgroup", "77aa01": "gpu"}))  # KubeRay's groups

@@ -118,19 +118,36 @@ def check_local_resources(spec) -> None:
                            f"{_show(here)}{' (torch.cuda sees no GPU)' if not gpus else ''}")
 
 
-def check_resources(spec, address: str) -> None:
+def _v1_autoscaler(status: bytes | None) -> bool:
+    """Whether Ray's v1 autoscaler status (JSON in the GCS) comes from an autoscaler that
+    can add nodes. `ray start --head` runs a read-only monitor that writes it too: it names
+    each node's type after the node itself ("node_<id>"); a real one names its groups."""
+    import json
+
+    if not status:
+        return False
+    mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
+
+
+def check_resources(spec, address: str, warn=print) -> None:
     """Refuse, after connecting and before submitting anything, a spec that no node of the
-    cluster can schedule now, nor any node group its autoscaler may add."""
+    cluster can schedule now, nor any node group its autoscaler may add. Where an
+    autoscaler runs without stating its node groups (Ray's v1 autoscaler), what it may add
+    is unknown: a line to `warn`, not a refusal."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    groups = []
-    try:  # the autoscaler's node groups (KubeRay, cluster launcher): what it may still add
+    groups, autoscaler = [], False
+    try:  # the autoscaler's node groups (v2; KubeRay, cluster launcher): what it may still add
+        from ray._private import ray_constants
         from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
 
         config = state.get_cluster_config()
         groups = [dict(g.resources) for g in (config.node_group_configs if config else ())
                   if g.max_count != 0]
+        autoscaler = bool(config) or _v1_autoscaler(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
     except Exception:  # noqa: BLE001 - private API (Ray is pinned): without it, the nodes alone
         pass
     for field, who, need in _asks(spec):
@@ -139,6 +156,10 @@ def check_resources(spec, address: str) -> None:
         have = "; ".join(f"a node with {_show(n)}" for n in nodes[:4]) or "no node"
         if len(nodes) > 4:
             have += f" (and {len(nodes) - 4} more)"
+        if autoscaler and not groups:
+            warn(f"warning: {field}: {who} asks for {_show(need)} on one node, and no node of the Ray cluster at "
+                 f"{address} has that now ({have}); its autoscaler must add one, or the sweep waits")
+            continue
         if groups:
             have += " and no autoscaler node group offers more"
         raise _refusal(field, who, need, f"the Ray cluster at {address}", have)
