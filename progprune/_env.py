@@ -6,9 +6,10 @@ import os
 from progprune.errors import BadInput
 
 
-def env_seconds(name: str, default: float, allow_zero: bool = False) -> float:
-    """$`name` as seconds (> 0, or >= 0 with `allow_zero`); `default` when unset or blank.
-    Anything else (text, nan, inf, a negative) is refused with the variable's name."""
+def env_seconds(name: str, default: float, allow_zero: bool = False, maximum: float | None = None) -> float:
+    """$`name` as seconds (> 0, or >= 0 with `allow_zero`; at most `maximum` where given);
+    `default` when unset or blank. Anything else (text, nan, inf, a negative, above the
+    maximum) is refused with the variable's name."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -16,6 +17,8 @@ def env_seconds(name: str, default: float, allow_zero: bool = False) -> float:
         v = float(raw)
     except ValueError:
         v = float("nan")
-    if not (v >= 0 if allow_zero else v > 0) or v == float("inf"):
-        raise BadInput(f"{name}: expected a number of seconds {'>= 0' if allow_zero else '> 0'}, got {raw!r}")
+    if not (v >= 0 if allow_zero else v > 0) or v == float("inf") or (maximum is not None and v > maximum):
+        bound = f" and <= {maximum:g}" if maximum is not None else ""
+        raise BadInput(f"{name}: expected a number of seconds {'>= 0' if allow_zero else '> 0'}{bound}, "
+                       f"got {raw!r}")
     return v

@@ -125,41 +125,122 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
         if not console.is_terminal:  # job logs: wide enough for the table
             console = Console(highlight=False, markup=False, width=160)
     out = console.print
-    store = Store(spec.output)
+    store = Store(spec.output)  # a bucket: probed on first use, in bounded time
     _check_owner(store, spec, replace_sweep)
+    store.check_kinds(LAYOUT.files, LAYOUT.dirs)
+    store.check_writable(probe_write=False)  # what the file system says now: one rule for both
+    from progprune import cluster  # the Ray layer (imports Ray only when it connects)
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:  # the embedded Ray is this machine: what it lacks is known now
+        cluster.check_local_resources(spec)
     num_classes = preflight(spec)
     if dry_run:  # what the run would refuse, without writing anything
-        store.check_writable(probe_write=False)
         print_plan(make_plan(spec, store, force), out)
         return 0
-    from progprune import cluster  # the Ray layer
+    with _SIGTERM:
+        return _run(spec, store, cluster, address, force, max_concurrent, break_lock, num_classes, console)
 
-    if address or os.environ.get("RAY_ADDRESS"):
-        cluster.probe(address or os.environ["RAY_ADDRESS"])  # before anything is written
-    store.check_writable()
-    with store.lock(break_lock=break_lock, on_wait=out) as lease:
-        combos = spec.combinations()
-        table = _table(store, combos)
-        plan = make_plan(spec, store, force, table.statuses(), combos)
-        print_plan(plan, out)
-        store.write_bytes(dump_yaml(spec).encode(), *LAYOUT.spec)
-        failed = 0
-        if plan.todo:
+
+def _run(spec, store, cluster, address, force, max_concurrent, break_lock, num_classes, console) -> int:
+    out = console.print
+    close = None
+    try:
+        if address:  # an existing cluster: connected (and its resources checked) before anything is written
             close = cluster.connect(address)
-            try:
-                progress = _Progress(console, len(plan.todo))
-                failed = cluster.execute(plan, max_concurrent or spec.resources.max_concurrent,
-                                         progress, num_classes, table, lease)
-            finally:
-                close()
-        rows = table.flush(force=True)
-        _final(rows, store, console)
+            _SIGTERM.install()  # Ray's driver installs its own crash handler for SIGTERM
+            cluster.check_resources(spec, address, warn=out)
+        store.check_writable()
+        with store.lock(break_lock=break_lock, on_wait=out) as lease:
+            combos = spec.combinations()
+            table = _table(store, combos)
+            plan = make_plan(spec, store, force, table.statuses(), combos)
+            print_plan(plan, out)
+            store.write_bytes(dump_yaml(spec).encode(), *LAYOUT.spec)
+            failed = 0
+            if plan.todo:
+                try:
+                    if close is None:
+                        close = cluster.connect(None)
+                        _SIGTERM.install()
+                    progress = _Progress(console, len(plan.todo))
+                    failed = cluster.execute(plan, max_concurrent or spec.resources.max_concurrent,
+                                             progress, num_classes, table, lease)
+                except KeyboardInterrupt:
+                    _merge_on_interrupt(table)
+                    raise
+            rows = table.flush(force=True)
+            _final(rows, store, console)
+    finally:
+        if close is not None:
+            close()
     return 1 if any(r.status == "failed" for r in rows) or failed else 0
 
 
+def _merge_on_interrupt(table: ResultsTable) -> None:
+    """Ctrl-C or SIGTERM: results.parquet gets every row finished so far (the table is
+    rewritten at a bounded rate, so it may lag), read back from the fragments, which
+    hold the rows of tasks the driver had not collected yet too."""
+    try:
+        table.load()
+        table.flush(force=True)
+    except KeyboardInterrupt:  # a second Ctrl-C: the fragments stay, the next run merges them
+        pass
+
+
+class _SigtermAsInterrupt:
+    """SIGTERM (what Kubernetes, `kill` and `ray job stop` send) ends a sweep as Ctrl-C does:
+    KeyboardInterrupt in the main thread, so finished rows are merged, temporary files and
+    the lock are removed and the embedded Ray is shut down; the CLI prints one line and
+    exits 130. Ray's driver installs a crash handler for SIGTERM when it connects, so
+    `install` runs again after each connect."""
+
+    def __init__(self):
+        self.previous = None
+
+    @staticmethod
+    def _handler(signum, frame):
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, self._handler)
+            if self.previous is None:
+                self.previous = previous
+
+    def __enter__(self):
+        self.previous = None
+        self.install()
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+        return False
+
+
+_SIGTERM = _SigtermAsInterrupt()
+
+
 def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:
-    """An output belongs to one sweep name: another sweep would replace its table."""
-    if replace or not store.exists(*LAYOUT.spec):
+    """An output belongs to one sweep name: another sweep would replace its table. A folder
+    that holds what a sweep writes (results.parquet, rows/, ...) but no spec.resolved.yaml
+    is not a sweep's output (a sweep writes its spec before anything else): refused too."""
+    if replace:
+        return
+    if not store.exists(*LAYOUT.spec):
+        found = [p[-1] for p in (*LAYOUT.files, *LAYOUT.dirs) if p != LAYOUT.lock and store.exists(*p)]
+        if found:
+            raise BadInput(
+                f"{store.display()} holds {', '.join(found)} but no {LAYOUT.spec[-1]}, so it is not "
+                "this sweep's output (another sweep's table, or one made by hand); choose another "
+                "--output, or pass --replace-sweep to let this sweep replace it", field="output")
         return
     import yaml
 

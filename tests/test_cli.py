@@ -255,3 +255,142 @@ def test_report_to_an_unwritable_place_is_one_line(tmp_path):
     r = cli("report", tmp_path / "results.parquet", "--format", "html", "--output", "/proc/nope/x")
     assert r.returncode == 2 and r.stderr.startswith("error: cannot write the report to /proc/nope/x")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- issue 23: what a sweep refuses before any work ----------------------------------------
+def _tree(root: Path) -> dict:
+    """Every path under `root` (links not followed) -> its bytes (None for a directory)."""
+    return {p.relative_to(root): (None if p.is_dir() else p.read_bytes())
+            for p in sorted(root.rglob("*"))} if root.exists() else {}
+
+
+@pytest.mark.parametrize("left", ["results.parquet", "rows"])
+def test_an_output_with_sweep_files_but_no_spec_is_refused(tmp_path, left):
+    """A results.parquet (or rows/) with no spec.resolved.yaml beside it is not this sweep's
+    (another sweep's table, a hand-made one): the sweep replaced it silently (item 2)."""
+    from progprune.results import ResultRow, write_rows
+
+    out = tmp_path / "out"
+    row = ResultRow(combo_id="x", sweep="hand", model="resnet20", dataset="digits", method="l1", seed=0,
+                    target_speedup=2.0)
+    write_rows([row], out / "results.parquet" if left == "results.parquet" else out / "rows" / "x.parquet")
+    before = _tree(out)
+    spec = tiny_spec(tmp_path)
+    for run, args in ((progprune_in_process, ["--dry-run"]), (progprune_in_process, []),
+                      (progprune, [])):  # the real run in a real process: no traceback
+        r = run("sweep", spec, *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr == (f"error: output: {out} holds {left} but no spec.resolved.yaml, so it is not this "
+                            "sweep's output (another sweep's table, or one made by hand); choose another "
+                            "--output, or pass --replace-sweep to let this sweep replace it\n")
+        assert _tree(out) == before
+    assert progprune_in_process("sweep", spec, "--dry-run", "--replace-sweep").returncode == 0
+
+
+@pytest.mark.parametrize("part, kind", [(".lock", "dir"), ("results.parquet", "dir"), ("spec.resolved.yaml", "dir"),
+                                        ("rows", "file"), ("report", "file")])
+def test_an_output_part_of_the_wrong_kind_is_one_line(tmp_path, part, kind):
+    """`<output>/.lock` a directory was an IsADirectoryError traceback (item 16); a
+    results.parquet that is a directory failed only after all the work, when written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spec.resolved.yaml").write_text("name: tiny\n")  # this sweep's output
+    if part == "spec.resolved.yaml":
+        (out / part).unlink()
+    (out / part).mkdir() if kind == "dir" else (out / part).write_text("x")
+    before = _tree(out)
+    spec = tiny_spec(tmp_path)
+    what = "a directory" if kind == "dir" else "not a directory"
+    should = "file" if kind == "dir" else "directory"
+    for args in (["--dry-run"], []):
+        r = progprune_in_process("sweep", spec, *args)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr == (f"error: output: {out / part} is {what}, where this output keeps its {should} "
+                            f"{part}; move it away or choose another --output\n")
+        assert _tree(out) == before
+
+
+def test_lock_that_is_a_directory_in_a_real_process(tmp_path):
+    out = tmp_path / "out"
+    (out / ".lock").mkdir(parents=True)
+    (out / "spec.resolved.yaml").write_text("name: tiny\n")
+    r = progprune("sweep", tiny_spec(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{out / '.lock'} is a directory" in r.stderr
+
+
+def test_output_at_a_dangling_symlink_same_answer_in_dry_run_and_run(tmp_path):
+    """The dry run said OK where the real sweep refused (item 15): one rule, before any work,
+    at the link itself and below it."""
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    spec = tiny_spec(tmp_path)
+    for output, it in ((tmp_path / "link", "it"), (tmp_path / "link" / "sub", tmp_path / "link")):
+        expected = (f"error: output: cannot write to {output}: {it} is a symbolic link to {tmp_path / 'nowhere'}, "
+                    "which does not exist; choose a writable location with --output\n")
+        for args in (["--dry-run"], []):
+            r = progprune_in_process("sweep", spec, "--output", output, *args)
+            assert (r.returncode, r.stdout, r.stderr) == (2, "", expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "tiny.yaml"]
+
+
+def _no_gpu_env(**extra) -> dict:
+    from helpers import run_env
+
+    return run_env(CUDA_VISIBLE_DEVICES="", **extra)  # as a machine without a GPU, wherever this runs
+
+
+@pytest.mark.parametrize("over, field, who", [
+    ({"resources": {"gpus_per_task": 1}}, "resources.gpus_per_task", "a prune task asks for 1 CPU, 1 GPU"),
+    ({"finetune": {"epochs": 1, "num_workers": 1, "use_gpu": True}}, "finetune.use_gpu",
+     "each Ray Train worker asks for 1 CPU, 1 GPU"),
+    ({"resources": {"cpus_per_task": 1024}}, "resources.cpus_per_task", "a prune task asks for 1024 CPU, 0 GPU"),
+], ids=["gpus_per_task", "use_gpu", "cpus_per_task"])
+def test_resources_the_embedded_ray_lacks_are_refused_before_any_work(tmp_path, over, field, who):
+    """gpus_per_task 1 on a machine without a GPU: the dry run said OK and the run queued
+    forever (item 11). Both refuse now, naming the field and what to change."""
+    spec = tiny_spec(tmp_path, **over)
+    for args in (["--dry-run"], []):
+        r = progprune("sweep", spec, *args, env=_no_gpu_env(), timeout=300)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stdout + r.stderr
+        assert r.stderr.startswith(f"error: {field}: {who} on one node, but the embedded Ray of this machine "
+                                   "(no --address) has "), r.stderr
+        assert "wait forever" in r.stderr
+        assert ("resources.gpus_per_task: 0 and finetune.use_gpu: false" if "GPU" in field or "gpu" in field
+                else "lower resources.cpus_per_task") in r.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def _unshare_pid() -> list[str]:
+    """A new pid namespace with its own /proc: Ray's `auto` finds no cluster there (it looks
+    for GCS processes, and in RAY_TMPDIR for the last `ray start`), whatever else this
+    machine runs."""
+    for prefix in (["unshare", "--pid", "--fork", "--mount-proc"],
+                   ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]):
+        r = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+        if r.returncode == 0:
+            return prefix
+    pytest.fail("this test needs `unshare --pid --mount-proc` (root, or unprivileged user namespaces)")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_address_auto_without_a_cluster_is_one_line_and_writes_nothing(tmp_path, how):
+    """`--address auto` / RAY_ADDRESS=auto with no cluster: a ConnectionError traceback after
+    spec.resolved.yaml was written (item 13). It connects before writing anything now."""
+    from helpers import run_env
+    from raycluster import BIN
+
+    spec = tiny_spec(tmp_path)
+    (tmp_path / "raytmp").mkdir()
+    env = run_env(RAY_TMPDIR=str(tmp_path / "raytmp"))
+    if how == "env":
+        env["RAY_ADDRESS"] = "auto"  # run_env drops it
+    args = ["--address", "auto"] if how == "flag" else []
+    r = subprocess.run([*_unshare_pid(), str(BIN / "progprune"), "sweep", str(spec), *args], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("error: ") == 1, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --address: cannot connect to the Ray cluster at auto (--address or "
+                           "RAY_ADDRESS): Could not find any running Ray instance"), line
+    assert "ray start --head" in line
+    assert not (tmp_path / "out").exists()

@@ -304,14 +304,17 @@ def test_imagenet_recipe_validates_against_a_stand_in(tmp_path):
     spec["output"] = str(tmp_path / "out")
     path = tmp_path / "imagenet.yaml"
     path.write_text(yaml.safe_dump(spec))
-    proc = _cli("sweep", str(path), "--dry-run")
+    # the GPU cluster it is meant for (a dry run does not connect): without --address the
+    # dry run is of this machine's embedded Ray, which has no GPU and is refused
+    gpu_cluster = ("--address", "ray://gpu-head:10001")
+    proc = _cli("sweep", str(path), "--dry-run", *gpu_cluster)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sweep imagenet-resnet50: 1 combinations" in proc.stdout, proc.stdout
     assert not (tmp_path / "out").exists()
 
     shutil.rmtree(root / "val" / "n00000999")
     ckpt.unlink()
-    proc = _cli("sweep", str(path), "--dry-run")
+    proc = _cli("sweep", str(path), "--dry-run", *gpu_cluster)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"val lacks classes of train/: n00000999" in lines[0] and "checkpoint" in lines[0], lines[0]

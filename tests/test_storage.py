@@ -500,3 +500,104 @@ def test_store_never_shows_uri_credentials():
     for text in (repr(s), s.display(), s.display("results.parquet")):
         assert secret not in text and "AKIAKEY" not in text, text
         assert "bucket" in text
+
+
+# ---- issue 23: bounded leases, a lock of the wrong kind, remote stores that do not answer ----
+def test_lease_above_the_maximum_is_refused_from_the_environment_and_cut_in_a_record(tmp_path, monkeypatch):
+    """A record asking for a 10^9 s lease made the next sweep wait "up to 1000000000s", and
+    $PROGPRUNE_LOCK_LEASE_S had no upper bound (item 12)."""
+    from progprune.storage import MAX_LEASE_S
+
+    store = Store(str(tmp_path / "out"))
+    monkeypatch.setenv("PROGPRUNE_LOCK_LEASE_S", "1000000000")
+    with pytest.raises(BadInput, match=r"^PROGPRUNE_LOCK_LEASE_S: expected a number of seconds > 0 and <= 600, "
+                                        r"got '1000000000'$"):
+        with store.lock():
+            pass
+    monkeypatch.delenv("PROGPRUNE_LOCK_LEASE_S")
+    with pytest.raises(BadInput, match=r"lock lease: expected seconds > 0 and <= 600"):
+        with store.lock(lease_s=1e9):
+            pass
+    assert not Path(store.root, LOCK_NAME).exists()
+    # a record's lease counts as the maximum: silent for longer than that, it is stale
+    foreign_lock(store, 1e9, heartbeat_age=MAX_LEASE_S + 100)
+    lines = []
+    with store.lock(wait=False, on_wait=lines.append):
+        pass
+    assert lines == [f"lock: took over the lock of host another-host pid 4242 on {store.display()} (no heartbeat "
+                     f"for 700s, lease 600s; its record asks for 1000000000s, more than the 600s maximum)"]
+    # watched, it is waited for until the maximum runs out, not the record's lease
+    foreign_lock(store, 1e9, heartbeat_age=MAX_LEASE_S - 1)
+    lines, taken = [], threading.Event()
+
+    def take():
+        with store.lock(on_wait=lines.append):
+            taken.set()
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(120)  # a guard: unfixed, this waited 10^9 s
+    assert taken.is_set(), lines
+    assert lines[0].endswith("waiting up to 11s for a heartbeat (lease 600s; its record asks for 1000000000s, "
+                             "more than the 600s maximum)"), lines[0]
+    assert "took over the lock of host another-host pid 4242" in lines[-1]
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_lock_that_is_a_directory_is_one_line(tmp_path, kind):
+    """Was IsADirectoryError from deep in the lock code (item 16)."""
+    store = STORES[kind](tmp_path / "out")
+    (tmp_path / "out" / LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(BadInput) as e:
+        with store.lock(on_wait=lambda *_: None, **lock_kw(kind)):
+            pytest.fail("took a lock that is a directory")
+    assert str(e.value) == (f"output: {store.display(LOCK_NAME)} is a directory, where this output keeps its file "
+                            f"{LOCK_NAME}; move it away or choose another --output")
+    assert (tmp_path / "out" / LOCK_NAME).is_dir() and not any((tmp_path / "out" / LOCK_NAME).iterdir())
+
+
+def _one_line_run(*args, env) -> str:
+    """A real `progprune` process that must end by itself (exit 2) with one line on stderr."""
+    from helpers import progprune
+
+    r = progprune(*args, env=env, timeout=240)  # a guard: unfixed, gs:// hung for more than 5 minutes
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stdout == ""
+    return r.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_bucket_that_cannot_be_reached_is_one_line(tmp_path):
+    """gs:// without credentials or network (as here): `sweep` and `report` hung for more
+    than 5 minutes, deaf to Ctrl-C (item 10). The first call to a remote store is a probe
+    that gives up, naming the scheme and why."""
+    from helpers import run_env, tiny_spec
+
+    env = run_env()
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    uri = "gs://progprune-no-such-bucket/runs/x"
+    hint = "GCS needs credentials (GOOGLE_APPLICATION_CREDENTIALS"
+    err = _one_line_run("sweep", tiny_spec(tmp_path), "--dry-run", "--output", uri, env=env)
+    assert err.startswith(f"error: output: cannot reach {uri} (gs://): ") and hint in err, err
+    err = _one_line_run("report", uri, env=env)
+    assert err.startswith(f"error: results: cannot reach {uri} (gs://): ") and hint in err, err
+
+
+@pytest.mark.timeout(600)
+def test_a_store_that_never_answers_is_given_up_after_the_deadline(tmp_path):
+    """Whatever the client's own timeouts: an endpoint that takes the connection and never
+    answers is given up after $PROGPRUNE_STORE_PROBE_S, and the process ends."""
+    import socket
+
+    from helpers import run_env
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes the handshakes; nothing ever answers
+        port = silent.getsockname()[1]
+        uri = f"s3://bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        env = run_env(PROGPRUNE_STORE_PROBE_S="1", AWS_ACCESS_KEY_ID="AKIATEST", AWS_SECRET_ACCESS_KEY="secret",
+                      AWS_EC2_METADATA_DISABLED="true")
+        err = _one_line_run("report", uri, env=env)
+    assert err.startswith(f"error: results: cannot reach {uri} (s3://): no answer within 1s "
+                          "(PROGPRUNE_STORE_PROBE_S); S3 needs credentials"), err

@@ -162,6 +162,22 @@ def test_one_gpu_cluster_does_not_deadlock(tmp_path):
     assert (df.device == "cpu").all()  # the declared GPU is not real: torch used the CPU
 
 
+@pytest.mark.ray
+def test_resources_the_cluster_lacks_are_refused_after_connecting(cluster, tmp_path):
+    """gpus_per_task 1 on a cluster without a GPU queued forever (item 11): the driver
+    connects, sees no node (and no autoscaler group) with a GPU, and refuses before it
+    writes anything."""
+    spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[1.5], resources={"gpus_per_task": 1})
+    r = progprune("sweep", spec, "--address", cluster.address, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stderr.count("error: ") == 1 and r.stderr.endswith("\n")
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: resources.gpus_per_task: a prune task asks for 1 CPU, 1 GPU on one node, but "
+                           f"the Ray cluster at {cluster.address} has a node with 2 CPU, 0 GPU, so it would wait "
+                           "forever; set resources.gpus_per_task: 0 and finetune.use_gpu: false"), line
+    assert not (tmp_path / "out").exists()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -206,8 +222,12 @@ def test_a_run_with_nothing_left_expands_the_grid_once(tmp_path, monkeypatch):
     from progprune.results import write_rows
     from progprune.storage import row_parts
 
+    from progprune.spec import dump_yaml
+    from progprune.storage import LAYOUT
+
     spec = load_spec(tiny_spec(tmp_path))
     store = Store(spec.output)
+    store.write_bytes(dump_yaml(spec).encode(), *LAYOUT.spec)  # as the sweep that wrote the rows did
     for cfg in spec.combinations():
         row = build_row(cfg, {"status": "unreachable", "error": "kept from an earlier run"})
         path = store.path(*row_parts(row.combo_id))
@@ -234,3 +254,20 @@ def test_user_text_keeps_its_brackets():
                     target_speedup=2.0, error="run pip install 'progprune[torchvision]'")
     _Progress(console, 1).row(row)
     assert "'progprune[torchvision]'" in console.export_text()
+
+
+def test_a_read_only_monitor_is_not_an_autoscaler():
+    """`ray start --head` runs a read-only monitor that writes the same status as Ray's v1
+    autoscaler: taking it for one let a GPU spec on a GPU-less cluster wait forever with a
+    warning; a real autoscaler (KubeRay) names node groups, and only then is the check a
+    warning (it may add GPU nodes)."""
+    import json
+
+    from progprune.cluster import _v1_autoscaler
+
+    def status(mapping):
+        return json.dumps({"autoscaler_report": {"node_type_mapping": mapping, "legacy": True}}).encode()
+
+    assert not _v1_autoscaler(None)
+    assert not _v1_autoscaler(status({"5f5a38": "node_5f5a38"}))  # what `ray start --head` writes
+    assert _v1_autoscaler(status({"5f5a38": "headgroup", "77aa01": "gpu"}))  # KubeRay's groups

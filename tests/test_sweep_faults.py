@@ -110,3 +110,45 @@ def test_force_never_replaces_ok_rows_with_failures(cluster, tmp_path):
     assert r.returncode == 1 and "kept the earlier ok row" in r.stdout, r.stdout[-3000:]
     assert (one_row_each(out, spec).status == "ok").all()
     assert (out / "rows").glob("*.parquet").__next__().read_bytes() == before
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_sweep_keeps_every_finished_row(cluster, tmp_path, sig):
+    """Ctrl-C or SIGTERM (what Kubernetes sends) with two rows finished and one combination
+    still pruning: results.parquet showed 1 row until the next resume (it is rewritten at a
+    bounded rate), and SIGTERM ended in Ray's crash dump, exit 1 (items 27, 28). Both end
+    as Ctrl-C did: one line, exit 130, every finished row merged, no lock or temp file left."""
+    import signal
+    import subprocess
+
+    from helpers import read_results
+    from raycluster import BIN
+
+    spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[1.5, 2.0, 3.0], resources={"max_concurrent": 3})
+    out, markers = tmp_path / "out", tmp_path / "faults"
+    # the table is written once at the start and then not for 10 minutes: only the merge on
+    # the signal can put the finished rows in it
+    env = run_env(PROGPRUNE_RESULTS_INTERVAL_S="600", **inject("hold:prune:resnet20:3.0", markers))
+    proc = subprocess.Popen([str(BIN / "progprune"), "sweep", str(spec), "--address", cluster.address],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,  # as from a terminal: SIGINT not ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(lambda: (markers / "held").exists() and len(list((out / "rows").glob("*.parquet"))) >= 2,
+                 proc, 600, "two rows, with the third combination held")
+        proc.send_signal(getattr(signal, sig))  # the driver alone, as `kill` or the kubelet does
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        (markers / "release").touch()  # the held prune task ends, whatever happened
+        if proc.poll() is None:
+            kill_session(proc)
+    assert proc.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert stderr.count("interrupted: finished combinations keep their rows; the same command resumes "
+                        "the sweep\n") == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr and "PC: @" not in stderr, stderr[-3000:]
+    rows = sorted(p.stem for p in (out / "rows").glob("*.parquet"))
+    assert len(rows) == 2
+    df = read_results(out)
+    assert sorted(df.combo_id) == rows and (df.status == "ok").all(), df[["combo_id", "status"]]
+    assert not (out / ".lock").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith((".tmp-", ".probe-", ".lock-"))]

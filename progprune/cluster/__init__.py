@@ -56,12 +56,113 @@ def connect(address: str | None, num_cpus: int | None = None):
 
     if address:
         probe(address)
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        except (ConnectionError, TimeoutError, RuntimeError) as e:  # no cluster ("auto"), versions, auth
+            raise BadInput(f"--address: cannot connect to the Ray cluster at {address} (--address or "
+                           f"RAY_ADDRESS): {one_line(e, limit=300)}; start one with `ray start --head`, or "
+                           "omit --address and unset RAY_ADDRESS for an embedded one") from None
     else:  # address="local": always a fresh cluster of our own, never one found in /tmp/ray
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING, log_to_driver=True)
     _quiet_worker_logs(embedded=not address)
     return lambda: ray.shutdown()
+
+
+# ---- resources: what the spec asks of a node, checked before anything is written --------
+_GPU_WAY = ("set resources.gpus_per_task: 0 and finetune.use_gpu: false to run on CPUs, or run on a "
+            "cluster with GPU nodes")
+
+
+def _asks(spec) -> list[tuple[str, str, dict]]:
+    """(field, who, resources one of them needs on a single node), for each kind of task a
+    sweep schedules: the prune task (also the in-task fine-tune), and each Ray Train worker."""
+    r, ft = spec.resources, spec.finetune
+    asks = [("resources.gpus_per_task" if r.gpus_per_task else "resources.cpus_per_task", "a prune task",
+             {"CPU": r.cpus_per_task, "GPU": r.gpus_per_task})]
+    if ft.num_workers:
+        asks.append(("finetune.use_gpu" if ft.use_gpu else "resources.cpus_per_task", "each Ray Train worker",
+                     {"CPU": r.cpus_per_task, "GPU": 1 if ft.use_gpu else 0}))
+    return [(f, who, {k: v for k, v in need.items() if v}) for f, who, need in asks]
+
+
+def _fits(need: dict, node: dict) -> bool:
+    return all(float(node.get(k, 0)) >= v for k, v in need.items())
+
+
+def _show(res: dict) -> str:
+    return ", ".join(f"{float(res.get(k, 0)):g} {k}" for k in ("CPU", "GPU"))
+
+
+def _refusal(field: str, who: str, need: dict, where: str, have: str) -> BadInput:
+    way = (_GPU_WAY if "GPU" in need and field != "resources.cpus_per_task" else
+           "lower resources.cpus_per_task, or run on a cluster with larger nodes")
+    return BadInput(f"{field}: {who} asks for {_show(need)} on one node, but {where} has {have}, so it would "
+                    f"wait forever; {way}")
+
+
+def check_local_resources(spec) -> None:
+    """Refuse a spec the embedded Ray of this machine cannot schedule (it would queue
+    forever): GPUs as torch.cuda sees them, CPUs as os.cpu_count() counts them (Ray never
+    sees more). Imports no Ray."""
+    asks = _asks(spec)
+    gpus = 0
+    if any("GPU" in need for _, _, need in asks):
+        import torch
+
+        gpus = torch.cuda.device_count()
+    here = {"CPU": os.cpu_count() or 1, "GPU": gpus}
+    for field, who, need in asks:
+        if not _fits(need, here):
+            raise _refusal(field, who, need, "the embedded Ray of this machine (no --address)",
+                           f"{_show(here)}{' (torch.cuda sees no GPU)' if not gpus else ''}")
+
+
+def _v1_autoscaler(status: bytes | None) -> bool:
+    """Whether Ray's v1 autoscaler status (JSON in the GCS) comes from an autoscaler that
+    can add nodes. `ray start --head` runs a read-only monitor that writes it too: it names
+    each node's type after the node itself ("node_<id>"); a real one names its groups."""
+    import json
+
+    if not status:
+        return False
+    mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
+
+
+def check_resources(spec, address: str, warn=print) -> None:
+    """Refuse, after connecting and before submitting anything, a spec that no node of the
+    cluster can schedule now, nor any node group its autoscaler may add. Where an
+    autoscaler runs without stating its node groups (Ray's v1 autoscaler), what it may add
+    is unknown: a line to `warn`, not a refusal."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    groups, autoscaler = [], False
+    try:  # the autoscaler's node groups (v2; KubeRay, cluster launcher): what it may still add
+        from ray._private import ray_constants
+        from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        config = state.get_cluster_config()
+        groups = [dict(g.resources) for g in (config.node_group_configs if config else ())
+                  if g.max_count != 0]
+        autoscaler = bool(config) or _v1_autoscaler(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+    except Exception:  # noqa: BLE001 - private API (Ray is pinned): without it, the nodes alone
+        pass
+    for field, who, need in _asks(spec):
+        if any(_fits(need, n) for n in [*nodes, *groups]):
+            continue
+        have = "; ".join(f"a node with {_show(n)}" for n in nodes[:4]) or "no node"
+        if len(nodes) > 4:
+            have += f" (and {len(nodes) - 4} more)"
+        if autoscaler and not groups:
+            warn(f"warning: {field}: {who} asks for {_show(need)} on one node, and no node of the Ray cluster at "
+                 f"{address} has that now ({have}); its autoscaler must add one, or the sweep waits")
+            continue
+        if groups:
+            have += " and no autoscaler node group offers more"
+        raise _refusal(field, who, need, f"the Ray cluster at {address}", have)
 
 
 # Ray Train 2.60 lines that LoggingConfig(log_level="WARNING") (set on every Train run) does

@@ -29,6 +29,10 @@ class SweepLayout:
     rows = ("rows",)
     train = ("train",)
     lock = (".lock",)
+    # what the top of an output holds, by kind: checked before any work (a directory where
+    # a file goes fails only when it is written), and what marks a folder as a sweep's
+    files = (results, spec, lock)
+    dirs = (rows, ("bases",), ("sparse",), ("combos",), train, report)
 
     @staticmethod
     def row(combo_id: str) -> tuple:

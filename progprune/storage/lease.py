@@ -31,17 +31,22 @@ from progprune.storage.lockio import STORE_ERRORS, LocalLockIO, ObjectLockIO, pa
 LOCK_NAME = LAYOUT.lock[-1]
 LEASE_ENV = "PROGPRUNE_LOCK_LEASE_S"
 DEFAULT_LEASE_S = 120.0
+# A lease is how long a silent holder keeps the output; a newcomer may wait that long. A
+# holder refreshes every 5 s at most, so 10 minutes is 120 missed heartbeats: any longer
+# lease (flag, environment or a lock record) only makes the next sweep wait for nothing.
+MAX_LEASE_S = 600.0
 SETTLE_ENV = "PROGPRUNE_LOCK_SETTLE_S"
 DEFAULT_SETTLE_S = 2.0
 
 
 def lease_seconds(lease_s: float | None = None) -> float:
-    """The lock lease: the argument, else $PROGPRUNE_LOCK_LEASE_S, else 120 s."""
+    """The lock lease: the argument, else $PROGPRUNE_LOCK_LEASE_S, else 120 s; at most
+    MAX_LEASE_S."""
     if lease_s is not None:
-        if not lease_s > 0:
-            raise BadInput(f"lock lease: expected seconds > 0, got {lease_s}")
+        if not 0 < lease_s <= MAX_LEASE_S:
+            raise BadInput(f"lock lease: expected seconds > 0 and <= {MAX_LEASE_S:g}, got {lease_s}")
         return float(lease_s)
-    return env_seconds(LEASE_ENV, DEFAULT_LEASE_S)
+    return env_seconds(LEASE_ENV, DEFAULT_LEASE_S, maximum=MAX_LEASE_S)
 
 
 def heartbeat_interval(lease_s: float) -> float:
@@ -59,6 +64,7 @@ def hold(store, lease_s: float | None = None, break_lock: bool = False, wait: bo
     read back (see README: there is no conditional PUT, so this is best effort)."""
     lease_s = lease_seconds(lease_s)
     settle = env_seconds(SETTLE_ENV, DEFAULT_SETTLE_S, allow_zero=True) if settle_s is None else settle_s
+    store.check_kinds(files=[LAYOUT.lock])  # a directory there is no lock of ours: one line, not a traceback
     if store.local:
         os.makedirs(store.root, exist_ok=True)
         io = LocalLockIO(store.path(*LAYOUT.lock))
@@ -162,7 +168,7 @@ class Lease:
                 age = _age(rec)
                 if age is None or age <= _lease_of(rec, self.lease_s):
                     self._refuse(rec)
-                why = f"no heartbeat for {age:.0f}s, lease {_lease_of(rec, self.lease_s):.0f}s"
+                why = f"no heartbeat for {age:.0f}s, lease {_lease_of(rec, self.lease_s):.0f}s{_capped(rec)}"
             else:
                 state, raw2, why = self._watch(raw, rec)
                 if state == "gone":
@@ -188,7 +194,7 @@ class Lease:
         wait_for = min(lease, max(2 * beat + 1.0, left))
         when = f"last heartbeat {age:.0f}s ago" if age is not None else "no heartbeat in it"
         self.on_wait(f"lock: {self.store.display()} is locked by {rec.get('holder')} ({when}); "
-                     f"waiting up to {wait_for:.0f}s for a heartbeat (lease {lease:.0f}s)")
+                     f"waiting up to {wait_for:.0f}s for a heartbeat (lease {lease:.0f}s{_capped(rec)})")
         t0 = time.monotonic()
         poll = min(1.0, beat / 2)
         while time.monotonic() - t0 < wait_for:
@@ -240,11 +246,21 @@ class Lease:
 
 
 def _lease_of(rec: dict, default: float) -> float:
+    """The lease a record states, at most MAX_LEASE_S; `default` when it states none."""
     try:
         v = float(rec.get("lease_s"))
-        return v if v > 0 else default
+        return min(v, MAX_LEASE_S) if v > 0 else default  # nan fails v > 0
     except (TypeError, ValueError):
         return default
+
+
+def _capped(rec: dict) -> str:
+    """", its record asks for Ns, above the maximum" when the record's lease was cut."""
+    try:
+        v = float(rec.get("lease_s"))
+    except (TypeError, ValueError):
+        return ""
+    return f"; its record asks for {v:.0f}s, more than the {MAX_LEASE_S:.0f}s maximum" if v > MAX_LEASE_S else ""
 
 
 def _age(rec: dict) -> float | None:

@@ -11,18 +11,35 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import uuid
 from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from progprune._atomic import atomic_path, nearest_existing
+from progprune._atomic import atomic_path
+from progprune._env import env_seconds
 from progprune.errors import BadInput, one_line
 from progprune.storage.lease import hold
 from progprune.storage.lockio import STORE_ERRORS
 
 CHUNK = 1 << 20  # streamed copies move 1 MiB at a time
+
+# The first call to a remote store is a probe, bounded in time: pyarrow's GCS client
+# retries a missing credential for 15 minutes (in C++, deaf to Ctrl-C), S3's answers in
+# seconds. The probe asks GCS to give up after PROBE_RETRY_S and waits for any store at
+# most $PROGPRUNE_STORE_PROBE_S (30 s), in a thread, so Ctrl-C ends the wait.
+PROBE_ENV = "PROGPRUNE_STORE_PROBE_S"
+DEFAULT_PROBE_S = 30.0
+MAX_PROBE_S = 600.0
+PROBE_RETRY_S = 10
+_REMOTE_HINTS = {
+    "gs": "GCS needs credentials (GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default "
+          "login`) and network access to storage.googleapis.com",
+    "s3": "S3 needs credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), the "
+          "bucket's region (AWS_DEFAULT_REGION or ?region=) and network access to its endpoint",
+}
 
 
 def redact(uri: str) -> str:
@@ -50,6 +67,56 @@ class Store:
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
             except (ValueError, OSError, pa.ArrowException) as e:  # a bad URI, or a bucket not found
                 raise BadInput(f"{label}: cannot open {redact(uri)}: {one_line(e)}") from None
+        self.label = label
+        self._probed = self.local  # a remote store is probed on first use (see `fs`)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The pyarrow file system; on a remote store the first use probes it (`probe`)."""
+        if not self._probed:
+            self.probe()
+        return self._fs
+
+    @fs.setter
+    def fs(self, value: pafs.FileSystem) -> None:
+        self._fs = value
+
+    def probe(self) -> None:
+        """Fail in bounded time, with one line naming the scheme and why, when a remote
+        store cannot be reached (no credentials, no network): one metadata call on the root,
+        waited for at most $PROGPRUNE_STORE_PROBE_S. Local stores need no probe."""
+        if self._probed:
+            return
+        scheme = self.uri.split("://", 1)[0].lower()
+        deadline = env_seconds(PROBE_ENV, DEFAULT_PROBE_S, maximum=MAX_PROBE_S)
+        fs, root = self._fs, self.root
+        if scheme in ("gs", "gcs") and "retry_limit_seconds=" not in self.uri:
+            # a probe of its own that gives up in seconds; the store keeps GCS's own retries
+            sep = "&" if "?" in self.uri else "?"
+            fs, root = pafs.FileSystem.from_uri(f"{self.uri}{sep}retry_limit_seconds={PROBE_RETRY_S}")
+        result: dict = {}
+        done = threading.Event()
+
+        def call():
+            try:
+                result["info"] = fs.get_file_info(root)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                result["error"] = e
+            finally:
+                done.set()
+
+        # a daemon thread: one stuck in the client's C++ cannot keep the process alive
+        threading.Thread(target=call, name="progprune-store-probe", daemon=True).start()
+        hint = _REMOTE_HINTS.get(scheme, "check the network and the credentials")
+        where = f"{self.label}: cannot reach {redact(self.uri)} ({scheme}://)"
+        if not done.wait(deadline):  # Ctrl-C ends this wait
+            raise BadInput(f"{where}: no answer within {deadline:.0f}s ({PROBE_ENV}); {hint}")
+        e = result.get("error")
+        if isinstance(e, STORE_ERRORS):
+            raise BadInput(f"{where}: {one_line(e, limit=300)}; {hint}")
+        if e is not None:
+            raise e
+        self._probed = True
 
     def __repr__(self) -> str:
         return f"Store({redact(self.uri)})"
@@ -145,18 +212,15 @@ class Store:
         """Fail in seconds, before any work, if the output cannot be written. Without
         `probe_write` (a dry run, which writes nothing): a local output is judged from the
         filesystem as it is; a bucket is not checked."""
+        if self.local:
+            why = self._local_obstacle()
+            if why:
+                raise BadInput(f"output: cannot write to {self.display()}: {why}; "
+                               "choose a writable location with --output")
+        else:
+            self.probe()
         if not probe_write:
-            if not self.local:
-                return
-            parent = nearest_existing(self.root)
-            if not os.path.isdir(parent):
-                why = f"{'it' if parent == self.root else parent} exists and is not a directory"
-            elif not os.access(parent, os.W_OK | os.X_OK):
-                why = f"no write permission on {parent}"
-            else:
-                return
-            raise BadInput(f"output: cannot write to {self.display()}: {why}; "
-                           "choose a writable location with --output")
+            return
         probe = f".probe-{uuid.uuid4().hex[:8]}"
         try:
             if self.local:
@@ -166,6 +230,38 @@ class Store:
         except STORE_ERRORS as e:
             raise BadInput(f"output: cannot write to {self.display()}: {one_line(e)}; "
                            "choose a writable location with --output") from None
+
+    def _local_obstacle(self) -> str | None:
+        """Why a directory cannot be made or written at the (local) root, judged from the
+        file system as it is, or None. A symbolic link counts as what it points to; one
+        that points nowhere (a dangling link, at the root or above it) is named as such."""
+        path = self.root
+        while not os.path.lexists(path):  # the closest part that exists, links included
+            parent = os.path.dirname(path.rstrip("/")) or "."
+            if parent == path:
+                break
+            path = parent
+        if os.path.islink(path) and not os.path.exists(path):
+            it = "it" if path == self.root else path
+            return f"{it} is a symbolic link to {os.readlink(path)}, which does not exist"
+        if not os.path.isdir(path):
+            return f"{'it' if path == self.root else path} exists and is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"no write permission on {path}"
+        return None
+
+    def check_kinds(self, files=(), dirs=()) -> None:
+        """Refuse (one line, naming the path) when a part the output uses as a file is a
+        directory, or one it uses as a directory is a file: what would otherwise fail
+        with a traceback when it is first written, after the work."""
+        for parts, want in [*((p, pafs.FileType.File) for p in files),
+                            *((p, pafs.FileType.Directory) for p in dirs)]:
+            kind = self.kind(*parts)
+            if kind not in (pafs.FileType.NotFound, want):
+                what = "a directory" if kind == pafs.FileType.Directory else "not a directory"
+                should = "file" if want == pafs.FileType.File else "directory"
+                raise BadInput(f"output: {self.display(*parts)} is {what}, where this output keeps its "
+                               f"{should} {'/'.join(parts)}; move it away or choose another --output")
 
     def lock(self, lease_s: float | None = None, break_lock: bool = False, wait: bool = True,
              on_wait=print, settle_s: float | None = None):
