@@ -39,7 +39,7 @@ def test_layout_labels_and_defaults(tmp_path):
     with pytest.raises(ProgpruneError, match="test is missing; add a test/ split, or set the test split to val"):
         check_dataset(_cfg(d))
     s = load_dataset(_cfg(d, test_split="val", loader_workers=0))
-    assert isinstance(s, FolderSplits) and s.num_classes == 3 and s.input_shape == (3, 16, 16)
+    assert isinstance(s.loaded, FolderSplits) and s.num_classes == 3 and s.input_shape == (3, 16, 16)
     assert (s.size("train"), s.size("val"), s.size("test")) == (12, 6, 6)  # test: val, as asked
     assert (s.mean, s.std) == (IMAGENET_MEAN, IMAGENET_STD)  # folders default to ImageNet's
     x, y = _epoch(s)
@@ -110,14 +110,14 @@ def test_seeded_and_independent_of_workers_shards_disjoint(tmp_path):
 
 def test_calibration_and_bn_batches_come_from_the_loader(tmp_path):
     d = write_imagefolder(tmp_path / "f", n_train=6, n_val=2, size=(40, 40))
-    s = load_dataset(_cfg(d, test_split="val", loader_workers=1))
+    s = load_dataset(_cfg(d, test_split="val", loader_workers=1, eval_batch_size=5))
     x, y = calibration_batch(s, "cpu", n=64, seed=1)
     assert x.shape == (18, 3, 16, 16) and len(y) == 18  # capped at the split's size
     assert torch.equal(calibration_batch(s, "cpu", n=5, seed=1)[0], calibration_batch(s, "cpu", n=5, seed=1)[0])
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
     assert recalibrate_bn(model, s, "cpu", batches=2, batch_size=4) == 8
-    top1, top5 = evaluate(model, s, "test", "cpu", batch_size=5)
+    top1, top5 = evaluate(model, s, "test", "cpu")
     assert 0 <= top1 <= top5 == 1.0  # 3 classes: the top 5 hold them all
 
 

@@ -209,6 +209,7 @@ class FolderSplits:
     mean: tuple
     std: tuple
     workers: int
+    eval_batch_size: int | None = None  # dataset.eval_batch_size, set by load_dataset
     files: dict = field(default_factory=dict)  # split -> (dir, paths bytes array, labels)
     skipped: dict = field(default_factory=dict)  # split -> unreadable relative paths seen
     _reported: dict = field(default_factory=dict)
@@ -286,6 +287,7 @@ def _listing(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarra
 
 
 @register_dataset("imagefolder", check=_check_imagefolder, data_dir=True,
+                  num_classes=lambda cfg: len(_class_dirs(Path(cfg.data_dir).expanduser() / "train")),
                   doc=f"a folder of images, streamed: {_LAYOUT}")
 def _load_imagefolder(cfg: DatasetConfig, seed: int) -> FolderSplits:
     root = Path(cfg.data_dir).expanduser()
