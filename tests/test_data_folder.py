@@ -169,11 +169,32 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
     assert s.skipped == {"train": {"cat/garbage.jpg", "dog/truncated.png"}}
 
 
-def test_a_split_with_no_readable_image_is_one_error(tmp_path):
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_split_with_no_readable_image_is_refused_before_any_work(tmp_path, split):
+    """Issue 23 #29: such a split was caught only when a pass over it found nothing (after
+    pruning, or a base epoch). Now the data set's check decodes until one image reads, in
+    each split: before any work, in prune and sweep alike."""
+    d = write_imagefolder(tmp_path / "f", n_train=2, n_val=1, n_test=1, size=(24, 24))
+    for p in (d / split).rglob("*.*"):
+        if p.suffix in (".png", ".jpg"):
+            p.write_bytes(b"\x89PNG broken")
+    n = 3 * (2 if split == "train" else 1)
+    expected = f"{d / split}: none of its {n} images could be read (first: cat/0."
+    with pytest.raises(ProgpruneError) as e:
+        check_dataset(_cfg(d))
+    assert e.value.field == "dataset.data_dir" and e.value.message.startswith(expected), e.value
+    assert "\n" not in str(e.value)
+    line = progprune_in_process("prune", "--model", "resnet20", "--speedup", "2", "--dataset", "imagefolder",
+                                "--data-dir", d, "--image-size", "32", "--out", tmp_path / "out").stderr
+    assert line.startswith(f"error: --data-dir: {expected}") and line.count("\n") == 1, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_split_unreadable_after_the_check_is_still_one_error(tmp_path):
     d = write_imagefolder(tmp_path / "f", n_train=2, n_val=1, size=(24, 24))
-    for p in (d / "val").rglob("*.png"):
-        p.write_bytes(b"\x89PNG broken")
     s = load_dataset(_cfg(d, test_split="val", loader_workers=0))
+    for p in (d / "val").rglob("*.png"):  # the files change after the up-front check
+        p.write_bytes(b"\x89PNG broken")
     with pytest.raises(ProgpruneError) as e:
         evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3)), s, "val", "cpu")
     assert str(e.value).startswith(f"dataset.data_dir: {d / 'val'}: none of its 3 images could be read "

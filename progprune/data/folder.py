@@ -93,7 +93,26 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
                 more = f"; nor do {len(empty) - 1} more class folders" if len(empty) > 1 else ""
             raise BadInput(f"{where} holds no images ({', '.join(SUFFIXES)}){more}; add images or "
                            "remove the class from every split", field="dataset.data_dir")
+        _check_readable(root / split, classes)
     check_num_classes(cfg, len(classes))
+
+
+def _check_readable(split_dir: Path, classes: list[str]) -> None:
+    """Some image of the split decodes: tried in listing order, so one image where the
+    first reads; a split none of whose images reads is refused here, before any work (the
+    pass over it would find that only after pruning or a base epoch)."""
+    first, tried = None, 0
+    for cls in classes:
+        for path in _images(split_dir / cls):
+            tried += 1
+            try:
+                decode(path, 8, False, 0)
+                return
+            except Exception as e:  # noqa: BLE001 - PIL raises many types on a bad file
+                first = first or (os.path.relpath(path, split_dir), one_line(e, with_type=True))
+    if first:
+        raise BadInput(f"{split_dir}: none of its {tried} images could be read (first: {first[0]}: "
+                       f"{first[1]}); replace or remove them", field="dataset.data_dir")
 
 
 def _few(names: list[str]) -> str:
