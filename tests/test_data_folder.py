@@ -202,6 +202,34 @@ def test_a_split_unreadable_after_the_check_is_still_one_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.timeout(120)  # the listing these links made never ended
+def test_links_are_followed_without_cycles_or_other_labels(tmp_path, capfd):
+    """Issue 23 #5: `train/cat/loop -> ..` listed the other classes' images under cat, over
+    and over (a few such links: a listing that never ends). Links stay followed where they
+    lead outside the data folder; a link to a folder holding the class, into another class
+    or split, or to a folder listed already is skipped and counted on one line."""
+    d = write_imagefolder(tmp_path / "f", n_train=2, n_val=1)
+    extra = write_imagefolder(tmp_path / "elsewhere", classes=("x",), n_train=3, n_val=0) / "train" / "x"
+    cat, dog, frog = (d / "train" / c for c in ("cat", "dog", "frog"))
+    (cat / "loop").symlink_to("..")  # the split: a cycle through every class
+    (cat / "up").symlink_to("../..")  # the data folder
+    (cat / "v.png").symlink_to("../../val/dog/0.png")  # a validation image of another class
+    (cat / "extra").symlink_to(extra)  # other storage: followed
+    (dog / "self").symlink_to(".")
+    (frog / "again").symlink_to(frog / "more")  # the same folder twice
+    (frog / "more").mkdir()
+    (frog / "more" / "m.png").write_bytes((frog / "1.png").read_bytes())
+    s = load_dataset(_cfg(d, test_split="val", loader_workers=0))
+    listed = sorted(zip((p.decode() for p in s.files["train"][1]), s.files["train"][2].tolist()))
+    assert listed == [("cat/0.jpg", 0), ("cat/1.png", 0), ("cat/extra/0.jpg", 0), ("cat/extra/1.png", 0),
+                      ("cat/extra/2.png", 0), ("dog/0.jpg", 1), ("dog/1.png", 1), ("frog/0.jpg", 2),
+                      ("frog/1.png", 2), ("frog/again/m.png", 2)]
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [f"imagefolder: skipped 5 link(s) or folder(s) in {d / 'train'} that would list images twice "
+                   "or under another label (first: cat/v.png: link into another class or split); links may "
+                   "point within their class folder or outside the data folder"], err
+
+
 def test_layout_problems_are_one_line_each(tmp_path):
     d = write_imagefolder(tmp_path / "f", n_train=2, n_val=1, n_test=1)
     with pytest.raises(ProgpruneError, match="imagefolder has 3 classes, got 5"):
