@@ -286,16 +286,19 @@ def test_memory_estimate_bounds_what_loading_takes(name):
     import sys
 
     code = f"""
-import resource, torch
+import torch
 from progprune.config import DatasetConfig
 from progprune.data import DATASETS, load_dataset
 from sklearn.datasets import load_digits
+def status(key):  # kB
+    return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(key + ":"))
 load_digits(); torch.ones(1).add_(1)
 cfg = DatasetConfig(name={name!r}, image_size=256, synthetic_samples=512)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS")
 s = load_dataset(cfg)
 held = sum(getattr(s, f"{{k}}_x").numel() for k in ("train", "val", "test"))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, held, DATASETS.get({name!r}).memory(cfg))
+print((status("VmHWM") - before) * 1024, held, DATASETS.get({name!r}).memory(cfg))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     grew, held, estimate = map(int, out.stdout.split())

@@ -26,9 +26,9 @@ from progprune.data.batches import batches
 from progprune.errors import BadInput
 
 _SPLIT_SEED = 0  # fixed: splits must not move with the run seed
-_CHUNK_BYTES = 32 * 2**20  # at most this much is converted at a time (resizing, drawing, statistics)
+_CHUNK_BYTES = 16 * 2**20  # at most this much is converted at a time (resizing, drawing, statistics)
 # what the chunks cost beyond the images: their temporaries, and what malloc keeps of them
-_CHUNKS_KEPT = 5 * _CHUNK_BYTES
+_CHUNKS_KEPT = 8 * _CHUNK_BYTES
 
 
 def _chunk(size: int, bytes_per_value: int = 4) -> int:
