@@ -45,7 +45,8 @@ def register_dataset(name: str, *, check: Callable[[DatasetConfig], None] | None
     """Register `fn(cfg, seed) -> Splits` under `name`; `check(cfg)` must not load data;
     `num_classes`: the class count, or `f(cfg)` working it out cheaply; `memory(cfg)`: the
     bytes an in-memory set needs at its peak (refused up front when they cannot fit);
-    `verify(cfg)`: reads the files to check them, for `load_dataset` to call up front; `doc`: one line for `progprune datasets`."""
+    `verify(cfg)`: reads the files to check them, for `load_dataset` to call up front;
+    `doc`: one line for `progprune datasets`."""
 
     def deco(fn):
         DATASETS.register(name, Entry(fn, check or (lambda cfg: None), num_classes, data_dir, doc, memory, verify))
