@@ -131,6 +131,7 @@ _FLAGS = [
     ("--num-classes", ["dataset.num_classes"], int, "synthetic: class count; others: checked against the data"),
     ("--image-size", ["dataset.image_size"], int, "square input side in pixels, every dataset (models are traced, counted and timed at it)"),
     ("--test-split", ["dataset.test_split"], str, "imagefolder: test, or val (only when you mean it)"),
+    ("--eval-batch-size", ["dataset.eval_batch_size"], int, "images per evaluation batch (validation, test); changes no accuracy"),
     ("--checkpoint", ["models[0].checkpoint"], str, "base model (progprune artifact); else it is trained"),
     ("--reset-head/--keep-head", ["models[0].reset_head"], bool,
      "re-initialise the checkpoint's classifier when its class count differs from the data"),

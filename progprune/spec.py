@@ -115,12 +115,9 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
     except ValidationError:
         return out  # the schema reported it
     try:
-        check_dataset(ds)
+        check_dataset(ds, files=check_paths)  # check_paths=False: the data lives on the cluster, not here
     except (ProgpruneError, OSError) as e:
-        field = getattr(e, "field", None) or "dataset"
-        # check_paths=False: the data lives on the cluster, not here
-        if check_paths or not (ds.data_dir and field == "dataset.data_dir"):
-            out.append(Problem(field, getattr(e, "message", None) or str(e)))
+        out.append(Problem(getattr(e, "field", None) or "dataset", getattr(e, "message", None) or str(e)))
     return out
 
 

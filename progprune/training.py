@@ -51,8 +51,9 @@ class TrainingDiverged(CombinationFailed):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, splits: Splits, split: str, device, batch_size: int = 512) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (fractions) of `model` on `split` ("val", "test", "train").
+def evaluate(model: nn.Module, splits: Splits, split: str, device) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (fractions) of `model` on `split` ("val", "test", "train"),
+    in batches of the data set's `eval_batch_size` (the spec's dataset.eval_batch_size).
 
     Always fp32 (no autocast): a reported accuracy must not depend on whether the GPU
     has bf16 or fp16. Only training uses mixed precision.
@@ -60,7 +61,7 @@ def evaluate(model: nn.Module, splits: Splits, split: str, device, batch_size: i
     model.eval()
     device = torch.device(device)
     correct1 = correct5 = total = 0
-    for xb, yb in splits.batches(split, batch_size, device=device):
+    for xb, yb in splits.batches(split, splits.eval_batch_size, device=device):
         with torch.autocast(device.type, enabled=False):  # also inside a caller's autocast
             out = model(xb).float()
         k = min(5, out.shape[1])

@@ -118,6 +118,12 @@ def _write_bad_cases(root: Path) -> dict:
         "cifar-missing-files": ({"dataset": {"name": "cifar10", "data_dir": str(files / "cifar-empty")}}, "dataset.data_dir"),
         "num-classes-mismatch": ({"dataset": {"name": "digits", "num_classes": 7}}, "dataset.num_classes: digits has 10 classes, got 7"),
         "output-scheme": ({"output": "http://example.com/runs"}, "output: unsupported scheme 'http'"),
+        "dataset-name-case": ({"dataset": {"name": "CIFAR10"}}, "dataset.name: unknown dataset 'CIFAR10'; did you mean 'cifar10'?"),
+        "data-dir-unread": ({"dataset": {"name": "digits", "data_dir": str(files)}},
+                            f"dataset.data_dir: digits reads no files, so {files} would be ignored"),
+        # TBs of prototypes alone: refused on any machine
+        "image-size-beyond-memory": ({"dataset": {"name": "synthetic", "image_size": 4096, "num_classes": 100_000}},
+                                     "dataset.image_size: synthetic at 4096 px is held in memory: about "),
     }
     out = {}
     for name, (over, message) in cases.items():
@@ -138,7 +144,8 @@ BAD_IDS = ["yaml-syntax", "unknown-field", "unknown-nested-field", "wrong-type-s
            "unknown-model", "checkpoint-missing", "checkpoint-corrupt",
            "checkpoint-corrupt-indexerror", "checkpoint-odd-protocol", "checkpoint-other-arch",
            "checkpoint-other-classes", "checkpoint-malicious-pickle", "cifar-missing-files",
-           "num-classes-mismatch", "output-scheme"]
+           "num-classes-mismatch", "output-scheme", "dataset-name-case", "data-dir-unread",
+           "image-size-beyond-memory"]
 
 
 # Cases run as real processes: every checkpoint case (torch's unpickler may print warnings
@@ -171,6 +178,47 @@ def test_bad_input_exits_2_with_one_line(bad_runs, case):
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert not out.exists()
+
+
+def test_dry_run_refuses_what_cannot_fit(bad_runs):
+    """Issue 23 #8: the dry run checks memory as the run does (the spec's validation)."""
+    spec, out, message = _dry_case(bad_runs, "image-size-beyond-memory")
+    r = progprune_in_process("sweep", spec, "--dry-run")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def _dry_case(bad_runs, case):
+    r, out, message, root = bad_runs[case]
+    return root / case / "tiny.yaml", out, message
+
+
+_PEAK_RSS = ("import atexit, resource, sys; atexit.register(lambda: print('peak-rss-kib', "
+             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+             "from progprune.cli import main; main(sys.argv[1:])")
+
+
+def _dry_run_peak(tmp_path, name, dataset) -> int:
+    """Peak resident memory (bytes) of a real `progprune sweep --dry-run` process."""
+    from helpers import run_env
+
+    spec = tiny_spec(tmp_path, name=name, dataset=dataset)
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS, "sweep", str(spec), "--dry-run"],
+                       capture_output=True, text=True, env=run_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stderr.split("peak-rss-kib")[1].split()[0]) * 1024
+
+
+def test_dry_run_never_materialises_the_data(tmp_path):
+    """Issue 23 #7: a dry run built the data set in the driver (1,000,000 synthetic samples
+    grew to ~24 GB and were killed). Now it reads only the shape: the largest set the
+    schema allows at 32 px (461 MB: 150,000 images, one byte a pixel) leaves the dry run's
+    peak memory where a 96-image set leaves it."""
+    small = _dry_run_peak(tmp_path, "small", {"name": "synthetic", "num_classes": 4, "synthetic_samples": 96})
+    large = _dry_run_peak(tmp_path, "large", {"name": "synthetic", "num_classes": 4, "synthetic_samples": 100_000})
+    held = (100_000 + 2 * 25_000) * 3 * 32 * 32
+    assert large - small < held / 4, (small, large, held)
 
 
 def test_malicious_checkpoint_never_runs(bad_runs):

@@ -196,6 +196,31 @@ def test_cifar10_data_dir_missing_files(tmp_path):
     assert "lacks data_batch_3" in line
 
 
+def test_dataset_name_in_other_case_gets_did_you_mean(tmp_path):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "CIFAR10", run=_in)
+    assert line.startswith("error: --dataset: unknown dataset 'CIFAR10'; did you mean 'cifar10'?"), line
+
+
+@pytest.mark.parametrize("dataset", [[], ["--dataset", "synthetic"]])
+def test_data_dir_of_a_set_that_reads_no_files_is_refused(tmp_path, dataset):
+    """Issue 23 #18: --data-dir without --dataset ran digits and recorded the folder."""
+    data = write_cifar10(tmp_path / "cifar")
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--data-dir", data, *dataset,
+                "--base-epochs", "0", run=_in)
+    name = "synthetic" if dataset else "digits"
+    assert line.startswith(f"error: --data-dir: {name} reads no files, so {data} would be ignored"), line
+    assert "cifar10, cifar100, imagefolder" in line
+
+
+def test_image_size_beyond_memory_is_refused_before_any_work(tmp_path):
+    """Issue 23 #8: an in-memory set too large for this machine died in one allocation
+    with a traceback; now one line with the figure and what to change (a real process)."""
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "synthetic",
+                "--image-size", "4096", "--num-classes", "100000")  # TBs: refused anywhere
+    assert line.startswith("error: --image-size: synthetic at 4096 px is held in memory: about "), line
+    assert "use an image size <= " in line and "imagefolder streams its images" in line
+
+
 def test_cifar10_without_data_dir(tmp_path):
     line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "cifar10")
     assert line.startswith("error: --data-dir: cifar10 reads")  # the flag, not the spec path

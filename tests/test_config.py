@@ -134,3 +134,15 @@ def test_print_spec_can_be_grown_into_a_sweep(tmp_path):
     assert len(load_spec_dict(d).combinations()) == 6
 
 
+
+
+def test_eval_batch_size_is_a_setting_that_changes_no_result():
+    """Issue 23 #32: --eval-batch-size sets dataset.eval_batch_size; like loader_workers it
+    changes no accuracy, so no key (a rerun with another one keeps its rows)."""
+    flags = {"model": "resnet20", "speedup": 2.0}
+    plain = load_spec_dict(one_combination_spec(flags)).combinations()[0]
+    small = load_spec_dict(one_combination_spec({**flags, "eval_batch_size": 16})).combinations()[0]
+    assert small.dataset.eval_batch_size == 16 and plain.dataset.eval_batch_size == 128
+    assert small.combo_id() == plain.combo_id() and small.base_key() == plain.base_key()
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", "--eval-batch-size", "0", "--print-spec")
+    assert r.returncode == 2 and r.stderr.startswith("error: --eval-batch-size: must be an integer in [1, 65536]"), r.stderr

@@ -222,3 +222,84 @@ def test_degenerate_image_folders_are_refused(tmp_path):
     with pytest.raises(ProgpruneError, match=r"test lacks classes of train/: b, c") as e:
         check_dataset(DatasetConfig(name="imagefolder", data_dir=str(lacking)))
     assert e.value.field == "dataset.data_dir"
+
+
+def test_cifar_bad_labels_say_what_is_wrong(tmp_path):
+    """Issue 23 #30: bad labels read "10 images but 10 labels, or labels outside 0..9"."""
+    import pickle
+
+    d = write_cifar10(tmp_path / "c10", per_batch=10)
+    path = d / "data_batch_1"
+    batch = pickle.loads(path.read_bytes())
+    path.write_bytes(pickle.dumps({**batch, b"labels": batch[b"labels"][:9]}, protocol=2))
+    with pytest.raises(ProgpruneError) as e:
+        load_dataset(DatasetConfig(name="cifar10", data_dir=str(d)))
+    assert str(e.value).startswith(f"{path}: 10 images but 9 labels; each image needs one label"), e.value
+    path.write_bytes(pickle.dumps({**batch, b"labels": [12, *batch[b"labels"][1:9], -1]}, protocol=2))
+    with pytest.raises(ProgpruneError) as e:
+        load_dataset(DatasetConfig(name="cifar10", data_dir=str(d)))
+    assert str(e.value).startswith(f"{path}: 2 of 10 labels are outside 0..9 (first: 12)"), e.value
+    assert "images but" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_data_dir_is_refused_where_nothing_reads_it(tmp_path, name):
+    """Issue 23 #18: a data_dir the data set does not read was recorded and never used."""
+    from progprune.spec import load_spec_dict
+
+    with pytest.raises(ProgpruneError, match=f"^dataset.data_dir: {name} reads no files, so {tmp_path} "
+                                             "would be ignored; .* \\(cifar10, cifar100, imagefolder\\)$"):
+        check_dataset(DatasetConfig(name=name, data_dir=str(tmp_path)))
+    spec = {"name": "s", "models": ["resnet20"], "speedups": [2], "dataset": {"name": name, "data_dir": str(tmp_path)}}
+    for check_paths in (True, False):  # not a file check: the cluster's files would not change it
+        with pytest.raises(ProgpruneError, match=f"dataset.data_dir: {name} reads no files"):
+            load_spec_dict(spec, check_paths=check_paths)
+
+
+def test_memory_is_checked_before_loading():
+    """Issue 23 #8: synthetic at 2048 px tried one 51.5 GB allocation and died with a
+    traceback. Now the bytes are estimated up front and refused with the figure, the image
+    size that fits, and the streamed alternative; that size then passes."""
+    import re
+
+    from progprune.data._registry import machine_memory
+
+    cfg = DatasetConfig(name="synthetic", image_size=4096, num_classes=100_000)  # TBs: refused anywhere
+    with pytest.raises(ProgpruneError) as e:
+        check_dataset(cfg)
+    assert e.value.field == "dataset.image_size"
+    need, have, fits = re.fullmatch(
+        r"synthetic at 4096 px is held in memory: about ([\d.]+) GB while it loads, more than half of this "
+        r"machine's ([\d.]+) GB; use an image size <= (\d+), fewer dataset.synthetic_samples, or an image "
+        r"folder \(imagefolder streams its images from disk\)", e.value.message).groups()
+    assert float(have) == pytest.approx(machine_memory() / 1e9, abs=0.05) and float(need) > float(have)
+    check_dataset(cfg.model_copy(update={"image_size": int(fits)}))
+    with pytest.raises(ProgpruneError, match="dataset.image_size"):
+        check_dataset(cfg.model_copy(update={"image_size": int(fits) + 1}))
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_memory_estimate_bounds_what_loading_takes(name):
+    """The estimate the refusal rests on is an upper bound of the loader's real peak, and
+    not far above the images it holds: measured in a process of its own (peak RSS)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+from progprune.config import DatasetConfig
+from progprune.data import DATASETS, load_dataset
+from sklearn.datasets import load_digits
+def status(key):  # kB
+    return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(key + ":"))
+load_digits(); torch.ones(1).add_(1)
+cfg = DatasetConfig(name={name!r}, image_size=256, synthetic_samples=512)
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS")
+s = load_dataset(cfg)
+held = sum(getattr(s, f"{{k}}_x").numel() for k in ("train", "val", "test"))
+print((status("VmHWM") - before) * 1024, held, DATASETS.get({name!r}).memory(cfg))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grew, held, estimate = map(int, out.stdout.split())
+    assert held <= grew <= estimate < 2 * held + 2**27, (grew, held, estimate)

@@ -39,7 +39,7 @@ def test_layout_labels_and_defaults(tmp_path):
     with pytest.raises(ProgpruneError, match="test is missing; add a test/ split, or set the test split to val"):
         check_dataset(_cfg(d))
     s = load_dataset(_cfg(d, test_split="val", loader_workers=0))
-    assert isinstance(s, FolderSplits) and s.num_classes == 3 and s.input_shape == (3, 16, 16)
+    assert isinstance(s.loaded, FolderSplits) and s.num_classes == 3 and s.input_shape == (3, 16, 16)
     assert (s.size("train"), s.size("val"), s.size("test")) == (12, 6, 6)  # test: val, as asked
     assert (s.mean, s.std) == (IMAGENET_MEAN, IMAGENET_STD)  # folders default to ImageNet's
     x, y = _epoch(s)
@@ -110,14 +110,14 @@ def test_seeded_and_independent_of_workers_shards_disjoint(tmp_path):
 
 def test_calibration_and_bn_batches_come_from_the_loader(tmp_path):
     d = write_imagefolder(tmp_path / "f", n_train=6, n_val=2, size=(40, 40))
-    s = load_dataset(_cfg(d, test_split="val", loader_workers=1))
+    s = load_dataset(_cfg(d, test_split="val", loader_workers=1, eval_batch_size=5))
     x, y = calibration_batch(s, "cpu", n=64, seed=1)
     assert x.shape == (18, 3, 16, 16) and len(y) == 18  # capped at the split's size
     assert torch.equal(calibration_batch(s, "cpu", n=5, seed=1)[0], calibration_batch(s, "cpu", n=5, seed=1)[0])
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
     assert recalibrate_bn(model, s, "cpu", batches=2, batch_size=4) == 8
-    top1, top5 = evaluate(model, s, "test", "cpu", batch_size=5)
+    top1, top5 = evaluate(model, s, "test", "cpu")
     assert 0 <= top1 <= top5 == 1.0  # 3 classes: the top 5 hold them all
 
 
@@ -169,16 +169,65 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
     assert s.skipped == {"train": {"cat/garbage.jpg", "dog/truncated.png"}}
 
 
-def test_a_split_with_no_readable_image_is_one_error(tmp_path):
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_split_with_no_readable_image_is_refused_before_any_work(tmp_path, split):
+    """Issue 23 #29: such a split was caught only when a pass over it found nothing (after
+    pruning, or a base epoch). Now the data set's check decodes until one image reads, in
+    each split: before any work, in prune and sweep alike."""
+    d = write_imagefolder(tmp_path / "f", n_train=2, n_val=1, n_test=1, size=(24, 24))
+    for p in (d / split).rglob("*.*"):
+        if p.suffix in (".png", ".jpg"):
+            p.write_bytes(b"\x89PNG broken")
+    n = 3 * (2 if split == "train" else 1)
+    expected = f"{d / split}: none of its {n} images could be read (first: cat/0."
+    with pytest.raises(ProgpruneError) as e:
+        check_dataset(_cfg(d))
+    assert e.value.field == "dataset.data_dir" and e.value.message.startswith(expected), e.value
+    assert "\n" not in str(e.value)
+    line = progprune_in_process("prune", "--model", "resnet20", "--speedup", "2", "--dataset", "imagefolder",
+                                "--data-dir", d, "--image-size", "32", "--out", tmp_path / "out").stderr
+    assert line.startswith(f"error: --data-dir: {expected}") and line.count("\n") == 1, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_split_unreadable_after_the_check_is_still_one_error(tmp_path):
     d = write_imagefolder(tmp_path / "f", n_train=2, n_val=1, size=(24, 24))
-    for p in (d / "val").rglob("*.png"):
-        p.write_bytes(b"\x89PNG broken")
     s = load_dataset(_cfg(d, test_split="val", loader_workers=0))
+    for p in (d / "val").rglob("*.png"):  # the files change after the up-front check
+        p.write_bytes(b"\x89PNG broken")
     with pytest.raises(ProgpruneError) as e:
         evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3)), s, "val", "cpu")
     assert str(e.value).startswith(f"dataset.data_dir: {d / 'val'}: none of its 3 images could be read "
                                    "(first: cat/0.png: UnidentifiedImageError")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.timeout(120)  # the listing these links made never ended
+def test_links_are_followed_without_cycles_or_other_labels(tmp_path, capfd):
+    """Issue 23 #5: `train/cat/loop -> ..` listed the other classes' images under cat, over
+    and over (a few such links: a listing that never ends). Links stay followed where they
+    lead outside the data folder; a link to a folder holding the class, into another class
+    or split, or to a folder listed already is skipped and counted on one line."""
+    d = write_imagefolder(tmp_path / "f", n_train=2, n_val=1)
+    extra = write_imagefolder(tmp_path / "elsewhere", classes=("x",), n_train=3, n_val=0) / "train" / "x"
+    cat, dog, frog = (d / "train" / c for c in ("cat", "dog", "frog"))
+    (cat / "loop").symlink_to("..")  # the split: a cycle through every class
+    (cat / "up").symlink_to("../..")  # the data folder
+    (cat / "v.png").symlink_to("../../val/dog/0.png")  # a validation image of another class
+    (cat / "extra").symlink_to(extra)  # other storage: followed
+    (dog / "self").symlink_to(".")
+    (frog / "again").symlink_to(frog / "more")  # the same folder twice
+    (frog / "more").mkdir()
+    (frog / "more" / "m.png").write_bytes((frog / "1.png").read_bytes())
+    s = load_dataset(_cfg(d, test_split="val", loader_workers=0))
+    listed = sorted(zip((p.decode() for p in s.files["train"][1]), s.files["train"][2].tolist()))
+    assert listed == [("cat/0.jpg", 0), ("cat/1.png", 0), ("cat/extra/0.jpg", 0), ("cat/extra/1.png", 0),
+                      ("cat/extra/2.png", 0), ("dog/0.jpg", 1), ("dog/1.png", 1), ("frog/0.jpg", 2),
+                      ("frog/1.png", 2), ("frog/again/m.png", 2)]
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [f"imagefolder: skipped 5 link(s) or folder(s) in {d / 'train'} that would list images twice "
+                   "or under another label (first: cat/v.png: link into another class or split); links may "
+                   "point within their class folder or outside the data folder"], err
 
 
 def test_layout_problems_are_one_line_each(tmp_path):

@@ -137,9 +137,9 @@ def test_evaluate_returns_fractions(synthetic_splits):
     s = synthetic_splits
     model = _tiny()
     fit(model, s, TrainConfig(epochs=1, lr=0.05, batch_size=64, augment=False), CPU)
-    few = dataclasses.replace(s, train_x=s.train_x[:7], train_y=s.train_y[:7])
+    few = dataclasses.replace(s.loaded, train_x=s.train_x[:7], train_y=s.train_y[:7])
     for splits, split in ((s, "val"), (s, "test"), (few, "train")):
-        top1, top5 = evaluate(model, splits, split, CPU, batch_size=50)
+        top1, top5 = evaluate(model, splits, split, CPU)
         assert 0.0 <= top1 <= top5 <= 1.0
     # a model that always says class 0: top-1 is exactly the share of class 0
     const = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
@@ -149,6 +149,24 @@ def test_evaluate_returns_fractions(synthetic_splits):
     top1, top5 = evaluate(const, s, "val", CPU)
     assert top1 == pytest.approx((s.val_y == 0).float().mean().item())
     assert top5 == pytest.approx((s.val_y < 5).float().mean().item())
+
+
+def test_every_evaluation_takes_the_eval_batch_size():
+    """Issue 23 #32: evaluation took batches of up to 512 images whatever the worker (308 MB
+    per float copy at 224 px); now dataset.eval_batch_size, for evaluate and the
+    validation inside fit alike. The default is the schema's alone."""
+    from progprune.config import DatasetConfig
+    from progprune.data import load_dataset
+
+    assert DatasetConfig().eval_batch_size == 128
+    s = load_dataset(DatasetConfig(name="synthetic", num_classes=4, synthetic_samples=400, eval_batch_size=30))
+    model, seen = _tiny(), []
+    model.register_forward_hook(lambda m, x, out: None if m.training else seen.append(len(x[0])))
+    evaluate(model, s, "val", CPU)
+    assert seen == [30, 30, 30, 10]  # 100 validation images
+    seen.clear()
+    fit(model, s, TrainConfig(epochs=1, batch_size=64, augment=False), CPU)
+    assert seen == [30, 30, 30, 10]
 
 
 def test_measure_latency_positive():

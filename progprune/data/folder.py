@@ -51,13 +51,65 @@ def _class_dirs(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images(d: Path):
-    """Image paths under `d` (recursively, links followed), sorted; a generator."""
-    for parent, dirs, files in os.walk(d, followlinks=True):
-        dirs.sort()
-        for f in sorted(files):
-            if f.lower().endswith(SUFFIXES) and not f.startswith("."):
-                yield os.path.join(parent, f)
+def _images(class_dir: Path, skipped: list | None = None):
+    """Image paths under a class folder (recursively: a folder's images sorted, then its
+    subfolders sorted), a generator.
+
+    Links are followed (images or folders on other storage are common), except where that
+    would list images twice or under another label: a link to a folder that holds this
+    class (`loop -> ..`: a cycle, whose listing never ended), a link into the data folder's
+    splits outside this class (`x -> ../../val/dog`: another class's or split's images), and
+    a folder listed already. Each skip is appended to `skipped` as (path relative to the
+    split, why). Links are told apart by the directory entry (no extra call per image)."""
+    split_dir = class_dir.parent
+    splits = [os.path.realpath(split_dir.parent / s) for s in ("train", "val", "test")]
+    own = os.path.realpath(class_dir)
+    seen = {own}
+
+    def within(real: str, d: str) -> bool:
+        return real == d or real.startswith(d + os.sep)
+
+    def foreign(real: str) -> str:  # why a link's target is not this class's ("": it is)
+        if within(real, own):
+            return ""
+        if within(own, real):
+            return "link to a folder holding this class (a cycle)"
+        return "link into another class or split" if any(within(real, s) for s in splits) else ""
+
+    def skip(path: str, why: str) -> None:
+        if skipped is not None:
+            skipped.append((os.path.relpath(path, split_dir), why))
+
+    def walk(d: str):
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            return
+        subdirs = []
+        for e in entries:
+            link = e.is_symlink()
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append((e.path, link))
+            elif e.name.lower().endswith(SUFFIXES) and not e.name.startswith("."):
+                why = link and foreign(os.path.realpath(e.path))
+                if why:
+                    skip(e.path, why)
+                else:
+                    yield e.path
+        for path, link in subdirs:
+            real = os.path.realpath(path)
+            why = (link and foreign(real)) or ("a folder listed already" if real in seen else "")
+            if why:
+                skip(path, why)
+                continue
+            seen.add(real)
+            yield from walk(path)
+
+    yield from walk(str(class_dir))
 
 
 def _check_imagefolder(cfg: DatasetConfig) -> None:
@@ -93,7 +145,26 @@ def _check_imagefolder(cfg: DatasetConfig) -> None:
                 more = f"; nor do {len(empty) - 1} more class folders" if len(empty) > 1 else ""
             raise BadInput(f"{where} holds no images ({', '.join(SUFFIXES)}){more}; add images or "
                            "remove the class from every split", field="dataset.data_dir")
+        _check_readable(root / split, classes)
     check_num_classes(cfg, len(classes))
+
+
+def _check_readable(split_dir: Path, classes: list[str]) -> None:
+    """Some image of the split decodes: tried in listing order, so one image where the
+    first reads; a split none of whose images reads is refused here, before any work (the
+    pass over it would find that only after pruning or a base epoch)."""
+    first, tried = None, 0
+    for cls in classes:
+        for path in _images(split_dir / cls):
+            tried += 1
+            try:
+                decode(path, 8, False, 0)
+                return
+            except Exception as e:  # noqa: BLE001 - PIL raises many types on a bad file
+                first = first or (os.path.relpath(path, split_dir), one_line(e, with_type=True))
+    if first:
+        raise BadInput(f"{split_dir}: none of its {tried} images could be read (first: {first[0]}: "
+                       f"{first[1]}); replace or remove them", field="dataset.data_dir")
 
 
 def _few(names: list[str]) -> str:
@@ -209,6 +280,7 @@ class FolderSplits:
     mean: tuple
     std: tuple
     workers: int
+    eval_batch_size: int | None = None  # dataset.eval_batch_size, set by load_dataset
     files: dict = field(default_factory=dict)  # split -> (dir, paths bytes array, labels)
     skipped: dict = field(default_factory=dict)  # split -> unreadable relative paths seen
     _reported: dict = field(default_factory=dict)
@@ -277,15 +349,21 @@ def _why(path: Path) -> str:
 
 
 def _listing(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    paths, labels = [], []
+    paths, labels, skipped = [], [], []
     for label, cls in enumerate(classes):
-        found = [os.fsencode(os.path.relpath(p, split_dir)) for p in _images(split_dir / cls)]
+        found = [os.fsencode(os.path.relpath(p, split_dir)) for p in _images(split_dir / cls, skipped)]
         paths += found
         labels += [label] * len(found)
+    if skipped:
+        print(f"imagefolder: skipped {len(skipped)} link(s) or folder(s) in {split_dir} that would list images "
+              f"twice or under another label (first: {skipped[0][0]}: {skipped[0][1]}); links may point within "
+              "their class folder or outside the data folder",
+              file=sys.stderr, flush=True)
     return np.array(paths, dtype=bytes), np.array(labels, dtype=np.int64)
 
 
 @register_dataset("imagefolder", check=_check_imagefolder, data_dir=True,
+                  num_classes=lambda cfg: len(_class_dirs(Path(cfg.data_dir).expanduser() / "train")),
                   doc=f"a folder of images, streamed: {_LAYOUT}")
 def _load_imagefolder(cfg: DatasetConfig, seed: int) -> FolderSplits:
     root = Path(cfg.data_dir).expanduser()
