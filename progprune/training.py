@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from progprune.config import TrainConfig
 from progprune.data import Splits
 from progprune.errors import CombinationFailed
+from progprune.models import logits_of
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -50,19 +51,33 @@ class TrainingDiverged(CombinationFailed):
         super().__init__(f"{stage} diverged: {detail} at epoch {epoch} (lr {lr:g}); lower the learning rate")
 
 
+class NonFiniteOutputs(CombinationFailed):
+    """Evaluation met nan/inf logits: the model gives no usable predictions, so the run
+    failed (its row says so) rather than reporting an accuracy of arbitrary argmaxes."""
+
+    def __init__(self, split: str, bad: int, of: int):
+        self.split = split
+        super().__init__(f"the model's outputs are not finite (nan or inf) for {bad} of the first {of} "
+                         f"{split} images: no accuracy can be measured (non-finite weights, or a "
+                         "forward that divides by zero)")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, splits: Splits, split: str, device, batch_size: int = 512) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (fractions) of `model` on `split` ("val", "test", "train").
 
     Always fp32 (no autocast): a reported accuracy must not depend on whether the GPU
-    has bf16 or fp16. Only training uses mixed precision.
+    has bf16 or fp16. Only training uses mixed precision. Outputs that are not finite
+    (nan/inf logits) raise `NonFiniteOutputs`: argmax over NaNs is no accuracy.
     """
     model.eval()
     device = torch.device(device)
     correct1 = correct5 = total = 0
     for xb, yb in splits.batches(split, batch_size, device=device):
         with torch.autocast(device.type, enabled=False):  # also inside a caller's autocast
-            out = model(xb).float()
+            out = logits_of(model(xb)).float()
+        if not torch.isfinite(out).all():
+            raise NonFiniteOutputs(split, int((~torch.isfinite(out)).any(dim=1).sum()), len(out))
         k = min(5, out.shape[1])
         top = out.topk(k, dim=1).indices
         hit = top.eq(yb.view(-1, 1))
@@ -254,7 +269,7 @@ def fit(
                                      device=device, rank=rank, world_size=world_size,
                                      drop_last=splits.size("train") > cfg.batch_size):
             with _autocast(device):
-                loss = F.cross_entropy(net(xb), yb)
+                loss = F.cross_entropy(logits_of(net(xb)), yb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if after_backward:
