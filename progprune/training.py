@@ -55,11 +55,12 @@ class NonFiniteOutputs(CombinationFailed):
     """Evaluation met nan/inf logits: the model gives no usable predictions, so the run
     failed (its row says so) rather than reporting an accuracy of arbitrary argmaxes."""
 
-    def __init__(self, split: str, bad: int, of: int):
+    def __init__(self, split: str, bad: int, of: int, stage: str | None = None):
         self.split = split
-        super().__init__(f"the model's outputs are not finite (nan or inf) for {bad} of the first {of} "
-                         f"{split} images: no accuracy can be measured (non-finite weights, or a "
-                         "forward that divides by zero)")
+        what = (f"{stage}: before any update, " if stage else "") + "the model's outputs are not finite"
+        cannot = "no accuracy can be measured" if stage is None else "no learning rate is to blame"
+        super().__init__(f"{what} (nan or inf) for {bad} of the first {of} {split} images: {cannot} "
+                         "(non-finite weights, or a forward that divides by zero)")
 
 
 @torch.no_grad()
@@ -269,7 +270,8 @@ def fit(
                                      device=device, rank=rank, world_size=world_size,
                                      drop_last=splits.size("train") > cfg.batch_size):
             with _autocast(device):
-                loss = F.cross_entropy(logits_of(net(xb)), yb)
+                out = logits_of(net(xb))
+                loss = F.cross_entropy(out, yb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if after_backward:
@@ -279,6 +281,10 @@ def fit(
             scaler.update()
             value = loss.item()  # CPU-GPU sync once per batch; fine at this size
             if not math.isfinite(value):
+                if epoch == start_epoch and n == 0 and resume is None and not torch.isfinite(out).all():
+                    # the first batch, before any update: no learning rate is to blame
+                    raise NonFiniteOutputs("train", int((~torch.isfinite(out)).any(dim=1).sum()), len(out),
+                                           stage=stage)
                 raise TrainingDiverged(stage, epoch + 1, opt.param_groups[0]["lr"], f"loss {value}", value)
             total_loss += value * len(yb)
             n += len(yb)

@@ -310,3 +310,15 @@ def test_evaluate_refuses_non_finite_outputs(synthetic_splits):
     assert re.match(r"the model's outputs are not finite \(nan or inf\) for \d+ of the first \d+ test images",
                     str(e.value))
     assert e.value.exit_code == 1
+
+
+def test_outputs_nan_before_any_update_are_not_blamed_on_the_learning_rate(synthetic_splits):
+    """Base training of a model whose outputs are nan from the start said 'diverged ...
+    lower the learning rate'."""
+    model = _tiny()
+    with torch.no_grad():
+        model[-1].bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputs) as e:
+        fit(model, synthetic_splits, CFG, CPU, stage="base training")
+    assert str(e.value).startswith("base training: before any update, the model's outputs are not finite "
+                                   "(nan or inf) for 64 of the first 64 train images: no learning rate is to blame")
