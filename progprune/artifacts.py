@@ -113,21 +113,27 @@ def _pickle_code(path: str) -> tuple[bool, list[str]]:
 
     with open(path, "rb") as f:
         data = f.read(_SCAN_LIMIT)
-    found, strings, memo, code = [], [], {}, False
+    found, strings, memo, code, last = [], [], {}, False, None
     try:
         for op, arg, _ in pickletools.genops(data):
+            pushed = None  # the string this opcode leaves on top of the stack, if any
             if op.name == "GLOBAL":
                 found.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL":
+            elif op.name == "STACK_GLOBAL":  # module and name: the last two strings pushed
                 found.append(".".join(str(v) for v in strings[-2:]))
-            elif isinstance(arg, str) and "UNICODE" in op.name or op.name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
-                strings.append(arg)
-            elif op.name == "MEMOIZE" and strings:
-                memo[len(memo)] = strings[-1]
-            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT") and strings:
-                memo[arg] = strings[-1]
-            elif op.name in ("GET", "BINGET", "LONG_BINGET") and arg in memo:
-                strings.append(memo[arg])
+            elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                pushed = arg
+            elif op.name == "MEMOIZE":  # memoizes the top of the stack under the next index
+                memo[len(memo)] = last
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = last
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(arg)
+            if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                continue  # the top of the stack is unchanged
+            if isinstance(pushed, str):
+                strings.append(pushed)
+            last = pushed
             code = code or op.name in _CODE_OPS
         complete = True
     except Exception:  # noqa: BLE001 - pickletools on arbitrary bytes: any fault means "not a whole pickle"
