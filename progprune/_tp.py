@@ -77,6 +77,55 @@ def ranked(pruner, group) -> bool:
     return pruner._check_pruning_ratio(group)
 
 
+def _heads_to_remove(pruner) -> int | None:
+    """How many heads the next step's global head ranking removes, by Torch-Pruning's own
+    count (`_prune`, 2.1: heads ranked now - int(initial heads x (1 - the step's head
+    ratio))); None where no global head ranking happens. The heads ranked are those of the
+    attention groups `_prune` puts in its head scope (ranked, re-rooted, head ratio > 0)."""
+    if not (getattr(pruner, "global_pruning", False) and getattr(pruner, "prune_num_heads", False)
+            and getattr(pruner, "num_heads", None)):
+        return None
+    step = pruner.current_step + 1  # step() counts the step before it ranks
+    if step > pruner.iterative_steps:
+        return None
+    ranked = 0
+    for group in all_groups(pruner):
+        if not pruner._check_pruning_ratio(group):
+            continue
+        is_atten, qkv = pruner._is_atten_group(group)
+        if not is_atten or pruner._downstream_node_as_root_if_attention(group) is None:
+            continue
+        if min(pruner.head_pruning_ratio_dict.get(qkv[0], pruner.per_step_head_pruning_ratio)[step], 1) > 0:
+            ranked += max(pruner.num_heads[q] for q in qkv)
+    if not ranked:
+        return None
+    return ranked - int(pruner.initial_total_heads * (1 - pruner.per_step_head_pruning_ratio[step]))
+
+
+@contextmanager
+def one_step(pruner):
+    """Wrap one `pruner.step()`, or the whole iteration of `pruner.step(interactive=True)`.
+
+    Torch-Pruning 1.6.1's global head ranking sets its threshold `head_thres` only when the
+    step removes at least one head, but reads it for every attention group it then prunes
+    in width: a step whose head ranking is empty (the schedule's head count, truncated
+    with int(), has not moved since the last head went: with 400 steps, most steps) raises
+    `UnboundLocalError: cannot access local variable 'head_thres'`. Such a step removes no
+    head, so here it runs with head pruning off: attention groups then lose nothing in that
+    step, exactly what a threshold below every head would do, and every other group is
+    ranked as before. The next step that removes a head runs with it on again.
+    """
+    n = _heads_to_remove(pruner)
+    if n is None or n > 0:
+        yield
+        return
+    pruner.prune_num_heads = False
+    try:
+        yield
+    finally:
+        pruner.prune_num_heads = True
+
+
 def initial_out_modules(pruner) -> list:
     """The modules whose starting output width the pruner recorded."""
     return list(pruner.layer_init_out_ch)

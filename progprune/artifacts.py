@@ -30,8 +30,9 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from progprune._atomic import atomic_path
-from progprune.errors import BadInput, one_line
-from progprune.models import build_model, head_name, sync_attention  # noqa: F401 (head_name: re-exported)
+from progprune._files import not_a_regular_file
+from progprune.errors import BadInput, one_line, show
+from progprune.models import build_model, head_name, kind_of, logits_of, sync_attention  # noqa: F401 (head_name: re-exported)
 
 FORMAT = "progprune.artifact/1"
 HISTORY_ATTR = "_progprune_history"  # set on models rebuilt from an artifact: their prior rounds
@@ -100,6 +101,48 @@ def _read_safetensors(path: str) -> dict:
         raise BadInput(f"checkpoint {path} is a corrupt safetensors file: {one_line(e, limit=120)}") from None
 
 
+_SCAN_LIMIT = 64 << 20  # bytes of a pickle scanned for the code it would import
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "REDUCE", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def _pickle_code(path: str) -> tuple[bool, list[str]]:
+    """Read the file as a pickle without running it (pickletools walks the opcodes):
+    (whether it is one complete pickle, the callables it would import: "posix.system").
+    A pickle that builds objects but names no global reports "objects"."""
+    import pickletools
+
+    with open(path, "rb") as f:
+        data = f.read(_SCAN_LIMIT)
+    found, strings, memo, code, last = [], [], {}, False, None
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            pushed = None  # the string this opcode leaves on top of the stack, if any
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":  # module and name: the last two strings pushed
+                found.append(".".join(str(v) for v in strings[-2:]))
+            elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                pushed = arg
+            elif op.name == "MEMOIZE":  # memoizes the top of the stack under the next index
+                memo[len(memo)] = last
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = last
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(arg)
+            if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                continue  # the top of the stack is unchanged
+            if isinstance(pushed, str):
+                strings.append(pushed)
+            last = pushed
+            code = code or op.name in _CODE_OPS
+        complete = True
+    except Exception:  # noqa: BLE001 - pickletools on arbitrary bytes: any fault means "not a whole pickle"
+        complete = False
+    if code and not found:
+        found = ["objects"]
+    return complete, list(dict.fromkeys(found))
+
+
 def _describe_bytes(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
@@ -107,15 +150,29 @@ def _describe_bytes(path: str) -> str:
         return "the file is empty"
     if head.startswith(b"PK"):
         return "a damaged or truncated zip archive"
+    complete, _ = _pickle_code(path)
+    if complete:
+        return "a pickle in a form the weights-only loader does not read; save it with torch.save"
     if head[:1] == b"\x80":
         return "a damaged or truncated pickle"
     return f"it starts with {head!r}, not a zip archive, pickle or safetensors header"
 
 
+def _refuse_code(path: str, names: list[str]) -> BadInput:
+    shown = ", ".join(names[:3]) + (f", +{len(names) - 3} more" if len(names) > 3 else "")
+    what = ("it is a pickle of objects, not plain weights" if names == ["objects"] else
+            f"it would import {shown} (a pickle that holds code")
+    return BadInput(f"checkpoint {path} refused: {what}{')' if names != ['objects'] else ''}, which the "
+                    "weights-only loader refuses; progprune loads only plain weights (weights_only=True)")
+
+
 def _read(path) -> dict:
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    what = not_a_regular_file(path)
+    if what == "not found":
         raise BadInput(f"checkpoint not found: {path}")
+    if what:
+        raise BadInput(f"checkpoint {path} is {what}; give the checkpoint file")
     if _is_safetensors(path):
         return _read_safetensors(path)
     try:
@@ -125,9 +182,13 @@ def _read(path) -> dict:
     except pickle.UnpicklingError as e:
         blocked = re.search(r"GLOBAL (\S+)", str(e))
         if blocked:  # a pickle that would import code: name what it wanted
-            raise BadInput(
-                f"checkpoint {path} refused: it would import {blocked.group(1)}; "
-                "progprune loads only plain weights (weights_only=True)") from None
+            raise _refuse_code(path, [blocked.group(1)]) from None
+        complete, code = _pickle_code(path)
+        if complete and code:  # a raw pickle torch stops at an opcode, before its globals
+            raise _refuse_code(path, code) from None
+        if complete:
+            raise BadInput(f"checkpoint {path} is a pickle in a form the weights-only loader does not "
+                           "read (not a torch.save file); save the weights with torch.save") from None
         raise BadInput(f"checkpoint {path} is corrupt or not a torch file ({_describe_bytes(path)})") from None
     # broad on purpose: torch's unpickler on bytes of unknown origin raises many types
     # (KeyError '101' for text, RuntimeError, EOFError, ...); each means "not a torch file"
@@ -136,6 +197,72 @@ def _read(path) -> dict:
     if not isinstance(obj, dict):
         raise BadInput(f"checkpoint {path}: expected a dict of weights, got {type(obj).__name__}")
     return obj
+
+
+def _schema_range(field: str) -> tuple[int, int]:
+    """[lo, hi] of an integer field of the data set schema (progprune.config), so that what
+    a file may claim is bounded as a spec is."""
+    import typing
+
+    import annotated_types as at
+
+    from progprune.config import DatasetConfig
+
+    lo = hi = None
+    todo = [DatasetConfig.model_fields[field].annotation]
+    while todo:
+        t = todo.pop()
+        for m in getattr(t, "__metadata__", ()):
+            for c in (m, *getattr(m, "metadata", ())):
+                lo = c.ge if isinstance(c, at.Ge) else lo
+                hi = c.le if isinstance(c, at.Le) else hi
+        todo += [a for a in typing.get_args(t) if a is not type(None)]
+    return lo, hi
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_artifact(obj: dict, path: str) -> None:
+    """Every field of an artifact, typed and bounded, before anything is built from it (a
+    file claiming 10^10 pixels or classes would otherwise be allocated): one line naming
+    the first field that is wrong."""
+    lo_c, hi_c = _schema_range("num_classes")
+    lo_s, hi_s = _schema_range("image_size")
+    max_pixels = 3 * hi_s * hi_s  # the largest input a spec can ask for: RGB at the largest image_size
+
+    def bad(field: str, want: str, got) -> BadInput:
+        return BadInput(f"checkpoint {path}: {field} must be {want}, got {show(got)}; the file is "
+                        "damaged or was not written by progprune")
+
+    name, nc, shape = obj.get("model"), obj.get("num_classes"), obj.get("input_shape")
+    if not isinstance(name, str) or not name.strip() or len(name) > 4096:
+        raise bad("model", "a model name", name)
+    if not _int(nc) or not lo_c <= nc <= hi_c:
+        raise bad("num_classes", f"an integer in [{lo_c}, {hi_c}]", nc)
+    if shape is not None:
+        ok = (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(_int(v) and v >= 1 for v in shape)
+              and shape[1] <= hi_s and shape[2] <= hi_s and shape[0] * shape[1] * shape[2] <= max_pixels)
+        if not ok:
+            raise bad("input_shape", f"[C, H, W] with H and W in [{lo_s}, {hi_s}] (dataset.image_size) "
+                      f"and C*H*W at most 3x{hi_s}x{hi_s}", shape)
+    history = obj.get("pruning_history")
+
+    def step_ok(h) -> bool:
+        return (isinstance(h, (list, tuple)) and len(h) == 3 and isinstance(h[0], str) and isinstance(h[1], bool)
+                and isinstance(h[2], (list, tuple)) and all(_int(i) and i >= 0 for i in h[2]))
+
+    if history is not None:
+        if not isinstance(history, list):
+            raise bad("pruning_history", "a list", history)
+        wrong = next((i for i, h in enumerate(history) if not step_ok(h)), None)
+        if wrong is not None:
+            raise bad(f"pruning_history[{wrong}]", "[layer name, is_out, [channel index, ...]]", history[wrong])
+    if not _is_tensor_dict(obj.get("state_dict")):
+        raise bad("state_dict", "a dict of tensors", type(obj.get("state_dict")).__name__)
+    if obj.get("meta") is not None and not isinstance(obj["meta"], dict):
+        raise bad("meta", "a dict", type(obj["meta"]).__name__)
 
 
 def _is_tensor_dict(d) -> bool:
@@ -178,10 +305,10 @@ def _sha256(path: str) -> str:
 
 
 # ---- rebuilding the model -------------------------------------------------------------
-def _fresh(name: str, num_classes: int, seed: int, input_shape=None) -> nn.Module:
+def _fresh(name: str, num_classes: int, seed: int, input_shape=None, factory=None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
         torch.manual_seed(seed)
-        return build_model(name, num_classes, input_shape)
+        return build_model(name, num_classes, input_shape, factory=factory)
 
 
 def _shape_mismatches(model: nn.Module, sd: dict, skip=()) -> list[str]:
@@ -191,7 +318,8 @@ def _shape_mismatches(model: nn.Module, sd: dict, skip=()) -> list[str]:
 
 
 def _trace(model: nn.Module, input_shape) -> tp.DependencyGraph:
-    return tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *input_shape))
+    return tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *input_shape),
+                                                 output_transform=logits_of)
 
 
 def _fit_to_shapes(model: nn.Module, sd: dict, input_shape, head: str | None) -> list:
@@ -224,10 +352,14 @@ def _fit_to_shapes(model: nn.Module, sd: dict, input_shape, head: str | None) ->
 
 @torch.enable_grad()  # DepGraph traces and prunes with autograd; callers may sit in no_grad()
 def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list, input_shape,
-                 reset_head: bool, seed: int, hint: str) -> tuple[nn.Module, dict]:
-    """Build `name` for `num_classes`, give it `sd`'s widths, load `sd`. One clean error
-    naming what does not fit (first keys and shapes, class counts) otherwise."""
-    model = _fresh(name, num_classes, seed, input_shape)
+                 reset_head: bool, seed: int, hint: str, factory=None) -> tuple[nn.Module, dict]:
+    """Build `name` for `num_classes` (with `factory` when given), give it `sd`'s widths,
+    load `sd`. One clean error naming what does not fit (first keys and shapes, class
+    counts) otherwise."""
+    def fresh():
+        return _fresh(name, num_classes, seed, input_shape, factory)
+
+    model = fresh()
     head = head_name(model, torch.zeros(1, *input_shape))  # zeros: the caller's RNG stays untouched
     head_keys = {k for k in model.state_dict() if head and k.startswith(head + ".")}
     ck_classes = int(sd[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in sd else None
@@ -248,16 +380,16 @@ def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list
             rebuilt, carried = "history", list(history)
         # broad on purpose: Torch-Pruning replaying a history on a model of unknown origin
         except Exception:  # names or indices that do not replay: the shapes decide below
-            model = _fresh(name, num_classes, seed, input_shape)
+            model = fresh()
         if rebuilt == "history" and _shape_mismatches(model, sd):
-            model, rebuilt, carried = _fresh(name, num_classes, seed, input_shape), "fresh", []
+            model, rebuilt, carried = fresh(), "fresh", []
     if _shape_mismatches(model, sd):
         try:
             carried, rebuilt = _fit_to_shapes(model, sd, input_shape, head), "shapes"
             sync_attention(model)
         # broad on purpose: Torch-Pruning cutting a model of unknown origin to given widths
         except Exception:  # a width no pruning reaches: the message below names it
-            model, rebuilt, carried = _fresh(name, num_classes, seed, input_shape), "fresh", []
+            model, rebuilt, carried = fresh(), "fresh", []
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not (reset_head and k in head_keys)]
     unexpected = [k for k in sd if k not in own]
@@ -278,16 +410,19 @@ def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list
 
 
 def load_artifact(path, *, model_name: str | None = None, num_classes: int | None = None,
-                  input_shape=None) -> tuple[nn.Module, dict]:
+                  input_shape=None, trust_factory: bool = False, factory=None) -> tuple[nn.Module, dict]:
     """Rebuild a model from an artifact or a plain state_dict, strictly (no head reset).
 
     A plain state_dict (or a wrapper, or .safetensors) needs `model_name` and
     `num_classes`. When given, they must match the file: another architecture or class
-    count is an error. Returns (model in eval mode, the artifact dict without the
-    state_dict; its "pruning_history" is the full history the model was rebuilt with,
-    which the model also carries for `save_artifact`).
+    count is an error. An artifact of a `py:module:factory` model imports and runs that
+    code only when the caller names it (`model_name`), passes `trust_factory=True`, or
+    passes the `factory` callable itself (see `load_pruned`). Returns (model in eval mode,
+    the artifact dict without the state_dict; its "pruning_history" is the full history
+    the model was rebuilt with, which the model also carries for `save_artifact`).
     """
-    return _load(path, model_name, num_classes, input_shape, reset_head=False, seed=0, digest=False)
+    return _load(path, model_name, num_classes, input_shape, reset_head=False, seed=0, digest=False,
+                 trust_factory=trust_factory, factory=factory)
 
 
 def load_base_weights(path, model_name: str, num_classes: int, input_shape=None,
@@ -308,14 +443,21 @@ def load_base_weights(path, model_name: str, num_classes: int, input_shape=None,
 
 
 def _load(path, model_name, num_classes, input_shape, *, reset_head: bool, seed: int, digest: bool,
-          artifact_only: bool = False) -> tuple[nn.Module, dict]:
+          artifact_only: bool = False, trust_factory: bool = False, factory=None) -> tuple[nn.Module, dict]:
     path = os.fspath(path)
     obj = _read(path)
     if obj.get("format") == FORMAT:
-        name, ck_classes = obj["model"], int(obj["num_classes"])
+        _check_artifact(obj, path)
+        name, ck_classes = obj["model"], obj["num_classes"]
         if model_name is not None and name != model_name:
             raise BadInput(f"checkpoint {path} holds a {name}, not a {model_name}; "
                                  "point to a checkpoint of this model")
+        if kind_of(name) == "py" and model_name is None and factory is None and not trust_factory:
+            module, _, attr = name[3:].partition(":")
+            raise BadInput(
+                f"{path} holds a {name} model: rebuilding it would import {module} and run {attr}(), "
+                "code the file names but does not contain; load it with trust_factory=True if you "
+                f"trust that code, or pass the callable itself (factory={attr})")
         if num_classes is not None and ck_classes != int(num_classes) and not reset_head:
             raise BadInput(
                 f"checkpoint {path} has {ck_classes} classes, the dataset has {num_classes}; "
@@ -337,7 +479,9 @@ def _load(path, model_name, num_classes, input_shape, *, reset_head: bool, seed:
         shape = tuple(input_shape or (3, 32, 32))
         source = "safetensors" if _is_safetensors(path) else "state_dict"
         hint = "check the model name (the file holds another architecture's weights)"
-    model, details = _materialize(path, name, target, sd, history, shape, reset_head, seed, hint)
+    if digest:  # a base checkpoint: weights that are not finite rank nothing and prune nothing
+        _check_finite(sd, path)
+    model, details = _materialize(path, name, target, sd, history, shape, reset_head, seed, hint, factory)
     info = {"format": FORMAT, "model": name, "num_classes": target, "input_shape": list(shape),
             "pruning_history": prior_history(model), "meta": meta, "source": source,
             "weights_key": key, "stripped_prefix": prefix, **details}
@@ -346,8 +490,25 @@ def _load(path, model_name, num_classes, input_shape, *, reset_head: bool, seed:
     return model, info
 
 
-def load_pruned(path) -> nn.Module:
+def _check_finite(sd: dict, path: str) -> None:
+    bad = [(k, v) for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        k, v = bad[0]
+        n = int((~torch.isfinite(v)).sum())
+        more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+        raise BadInput(f"checkpoint {path} holds non-finite weights ({k}: {n} of {v.numel()} are nan/inf"
+                       f"{more}); nothing can be ranked or pruned from them: use a checkpoint whose "
+                       "training did not diverge")
+
+
+def load_pruned(path, *, trust_factory: bool = False, factory=None) -> nn.Module:
     """A model that progprune wrote (`pruned.pt`, `final.pt`, base artifacts), ready to use:
-    the registry architecture at its pruned widths with the saved weights, in eval mode.
-    Loads with `weights_only=True`: no code from the file runs."""
-    return _load(path, None, None, None, reset_head=False, seed=0, digest=False, artifact_only=True)[0]
+    the architecture at its pruned widths with the saved weights, in eval mode.
+
+    Loads with `weights_only=True`: no code from the file runs. The file names its
+    architecture; registry, `tv:` and `timm:` names are built from installed code. A
+    `py:module:factory` name is code the file names but does not hold: it is imported and
+    run only with `trust_factory=True`, or not at all when you pass the callable
+    (`factory=build`, called as `build(num_classes=N)`)."""
+    return _load(path, None, None, None, reset_head=False, seed=0, digest=False, artifact_only=True,
+                 trust_factory=trust_factory, factory=factory)[0]

@@ -80,7 +80,11 @@ def base_stage(cfg: ComboConfig, splits: Splits, device, log: Log = _noop) -> tu
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, splits.num_classes, splits.input_shape)
         source = "trained" if cfg.base.epochs > 0 else "init"
-    check_input_size(model, cfg.model, splits.input_shape)  # before any training
+    # before any training: the image size, what the forward returns, the class count
+    check_input_size(model, cfg.model, splits.input_shape, splits.num_classes)
+    if source == "trained" or needs_sparse(cfg):  # nothing to prune (or ignore patterns that
+        # leave nothing): said before the training, not after it (make_pruner raises)
+        make_pruner(model, example_inputs(splits.input_shape), cfg.prune, splits.num_classes)
     res = None
     if source == "trained":
         log(f"training base {cfg.model} on {splits.name} for {cfg.base.epochs} epochs")
@@ -325,9 +329,16 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
         if out_dir:  # the model as it ends, fine-tuned or not
             pruned.artifact = os.path.join(shown_dir or out_dir, PRUNE_LAYOUT.artifact)
         row = finish_combination(cfg, pruned, lambda: finetune_combination(cfg, model, splits, device, log))
-    except CombinationFailed as e:  # what ran so far stays in the row; no artifact
+    except KeyboardInterrupt:
+        raise
+    except (CombinationFailed, SystemExit, GeneratorExit) as e:  # what ran so far stays in the row; no artifact
+        # SystemExit/GeneratorExit: the model's own code (a forward) tried to end the run
+        error = str(e) if isinstance(e, CombinationFailed) else (
+            f"model {cfg.model!r} raised {type(e).__name__}"
+            f"{f'({e.code!r})' if isinstance(e, SystemExit) else ''} during the run; a model's "
+            "forward must return its logits, not end the process")
         row = build_row(cfg, Pruned(base, pruned.prune if pruned else None, device_label(device),
-                                    splits.num_classes, started), error=str(e))
+                                    splits.num_classes, started), error=error)
     if out_dir and row.status != "failed":
         save_artifact(os.path.join(out_dir, PRUNE_LAYOUT.artifact), model, model_name=cfg.model,
                       num_classes=splits.num_classes, input_shape=splits.input_shape,

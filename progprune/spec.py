@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from progprune._files import not_a_regular_file
 from progprune._yaml import parse_yaml
 from progprune.config import DatasetConfig, SweepSpec, method_overrides
 from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, show
@@ -82,8 +83,10 @@ def _files(data: dict, base_dir: str, check: bool) -> tuple[dict, list[Problem]]
             ckpt = m["checkpoint"] = absolute(m["checkpoint"])
             if not (check and _text(ckpt)):
                 continue
-            if not os.path.isfile(ckpt):
-                problems.append(Problem(f"models[{i}].checkpoint", f"file not found: {ckpt}"))
+            what = not_a_regular_file(ckpt)
+            if what:
+                problems.append(Problem(f"models[{i}].checkpoint", f"file not found: {ckpt}" if what == "not found"
+                                        else f"{ckpt} is {what}; give the checkpoint file"))
                 continue
             with open(ckpt, "rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from progprune.config import TrainConfig
 from progprune.data import Splits
 from progprune.errors import CombinationFailed
+from progprune.models import logits_of
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -50,20 +51,35 @@ class TrainingDiverged(CombinationFailed):
         super().__init__(f"{stage} diverged: {detail} at epoch {epoch} (lr {lr:g}); lower the learning rate")
 
 
+class NonFiniteOutputs(CombinationFailed):
+    """Evaluation met nan/inf logits: the model gives no usable predictions, so the run
+    failed (its row says so) rather than reporting an accuracy of arbitrary argmaxes."""
+
+    def __init__(self, split: str, bad: int, of: int, stage: str | None = None):
+        self.split = split
+        what = (f"{stage}: before any update, " if stage else "") + "the model's outputs are not finite"
+        cannot = "no accuracy can be measured" if stage is None else "no learning rate is to blame"
+        super().__init__(f"{what} (nan or inf) for {bad} of the first {of} {split} images: {cannot} "
+                         "(non-finite weights, or a forward that divides by zero)")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, splits: Splits, split: str, device) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (fractions) of `model` on `split` ("val", "test", "train"),
     in batches of the data set's `eval_batch_size` (the spec's dataset.eval_batch_size).
 
     Always fp32 (no autocast): a reported accuracy must not depend on whether the GPU
-    has bf16 or fp16. Only training uses mixed precision.
+    has bf16 or fp16. Only training uses mixed precision. Outputs that are not finite
+    (nan/inf logits) raise `NonFiniteOutputs`: argmax over NaNs is no accuracy.
     """
     model.eval()
     device = torch.device(device)
     correct1 = correct5 = total = 0
     for xb, yb in splits.batches(split, splits.eval_batch_size, device=device):
         with torch.autocast(device.type, enabled=False):  # also inside a caller's autocast
-            out = model(xb).float()
+            out = logits_of(model(xb)).float()
+        if not torch.isfinite(out).all():
+            raise NonFiniteOutputs(split, int((~torch.isfinite(out)).any(dim=1).sum()), len(out))
         k = min(5, out.shape[1])
         top = out.topk(k, dim=1).indices
         hit = top.eq(yb.view(-1, 1))
@@ -255,7 +271,8 @@ def fit(
                                      device=device, rank=rank, world_size=world_size,
                                      drop_last=splits.size("train") > cfg.batch_size):
             with _autocast(device):
-                loss = F.cross_entropy(net(xb), yb)
+                out = logits_of(net(xb))
+                loss = F.cross_entropy(out, yb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if after_backward:
@@ -265,6 +282,10 @@ def fit(
             scaler.update()
             value = loss.item()  # CPU-GPU sync once per batch; fine at this size
             if not math.isfinite(value):
+                if epoch == start_epoch and n == 0 and resume is None and not torch.isfinite(out).all():
+                    # the first batch, before any update: no learning rate is to blame
+                    raise NonFiniteOutputs("train", int((~torch.isfinite(out)).any(dim=1).sum()), len(out),
+                                           stage=stage)
                 raise TrainingDiverged(stage, epoch + 1, opt.param_groups[0]["lr"], f"loss {value}", value)
             total_loss += value * len(yb)
             n += len(yb)

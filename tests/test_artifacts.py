@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import progprune
-from progprune.artifacts import FORMAT, HISTORY_ATTR, load_artifact, load_pruned, save_artifact
+from progprune.artifacts import (FORMAT, HISTORY_ATTR, load_artifact, load_base_weights, load_pruned,
+                                 save_artifact)
 from progprune.config import PruneConfig
 from progprune.errors import ProgpruneError
 from progprune.models import build_model, example_inputs
@@ -131,9 +132,48 @@ def test_missing_file(tmp_path):
         load_artifact(tmp_path / "nope.pt")
 
 
-def test_directory_is_not_a_checkpoint(tmp_path):
-    with pytest.raises(ProgpruneError, match="checkpoint not found"):
-        load_artifact(tmp_path)
+@pytest.mark.parametrize("kind, words", [("directory", "is a directory, not a regular file"),
+                                         ("fifo", "is a FIFO (named pipe), not a regular file"),
+                                         ("dev_zero", "is a character device, not a regular file")])
+def test_what_is_not_a_file_is_named(tmp_path, kind, words):
+    """A folder, a FIFO or /dev/zero given as a checkpoint: say what it is (it was "not
+    found"; a FIFO must not block the reader, /dev/zero must not be read forever)."""
+    path = {"directory": tmp_path, "dev_zero": "/dev/zero"}.get(kind, tmp_path / "pipe")
+    if kind == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(ProgpruneError) as e:
+        load_artifact(path)
+    assert str(e.value) == f"checkpoint {path} {words}; give the checkpoint file"
+
+
+class _Plain:  # an object, not code: the weights-only loader refuses it all the same
+    pass
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_a_raw_pickle_with_code_is_called_code_not_damage(tmp_path, protocol):
+    """Raw pickles of every protocol: torch's weights-only unpickler stops at an opcode
+    (protocol 0's DICT, 4's FRAME) before it meets the global, so the file read as "a
+    damaged or truncated pickle". It names what the pickle would import, and runs none of it."""
+    marker = tmp_path / "pwned"
+    bad, obj = tmp_path / "bad.pt", tmp_path / "obj.pt"
+    bad.write_bytes(pickle.dumps({"format": FORMAT, "state_dict": _Exploit(marker)}, protocol=protocol))
+    obj.write_bytes(pickle.dumps({"state_dict": _Plain()}, protocol=protocol))
+    with pytest.raises(ProgpruneError) as e:
+        load_artifact(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint {bad} refused: it would import posix.system (a pickle that holds code)")
+    assert "weights-only loader refuses" in msg and "damaged" not in msg and "corrupt" not in msg
+    with pytest.raises(ProgpruneError, match=r"refused: it would import .*test_artifacts\._Plain"):
+        load_artifact(obj)
+    assert not marker.exists()
+
+
+def test_a_plain_data_pickle_is_not_called_damaged(tmp_path):
+    p = tmp_path / "old.pt"
+    p.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=0))
+    with pytest.raises(ProgpruneError, match="is a pickle in a form the weights-only loader does not read"):
+        load_artifact(p)
 
 
 def test_random_bytes(tmp_path):
@@ -314,3 +354,83 @@ def test_import_progprune_stays_cheap():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# ---- py: models: loading a file imports no code it names, unless the caller opts in ------
+_FACTORY = """
+import os
+import torch
+
+open(os.path.join(os.path.dirname(__file__), "imported"), "w").close()  # the side effect
+
+
+def build(num_classes):
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+"""
+
+
+def test_a_py_model_artifact_imports_its_factory_only_when_asked(tmp_path, monkeypatch):
+    """An artifact of `py:module:factory` names code it does not hold: `load_pruned(path)`
+    used to import that module from the working directory and call it. Now it refuses
+    (naming the module), runs it with trust_factory=True, and never imports it when the
+    caller passes the factory itself. A caller who names the model (prune --checkpoint
+    --model py:...) has named the code."""
+    (tmp_path / "art_factory_mod.py").write_text(_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+    path = save_artifact(tmp_path / "m.pt", model, model_name="py:art_factory_mod:build", num_classes=10)
+    imported = tmp_path / "imported"
+    for load in (lambda: load_pruned(path), lambda: progprune.load_pruned(path), lambda: load_artifact(path)):
+        with pytest.raises(ProgpruneError) as e:
+            load()
+        assert "would import art_factory_mod and run build()" in str(e.value)
+        assert "trust_factory=True" in str(e.value)
+    assert not imported.exists()
+
+    def build(num_classes):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+
+    with torch.no_grad():
+        assert torch.equal(progprune.load_pruned(path, factory=build)(_inputs()), model(_inputs()))
+        assert not imported.exists()
+        assert torch.equal(load_pruned(path, trust_factory=True)(_inputs()), model(_inputs()))
+    assert imported.exists()
+    loaded, _ = load_artifact(path, model_name="py:art_factory_mod:build", num_classes=10)  # named by the caller
+    assert isinstance(loaded, torch.nn.Module)
+
+
+# ---- every size a file claims is bounded before anything is allocated --------------------
+@pytest.mark.parametrize("field, value, words", [
+    ("input_shape", [3, 100000, 100000], "input_shape must be [C, H, W] with H and W in [1, 4096]"),
+    ("input_shape", [3, 4097, 32], "input_shape must be [C, H, W]"),
+    ("input_shape", [4096, 4096, 4096], "C*H*W at most 3x4096x4096"),
+    ("input_shape", [3, 32], "input_shape must be [C, H, W]"),
+    ("input_shape", [3, 32.0, 32], "input_shape must be [C, H, W]"),
+    ("num_classes", 2**40, "num_classes must be an integer in [1, 100000], got 1099511627776"),
+    ("num_classes", 100_001, "num_classes must be an integer in [1, 100000], got 100001"),
+    ("num_classes", "10", "num_classes must be an integer in [1, 100000], got '10'"),
+    ("model", 7, "model must be a model name, got 7"),
+    ("pruning_history", [["conv1", True, [-1]]], "pruning_history[0] must be [layer name, is_out, [channel index"),
+    ("state_dict", None, "state_dict must be a dict of tensors"),
+], ids=["huge_image", "image_4097", "huge_channels", "two_dims", "float_dim", "tera_classes",
+        "100001_classes", "text_classes", "model_not_text", "negative_index", "no_state_dict"])
+def test_every_size_field_is_checked_before_anything_is_built(pruned_resnet20, tmp_path, field, value, words):
+    """An artifact claiming [3, 100000, 100000] inputs (120 GB) or 2^40 classes was built
+    and traced at that size by `load_pruned` and `prune --checkpoint`: each field is checked
+    against the schema's bounds (dataset.image_size, dataset.num_classes) first, one line
+    naming it."""
+    _, path, _ = pruned_resnet20
+    obj = torch.load(path, weights_only=True)
+    obj[field] = value
+    bad = tmp_path / "claims.pt"
+    torch.save(obj, bad)
+    for load in (lambda: load_pruned(bad), lambda: load_base_weights(bad, "resnet20", 10, (3, 32, 32))):
+        with pytest.raises(ProgpruneError) as e:
+            load()
+        assert str(e.value).startswith(f"checkpoint {bad}: {field}") and words in str(e.value), str(e.value)
+        assert "damaged or was not written by progprune" in str(e.value)

@@ -225,3 +225,17 @@ def test_torch_pruning_base_checkpoint_layout_loads(tmp_path):
     torch.save({"state_dict": theirs}, tmp_path / "cifar10_resnet56.pth")
     model, info = load_base_weights(tmp_path / "cifar10_resnet56.pth", "resnet56", 10, (3, 32, 32))
     assert torch.equal(model.state_dict()["layer3.8.conv2.weight"], theirs["layer3.8.conv2.weight"])
+
+
+def test_a_checkpoint_of_nan_weights_is_refused_naming_them(tmp_path):
+    """NaN weights rank nothing: the run used to end 'unreachable ... use more
+    iterative_steps' after every step. Now the checkpoint is refused when it loads."""
+    sd = build_model("resnet20", 10).state_dict()
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    sd["fc.bias"][:] = float("inf")
+    p = tmp_path / "nan.pt"
+    torch.save(sd, p)
+    with pytest.raises(ProgpruneError) as e:
+        load_base_weights(p, "resnet20", 10)
+    assert str(e.value).startswith(f"checkpoint {p} holds non-finite weights (layer1.0.conv1.weight: "
+                                   "1 of 2304 are nan/inf and 1 more tensor(s)); nothing can be ranked or pruned")

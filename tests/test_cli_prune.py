@@ -3,6 +3,7 @@ that fails before any work runs the same click group in-process (`_in`) except f
 real-process case per family (registry names, flag ranges, checkpoints, data)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -487,3 +488,114 @@ def test_sigterm_exits_143_with_one_line_and_leaves_nothing(tmp_path):
     assert stderr.strip() == "terminated", stderr
     assert len(staged) == 1  # staged beside the output, not in the temporary directory
     assert sorted(os.listdir(tmp_path)) == ["tmp"] and os.listdir(tmpdir) == []
+
+
+# ---- your own model (py:), as a user runs it -----------------------------------------------
+_OWN = '''
+import sys
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, out="tensor"):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc, self.out = nn.Linear(16, num_classes), out
+
+    def forward(self, x):
+        y = self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+        if self.out == "nan":
+            return y * float("nan")
+        if self.out == "exit":
+            sys.exit(0)
+        return {"logits": y, "features": y.detach()} if self.out == "dict" else (y, y) if self.out == "pair" else y
+
+
+def as_dict(num_classes): return Net(num_classes, "dict")
+def pair(num_classes): return Net(num_classes, "pair")
+def nan_outputs(num_classes): return Net(num_classes, "nan")
+def forward_exits(num_classes): return Net(num_classes, "exit")
+def seven(num_classes): return Net(7)
+def exits(num_classes): sys.exit(0)
+'''
+OWN = ["--dataset", "synthetic", "--base-epochs", "0", "--iterative-steps", "20"]
+
+
+@pytest.fixture
+def own(tmp_path, monkeypatch):
+    (tmp_path / "own_cli_nets.py").write_text(_OWN)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_model_returning_a_dict_with_logits_prunes(own):
+    out = own / "run"
+    proc = _in("prune", "--model", "py:own_cli_nets:as_dict", *OWN, "--speedup", "1.5", "--finetune-epochs", "1",
+               "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = _json_row(proc)
+    assert row["status"] == "ok" and row["final_top1"] is not None and row["achieved_speedup"] >= 1.5
+
+
+@pytest.mark.parametrize("factory, words", [
+    ("pair", "model 'py:own_cli_nets:pair': its forward returned a tuple of 2 (Tensor [1, 10], Tensor [1, 10]), "
+             "which holds no unambiguous logits"),
+    ("seven", "model 'py:own_cli_nets:seven' outputs 7 values per image, the data has 10 classes"),
+    ("exits", "model 'py:own_cli_nets:exits': exits(num_classes=10) failed (SystemExit(0)"),
+    ("forward_exits", "model 'py:own_cli_nets:forward_exits': its forward pass raised SystemExit(0)"),
+])
+def test_own_model_faults_are_one_line_before_any_work(own, factory, words):
+    """A 2-tuple output (was AttributeError: 'tuple' object has no attribute 'float'), a
+    model of another class count (was a row with top-1 0.00%), a factory or forward that
+    calls sys.exit (was exit 0, nothing written, no JSON line)."""
+    line = _bad(own, "--model", f"py:own_cli_nets:{factory}", *OWN, "--speedup", "1.5", "--base-epochs", "1",
+                run=_in)
+    assert line.startswith(f"error: {words}"), line
+    assert "training base" not in line
+
+
+def test_a_factory_that_exits_fails_in_a_real_process(own):
+    from helpers import run_env
+
+    env = run_env(PYTHONPATH=os.pathsep.join([str(own), os.environ.get("PYTHONPATH", "")]))
+    proc = cli("prune", "--model", "py:own_cli_nets:exits", *OWN, "--speedup", "1.5", "--out", own / "out", "--json",
+               env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip() == ("error: model 'py:own_cli_nets:exits': exits(num_classes=10) failed "
+                                   "(SystemExit(0) (it called sys.exit or exit))")
+    assert not (own / "out").exists()
+
+
+def test_nan_outputs_make_a_failed_row_not_an_accuracy(own):
+    """Outputs always NaN, no fine-tuning: the row was 'ok' with a finite top-1."""
+    out = own / "run"
+    proc = _in("prune", "--model", "py:own_cli_nets:nan_outputs", *OWN, "--speedup", "1.5", "--finetune-epochs", "0",
+               "--out", out, "--json")
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    row = _json_row(proc)
+    assert row["status"] == "failed" and row["base_top1"] is None
+    n = re.match(r"the model's outputs are not finite \(nan or inf\) for (\d+) of the first (\d+) test images",
+                 row["error"])
+    assert n and n.group(1) == n.group(2), row["error"]
+    assert "\n" not in row["error"]
+    assert os.listdir(out) == ["result.parquet"]  # the row; no artifact of a failed run
+
+
+@pytest.mark.parametrize("kind", ["directory", "dev_zero"])
+def test_a_checkpoint_that_is_not_a_file_says_what_it_is(tmp_path, kind):
+    path = {"directory": tmp_path, "dev_zero": "/dev/zero"}[kind]
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", path, run=_in)
+    what = "a directory" if kind == "directory" else "a character device"
+    assert line == f"error: --checkpoint: {path} is {what}, not a regular file; give the checkpoint file"
+
+
+def test_nothing_to_prune_and_nan_checkpoints_say_so(tmp_path):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--ignore", "*", run=_in)
+    assert line.startswith("error: --ignore: ['*'] leave nothing to prune")
+    sd = build_model("resnet20", 10).state_dict()
+    sd["conv1.weight"].fill_(float("nan"))
+    torch.save(sd, tmp_path / "nan.pt")
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", tmp_path / "nan.pt", run=_in)
+    assert "holds non-finite weights (conv1.weight: 432 of 432 are nan/inf)" in line

@@ -274,3 +274,104 @@ def test_obdc_ranks_by_the_fisher_not_by_magnitude(calib):
     _, obdc = _prune("resnet20", 1.5, method="obdc", steps=30, calib=calib, trained_like=True)
     _, l2 = _prune("resnet20", 1.5, method="group_norm", steps=30, calib=calib, trained_like=True)
     assert obdc.history != l2.history
+
+
+# ---- what is really wrong when nothing can be pruned -----------------------------------
+class _OnlyHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+def test_nothing_prunable_is_said_up_front():
+    """A model whose only layer is the classifier, or ignore patterns that match every
+    prunable layer: one line saying so (it used to run every step and end 'unreachable ...
+    use more iterative_steps')."""
+    with pytest.raises(BadInput) as e:
+        make_pruner(_OnlyHead().eval(), example_inputs(), PruneConfig(iterative_steps=5), NUM_CLASSES)
+    assert str(e.value) == ("the model has nothing Torch-Pruning can prune: no Conv/Linear layer besides "
+                            "the classifier head, which is kept whole ('fc'); choose a model with hidden layers")
+    for patterns in (["*"], ["layer*"]):
+        with pytest.raises(BadInput) as e:
+            make_pruner(build_model("resnet20", NUM_CLASSES), example_inputs(),
+                        PruneConfig(iterative_steps=5, ignore=patterns), NUM_CLASSES)
+        assert e.value.field == "pruning.ignore"
+        assert e.value.message.startswith(f"{patterns} leave nothing to prune: every prunable layer matches")
+
+
+def test_non_finite_weights_are_refused_before_the_first_step():
+    model = build_model("resnet20", NUM_CLASSES).eval()
+    cfg = PruneConfig(iterative_steps=5)
+    pruner = make_pruner(model, example_inputs(), cfg, NUM_CLASSES)
+    with torch.no_grad():
+        model.layer2[0].conv2.weight.fill_(float("nan"))
+    with pytest.raises(BadInput, match=r"^the model has non-finite weights \(layer2\.0\.conv2\.weight holds nan/inf\)"):
+        progressive_prune(model, pruner, example_inputs(), 2.0, cfg)
+    assert pruner.current_step == 0
+
+
+# ---- attention: Torch-Pruning 1.6.1's global head ranking on steps that remove no head -----
+class _Attention(nn.Module):
+    """timm's Attention layout (qkv, num_heads, head_dim, proj): what progprune prunes by heads."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), _Attention(dim, heads), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _TinyViT(nn.Module):
+    def __init__(self, dim=24, depth=2, heads=3, patch=8):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, NUM_CLASSES)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+@pytest.mark.parametrize("max_ratio", [1.0, 0.9], ids=["pruner_step", "planned_step"])
+def test_global_head_pruning_survives_steps_that_remove_no_head(max_ratio, tmp_path):
+    """Torch-Pruning 1.6.1 leaves `head_thres` unset on a step whose global head ranking
+    removes no head, then reads it: `UnboundLocalError` (timm's vit_tiny_patch16_224, 400
+    steps, global, 2x). With 400 steps most steps remove no head (6 heads here, one every
+    ~67 steps' worth of the schedule); both ways a step runs (pruner.step(), and the
+    planned step a cap < 1 takes) prune through them, remove whole heads, and reload."""
+    from progprune.artifacts import load_artifact, save_artifact
+
+    torch.manual_seed(0)
+    model, ex = _TinyViT().eval(), example_inputs()
+    cfg = PruneConfig(iterative_steps=400, max_pruning_ratio=max_ratio)
+    out = progressive_prune(model, make_pruner(model, ex, cfg, NUM_CLASSES), ex, 1.3, cfg)
+    assert out.status == "ok" and out.achieved_speedup >= 1.3 and out.steps > 2
+    heads = [(m.num_heads, m.qkv.out_features) for m in model.modules() if isinstance(m, _Attention)]
+    assert sum(h for h, _ in heads) < 6  # heads did go, whole (head_dim kept)
+    assert all(q == 3 * h * 8 for h, q in heads)
+    path = save_artifact(tmp_path / "vit.pt", model, model_name="py:tiny_vit:build", num_classes=NUM_CLASSES,
+                         history=out.history)
+    again, _ = load_artifact(path, factory=lambda num_classes: _TinyViT())  # the history replays
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))

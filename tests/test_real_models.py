@@ -78,7 +78,7 @@ def test_prunes_to_2x_and_reloads(name, tmp):
     with torch.no_grad():
         y = model(x)
     assert y.shape == (2, NUM_CLASSES)
-    again = load_pruned(path)
+    again = load_pruned(path, trust_factory=True)  # py: names our own tests/real_model_factory.py
     assert not again.training
     with torch.no_grad():
         assert torch.equal(again(x), y)
@@ -224,7 +224,7 @@ def test_prune_from_the_cli(model, tmp_path):
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["status"] == "ok" and row["model"] == model and row["achieved_speedup"] >= 2.0
     assert row["macs_counter"] in ("fast", "torch_pruning")
-    pruned = load_pruned(out / "pruned.pt")
+    pruned = load_pruned(out / "pruned.pt", trust_factory=True)  # py: is our tests/real_model_factory.py
     macs, params = count_exact(pruned, torch.randn(1, 3, 40, 40))
     assert (macs, params) == (row["pruned_macs"], row["pruned_params"])
 
@@ -244,6 +244,32 @@ def test_families_prune_to_one_and_a_half_x(name, tmp_path):
     save_artifact(path, model, model_name=name, num_classes=NUM_CLASSES, input_shape=(3, SIZE, SIZE),
                   history=out.history)
     x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(path)(x), model(x))
+
+
+@pytest.mark.slow
+def test_vit_tiny_at_its_native_size_prunes_globally_with_400_steps(tmp_path):
+    """timm's vit_tiny_patch16_224 at 224 px, global pruning, the default 400 steps, 2x.
+    Torch-Pruning 1.6.1 raised `UnboundLocalError: cannot access local variable
+    'head_thres'` on the first step whose global head ranking removed no head (step 2);
+    `progprune._tp.one_step` runs such steps with head pruning off (issue 23 item 17).
+    The main suite reproduces it on its own timm-style ViT
+    (test_pruning.py::test_global_head_pruning_survives_steps_that_remove_no_head)."""
+    torch.manual_seed(0)
+    name, shape = "timm:vit_tiny_patch16_224", (3, 224, 224)
+    model = build_model(name, NUM_CLASSES, shape).eval()
+    heads0 = sum(m.num_heads for m in model.modules() if hasattr(m, "qkv"))
+    ex = torch.randn(1, *shape)
+    cfg = PruneConfig(global_pruning=True)
+    assert cfg.iterative_steps == 400  # the default schedule, as a user runs it
+    out = progressive_prune(model, make_pruner(model, ex, cfg, NUM_CLASSES), ex, 2.0, cfg)
+    assert out.status == "ok" and out.achieved_speedup >= 2.0, (out.status, out.achieved_speedup)
+    heads = [(m.num_heads, m.head_dim, m.qkv.out_features) for m in model.modules() if hasattr(m, "qkv")]
+    assert sum(h for h, _, _ in heads) < heads0 and all(q == 3 * h * d for h, d, q in heads)
+    path = save_artifact(tmp_path / "vit.pt", model, model_name=name, num_classes=NUM_CLASSES, input_shape=shape,
+                         history=out.history)
+    x = torch.randn(2, *shape)
     with torch.no_grad():
         assert torch.equal(load_pruned(path)(x), model(x))
 

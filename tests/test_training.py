@@ -11,8 +11,8 @@ import torch.nn as nn
 from progprune.config import TrainConfig
 import time
 
-from progprune.training import (Latency, TrainingDiverged, calibration_batch, device_label, evaluate,
-                                fit, measure_latency_stats, recalibrate_bn)
+from progprune.training import (Latency, NonFiniteOutputs, TrainingDiverged, calibration_batch, device_label,
+                                evaluate, fit, measure_latency_stats, recalibrate_bn)
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=4, lr=0.05, batch_size=64, augment=False)
@@ -314,3 +314,29 @@ def test_latency_is_timed_interleaved():
 def test_too_few_runs_are_flagged_noisy():
     (st,) = measure_latency_stats(_tiny(), (3, 32, 32), CPU, warmup=1, repeats=3)
     assert st.noisy and st.runs == 3 and st.iqr_ms >= 0
+
+
+def test_evaluate_refuses_non_finite_outputs(synthetic_splits):
+    """Logits that are nan everywhere gave a finite top-1 (argmax of nans is index 0): a
+    row 'ok' with an accuracy that means nothing. Now evaluation fails the run (a
+    CombinationFailed: the pipeline's row is 'failed' with this line)."""
+    model = _tiny()
+    with torch.no_grad():
+        model[-1].bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputs) as e:
+        evaluate(model, synthetic_splits, "test", CPU)
+    assert re.match(r"the model's outputs are not finite \(nan or inf\) for \d+ of the first \d+ test images",
+                    str(e.value))
+    assert e.value.exit_code == 1
+
+
+def test_outputs_nan_before_any_update_are_not_blamed_on_the_learning_rate(synthetic_splits):
+    """Base training of a model whose outputs are nan from the start said 'diverged ...
+    lower the learning rate'."""
+    model = _tiny()
+    with torch.no_grad():
+        model[-1].bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputs) as e:
+        fit(model, synthetic_splits, CFG, CPU, stage="base training")
+    assert str(e.value).startswith("base training: before any update, the model's outputs are not finite "
+                                   "(nan or inf) for 64 of the first 64 train images: no learning rate is to blame")

@@ -13,6 +13,7 @@ from progprune.models._registry import (
 )
 from progprune.models import mobilenetv2, resnet, vgg  # noqa: F401,E402  (fill MODELS)
 from progprune.models._attention import attention_heads, sync_attention  # noqa: E402
+from progprune.models._outputs import describe_output, logits_of  # noqa: E402
 
 __all__ = [
     "KINDS",
@@ -21,10 +22,12 @@ __all__ = [
     "build_model",
     "check_input_size",
     "classifier_layers",
+    "describe_output",
     "example_inputs",
     "head_name",
     "kind_of",
     "list_models",
+    "logits_of",
     "name_problems",
     "register_model",
     "sync_attention",

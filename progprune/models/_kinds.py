@@ -47,37 +47,70 @@ def name_problems(path: str, name: str) -> list[Problem]:
     return []
 
 
-def build_model(name: str, num_classes: int, input_shape=None) -> nn.Module:
+def build_model(name: str, num_classes: int, input_shape=None, factory=None) -> nn.Module:
     """A freshly initialised model of any kind. `input_shape` (C, H, W) reaches the
-    architectures whose layers depend on the image size (torchvision/timm ViTs)."""
+    architectures whose layers depend on the image size (torchvision/timm ViTs).
+    `factory`: a callable that builds it instead (`factory(num_classes=N)`), so that `name`
+    is only a label and nothing is imported by name (`load_pruned(path, factory=...)`)."""
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise BadInput(f"num_classes: must be a positive integer, got {num_classes!r}")
-    build = _resolve(name)
-    model = build(num_classes, tuple(input_shape) if input_shape else None)
+    if factory is not None:
+        if not callable(factory):
+            raise BadInput(f"factory: must be a callable that builds {name!r}, got a {type(factory).__name__}")
+        model = _call_factory(name, factory, getattr(factory, "__name__", "factory"), num_classes)
+    else:
+        build = _resolve(name)
+        model = build(num_classes, tuple(input_shape) if input_shape else None)
     if not isinstance(model, nn.Module):
         raise BadInput(f"model {name!r}: the factory returned a {type(model).__name__}, "
                        "not a torch.nn.Module; return the model")
     return model
 
 
-def check_input_size(model: nn.Module, name: str, input_shape) -> None:
-    """One forward pass of a zero image of `input_shape`: a model built for another size
-    (a fixed pooling window, a position embedding) fails here, as one line naming the
-    setting, instead of mid-training with a traceback."""
+def check_input_size(model: nn.Module, name: str, input_shape, num_classes: int | None = None) -> None:
+    """One forward pass of a zero image of `input_shape`, before any work, so that what
+    would fail later fails here as one line naming the model:
+    * a model built for another size (a fixed pooling window, a position embedding);
+    * a forward that ends the process (`sys.exit`) or raises another BaseException;
+    * an output without unambiguous logits (`logits_of`: a tensor, `.logits`, a dict with
+      "logits", a 1-tuple);
+    * with `num_classes`, logits that are not [batch, num_classes] (a factory that ignores
+      its num_classes argument)."""
     import torch
+
+    from progprune.models._outputs import logits_of
 
     was_training = model.training
     try:
         with torch.no_grad():
             device = next((p.device for p in model.parameters()), "cpu")
-            model.eval()(torch.zeros(1, *input_shape, device=device))
+            out = model.eval()(torch.zeros(1, *input_shape, device=device))
+    except KeyboardInterrupt:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure: this model does not take this size
         c, h, w = input_shape
         raise BadInput(f"model {name!r} cannot take {c}x{h}x{w} inputs ({one_line(e, with_type=True)}); "
                        "set the image size it is built for",
                        field="dataset.image_size") from None
+    except BaseException as e:  # SystemExit, GeneratorExit, ...: user code must not end the run
+        raise BadInput(f"model {name!r}: its forward pass raised {_base_exception(e)}; "
+                       "a model's forward must return its logits") from None
     finally:
         model.train(was_training)
+    y = logits_of(out, name)
+    if num_classes is not None and (y.dim() != 2 or y.shape[1] != num_classes):
+        what = (f"{y.shape[1]} values per image" if y.dim() == 2
+                else f"a tensor of shape {list(y.shape)} for a batch of 1")
+        raise BadInput(f"model {name!r} outputs {what}, the data has {num_classes} classes; build it "
+                       f"with num_classes={num_classes} (a py: factory is called as "
+                       f"factory(num_classes={num_classes}) and must use it)")
+
+
+def _base_exception(e: BaseException) -> str:
+    """"SystemExit(0)", "GeneratorExit": a BaseException that is not an Exception, named."""
+    if isinstance(e, SystemExit):
+        return f"SystemExit({e.code!r}) (it called sys.exit or exit)"
+    return one_line(e, with_type=True) if str(e) else type(e).__name__
 
 
 def _resolve(name: str):
@@ -161,19 +194,27 @@ def _factory(name: str, target: str):
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - the user's code: any error at import names the factory and cause
+    except KeyboardInterrupt:
+        raise
+    # the user's code: any error at import (SystemExit included) names the factory and cause
+    except BaseException as e:  # noqa: BLE001
+        cause = one_line(e, with_type=True) if isinstance(e, Exception) else _base_exception(e)
         raise BadInput(f"model {name!r}: cannot import {module_name} "
-                       f"({one_line(e, with_type=True)}); it must be importable from "
+                       f"({cause}); it must be importable from "
                        "the working directory or PYTHONPATH") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise BadInput(f"model {name!r}: {module_name} has no callable {attr!r}")
+    return lambda nc, shape: _call_factory(name, fn, attr, nc)
 
-    def build(nc, shape):
-        try:
-            return fn(num_classes=nc)
-        except Exception as e:  # noqa: BLE001 - the user's factory may raise anything: name it and the cause
-            raise BadInput(f"model {name!r}: {attr}(num_classes={nc}) failed "
-                           f"({one_line(e, with_type=True)})") from None
 
-    return build
+def _call_factory(name: str, fn, attr: str, nc: int):
+    """`fn(num_classes=nc)`: whatever it raises (SystemExit included, KeyboardInterrupt
+    excepted) is one BadInput naming the model and the cause."""
+    try:
+        return fn(num_classes=nc)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the user's factory may raise anything: name it and the cause
+        cause = one_line(e, with_type=True) if isinstance(e, Exception) else _base_exception(e)
+        raise BadInput(f"model {name!r}: {attr}(num_classes={nc}) failed ({cause})") from None

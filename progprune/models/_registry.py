@@ -62,6 +62,12 @@ def head_name(model: nn.Module, example_inputs: torch.Tensor | None = None) -> s
             model.eval()
             with torch.no_grad():
                 model(example_inputs)
+        except KeyboardInterrupt:
+            raise
+        # a forward that fails (even by sys.exit) is named by check_input_size, which runs
+        # before any work; here the registered order decides
+        except BaseException:  # noqa: BLE001
+            called.clear()
         finally:
             for h in hooks:
                 h.remove()

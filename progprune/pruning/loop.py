@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from progprune import _tp
 from progprune.config import PruningConfig
 from progprune.errors import BadInput
 from progprune.macs import MacsCounter, count_exact
@@ -94,7 +95,8 @@ class _Steps:
                     pruner, self.counter, self.target_macs, self.tolerance, self.cap, cross)
                 self.at_floor = self.cap is not None and pruned == 0 and self.cap.exhausted(pruner)
             else:
-                pruner.step()
+                with _tp.one_step(pruner):
+                    pruner.step()
                 self.cut, self.channels, self.at_floor = CUT_WHOLE, None, False
         finally:
             sync_attention(model)
@@ -120,6 +122,10 @@ def _check(target_speedup, settings, method, pruner, calib) -> Method | None:
     method = get_method(method) if method is not None else None
     if method is not None and method.gradients and calib is None:
         raise BadInput(f"{method.gradients} importance needs calibration data")
+    bad = next((n for n, p in pruner.model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:  # nan scores rank nothing: the loop would run out of steps at 1.0x
+        raise BadInput(f"the model has non-finite weights ({bad} holds nan/inf): no channel can be ranked "
+                       "or pruned; start from finite weights")
     return method
 
 

@@ -15,7 +15,7 @@ import torch_pruning as tp
 
 from progprune import _tp
 from progprune.errors import BadInput, ProgpruneError, one_line
-from progprune.models import attention_heads, classifier_layers
+from progprune.models import attention_heads, classifier_layers, logits_of
 from progprune.models._attention import HEAD_PRUNING_RATIO
 from progprune.registry import Registry
 
@@ -82,14 +82,14 @@ def _taylor_before(model, pruner, calib) -> None:
     """GroupTaylorImportance reads .grad: one backward pass on the calibration batch."""
     x, y = calib
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(logits_of(model(x)), y).backward()
 
 
 def _hessian_before(model, pruner, calib) -> None:
     """GroupHessianImportance accumulates squared per-sample gradients."""
     x, y = calib
     pruner.importance.zero_grad()
-    losses = F.cross_entropy(model(x), y, reduction="none")
+    losses = F.cross_entropy(logits_of(model(x)), y, reduction="none")
     for i in range(len(losses)):
         model.zero_grad(set_to_none=True)
         losses[i].backward(retain_graph=i < len(losses) - 1)
@@ -116,7 +116,7 @@ def _obdc_before(model, pruner, calib) -> None:
     for xb in torch.tensor_split(x, min(OBDC_BATCHES, len(x))):
         with warnings.catch_warnings():  # upstream's non-full backward hooks, as upstream
             warnings.filterwarnings("ignore", message="Using a non-full backward hook")
-            out = model(xb)
+            out = logits_of(model(xb))
             sampled = torch.multinomial(F.softmax(out.detach(), dim=1), 1, generator=gen).squeeze(1)
             F.cross_entropy(out, sampled).backward()
         imp.step()
@@ -219,6 +219,7 @@ def make_pruner(model: nn.Module, example_inputs: torch.Tensor, cfg: PruneConfig
                 iterative_steps=cfg.iterative_steps,
                 round_to=cfg.round_to,
                 ignored_layers=ignored,
+                output_transform=logits_of,
                 out_channel_groups=groups,
                 **attention,
                 **method.pruner_kwargs(sparse),
@@ -230,5 +231,14 @@ def make_pruner(model: nn.Module, example_inputs: torch.Tensor, cfg: PruneConfig
     except Exception as e:
         raise BadInput(f"Torch-Pruning cannot build the dependency graph of this model "
                        f"({one_line(e, 160, with_type=True)}); choose another model") from None
+    if next(iter(_tp.all_groups(pruner)), None) is None:
+        patterns = list(getattr(cfg, "ignore", ()) or ())
+        if patterns:
+            raise BadInput(f"{patterns} leave nothing to prune: every prunable layer matches, is kept "
+                           "whole with the classifier head, or is coupled to one that is; narrow the patterns",
+                           field="pruning.ignore")
+        head = ", ".join(repr(n) for n, m in model.named_modules() if any(m is i for i in ignored)) or "none"
+        raise BadInput(f"the model has nothing Torch-Pruning can prune: no Conv/Linear layer besides the "
+                       f"classifier head, which is kept whole ({head}); choose a model with hidden layers")
     pruner.progprune_method = method
     return pruner

@@ -48,7 +48,7 @@ def _plan_step(pruner) -> tuple[list[_Planned], dict]:
     ranked with: {(root module, handler): importance over the root's channels}.
     """
     plan = []
-    with _tp.scores_recorded(pruner) as scores:
+    with _tp.scores_recorded(pruner) as scores, _tp.one_step(pruner):
         for group in pruner.step(interactive=True):
             cuts = [c for c in _tp.members(pruner, group) if isinstance(c[0], _COUNTED)]
             plan.append(_Planned(*_tp.root(group), cuts, _tp.channel_groups(pruner, group)))
