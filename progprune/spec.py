@@ -12,9 +12,9 @@ import hashlib
 import os
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from progprune import _yaml
 from progprune._yaml import parse_yaml
 from progprune.config import DatasetConfig, SweepSpec, method_overrides
 from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, show
@@ -59,7 +59,8 @@ def load_spec_dict(data: Any, source: str = "<spec>", *, check_paths: bool = Tru
 
 
 def dump_yaml(spec: SweepSpec) -> str:
-    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    """The spec as YAML that `load_spec` (YAML 1.2) and YAML 1.1 readers read back the same."""
+    return _yaml.dump_yaml(spec.to_dict())
 
 
 # ---- what the schema cannot know ---------------------------------------------------------
