@@ -120,9 +120,12 @@ class _Option(click.Option):
 # ---- prune: a one-combination spec built from flags -------------------------------------
 # flag -> the spec field(s) it sets. Types, bounds and defaults come from the schema
 # (progprune.config), so `prune` and `sweep` validate and hash the same settings alike.
+from progprune.config import SPEEDUP  # noqa: E402 (no torch: the schema alone)
+from progprune.fields import interval  # noqa: E402
+
 _FLAGS = [
     ("--model", ["models[0].name"], str, "registry name, {model_forms} (see `progprune models`)"),
-    ("--speedup", ["speedups[0]"], float, "target MACs speedup (base MACs / pruned MACs), > 1"),
+    ("--speedup", ["speedups[0]"], float, f"target MACs speedup (base MACs / pruned MACs), {interval(**SPEEDUP)}"),
     ("--method", ["methods[0]"], str, "pruning method (see `progprune methods`)"),
     ("--dataset", ["dataset.name"], str, "{datasets} (see `progprune datasets`)"),
     ("--data-dir", ["dataset.data_dir"], str, "dataset directory ({file_datasets}); never downloads"),

@@ -100,7 +100,7 @@ def _write_bad_cases(root: Path) -> dict:
         "unknown-field": ({"finetun": {"epochs": 1}}, "finetun: unknown field; did you mean 'finetune'"),
         "unknown-nested-field": ({"pruning": {"iterative_step": 5}}, "pruning.iterative_step: unknown field; did you mean 'iterative_steps'"),
         "wrong-type-seeds": ({"seeds": ["zero"]}, "seeds[0]: must be an integer"),
-        "speedup-1": ({"speedups": [1.0, 2.0]}, "speedups[0]: must be a number > 1"),
+        "speedup-1": ({"speedups": [1.0, 2.0]}, "speedups[0]: must be a number in (1, 10000]"),
         "empty-speedups": ({"speedups": []}, "speedups: must not be empty"),
         "duplicate-speedups": ({"speedups": [2.0, 2.0]}, "speedups: duplicate entry"),
         "negative-epochs": ({"base_training": {"epochs": -2}}, "base_training.epochs: must be an integer in [0, 10000], got -2"),
