@@ -21,7 +21,7 @@ from helpers import progprune as cli
 from helpers import progprune_in_process as _in
 
 PROGPRUNE = Path(sys.executable).with_name("progprune")
-FAST = ["--dataset", "synthetic", "--base-epochs", "0", "--finetune-epochs", "1", "--sl-epochs", "0"]
+FAST = ["--dataset", "synthetic", "--base-epochs", "0", "--finetune-epochs", "1"]  # no --sl-epochs: group_norm learns no sparsity (refused)
 
 
 def _run(*args, timeout=300):
@@ -242,7 +242,7 @@ def test_prune_writes_its_row_once_naming_where_its_artifact_ends(tmp_path, monk
     monkeypatch.setattr(pq, "write_table", counting)
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["prune", "--model", "resnet20", "--dataset", "synthetic", "--base-epochs", "0",
-                                       "--finetune-epochs", "0", "--sl-epochs", "0", "--speedup", "1.5",
+                                       "--finetune-epochs", "0", "--speedup", "1.5",
                                        "--iterative-steps", "20", "--latency-repeats", "1", "--device", "cpu",
                                        "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output

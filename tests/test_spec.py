@@ -521,7 +521,9 @@ def test_methods_carry_their_own_sparse_settings():
 
 @pytest.mark.parametrize("methods, sl, expected", [
     ([{"name": "group_norm", "reg": 1e-4}], {},
-     "methods[0]: group_norm has no sparse learning, so reg would change nothing; remove them"),
+     "methods[0].reg: group_norm has no sparse learning, so its reg would change nothing; remove it"),
+    ([{"name": "slim", "delta_reg": 1e-5}], {},
+     "methods[0].delta_reg: slim does not grow its regularization, so its delta_reg would change nothing"),
     ([{"name": "slim", "reg": 2}], {}, "methods[0].reg: must be a number in [0, 1] (or null), got 2"),
     ([{"name": "slim", "rge": 1e-4}], {}, "methods[0].rge: unknown field; did you mean 'reg'?"),
     ([{"name": "slmi"}], {}, "methods[0].name: unknown method 'slmi'; did you mean 'slim'?"),
