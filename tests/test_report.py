@@ -328,3 +328,41 @@ def test_refuses_to_replace_a_directory_that_is_not_a_report(sweep_dir):
     result = CliRunner().invoke(main, ["report", str(sweep_dir), "--out", str(sweep_dir)])
     assert result.exit_code == 2 and "refusing to replace" in result.stderr
     assert sorted(os.listdir(sweep_dir)) == ["results.parquet"]
+
+
+# ---- tables of other schema versions (issue 23 item 31) ------------------------------------------
+def _write_old(path, rows, drop, version):
+    """A real Parquet file as an earlier (or later) progprune wrote it."""
+    from progprune.results import rows_to_table
+
+    t = rows_to_table(rows).drop_columns(list(drop))
+    pq.write_table(t.replace_schema_metadata({b"progprune.schema_version": version} if version else None), path)
+
+
+def test_reports_a_table_of_an_earlier_version(tmp_path):
+    """Results tables are kept for years: one written before compression_ratio (and
+    pruned_top1_bn) existed, with version 1's metadata (none), still makes a report; the
+    compression comes from the params columns, what nothing states is blank and said so."""
+    rows = [_ok_row("resnet20", "l1", 2.0, s) for s in SEEDS]
+    _write_old(tmp_path / "results.parquet", rows, ("compression_ratio", "pruned_top1_bn"), None)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    out = build_report(str(tmp_path))
+    (row,) = out["table"].to_dict("records")
+    assert row["compression_ratio_mean"] == pytest.approx(
+        statistics.mean(r.base_params / r.pruned_params for r in rows))
+    assert np.isnan(row["pruned_top1_bn_mean"])
+    md = _read(out["markdown"])
+    assert ("Read from a results table of schema version 1 (this progprune writes version 2). "
+            "Derived from its other columns: compression_ratio. Not recorded by it, so blank here: "
+            "pruned_top1_bn.") in md
+    assert "schema version 1" in " ".join(result.stdout.split())
+
+
+def test_refuses_a_table_of_a_newer_version_in_one_line(tmp_path):
+    _write_old(tmp_path / "results.parquet", [_ok_row("resnet20", "l1", 2.0, 0)], (), b"3")
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (f"error: {tmp_path} is a results table of schema version 3; this "
+                             "progprune reads versions 1 to 2: use a newer progprune\n")
+    assert sorted(os.listdir(tmp_path)) == ["results.parquet"]

@@ -26,12 +26,11 @@ import pyarrow.parquet as pq
 from progprune.errors import BadInput, one_line
 from progprune.report import _plots, _tables as T
 from progprune.report._tables import show
-from progprune.results import COLUMNS
+from progprune.results import COLUMNS, upgrade
 from progprune.storage import LAYOUT, Store, redact
 
 FORMATS = ("md", "html")
-REQUIRED = T.GROUP + ["seed", "status", "error", "achieved_speedup", "compression_ratio", "base_top1",
-                      "pruned_top1", "final_top1", "latency_speedup"]  # without these, no report
+REQUIRED = T.GROUP + ["seed", "status"]  # without these, no report; the rest may be blank
 MARKER = ".progprune-report"  # only a directory holding this is ever replaced
 
 
@@ -60,6 +59,8 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
         (tmp / MARKER).write_text(f"report of {results}\n", encoding="utf-8")
     if console is not None:
         show(frame, console)
+        if note := T.read_as_note(frame):
+            console.print(note, markup=False)
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     return {"out_dir": out_dir, "report": path(f"report.{fmt}"), "markdown": path("report.md"),
             "html": path("report.html") if fmt == "html" else None, "summary_csv": path("summary.csv"),
@@ -98,7 +99,10 @@ def load(results: str) -> tuple[pd.DataFrame, str | None]:
     if missing:
         raise BadInput(f"not a progprune results table: {results} lacks required columns "
                        f"{', '.join(missing)}")
-    return frame_of(table), store.path(*parts) if store.local else None
+    up = upgrade(table, results)  # an older version's table reads as this one's; newer: refused
+    frame = frame_of(up.table)
+    frame.attrs["read_as"] = {"version": up.version, "derived": up.derived, "missing": up.missing}
+    return frame, store.path(*parts) if store.local else None
 
 
 @contextlib.contextmanager
