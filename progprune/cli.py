@@ -122,10 +122,15 @@ class _Option(click.Option):
 # ---- prune: a one-combination spec built from flags -------------------------------------
 # flag -> the spec field(s) it sets. Types, bounds and defaults come from the schema
 # (progprune.config), so `prune` and `sweep` validate and hash the same settings alike.
+# The sparse-learning flags set the method's own settings (methods[0].reg, ...), so the spec
+# refuses them where the method learns no sparsity, as it refuses them in a sweep spec.
+from progprune.config import SPEEDUP  # noqa: E402 (no torch: the schema alone)
+from progprune.fields import interval  # noqa: E402
+
 _FLAGS = [
     ("--model", ["models[0].name"], str, "registry name, {model_forms} (see `progprune models`)"),
-    ("--speedup", ["speedups[0]"], float, "target MACs speedup (base MACs / pruned MACs), > 1"),
-    ("--method", ["methods[0]"], str, "pruning method (see `progprune methods`)"),
+    ("--speedup", ["speedups[0]"], float, f"target MACs speedup (base MACs / pruned MACs), {interval(**SPEEDUP)}"),
+    ("--method", ["methods[0].name"], str, "pruning method (see `progprune methods`)"),
     ("--dataset", ["dataset.name"], str, "{datasets} (see `progprune datasets`)"),
     ("--data-dir", ["dataset.data_dir"], str, "dataset directory ({file_datasets}); never downloads"),
     ("--num-classes", ["dataset.num_classes"], int, "synthetic: class count; others: checked against the data"),
@@ -144,12 +149,12 @@ _FLAGS = [
     ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of the target (fraction)"),
     ("--base-epochs", ["base_training.epochs"], int, "base training epochs; 0 keeps the seeded random init"),
     ("--base-lr", ["base_training.lr"], float, "base training learning rate"),
-    ("--sl-epochs", ["sparse_learning.epochs"], int, "sparse learning epochs ({sparse_methods})"),
-    ("--sl-lr", ["sparse_learning.lr"], float, "sparse learning learning rate"),
-    ("--sl-milestones", ["sparse_learning.milestones"], "ints", "sparse learning: epochs at which lr *= its gamma (e.g. 60,80)"),
-    ("--reg", ["sparse_learning.reg"], float, "sparse-learning regularization (default: the method's recipe)"),
-    ("--delta-reg", ["sparse_learning.delta_reg"], float, "{growing_methods}: regularization growth per epoch"),
-    ("--allow-zero-sl-epochs", ["sparse_learning.allow_zero_epochs"], "flag",
+    ("--sl-epochs", ["methods[0].epochs"], int, "sparse learning epochs ({sparse_methods})"),
+    ("--sl-lr", ["methods[0].lr"], float, "sparse learning learning rate"),
+    ("--sl-milestones", ["methods[0].milestones"], "ints", "sparse learning: epochs at which lr *= its gamma (e.g. 60,80)"),
+    ("--reg", ["methods[0].reg"], float, "sparse-learning regularization (default: the method's recipe)"),
+    ("--delta-reg", ["methods[0].delta_reg"], float, "{growing_methods}: regularization growth per epoch"),
+    ("--allow-zero-sl-epochs", ["methods[0].allow_zero_epochs"], "flag",
      "let a regularised method run with 0 sparse-learning epochs (its row reads <method>-nosl)"),
     ("--crossing", ["pruning.crossing"], str, "the step crossing the target: fine (within tolerance) or reference (whole step, Torch-Pruning's numbers)"),
     ("--finetune-epochs", ["finetune.epochs"], int, "fine-tuning epochs"),
@@ -161,7 +166,8 @@ _FLAGS = [
     ("--latency-batch-size", ["evaluation.latency_batch_size"], int, "batch size of the latency timing"),
     ("--latency-repeats", ["evaluation.latency_repeats"], int, "timed forward passes per model"),
 ]
-_FLAG_OF = {path: decl.split("/")[0] for decl, paths, _, _ in _FLAGS for path in paths}
+_FLAG_OF = {path: decl.split("/")[0] for decl, paths, _, _ in _FLAGS for path in paths} | {
+    "methods[0]": "--method"}
 _REQUIRED = ("--model", "--speedup")
 
 
@@ -170,6 +176,8 @@ def _schema_default(path: str):
     from progprune.config import SweepSpec
 
     head, _, field = path.partition(".")
+    if head == "methods[0]":  # the method's name: the grid's; its own setting: sparse_learning's
+        head, field = ("methods[0]", "") if field == "name" else ("sparse_learning", field)
     info = SweepSpec.model_fields[head.removesuffix("[0]")]
     if field:
         info = info.annotation.model_fields[field] if hasattr(info.annotation, "model_fields") else None
@@ -231,6 +239,8 @@ def one_combination_spec(flags: dict, output: str | None = None) -> dict:
                     spec[head[:-3]] = [value]
             else:
                 spec.setdefault(head, {})[field] = value
+    if spec.get("methods") and "name" not in spec["methods"][0]:  # --reg ... without --method
+        spec["methods"][0]["name"] = _schema_default("methods[0].name")  # the grid's first
     if output:
         spec["output"] = output
     return spec

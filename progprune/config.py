@@ -15,10 +15,11 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, St
                       create_model, field_serializer, model_validator)
 
 from progprune.errors import show
-from progprune.fields import (Bool, Grid, Int, Items, Num, OneOf, Opt, Text, invalid, named,
-                              one_or_many, worded)
+from progprune.fields import (Bool, Grid, Int, Items, Num, OneOf, Opt, Text, interval, invalid,
+                              named, one_or_many, worded)
 
 MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seed range
+SPEEDUP = {"gt": 1, "le": 10_000}  # a target speedup's bounds
 
 
 def _increasing(v: tuple) -> tuple:
@@ -27,7 +28,8 @@ def _increasing(v: tuple) -> tuple:
     return v
 
 
-Milestones = Items(Int(1, 100_000), "a list of increasing integers >= 1", 100,
+_MILESTONE = (1, 100_000)  # an epoch number
+Milestones = Items(Int(*_MILESTONE), f"a list of increasing integers in [{_MILESTONE[0]}, {_MILESTONE[1]}]", 100,
                    AfterValidator(_increasing))
 
 
@@ -46,9 +48,9 @@ class _Node(BaseModel):
 
 
 # ---- the sections of a spec --------------------------------------------------------------
-def _rgb(desc: str, **bounds):
-    n = Num(desc, **bounds)
-    return Opt(worded(tuple[n, n, n], f"three numbers {desc} (R, G, B)", strict=False))
+def _rgb(**bounds):
+    n = Num(**bounds)
+    return Opt(worded(tuple[n, n, n], f"three numbers {interval(**bounds)} (R, G, B)", strict=False))
 
 
 class DatasetConfig(_Node):
@@ -67,8 +69,8 @@ class DatasetConfig(_Node):
     test_split: OneOf("test", "val") = "test"
     # per-channel normalisation (0..1 scale); null: the data set's own (CIFAR: its recipe's,
     # imagefolder: ImageNet's, digits/synthetic: measured on the training split)
-    mean: _rgb("in [0, 1]", ge=0, le=1) = None
-    std: _rgb("in (0, 1]", gt=0, le=1) = None
+    mean: _rgb(ge=0, le=1) = None
+    std: _rgb(gt=0, le=1) = None
     # imagefolder: DataLoader worker processes decoding images; null: one fewer than the
     # CPUs this process may use (a Ray task's num_cpus), at most 16; 0: decode in-process.
     # Results do not depend on it (each image's crop is seeded by its position)
@@ -96,13 +98,13 @@ class TrainConfig(_Node):
     """One training phase (base training; fine-tuning adds its execution settings)."""
 
     epochs: Int(0, 10_000) = 15
-    lr: Num("in (0, 10]", gt=0, le=10) = 0.05
-    momentum: Num("in [0, 1)", ge=0, lt=1) = 0.9
-    weight_decay: Num("in [0, 1]", ge=0, le=1) = 5e-4
+    lr: Num(gt=0, le=10) = 0.05
+    momentum: Num(ge=0, lt=1) = 0.9
+    weight_decay: Num(ge=0, le=1) = 5e-4
     batch_size: Int(1, 65_536) = 64
     schedule: OneOf("cosine", "multistep") = "cosine"
     milestones: Milestones = ()  # multistep: epochs at which lr *= gamma
-    gamma: Num("in (0, 1]", gt=0, le=1) = 0.1
+    gamma: Num(gt=0, le=1) = 0.1
     augment: Opt(Bool) = None  # random crop + flip; null: on, except for digits (8x8 glyphs)
 
 
@@ -129,9 +131,9 @@ class SparseConfig(_Node):
     states in its `methods:` entries and each row records."""
 
     epochs: Int(0, 10_000) = 10
-    lr: Num("in (0, 10]", gt=0, le=10) = 0.01
-    reg: Opt(Num("in [0, 1]", ge=0, le=1)) = None
-    delta_reg: Opt(Num("in [0, 1]", ge=0, le=1)) = None  # growth of reg per epoch (growing_reg)
+    lr: Num(gt=0, le=10) = 0.01
+    reg: Opt(Num(ge=0, le=1)) = None
+    delta_reg: Opt(Num(ge=0, le=1)) = None  # growth of reg per epoch (growing_reg)
     batch_size: Int(1, 65_536) = 64
     milestones: Milestones = ()  # epochs at which lr *= gamma; none: a cosine schedule
     # 0 epochs turns a regularised method into its unregularised self: refused unless you
@@ -139,9 +141,9 @@ class SparseConfig(_Node):
     allow_zero_epochs: Bool = False
     # the optimiser (SGD) and data of the reference recipes; fixed in code before they were
     # settings, so at these values they hash as before (`key`)
-    momentum: Num("in [0, 1)", ge=0, lt=1) = 0.9
-    weight_decay: Num("in [0, 1]", ge=0, le=1) = 0.0  # the regulariser is the only penalty
-    gamma: Num("in (0, 1]", gt=0, le=1) = 0.1
+    momentum: Num(ge=0, lt=1) = 0.9
+    weight_decay: Num(ge=0, le=1) = 0.0  # the regulariser is the only penalty
+    gamma: Num(gt=0, le=1) = 0.1
     augment: Bool = True  # random crop + flip, for every data set
 
     def training(self) -> TrainConfig:
@@ -166,9 +168,9 @@ class PruningConfig(_Node):
     iterative_steps: Int(1, 100_000) = 400  # linear schedule; Torch-Pruning's setting
     # a per-layer cap over the whole run: every layer keeps at least ceil((1 - r) x its
     # starting width) channels (round_to respected); a target that needs more is unreachable
-    max_pruning_ratio: Num("in (0, 1]", gt=0, le=1) = 1.0
+    max_pruning_ratio: Num(gt=0, le=1) = 1.0
     round_to: Opt(Int(1, 4096)) = None  # keep channel counts multiples of N
-    tolerance: Num("in [0, 1]", ge=0, le=1) = 0.005  # accept [target, target * (1 + tol)]
+    tolerance: Num(ge=0, le=1) = 0.005  # accept [target, target * (1 + tol)]
     # the step that crosses the target: "fine" prunes part of that step's own selection, in
     # the method's order, to land within tolerance; "reference" takes the whole step, as
     # Torch-Pruning's loop does (its numbers, reproduced exactly)
@@ -190,8 +192,8 @@ class EvaluationConfig(_Node):
 
 
 class ResourcesConfig(_Node):
-    gpus_per_task: Num("in [0, 64]", ge=0, le=64) = 0.0
-    cpus_per_task: Num("in [0, 1024]", ge=0, le=1024) = 1.0
+    gpus_per_task: Num(ge=0, le=64) = 0.0
+    cpus_per_task: Num(ge=0, le=1024) = 1.0
     # bounds concurrent Train runs (each costs head memory), and sets the submission window:
     # max(64, 4 x max_concurrent) combinations in flight (README: scheduling and autoscaling)
     max_concurrent: Int(1, 100_000) = 4
@@ -230,7 +232,7 @@ class SweepSpec(_Node):
     dataset: Annotated[DatasetConfig, named("dataset")] = DatasetConfig()
     models: Grid(Annotated[ModelEntry, named("model")],
                  "model names or {name, checkpoint} mappings")
-    speedups: Grid(Num("> 1", gt=1, le=10_000), "numbers > 1")
+    speedups: Grid(Num(**SPEEDUP), f"numbers {interval(**SPEEDUP)}")
     methods: Grid(Annotated[MethodEntry, named("method")],
                   "method names or {name, <sparse_learning settings>} mappings") = (
         MethodEntry(name="group_norm"),)

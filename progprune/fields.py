@@ -1,7 +1,8 @@
 """Field types that word their own errors, and pydantic's errors as `Problem`s.
 
 `Int(0, 10)` is a strict integer in [0, 10] that fails as `must be an integer in [0, 10],
-got -1`; `problems_of(error, Root)` turns a ValidationError of `Root` into field paths and
+got -1`, `Num(gt=0, le=1)` a finite number that fails as `must be a number in (0, 1], got 2`:
+the bounds are given once and the words are made from them; `problems_of(error, Root)` turns a ValidationError of `Root` into field paths and
 those words, with the closest valid name for an unknown field. progprune.config builds the
 schema from these types.
 """
@@ -38,8 +39,17 @@ def Int(lo: int, hi: int):  # noqa: N802 (type factories)
     return worded(StrictInt, f"an integer in [{lo}, {hi}]", ge=lo, le=hi)
 
 
-def Num(desc: str, **bounds):  # noqa: N802
-    return worded(float, f"a number {desc}", strict=True, allow_inf_nan=False, **bounds)
+def interval(ge=None, gt=None, le=None, lt=None) -> str:
+    """The bounds as the errors word them: `interval(gt=1, le=10_000)` -> `in (1, 10000]`."""
+    def num(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    lo, hi = (f"[{num(ge)}" if gt is None else f"({num(gt)}"), (f"{num(le)}]" if lt is None else f"{num(lt)})")
+    return f"in {lo}, {hi}"
+
+
+def Num(**bounds):  # noqa: N802: a finite number within `bounds` (ge|gt and le|lt, both given)
+    return worded(float, f"a number {interval(**bounds)}", strict=True, allow_inf_nan=False, **bounds)
 
 
 def Opt(t):  # noqa: N802
@@ -52,7 +62,7 @@ def OneOf(*values: str):  # noqa: N802
 
 
 def Items(item, desc: str, n: int, *validators):  # noqa: N802: a list of at most n
-    return worded(tuple[item, ...], desc, *validators, strict=False, max_length=n)
+    return worded(tuple[item, ...], f"{desc} (at most {n})", *validators, strict=False, max_length=n)
 
 
 Bool = worded(StrictBool, "true or false")

@@ -106,14 +106,77 @@ def _arrow_type(annotation: str) -> pa.DataType:
     return _ARROW_TYPES[{"int": int, "float": float, "str": str, "bool": bool}[base]]
 
 
-SCHEMA_VERSION = "2"  # 2: started_at/finished_at are UTC timestamps (were ISO strings)
+# The table's version, in its Parquet metadata. What each version changed, so that `upgrade`
+# reads every earlier table (results tables are kept for years):
+#   1 (no version key): started_at/finished_at are ISO strings
+#   2: they are UTC timestamps
+# A column added without a version change reads as blank in older tables, or is derived
+# from the columns it is computed from (DERIVED). Bump the version when a column changes
+# meaning or type, and say here how the older one is read.
+SCHEMA_VERSION = "2"
+VERSION_KEY = b"progprune.schema_version"
 _TIMESTAMP = pa.timestamp("s", tz="UTC")
 _TIMES = ("started_at", "finished_at")
 SCHEMA = pa.schema(
     [pa.field(f.name, _TIMESTAMP if f.name in _TIMES else _arrow_type(f.type)) for f in fields(ResultRow)],
-    metadata={"progprune.schema_version": SCHEMA_VERSION},
+    metadata={VERSION_KEY.decode(): SCHEMA_VERSION},
 )
 COLUMNS = tuple(SCHEMA.names)
+# column -> (the columns it is computed from, how), as the pipeline computes it: what an older
+# table lacks but its other columns state
+DERIVED = {
+    "compression_ratio": (("base_params", "pruned_params"), lambda base, pruned: base / pruned),
+    "latency_speedup": (("base_latency_ms", "pruned_latency_ms"), lambda base, pruned: base / pruned),
+    "overshoot_pct": (("achieved_speedup", "target_speedup"), lambda got, target: (got / target - 1) * 100),
+}
+
+
+def schema_version(table: pa.Table) -> str:
+    """The schema version a table was written with ("1": before tables carried one)."""
+    return ((table.schema.metadata or {}).get(VERSION_KEY) or b"1").decode(errors="replace")
+
+
+@dataclass
+class Upgraded:
+    table: pa.Table  # with this version's SCHEMA
+    version: str  # the version it was written with
+    derived: list[str]  # columns it lacked, computed from its other columns
+    missing: list[str]  # columns it lacked that nothing states: blank
+
+
+def upgrade(table: pa.Table, source: str) -> Upgraded:
+    """A results table of this or any earlier schema version, as this version's: columns it
+    lacks derived (DERIVED) or blank, columns this version does not know dropped. A table of
+    a newer version is refused (BadInput, naming both versions): its columns may mean what
+    this version cannot know."""
+    from progprune.errors import BadInput
+
+    version = schema_version(table)
+    if not (version.isdigit() and int(version) <= int(SCHEMA_VERSION)):
+        raise BadInput(f"{source} is a results table of schema version {version}; this progprune "
+                       f"reads versions 1 to {SCHEMA_VERSION}: use a newer progprune")
+    have, n = set(table.column_names), table.num_rows
+    derived, missing, arrays = [], [], []
+    for field in SCHEMA:
+        name = field.name
+        if name in have:
+            col = table[name]
+            if name in _TIMES and not pa.types.is_timestamp(col.type):  # version 1: ISO text
+                col = pa.array([_utc(v) for v in col.to_pylist()], type=field.type)
+        elif name in DERIVED and set(DERIVED[name][0]) <= have:
+            args = [table[c].to_pylist() for c in DERIVED[name][0]]
+            col = pa.array([DERIVED[name][1](*v) if None not in v and v[-1] else None
+                            for v in zip(*args)], type=field.type)
+            derived.append(name)
+        else:
+            col = pa.nulls(n, field.type)
+            missing.append(name)
+        try:
+            arrays.append(col.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError):
+            raise BadInput(f"{source}: column {name} is {col.type}, not {field.type}: not a "
+                           "progprune results table") from None
+    return Upgraded(pa.Table.from_arrays(arrays, schema=SCHEMA), version, derived, missing)
 
 
 def _utc(v):

@@ -12,10 +12,10 @@ import hashlib
 import os
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from progprune._files import not_a_regular_file
+from progprune import _yaml
 from progprune._yaml import parse_yaml
 from progprune.config import DatasetConfig, SweepSpec, method_overrides
 from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, show
@@ -60,7 +60,8 @@ def load_spec_dict(data: Any, source: str = "<spec>", *, check_paths: bool = Tru
 
 
 def dump_yaml(spec: SweepSpec) -> str:
-    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    """The spec as YAML that `load_spec` (YAML 1.2) and YAML 1.1 readers read back the same."""
+    return _yaml.dump_yaml(spec.to_dict())
 
 
 # ---- what the schema cannot know ---------------------------------------------------------
@@ -148,10 +149,14 @@ def _sparse_problems(spec: SweepSpec) -> list[Problem]:
         if entry.sparse is not None and entry.sparse != m.sparse:
             out.append(Problem(f"methods[{i}].sparse", f"{entry.name} learns {'' if m.sparse else 'no '}"
                                "sparsity; remove the setting (the method registry fills it)"))
-        if not m.sparse and own:
-            out.append(Problem(f"methods[{i}]", f"{entry.name} has no sparse learning, so "
-                               f"{', '.join(own)} would change nothing; remove them"))
-        elif m.sparse:
+        # one problem per setting, at its own path: `prune` names the flag that set it
+        if not m.sparse:
+            out += [Problem(f"methods[{i}].{k}", f"{entry.name} has no sparse learning, so its "
+                            f"{k} would change nothing; remove it") for k in own]
+        elif "delta_reg" in own and "delta_reg" not in m.sparse_defaults:
+            out.append(Problem(f"methods[{i}].delta_reg", f"{entry.name} does not grow its "
+                               "regularization, so its delta_reg would change nothing; remove it"))
+        if m.sparse:
             sl = spec.sparse_learning_of(entry)
             if sl.epochs == 0 and not sl.allow_zero_epochs:
                 unregularised.append((f"methods[{i}].epochs" if "epochs" in own

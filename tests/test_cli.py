@@ -100,7 +100,7 @@ def _write_bad_cases(root: Path) -> dict:
         "unknown-field": ({"finetun": {"epochs": 1}}, "finetun: unknown field; did you mean 'finetune'"),
         "unknown-nested-field": ({"pruning": {"iterative_step": 5}}, "pruning.iterative_step: unknown field; did you mean 'iterative_steps'"),
         "wrong-type-seeds": ({"seeds": ["zero"]}, "seeds[0]: must be an integer"),
-        "speedup-1": ({"speedups": [1.0, 2.0]}, "speedups[0]: must be a number > 1"),
+        "speedup-1": ({"speedups": [1.0, 2.0]}, "speedups[0]: must be a number in (1, 10000]"),
         "empty-speedups": ({"speedups": []}, "speedups: must not be empty"),
         "duplicate-speedups": ({"speedups": [2.0, 2.0]}, "speedups: duplicate entry"),
         "negative-epochs": ({"base_training": {"epochs": -2}}, "base_training.epochs: must be an integer in [0, 10000], got -2"),
@@ -442,3 +442,61 @@ def test_address_auto_without_a_cluster_is_one_line_and_writes_nothing(tmp_path,
                            "RAY_ADDRESS): Could not find any running Ray instance"), line
     assert "ray start --head" in line
     assert not (tmp_path / "out").exists()
+
+
+# ---- sparse-learning flags where the method learns no sparsity (issue 23 item 25) ----------
+_SPARSE_FLAGS = [("--reg", "1e-4", "reg", 1e-4), ("--delta-reg", "1e-5", "delta_reg", 1e-5),
+                 ("--sl-epochs", "3", "epochs", 3), ("--sl-lr", "0.1", "lr", 0.1),
+                 ("--sl-milestones", "2,3", "milestones", [2, 3]),
+                 ("--allow-zero-sl-epochs", None, "allow_zero_epochs", True)]
+
+
+@pytest.mark.parametrize("method", [None, "l1"], ids=["default-method", "l1"])
+@pytest.mark.parametrize("flag, value, field, spec_value", _SPARSE_FLAGS, ids=[f[0] for f in _SPARSE_FLAGS])
+def test_sparse_flags_with_a_method_without_sparse_learning_are_refused(method, flag, value, field, spec_value):
+    """Refused as the spec refuses the same per-method setting: one decision (spec.py), the
+    same words, the flag named in place of the field path."""
+    from progprune.errors import SpecError
+    from progprune.spec import load_spec_dict
+
+    name = method or "group_norm"
+    with pytest.raises(SpecError) as e:
+        load_spec_dict({"name": "t", "models": "resnet20", "speedups": 2,
+                        "methods": [{"name": name, field: spec_value}]})
+    (spec_line,) = e.value.problems
+    assert spec_line.startswith(f"methods[0].{field}: {name} has no sparse learning"), spec_line
+    args = [*(["--method", method] if method else []), flag, *([value] if value else [])]
+    r = progprune_in_process("prune", "--model", "resnet20", "--speedup", "2", *args, "--print-spec")
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == f"error: {flag}: {spec_line.split(': ', 1)[1]}\n"
+
+
+def test_delta_reg_with_a_method_that_does_not_grow_its_reg_is_refused():
+    r = progprune_in_process("prune", "--model", "resnet20", "--speedup", "2", "--method", "slim",
+                             "--delta-reg", "1e-5", "--print-spec")
+    assert r.returncode == 2 and r.stderr == (
+        "error: --delta-reg: slim does not grow its regularization, so its delta_reg would change "
+        "nothing; remove it\n")
+
+
+def test_sparse_flags_refused_in_a_real_process():
+    r = cli("prune", "--model", "resnet20", "--speedup", "2", "--reg", "1e-4", "--print-spec")
+    assert r.returncode == 2 and r.stderr == (
+        "error: --reg: group_norm has no sparse learning, so its reg would change nothing; remove it\n")
+
+
+def test_sparse_flags_still_set_a_sparse_methods_recipe_and_keep_its_combo_id():
+    """--reg etc. now set the method's own settings: for a method that learns sparsity the
+    combination (and its combo_id, so earlier rows are reused) is the one they set before."""
+    from progprune.cli import one_combination_spec
+    from progprune.spec import load_spec_dict
+
+    flags = {"model": "resnet20", "speedup": 2.0, "method": "growing_reg", "reg": 3e-5,
+             "delta_reg": 2e-6, "sl_epochs": 4, "sl_lr": 0.02, "sl_milestones": [2, 3]}
+    (one,) = load_spec_dict(one_combination_spec(flags)).combinations()
+    (before,) = load_spec_dict({"name": "prune", "models": [{"name": "resnet20"}], "speedups": [2.0],
+                                "methods": ["growing_reg"], "finetune": {"num_workers": 0},
+                                "sparse_learning": {"reg": 3e-5, "delta_reg": 2e-6, "epochs": 4,
+                                                    "lr": 0.02, "milestones": [2, 3]}}).combinations()
+    assert one.sparse == before.sparse and one.combo_id() == before.combo_id()
+    assert (one.sparse.reg, one.sparse.delta_reg, one.sparse.epochs) == (3e-5, 2e-6, 4)

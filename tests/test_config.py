@@ -146,3 +146,57 @@ def test_eval_batch_size_is_a_setting_that_changes_no_result():
     assert small.combo_id() == plain.combo_id() and small.base_key() == plain.base_key()
     r = cli("prune", "--model", "resnet20", "--speedup", "2", "--eval-batch-size", "0", "--print-spec")
     assert r.returncode == 2 and r.stderr.startswith("error: --eval-batch-size: must be an integer in [1, 65536]"), r.stderr
+
+
+def _bounded_fields():
+    """(section, field, bounds) of every number or integer setting the schema bounds."""
+    import annotated_types as at
+
+    from progprune.config import SweepSpec
+
+    sections = {name: f.annotation for name, f in SweepSpec.model_fields.items()
+                if hasattr(f.annotation, "model_fields")}
+    for section, model in sections.items():
+        for name, f in model.model_fields.items():
+            b = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower())
+                 for m in f.metadata if isinstance(m, (at.Gt, at.Ge, at.Lt, at.Le))}
+            if b:
+                yield section, name, b
+
+
+def test_every_bound_error_states_the_bounds_the_schema_checks():
+    """Words and bounds come from one declaration: a value just past each upper bound is
+    refused with the interval that refused it (issue 23 item 26: `speedups` said `> 1` while
+    10000 was its upper bound)."""
+    cases = list(_bounded_fields())
+    assert len(cases) >= 20
+    for section, name, b in cases:
+        hi = b.get("le", b.get("lt"))
+        value = hi + 1 if "le" in b else hi  # just outside
+        lo = f"[{b['ge']}" if "ge" in b else f"({b['gt']}"
+        up = f"{b['le']}]" if "le" in b else f"{b['lt']})"
+        spec = {"name": "t", "models": "resnet20", "speedups": 2, section: {name: value}}
+        try:
+            load_spec_dict(spec, check_paths=False)
+        except Exception as e:  # noqa: BLE001: SpecError, checked below
+            msg = str(e)
+        else:
+            raise AssertionError(f"{section}.{name}={value!r} was accepted")
+        assert f"{section}.{name}: must be " in msg and f"in {lo}, {up}" in msg, msg
+
+
+def test_speedup_errors_state_the_schema_bounds():
+    from progprune.config import SPEEDUP
+    from progprune.errors import SpecError
+
+    for v in (10_001, 1.0, 1e9):
+        try:
+            load_spec_dict({"name": "t", "models": "resnet20", "speedups": [v]})
+        except SpecError as e:
+            assert e.problems == [f"speedups[0]: must be a number in ({SPEEDUP['gt']}, {SPEEDUP['le']}], "
+                                  f"got {v!r}"]
+        else:
+            raise AssertionError(v)
+    r = cli("prune", "--model", "resnet20", "--speedup", "10001", "--print-spec")
+    assert r.returncode == 2 and r.stderr == "error: --speedup: must be a number in (1, 10000], got 10001.0\n"
+    assert "(1, 10000]" in " ".join(cli("prune", "--help").stdout.split())

@@ -303,11 +303,11 @@ def test_a_bad_uri_is_one_line_without_its_credentials(tmp_path):
 
 
 def test_rerun_replaces_the_report_and_failure_keeps_the_old_one(sweep_dir, monkeypatch):
-    first = build_report(str(sweep_dir))
-    marker = os.path.join(first["out_dir"], "stale.txt")
-    open(marker, "w").close()
-    build_report(str(sweep_dir))  # replaces the whole directory
-    assert not os.path.exists(marker)
+    first = build_report(str(sweep_dir), fmt="html")
+    (sweep_dir / "report" / "report.md").write_text("stale")
+    build_report(str(sweep_dir))  # replaces what the report wrote
+    assert _read(first["markdown"]).startswith("# progprune report")
+    assert not os.path.exists(first["html"]), "report.html of the earlier report is not this one's"
 
     import progprune.report._plots as plots
 
@@ -315,16 +315,109 @@ def test_rerun_replaces_the_report_and_failure_keeps_the_old_one(sweep_dir, monk
         raise RuntimeError("plotting broke")
 
     monkeypatch.setattr(plots, "latency_plot", boom)
-    open(marker, "w").close()
+    before = {n: (sweep_dir / "report" / n).read_bytes() for n in os.listdir(sweep_dir / "report")}
     with pytest.raises(RuntimeError, match="plotting broke"):
         build_report(str(sweep_dir))
-    assert os.path.exists(marker), "a failed run must leave the previous report as it was"
+    after = {n: (sweep_dir / "report" / n).read_bytes() for n in os.listdir(sweep_dir / "report")}
+    assert after == before, "a failed run must leave the previous report as it was"
     leftovers = [n for n in os.listdir(sweep_dir) if n.startswith(".report")]
     assert leftovers == []
     assert sorted(os.listdir(sweep_dir)) == ["report", "results.parquet"]
 
 
+def test_a_users_files_in_the_report_directory_survive_a_rerun(sweep_dir):
+    """Issue 23 item 3: a rerun (and the end of every sweep) replaced the whole directory,
+    deleting files the report never wrote. Now only the report's own files are replaced."""
+    out = sweep_dir / "report"
+    build_report(str(sweep_dir))
+    (out / "notes.txt").write_text("my notes")
+    (out / "extra").mkdir()
+    (out / "extra" / "fig.png").write_bytes(b"mine")
+    result = CliRunner().invoke(main, ["report", str(sweep_dir), "--format", "html"])
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "extra" / "fig.png").read_bytes() == b"mine"
+    assert (out / "report.html").exists()
+    listed = (out / ".progprune-report").read_text().splitlines()[1:]
+    assert listed == sorted(n for n in os.listdir(out) if n not in ("notes.txt", "extra", ".progprune-report"))
+
+
+def test_a_report_file_name_the_report_did_not_write_is_refused(sweep_dir):
+    out = sweep_dir / "report"
+    build_report(str(sweep_dir))  # md: no report.html
+    (out / "report.html").write_text("the user's own page")
+    result = CliRunner().invoke(main, ["report", str(sweep_dir), "--format", "html"])
+    assert result.exit_code == 2 and "refusing to replace" in result.stderr and "report.html" in result.stderr
+    assert (out / "report.html").read_text() == "the user's own page"
+    assert [n for n in os.listdir(sweep_dir) if n.startswith(".report")] == []
+
+
+def test_a_report_of_the_earlier_marker_keeps_the_users_files(sweep_dir):
+    """A report directory written before the marker listed its files (one line)."""
+    out = sweep_dir / "report"
+    build_report(str(sweep_dir), fmt="html")
+    (out / ".progprune-report").write_text(f"report of {sweep_dir}\n")
+    (out / "notes.txt").write_text("mine")
+    build_report(str(sweep_dir))
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "report.html").exists()
+    assert (out / "report.md").exists()
+
+
+def test_a_marker_cannot_make_the_report_delete_other_files(sweep_dir):
+    out = sweep_dir / "report"
+    build_report(str(sweep_dir))
+    (out / "notes.txt").write_text("mine")
+    marker = out / ".progprune-report"
+    marker.write_text(marker.read_text() + "notes.txt\n../results.parquet\n")
+    build_report(str(sweep_dir))
+    assert (out / "notes.txt").read_text() == "mine" and (sweep_dir / "results.parquet").exists()
+
+
+def test_an_empty_directory_takes_the_report(tmp_path, sweep_dir):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert build_report(str(sweep_dir), str(out))["out_dir"] == str(out)
+    assert (out / "report.md").exists() and (out / ".progprune-report").exists()
+
+
 def test_refuses_to_replace_a_directory_that_is_not_a_report(sweep_dir):
     result = CliRunner().invoke(main, ["report", str(sweep_dir), "--out", str(sweep_dir)])
-    assert result.exit_code == 2 and "refusing to replace" in result.stderr
+    assert result.exit_code == 2 and "it is not an earlier progprune report" in result.stderr
     assert sorted(os.listdir(sweep_dir)) == ["results.parquet"]
+
+
+# ---- tables of other schema versions (issue 23 item 31) ------------------------------------------
+def _write_old(path, rows, drop, version):
+    """A real Parquet file as an earlier (or later) progprune wrote it."""
+    from progprune.results import rows_to_table
+
+    t = rows_to_table(rows).drop_columns(list(drop))
+    pq.write_table(t.replace_schema_metadata({b"progprune.schema_version": version} if version else None), path)
+
+
+def test_reports_a_table_of_an_earlier_version(tmp_path):
+    """Results tables are kept for years: one written before compression_ratio (and
+    pruned_top1_bn) existed, with version 1's metadata (none), still makes a report; the
+    compression comes from the params columns, what nothing states is blank and said so."""
+    rows = [_ok_row("resnet20", "l1", 2.0, s) for s in SEEDS]
+    _write_old(tmp_path / "results.parquet", rows, ("compression_ratio", "pruned_top1_bn"), None)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    out = build_report(str(tmp_path))
+    (row,) = out["table"].to_dict("records")
+    assert row["compression_ratio_mean"] == pytest.approx(
+        statistics.mean(r.base_params / r.pruned_params for r in rows))
+    assert np.isnan(row["pruned_top1_bn_mean"])
+    md = _read(out["markdown"])
+    assert ("Read from a results table of schema version 1 (this progprune writes version 2). "
+            "Derived from its other columns: compression_ratio. Not recorded by it, so blank here: "
+            "pruned_top1_bn.") in md
+    assert "schema version 1" in " ".join(result.stdout.split())
+
+
+def test_refuses_a_table_of_a_newer_version_in_one_line(tmp_path):
+    _write_old(tmp_path / "results.parquet", [_ok_row("resnet20", "l1", 2.0, 0)], (), b"3")
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (f"error: {tmp_path} is a results table of schema version 3; this "
+                             "progprune reads versions 1 to 2: use a newer progprune\n")
+    assert sorted(os.listdir(tmp_path)) == ["results.parquet"]

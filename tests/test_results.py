@@ -86,3 +86,65 @@ def test_a_combinations_row_is_its_stages_columns():
     assert (failed.status, failed.error, failed.artifact_uri, failed.final_top1) == (
         "failed", "fine-tune diverged", None, None)
     assert (failed.pruned_top1, failed.finetune_workers) == (0.3, 0)
+
+
+# ---- older and newer tables (issue 23 item 31) ------------------------------------------------
+def _old_table(path, rows, drop=("compression_ratio",), version=b"1"):
+    """A real Parquet file as an earlier progprune wrote it: without the columns added since,
+    started_at as ISO text (version 1), and that version in its metadata (none for 1)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from progprune.results import rows_to_table
+
+    t = rows_to_table(rows)
+    t = t.drop_columns(list(drop))
+    if version == b"1":
+        t = t.set_column(t.column_names.index("started_at"), "started_at",
+                         pa.array([r.started_at for r in rows], pa.string()))
+        t = t.replace_schema_metadata(None)
+    else:
+        t = t.replace_schema_metadata({b"progprune.schema_version": version})
+    pq.write_table(t, path)
+    return path
+
+
+def _row(**kw):
+    base = dict(combo_id="c", sweep="s", model="resnet20", dataset="digits", method="l1", seed=0,
+                target_speedup=2.0, achieved_speedup=2.01, status="ok", base_params=1000,
+                pruned_params=400, base_latency_ms=4.0, pruned_latency_ms=2.5,
+                started_at="2024-01-01T00:00:00+00:00")
+    return ResultRow(**(base | kw))
+
+
+def test_an_older_table_reads_as_this_version(tmp_path):
+    import pyarrow.parquet as pq
+
+    from progprune.results import upgrade
+
+    rows = [_row(), _row(combo_id="d", pruned_params=None, status="failed")]
+    path = _old_table(tmp_path / "old.parquet", rows,
+                      drop=("compression_ratio", "latency_speedup", "overshoot_pct", "pruned_top1_bn"))
+    up = upgrade(pq.read_table(path), str(path))
+    assert up.version == "1" and up.table.schema == SCHEMA
+    assert up.derived == ["latency_speedup", "overshoot_pct", "compression_ratio"]
+    assert up.missing == ["pruned_top1_bn"]
+    got = up.table.to_pylist()
+    assert got[0]["compression_ratio"] == 1000 / 400 and got[1]["compression_ratio"] is None
+    assert got[0]["latency_speedup"] == 4.0 / 2.5
+    assert abs(got[0]["overshoot_pct"] - 0.5) < 1e-9 and got[0]["pruned_top1_bn"] is None
+    assert got[0]["started_at"].isoformat() == "2024-01-01T00:00:00+00:00"
+
+
+def test_a_newer_table_is_refused_naming_both_versions(tmp_path):
+    import pyarrow.parquet as pq
+    import pytest
+
+    from progprune.errors import BadInput
+    from progprune.results import upgrade
+
+    path = _old_table(tmp_path / "new.parquet", [_row()], drop=(), version=b"3")
+    with pytest.raises(BadInput) as e:
+        upgrade(pq.read_table(path), "new.parquet")
+    assert str(e.value) == ("new.parquet is a results table of schema version 3; this progprune "
+                            "reads versions 1 to 2: use a newer progprune")

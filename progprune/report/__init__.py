@@ -23,16 +23,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from progprune._atomic import atomic_path
 from progprune.errors import BadInput, one_line
 from progprune.report import _plots, _tables as T
 from progprune.report._tables import show
-from progprune.results import COLUMNS
+from progprune.results import COLUMNS, upgrade
 from progprune.storage import LAYOUT, Store, redact
 
 FORMATS = ("md", "html")
-REQUIRED = T.GROUP + ["seed", "status", "error", "achieved_speedup", "compression_ratio", "base_top1",
-                      "pruned_top1", "final_top1", "latency_speedup"]  # without these, no report
-MARKER = ".progprune-report"  # only a directory holding this is ever replaced
+REQUIRED = T.GROUP + ["seed", "status"]  # without these, no report; the rest may be blank
+# A report directory holds this marker, listing the files the report wrote. A rerun replaces
+# those files only (a file it no longer writes is removed); anything else in the directory is
+# the user's and stays. A non-empty directory without the marker is refused.
+MARKER = ".progprune-report"
+REPORT_FILES = ("report.md", "report.html", "summary.csv", _plots.ACCURACY[0], _plots.LATENCY[0])
 
 
 def build_report(results: str, out_dir: str | None = None, fmt: str = "md", console=None) -> dict:
@@ -50,16 +54,17 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
     results = redact(os.fspath(results))  # the report names its source; never with credentials
     out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path or ""), *LAYOUT.report))
     table, probs = T.aggregate(frame), T.problems(frame)
-    with _atomic_dir(out_dir) as tmp:
+    with _report_dir(out_dir, f"progprune report of {results}") as tmp:
         plots = _plots.draw(table, T.base_reference(frame), tmp)
         markdown = T.markdown(frame, table, probs, plots, results)
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         if fmt == "html":
             (tmp / "report.html").write_text(T.to_html(markdown, tmp), encoding="utf-8")
         table.to_csv(tmp / "summary.csv", index=False)
-        (tmp / MARKER).write_text(f"report of {results}\n", encoding="utf-8")
     if console is not None:
         show(frame, console)
+        if note := T.read_as_note(frame):
+            console.print(note, markup=False)
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     return {"out_dir": out_dir, "report": path(f"report.{fmt}"), "markdown": path("report.md"),
             "html": path("report.html") if fmt == "html" else None, "summary_csv": path("summary.csv"),
@@ -98,20 +103,41 @@ def load(results: str) -> tuple[pd.DataFrame, str | None]:
     if missing:
         raise BadInput(f"not a progprune results table: {results} lacks required columns "
                        f"{', '.join(missing)}")
-    return frame_of(table), store.path(*parts) if store.local else None
+    up = upgrade(table, results)  # an older version's table reads as this one's; newer: refused
+    frame = frame_of(up.table)
+    frame.attrs["read_as"] = {"version": up.version, "derived": up.derived, "missing": up.missing}
+    return frame, store.path(*parts) if store.local else None
+
+
+def _written_by_report(out_dir: str) -> set[str] | None:
+    """The files an earlier report wrote into `out_dir` (by its marker); None: not a report's
+    directory. Only names a report writes count, whatever the marker says."""
+    try:
+        with open(os.path.join(out_dir, MARKER), encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BadInput(f"cannot read {os.path.join(out_dir, MARKER)}: {e.strerror or e}") from None
+    listed = set(lines[1:])
+    # a marker of before the list (one line): the files every report then could write
+    return (listed if len(lines) > 1 else set(REPORT_FILES)) & set(REPORT_FILES)
 
 
 @contextlib.contextmanager
-def _atomic_dir(out_dir: str):
-    """Yield a new directory beside `out_dir`; on success it takes `out_dir`'s place (an earlier
-    report is moved aside first and deleted after), on failure it is removed."""
+def _report_dir(out_dir: str, header: str):
+    """Yield a new directory beside `out_dir` to write the report into. On success its files
+    take their places in `out_dir`, replacing only what an earlier report wrote there (by its
+    marker) and never a file of the user's; on failure nothing in `out_dir` changes."""
     if os.path.islink(out_dir) or os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise BadInput(f"report output {out_dir} exists and is not a directory")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER)):
-        raise BadInput(f"refusing to replace {out_dir}: it is not an earlier progprune "
-                       f"report (pass another --out)")
+    earlier = _written_by_report(out_dir) if os.path.isdir(out_dir) else set()
+    if earlier is None:
+        if os.listdir(out_dir):
+            raise BadInput(f"refusing to write the report into {out_dir}: it is not an earlier "
+                           f"progprune report (no {MARKER}); pass another --out")
+        earlier = set()
     tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{secrets.token_hex(6)}")
-    old = tmp + ".old"
     try:
         os.makedirs(tmp)  # mode 0777 less the umask, as any directory: a report is for reading
     except OSError as e:
@@ -119,17 +145,30 @@ def _atomic_dir(out_dir: str):
                        "pass a writable --out") from None
     try:
         yield Path(tmp)
-        if os.path.lexists(out_dir):
-            os.rename(out_dir, old)
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            if os.path.lexists(old):
-                os.rename(old, out_dir)
-            raise
+        new = set(os.listdir(tmp))
+        marker = lambda names: header + "\n" + "".join(f"{n}\n" for n in sorted(names))  # noqa: E731
+        (Path(tmp) / MARKER).write_text(marker(new), encoding="utf-8")
+        if not os.path.lexists(out_dir):
+            os.rename(tmp, out_dir)  # a new directory: appears complete or not at all
+            return
+        theirs = sorted(n for n in new if n not in earlier and os.path.lexists(os.path.join(out_dir, n)))
+        if theirs:
+            raise BadInput(f"refusing to replace {os.path.join(out_dir, theirs[0])}: an earlier report "
+                           "did not write it; move it away or pass another --out")
+        # the marker first lists every file about to be the report's, so that an interrupted
+        # replacement leaves none of them unlisted; then the files; then the stale ones go
+        with atomic_path(os.path.join(out_dir, MARKER), ".tmp") as t:
+            Path(t).write_text(marker(new | earlier), encoding="utf-8")
+        for name in sorted(new):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        for name in sorted(earlier - new):  # written by the earlier report, not by this one
+            path = os.path.join(out_dir, name)
+            if os.path.isfile(path) or os.path.islink(path):
+                os.remove(path)
+        with atomic_path(os.path.join(out_dir, MARKER), ".tmp") as t:
+            Path(t).write_text(marker(new), encoding="utf-8")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @click.command("report")

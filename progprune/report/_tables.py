@@ -154,6 +154,8 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
     sweeps, now = distinct(df["sweep"]), _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = ["# progprune report" + (f": {', '.join(sweeps)}" if sweeps else ""),
            f"Results: `{results}`. Generated {now} by progprune {progprune.__version__}."]
+    if note := read_as_note(df):
+        out.append(note)
     if df.empty:
         out.append("The results table is empty: it has no rows, so there is nothing to aggregate or plot.")
     out += ["## Setup", _table(["Setting", "Value"], [["Results", results]] + setup(df))]
@@ -181,6 +183,22 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
         out += ["## Recipe: settings shared by every row", f"From each row's resolved `config_json`"
                 f"{axes if varying else ''}.", _table(["Setting", "Value"], [[k, f"`{v}`"] for k, v in common])]
     return "\n\n".join(out) + "\n"
+
+
+def read_as_note(df: pd.DataFrame) -> str | None:
+    """What an older results table lacked: which columns were derived, which are blank."""
+    from progprune.results import SCHEMA_VERSION
+
+    r = df.attrs.get("read_as")
+    if not r or not (r["derived"] or r["missing"] or r["version"] != SCHEMA_VERSION):
+        return None
+    parts = [f"Read from a results table of schema version {r['version']} (this progprune writes "
+             f"version {SCHEMA_VERSION})."]
+    if r["derived"]:
+        parts.append(f"Derived from its other columns: {', '.join(r['derived'])}.")
+    if r["missing"]:
+        parts.append(f"Not recorded by it, so blank here: {', '.join(r['missing'])}.")
+    return " ".join(parts)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}
