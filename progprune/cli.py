@@ -35,6 +35,18 @@ class _Cli(click.Group):
         return super().get_command(ctx, name)
 
     def main(self, args=None, prog_name=None, **extra):
+        try:
+            self._main(args, prog_name, **extra)
+        except SystemExit as e:
+            store = sys.modules.get("progprune.storage.store")  # imported only where a store was opened
+            # the program itself (args from sys.argv; not a CliRunner in a test process)
+            if args is None and store is not None and store.probe_stuck():  # see probe_stuck: now, not in 100 s
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(e.code if isinstance(e.code, int) else 1)
+            raise
+
+    def _main(self, args, prog_name, **extra):
         extra.pop("standalone_mode", None)  # always: errors are mapped here
         try:
             rv = super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
