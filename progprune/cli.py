@@ -14,7 +14,7 @@ import sys
 import click
 
 from progprune._atomic import StagedDir, nearest_existing
-from progprune.errors import BadInput, Problem, ProgpruneError, SpecError
+from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, Terminated, sigterm_unwinds
 
 
 class _Cli(click.Group):
@@ -35,6 +35,18 @@ class _Cli(click.Group):
         return super().get_command(ctx, name)
 
     def main(self, args=None, prog_name=None, **extra):
+        try:
+            self._main(args, prog_name, **extra)
+        except SystemExit as e:
+            store = sys.modules.get("progprune.storage.store")  # imported only where a store was opened
+            # the program itself (args from sys.argv; not a CliRunner in a test process)
+            if args is None and store is not None and store.probe_stuck():  # see probe_stuck: now, not in 100 s
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(e.code if isinstance(e.code, int) else 1)
+            raise
+
+    def _main(self, args, prog_name, **extra):
         extra.pop("standalone_mode", None)  # always: errors are mapped here
         try:
             rv = super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
@@ -42,12 +54,11 @@ class _Cli(click.Group):
             sys.exit(e.exit_code)
         except click.Abort as e:  # Ctrl-C / SIGINT, SIGTERM: nothing half-written stays
             sweep = (sys.argv[1:] if args is None else list(args))[:1] == ["sweep"]
-            if isinstance(e.__cause__, _Terminated):
-                click.echo("terminated", err=True)
-                sys.exit(143)
-            click.echo("interrupted" + (": finished combinations keep their rows; the same command "
-                                        "resumes the sweep" if sweep else ""), err=True)
-            sys.exit(130)
+            term = isinstance(e.__cause__, Terminated)  # SIGTERM: 128 + 15, as a shell reports it
+            click.echo(("terminated" if term else "interrupted")
+                       + (": finished combinations keep their rows; the same command resumes the sweep"
+                          if sweep else ""), err=True)
+            sys.exit(143 if term else 130)
         except click.UsageError as e:  # one line, not click's multi-line usage block
             where = f"'{e.ctx.command_path} --help'" if e.ctx else "'progprune --help'"
             click.echo(f"error: {e.format_message()} (see {where})", err=True)
@@ -303,32 +314,6 @@ def _earlier_run(out: str, held: list) -> str:
         return files
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, Kubernetes stopping a pod), raised where the program is, so that it
-    unwinds like Ctrl-C: `finally` blocks and context managers remove what is half-written."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    """While in this block, SIGTERM raises `_Terminated` (once: a second one during the
-    clean-up is ignored); the main loop maps it to one line and exit 143 (128 + SIGTERM)."""
-    import signal
-
-    def raise_terminated(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise _Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
-    except ValueError:  # not the main thread: signals stay as they are
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @main.command("prune")
 @_flag_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -343,7 +328,7 @@ def prune_cmd(device, output, force, as_json, print_spec, **flags):
 
     The flags build a one-combination sweep spec (see --print-spec), validated and hashed
     exactly like `progprune sweep` would."""
-    with _sigterm_unwinds():
+    with sigterm_unwinds():
         return _prune(device, output, force, as_json, print_spec, flags)
 
 

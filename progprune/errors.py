@@ -5,9 +5,11 @@ One hierarchy, two meanings the CLI keeps apart:
   +- BadInput             a spec, flag or file to change: exit 2, nothing was run
   |  +- SpecError         a spec with one or more problems, each named by its field path
   +- CombinationFailed    the input was fine but the run failed (a diverged training): exit 1
+and, beside them, Terminated (a KeyboardInterrupt): SIGTERM unwinding as Ctrl-C does, exit 143.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from typing import NamedTuple
@@ -63,6 +65,41 @@ class CombinationFailed(ProgpruneError):
     sweep records it as the combination's failed row."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `ray job stop`, Kubernetes stopping a pod), raised in the main thread
+    where the program is, so that it unwinds as Ctrl-C does (`finally` blocks and context
+    managers remove what is half-written); the CLI prints one line and exits 143 (128 +
+    SIGTERM), where Ctrl-C exits 130."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """While in this block, SIGTERM raises `Terminated` in the main thread. `install()` of
+    the yielded object puts the handler back after a library replaced it (Ray's driver
+    installs a crash handler for SIGTERM when it connects); a second SIGTERM during the
+    clean-up is ignored. Outside the main thread signals stay as they are."""
+    import signal
+    import threading
+
+    def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    class _Handler:
+        def install(self) -> None:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, raise_terminated)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield _Handler()
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield _Handler()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Problem(NamedTuple):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from progprune.artifacts import load_base_weights
 from progprune.config import ComboConfig
 from progprune.data import load_dataset
-from progprune.errors import BadInput, SpecError
+from progprune.errors import BadInput, SpecError, sigterm_unwinds
 from progprune.models import build_model, check_input_size
 from progprune.pipeline import needs_sparse
 from progprune.results import ResultRow, rows_to_table
@@ -87,7 +87,7 @@ def preflight(spec: SweepSpec) -> int:
             problems.append(f"models[{i}].checkpoint: {e}")
             continue
         try:
-            check_input_size(model, m.name, splits.input_shape)
+            check_input_size(model, m.name, splits.input_shape, splits.num_classes)
         except BadInput as e:
             problems.append(str(e))
     if problems:
@@ -138,17 +138,20 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
     if dry_run:  # what the run would refuse, without writing anything
         print_plan(make_plan(spec, store, force), out)
         return 0
-    with _SIGTERM:
-        return _run(spec, store, cluster, address, force, max_concurrent, break_lock, num_classes, console)
+    # SIGTERM (Kubernetes, `kill`, `ray job stop`) ends a sweep as Ctrl-C does: finished rows
+    # merged, lock and temporary files removed, the embedded Ray shut down
+    with sigterm_unwinds() as sigterm:
+        return _run(spec, store, cluster, address, force, max_concurrent, break_lock, num_classes, console,
+                    sigterm)
 
 
-def _run(spec, store, cluster, address, force, max_concurrent, break_lock, num_classes, console) -> int:
+def _run(spec, store, cluster, address, force, max_concurrent, break_lock, num_classes, console, sigterm) -> int:
     out = console.print
     close = None
     try:
         if address:  # an existing cluster: connected (and its resources checked) before anything is written
             close = cluster.connect(address)
-            _SIGTERM.install()  # Ray's driver installs its own crash handler for SIGTERM
+            sigterm.install()  # Ray's driver installs its own crash handler for SIGTERM
             cluster.check_resources(spec, address, warn=out)
         store.check_writable()
         with store.lock(break_lock=break_lock, on_wait=out) as lease:
@@ -162,7 +165,7 @@ def _run(spec, store, cluster, address, force, max_concurrent, break_lock, num_c
                 try:
                     if close is None:
                         close = cluster.connect(None)
-                        _SIGTERM.install()
+                        sigterm.install()
                     progress = _Progress(console, len(plan.todo))
                     failed = cluster.execute(plan, max_concurrent or spec.resources.max_concurrent,
                                              progress, num_classes, table, lease)
@@ -188,44 +191,6 @@ def _merge_on_interrupt(table: ResultsTable) -> None:
         pass
 
 
-class _SigtermAsInterrupt:
-    """SIGTERM (what Kubernetes, `kill` and `ray job stop` send) ends a sweep as Ctrl-C does:
-    KeyboardInterrupt in the main thread, so finished rows are merged, temporary files and
-    the lock are removed and the embedded Ray is shut down; the CLI prints one line and
-    exits 130. Ray's driver installs a crash handler for SIGTERM when it connects, so
-    `install` runs again after each connect."""
-
-    def __init__(self):
-        self.previous = None
-
-    @staticmethod
-    def _handler(signum, frame):
-        raise KeyboardInterrupt
-
-    def install(self) -> None:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, self._handler)
-            if self.previous is None:
-                self.previous = previous
-
-    def __enter__(self):
-        self.previous = None
-        self.install()
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
-        return False
-
-
-_SIGTERM = _SigtermAsInterrupt()
 
 
 def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:

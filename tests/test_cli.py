@@ -221,6 +221,26 @@ def test_dry_run_never_materialises_the_data(tmp_path):
     assert large - small < held / 4, (small, large, held)
 
 
+def test_sweep_refuses_a_model_of_another_class_count(tmp_path, monkeypatch):
+    """A py: factory that ignores its num_classes: `prune` refused it, `sweep` ran it to rows
+    of top-1 0.00% (its preflight checked the input size only). Refused before any work."""
+    (tmp_path / "sweep_seven.py").write_text(
+        "from torch import nn\n\n"
+        "def seven(num_classes):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 7))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = tiny_spec(tmp_path, models=["resnet20", "py:sweep_seven:seven"])
+    for extra in ([], ["--dry-run"]):
+        r = progprune_in_process("sweep", spec, *extra)
+        assert r.returncode == 2, r.stderr[-2000:]
+        line = r.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line, line
+        assert ("model 'py:sweep_seven:seven' outputs 7 values per image, the data has 4 classes; "
+                "build it with num_classes=4") in line, line
+        assert not (tmp_path / "out").exists()
+
+
 def test_malicious_checkpoint_never_runs(bad_runs):
     *_, root = bad_runs["checkpoint-malicious-pickle"]
     assert not (root / "pwned").exists()

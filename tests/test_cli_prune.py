@@ -487,7 +487,10 @@ def test_sigterm_exits_143_with_one_line_and_leaves_nothing(tmp_path):
     assert p.returncode == 143, (p.returncode, stderr)
     assert stderr.strip() == "terminated", stderr
     assert len(staged) == 1  # staged beside the output, not in the temporary directory
-    assert sorted(os.listdir(tmp_path)) == ["tmp"] and os.listdir(tmpdir) == []
+    # torch's own cache folder (torch.optim imports torch._dynamo, which makes it in the
+    # temporary directory unless TORCHINDUCTOR_CACHE_DIR is set) is not progprune's
+    assert sorted(os.listdir(tmp_path)) == ["tmp"]
+    assert [n for n in os.listdir(tmpdir) if not n.startswith("torchinductor_")] == []
 
 
 # ---- your own model (py:), as a user runs it -----------------------------------------------

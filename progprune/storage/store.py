@@ -50,6 +50,18 @@ def redact(uri: str) -> str:
     return uri
 
 
+# probe threads given up on while still inside the client's C++ call
+_ABANDONED: list[threading.Thread] = []
+
+
+def probe_stuck() -> bool:
+    """Whether a store probe that was given up on is still waiting for its answer. Arrow's
+    S3 client, finalised at interpreter exit, then waits for that request (measured: the
+    error line after 2 s, the process ended after 100 s); a CLI about to exit ends the
+    process at once instead (nothing of ours is in flight: the probe runs before any work)."""
+    return any(t.is_alive() for t in _ABANDONED)
+
+
 class Store:
     """One output, local or remote: paths are tuples of parts under `root` (see `layout`)."""
 
@@ -106,10 +118,12 @@ class Store:
                 done.set()
 
         # a daemon thread: one stuck in the client's C++ cannot keep the process alive
-        threading.Thread(target=call, name="progprune-store-probe", daemon=True).start()
+        thread = threading.Thread(target=call, name="progprune-store-probe", daemon=True)
+        thread.start()
         hint = _REMOTE_HINTS.get(scheme, "check the network and the credentials")
         where = f"{self.label}: cannot reach {redact(self.uri)} ({scheme}://)"
         if not done.wait(deadline):  # Ctrl-C ends this wait
+            _ABANDONED.append(thread)
             raise BadInput(f"{where}: no answer within {deadline:.0f}s ({PROBE_ENV}); {hint}")
         e = result.get("error")
         if isinstance(e, STORE_ERRORS):
