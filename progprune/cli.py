@@ -15,7 +15,7 @@ import click
 
 from progprune._atomic import StagedDir
 from progprune._prune_output import check_out_dir, local_out_dir
-from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, Terminated, sigterm_unwinds
+from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, Terminated, sigterm_seen, sigterm_unwinds
 
 
 class _Cli(click.Group):
@@ -55,7 +55,7 @@ class _Cli(click.Group):
             sys.exit(e.exit_code)
         except click.Abort as e:  # Ctrl-C / SIGINT, SIGTERM: nothing half-written stays
             sweep = (sys.argv[1:] if args is None else list(args))[:1] == ["sweep"]
-            term = isinstance(e.__cause__, Terminated)  # SIGTERM: 128 + 15, as a shell reports it
+            term = isinstance(e.__cause__, Terminated) or sigterm_seen()  # SIGTERM: 128 + 15, as a shell says
             click.echo(("terminated" if term else "interrupted")
                        + (": finished combinations keep their rows; the same command resumes the sweep"
                           if sweep else ""), err=True)
