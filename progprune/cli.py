@@ -13,8 +13,9 @@ import sys
 
 import click
 
-from progprune._atomic import StagedDir, nearest_existing
-from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, Terminated, sigterm_unwinds
+from progprune._atomic import StagedDir
+from progprune._prune_output import check_out_dir, local_out_dir
+from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, Terminated, sigterm_seen, sigterm_unwinds
 
 
 class _Cli(click.Group):
@@ -54,7 +55,7 @@ class _Cli(click.Group):
             sys.exit(e.exit_code)
         except click.Abort as e:  # Ctrl-C / SIGINT, SIGTERM: nothing half-written stays
             sweep = (sys.argv[1:] if args is None else list(args))[:1] == ["sweep"]
-            term = isinstance(e.__cause__, Terminated)  # SIGTERM: 128 + 15, as a shell reports it
+            term = isinstance(e.__cause__, Terminated) or sigterm_seen()  # SIGTERM: 128 + 15, as a shell says
             click.echo(("terminated" if term else "interrupted")
                        + (": finished combinations keep their rows; the same command resumes the sweep"
                           if sweep else ""), err=True)
@@ -263,57 +264,6 @@ def _as_flags(e: SpecError) -> BadInput:
     return BadInput("; ".join(dict.fromkeys(msgs)))
 
 
-def _local_out_dir(output: str) -> str:
-    """--output as the local directory it names (as a sweep reads a local output: file:// and
-    ~ understood); bad values refused before anything is imported or run."""
-    if not output.strip():
-        raise BadInput(f"empty path {output!r}; name a directory (made if missing)", field="--output")
-    if output.startswith("file://"):
-        return os.path.expanduser(output[len("file://"):]) or "/"
-    if "://" in output:
-        raise BadInput(f"prune writes a local directory, got {output!r}; give a local path "
-                       "(a sweep spec's output may be s3:// or gs://)", field="--output")
-    return os.path.expanduser(output)
-
-
-def _check_out_dir(out: str, force: bool) -> None:
-    """Before any work: the directory can be created and written, nothing is in the way, and
-    it holds no earlier prune's files (unless `force`)."""
-    from progprune.storage.layout import PRUNE_LAYOUT
-
-    parent = nearest_existing(out)
-    if os.path.islink(parent) and not os.path.exists(parent):
-        raise BadInput(f"{parent} is a symlink to {os.readlink(parent)}, which does not exist; create "
-                       "its target or choose another --output", field="--output")
-    if not os.path.isdir(parent):
-        raise BadInput(f"{parent} exists and is not a directory; choose another --output", field="--output")
-    for name in PRUNE_LAYOUT.files:
-        if os.path.isdir(os.path.join(out, name)):
-            raise BadInput(f"{os.path.join(out, name)} is a directory; remove it or choose "
-                                 "another --output", field="--output")
-    held = [n for n in PRUNE_LAYOUT.files if os.path.lexists(os.path.join(out, n))]
-    if held and not force:
-        raise BadInput(f"{out} already holds {_earlier_run(out, held)}; choose another --output, or pass "
-                       "--force to replace it", field="--output")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot write to {parent}; choose a writable directory", field="--output")
-
-
-def _earlier_run(out: str, held: list) -> str:
-    """What an earlier prune left in `out`, as its row names it (else the file names)."""
-    from progprune.storage.layout import PRUNE_LAYOUT
-
-    files = " and ".join(held)
-    try:
-        import pyarrow.parquet as pq
-
-        (r,) = pq.read_table(os.path.join(out, PRUNE_LAYOUT.row),
-                             columns=["model", "method", "target_speedup", "seed"]).to_pylist()
-        return f"the prune of {r['model']} / {r['method']} / {r['target_speedup']}x / seed {r['seed']} ({files})"
-    except Exception:  # unreadable or another format: name the files
-        return files
-
-
 @main.command("prune")
 @_flag_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -335,7 +285,7 @@ def prune_cmd(device, output, force, as_json, print_spec, **flags):
 def _prune(device, output, force, as_json, print_spec, flags):
     from progprune.spec import dump_yaml, load_spec_dict
 
-    out_dir = None if output is None else _local_out_dir(output)
+    out_dir = None if output is None else local_out_dir(output)
     try:
         spec = load_spec_dict(one_combination_spec(flags, output), source="")
     except SpecError as e:
@@ -353,7 +303,7 @@ def _prune(device, output, force, as_json, print_spec, flags):
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("no CUDA device is available; use --device cpu", field="--device")
     if out_dir is not None:
-        _check_out_dir(out_dir, force)
+        check_out_dir(out_dir, force)
     (cfg,) = spec.combinations()
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo

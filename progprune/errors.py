@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import threading
 from typing import NamedTuple
 
 
@@ -74,6 +75,16 @@ class Terminated(KeyboardInterrupt):
     SIGTERM), where Ctrl-C exits 130."""
 
 
+_SIGTERM_SEEN = threading.Event()
+
+
+def sigterm_seen() -> bool:
+    """Whether `sigterm_unwinds` caught a SIGTERM: what a KeyboardInterrupt really was where a
+    library re-raised it as a plain one (Ray's blocking calls turn any KeyboardInterrupt a
+    signal handler raises into a new `KeyboardInterrupt()`)."""
+    return _SIGTERM_SEEN.is_set()
+
+
 @contextlib.contextmanager
 def sigterm_unwinds():
     """While in this block, SIGTERM raises `Terminated` in the main thread. `install()` of
@@ -81,10 +92,10 @@ def sigterm_unwinds():
     installs a crash handler for SIGTERM when it connects); a second SIGTERM during the
     clean-up is ignored. Outside the main thread signals stay as they are."""
     import signal
-    import threading
 
     def raise_terminated(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _SIGTERM_SEEN.set()
         raise Terminated()
 
     class _Handler:

@@ -1,0 +1,60 @@
+"""Where `progprune prune` writes: --output read as a local directory and checked before any
+work (creatable, writable, nothing in the way, no earlier prune's files unless --force).
+The files themselves are staged and published by `_atomic.StagedDir`."""
+from __future__ import annotations
+
+import os
+
+from progprune._atomic import nearest_existing
+from progprune.errors import BadInput
+
+
+def local_out_dir(output: str) -> str:
+    """--output as the local directory it names (as a sweep reads a local output: file:// and
+    ~ understood); bad values refused before anything is imported or run."""
+    if not output.strip():
+        raise BadInput(f"empty path {output!r}; name a directory (made if missing)", field="--output")
+    if output.startswith("file://"):
+        return os.path.expanduser(output[len("file://"):]) or "/"
+    if "://" in output:
+        raise BadInput(f"prune writes a local directory, got {output!r}; give a local path "
+                       "(a sweep spec's output may be s3:// or gs://)", field="--output")
+    return os.path.expanduser(output)
+
+
+def check_out_dir(out: str, force: bool) -> None:
+    """Before any work: the directory can be created and written, nothing is in the way, and
+    it holds no earlier prune's files (unless `force`)."""
+    from progprune.storage.layout import PRUNE_LAYOUT
+
+    parent = nearest_existing(out)
+    if os.path.islink(parent) and not os.path.exists(parent):
+        raise BadInput(f"{parent} is a symlink to {os.readlink(parent)}, which does not exist; create "
+                       "its target or choose another --output", field="--output")
+    if not os.path.isdir(parent):
+        raise BadInput(f"{parent} exists and is not a directory; choose another --output", field="--output")
+    for name in PRUNE_LAYOUT.files:
+        if os.path.isdir(os.path.join(out, name)):
+            raise BadInput(f"{os.path.join(out, name)} is a directory; remove it or choose "
+                                 "another --output", field="--output")
+    held = [n for n in PRUNE_LAYOUT.files if os.path.lexists(os.path.join(out, n))]
+    if held and not force:
+        raise BadInput(f"{out} already holds {_earlier_run(out, held)}; choose another --output, or pass "
+                       "--force to replace it", field="--output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write to {parent}; choose a writable directory", field="--output")
+
+
+def _earlier_run(out: str, held: list) -> str:
+    """What an earlier prune left in `out`, as its row names it (else the file names)."""
+    from progprune.storage.layout import PRUNE_LAYOUT
+
+    files = " and ".join(held)
+    try:
+        import pyarrow.parquet as pq
+
+        (r,) = pq.read_table(os.path.join(out, PRUNE_LAYOUT.row),
+                             columns=["model", "method", "target_speedup", "seed"]).to_pylist()
+        return f"the prune of {r['model']} / {r['method']} / {r['target_speedup']}x / seed {r['seed']} ({files})"
+    except Exception:  # unreadable or another format: name the files
+        return files
