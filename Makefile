@@ -51,8 +51,12 @@ test: install
 	{ $(MAKE) -s $(VENV_TV)/.torch > $(TV_LOG) 2>&1 || { echo "background install of $(VENV_TV) failed:"; cat $(TV_LOG); }; } & tv=$$!; \
 	$(MAKE) test-main; a=$$?; wait $$tv; $(MAKE) test-realmodels; b=$$?; test $$a -eq 0 -a $$b -eq 0
 
+# PYTEST_ARGS: e.g. "-n 2 --dist loadgroup" (pytest-xdist; conftest keeps every Ray test on
+# one worker). Off by default: on a 2-core machine the Ray tests' waits then run beside
+# CPU-bound tests, and two such runs hit timeouts that serial runs never do.
+PYTEST_ARGS ?=
 test-main: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not realmodels"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not realmodels" $(PYTEST_ARGS)
 
 test-realmodels: install-tv
 	$(PY_TV) -m pytest -q -p no:cacheprovider -m realmodels tests/test_real_models.py

@@ -9,6 +9,18 @@ from progprune.config import DatasetConfig
 from progprune.data import load_dataset
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), every test that starts
+    or uses a Ray cluster runs on one worker, one after another: the session cluster is
+    started once, and two workers' clusters never compete for the 2 CPUs each declares.
+    The other tests spread over the remaining workers meanwhile."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session")
 def synthetic_splits():
     """A small seeded, learnable 10-class synthetic dataset (3x32x32 uint8)."""
