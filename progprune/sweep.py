@@ -125,6 +125,7 @@ def run(spec: SweepSpec, *, address: str | None = None, force: bool = False, dry
         if not console.is_terminal:  # job logs: wide enough for the table
             console = Console(highlight=False, markup=False, width=160)
     out = console.print
+    _check_env_settings()
     store = Store(spec.output)  # a bucket: probed on first use, in bounded time
     _check_owner(store, spec, replace_sweep)
     store.check_kinds(LAYOUT.files, LAYOUT.dirs)
@@ -178,6 +179,19 @@ def _run(spec, store, cluster, address, force, max_concurrent, break_lock, num_c
         if close is not None:
             close()
     return 1 if any(r.status == "failed" for r in rows) or failed else 0
+
+
+def _check_env_settings() -> None:
+    """The PROGPRUNE_* settings a run reads only later (the lock's lease and settle time, the
+    table's rewrite interval), read now: a bad value is one line before any work, and a dry
+    run refuses what the run would."""
+    from progprune._env import env_seconds
+    from progprune.storage import DEFAULT_SETTLE_S, SETTLE_ENV, lease_seconds
+    from progprune.table import DEFAULT_INTERVAL_S, INTERVAL_ENV
+
+    lease_seconds()
+    env_seconds(SETTLE_ENV, DEFAULT_SETTLE_S, allow_zero=True)
+    env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S, allow_zero=True)
 
 
 def _merge_on_interrupt(table: ResultsTable) -> None:

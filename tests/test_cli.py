@@ -241,6 +241,24 @@ def test_sweep_refuses_a_model_of_another_class_count(tmp_path, monkeypatch):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, value, words", [
+    ("PROGPRUNE_LOCK_LEASE_S", "99999999", "expected a number of seconds > 0 and <= 600, got '99999999'"),
+    ("PROGPRUNE_LOCK_SETTLE_S", "soon", "got 'soon'"),
+    ("PROGPRUNE_RESULTS_INTERVAL_S", "-1", "got '-1'"),
+])
+def test_dry_run_refuses_the_environment_the_run_refuses(tmp_path, monkeypatch, name, value, words):
+    """A lease of 10^8 s in the environment: the run refused it, the dry run said OK (the
+    same class as a dry run passing an output the run refuses). One rule, before any work."""
+    monkeypatch.setenv(name, value)
+    spec = tiny_spec(tmp_path)
+    for extra in (["--dry-run"], []):
+        r = progprune_in_process("sweep", spec, *extra)
+        assert r.returncode == 2, r.stderr[-2000:]
+        line = r.stderr.strip()
+        assert "\n" not in line and line.startswith(f"error: {name}: ") and words in line, line
+        assert not (tmp_path / "out").exists()
+
+
 def test_malicious_checkpoint_never_runs(bad_runs):
     *_, root = bad_runs["checkpoint-malicious-pickle"]
     assert not (root / "pwned").exists()
