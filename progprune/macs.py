@@ -57,16 +57,28 @@ class MacsCounter:
 
     `ok` is False when the model holds a module type this counter does not model, or when
     its first count disagrees with torch-pruning's; callers then count exactly instead.
+    `reason` then says why, naming the layer kinds, for the log.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, expected: int | None = None):
         self.model = model
         self.calls: list[tuple] = []  # (kind, module, positions, source_module)
-        self.ok = not any(isinstance(m, _UNSUPPORTED) for m in model.modules())
-        if self.ok:
+        self.reason = ""
+        unknown = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _UNSUPPORTED)})
+        self.ok = not unknown
+        if unknown:
+            self.reason = f"it does not model {', '.join(unknown)}"
+        else:
             self._trace(example_inputs)
         if self.ok and expected is not None and self.macs() != expected:
             self.ok = False
+            self.reason = (f"its count ({self.macs():,}) differs from Torch-Pruning's ({expected:,}): the model "
+                           "computes outside the layers it models (functional ops, elementwise gates)")
+
+    def _untraceable(self, module: nn.Module) -> None:
+        self.ok = False
+        self.reason = self.reason or (f"it cannot tell the width of the input of {type(module).__name__} "
+                                      "(not the output of a layer it models)")
 
     def _trace(self, example_inputs):
         last_by_shape: dict[tuple, nn.Module] = {}  # output shape -> module that made it
@@ -87,13 +99,13 @@ class MacsCounter:
             else:  # activation or pool: width comes from whoever produced the input
                 src = last_by_shape.get(shape_in)
                 if src is None:
-                    self.ok = False
+                    self._untraceable(module)
                     return
                 kind = "act" if isinstance(module, _ACTS) else "pool"
                 numel = output.numel() if kind == "act" else x.numel()
                 per_channel = numel // _width(src)
                 if per_channel * _width(src) != numel:
-                    self.ok = False
+                    self._untraceable(module)
                     return
                 self.calls.append((kind, module, per_channel, src))
                 last_by_shape[tuple(output.shape)] = src

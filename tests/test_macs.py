@@ -138,4 +138,15 @@ def test_outcome_names_the_counter_that_ran_the_loop(kind):
     out = progressive_prune(model, make_pruner(model, ex, cfg, 10), ex, 1.5, cfg)
     assert out.status == "ok" and out.achieved_speedup >= 1.5
     assert out.macs_counter == ("fast" if kind == "batchnorm" else "torch_pruning")
+    # the log says why, naming the layer kind (issue 25)
+    assert out.macs_fallback == ("" if kind == "batchnorm" else "it does not model LayerNorm")
     assert (out.macs, out.params) == count_exact(model, ex)
+
+
+def test_a_count_that_disagrees_says_by_how_much():
+    model = build_model("resnet20", 10).eval()
+    ex = example_inputs()
+    expected = _tp_macs(model, ex) + 1
+    counter = MacsCounter(model, ex, expected=expected)
+    assert not counter.ok
+    assert counter.reason.startswith(f"its count ({expected - 1:,}) differs from Torch-Pruning's ({expected:,})")
