@@ -22,18 +22,19 @@ import torch_pruning as tp
 
 from progprune._tp import COUNTED_BY_TP
 
-_ACTS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU)
+_ACTS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.GELU)
 _POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
 )
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LNS = (nn.LayerNorm,)
+# Torch-Pruning counts a module by its exact type (a subclass, such as timm's BatchNormAct2d
+# or LayerNorm2d, counts nothing there), so the fast counter hooks exact types too.
+_MODELED = frozenset((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _ACTS + _POOLS + _BNS + _LNS) & frozenset(COUNTED_BY_TP)
 # Any other module type that tp counts makes the fast counter decline (exact fallback).
-_UNSUPPORTED = tuple(
-    t for t in COUNTED_BY_TP
-    if not issubclass(t, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _ACTS + _POOLS + _BNS)
-)
+_UNSUPPORTED = frozenset(t for t in COUNTED_BY_TP if t not in _MODELED)
 
 
 def count_exact(model: nn.Module, example_inputs) -> tuple[int, int]:
@@ -49,6 +50,8 @@ def _width(module: nn.Module, out: bool = True) -> int:
         return module.weight.shape[0] if out else module.weight.shape[1]
     if isinstance(module, _BNS):
         return module.num_features
+    if isinstance(module, _LNS):
+        return module.normalized_shape[-1]
     raise TypeError(type(module))
 
 
@@ -64,7 +67,7 @@ class MacsCounter:
         self.model = model
         self.calls: list[tuple] = []  # (kind, module, positions, source_module)
         self.reason = ""
-        unknown = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _UNSUPPORTED)})
+        unknown = sorted({type(m).__name__ for m in model.modules() if type(m) in _UNSUPPORTED})
         self.ok = not unknown
         if unknown:
             self.reason = f"it does not model {', '.join(unknown)}"
@@ -96,6 +99,12 @@ class MacsCounter:
             elif isinstance(module, _BNS):
                 self.calls.append(("bn", module, math.prod(x.shape) // x.shape[1], None))
                 last_by_shape[tuple(output.shape)] = module
+            elif isinstance(module, _LNS):  # over the last dim only: that is the width pruning cuts
+                if len(module.normalized_shape) != 1:
+                    self._untraceable(module)
+                    return
+                self.calls.append(("ln", module, x.numel() // module.normalized_shape[0], None))
+                last_by_shape[tuple(output.shape)] = module
             else:  # activation or pool: width comes from whoever produced the input
                 src = last_by_shape.get(shape_in)
                 if src is None:
@@ -110,9 +119,8 @@ class MacsCounter:
                 self.calls.append((kind, module, per_channel, src))
                 last_by_shape[tuple(output.shape)] = src
 
-        counted = (nn.modules.conv._ConvNd, nn.Linear) + _ACTS + _POOLS + _BNS
         for m in self.model.modules():
-            if isinstance(m, counted):
+            if type(m) in _MODELED:
                 handles.append(m.register_forward_hook(hook))
         was_training = self.model.training
         try:
@@ -151,6 +159,9 @@ class MacsCounter:
             elif kind == "bn":
                 c = m.num_features - max(cut.get(m, (0, 0)))
                 total += c * positions * (2 if m.affine else 1)
+            elif kind == "ln":
+                c = m.normalized_shape[0] - max(cut.get(m, (0, 0)))
+                total += c * positions * (2 if m.elementwise_affine else 1)
             else:
                 c = _width(src) - cut.get(src, (0, 0))[0]
                 total += c * positions
