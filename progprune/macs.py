@@ -22,18 +22,19 @@ import torch_pruning as tp
 
 from progprune._tp import COUNTED_BY_TP
 
-_ACTS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU)
+_ACTS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.GELU)
 _POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
 )
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LNS = (nn.LayerNorm,)
+# Torch-Pruning counts a module by its exact type (a subclass, such as timm's BatchNormAct2d
+# or LayerNorm2d, counts nothing there), so the fast counter hooks exact types too.
+_MODELED = frozenset((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _ACTS + _POOLS + _BNS + _LNS) & frozenset(COUNTED_BY_TP)
 # Any other module type that tp counts makes the fast counter decline (exact fallback).
-_UNSUPPORTED = tuple(
-    t for t in COUNTED_BY_TP
-    if not issubclass(t, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _ACTS + _POOLS + _BNS)
-)
+_UNSUPPORTED = frozenset(t for t in COUNTED_BY_TP if t not in _MODELED)
 
 
 def count_exact(model: nn.Module, example_inputs) -> tuple[int, int]:
@@ -49,6 +50,8 @@ def _width(module: nn.Module, out: bool = True) -> int:
         return module.weight.shape[0] if out else module.weight.shape[1]
     if isinstance(module, _BNS):
         return module.num_features
+    if isinstance(module, _LNS):
+        return module.normalized_shape[-1]
     raise TypeError(type(module))
 
 
@@ -57,16 +60,28 @@ class MacsCounter:
 
     `ok` is False when the model holds a module type this counter does not model, or when
     its first count disagrees with torch-pruning's; callers then count exactly instead.
+    `reason` then says why, naming the layer kinds, for the log.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, expected: int | None = None):
         self.model = model
         self.calls: list[tuple] = []  # (kind, module, positions, source_module)
-        self.ok = not any(isinstance(m, _UNSUPPORTED) for m in model.modules())
-        if self.ok:
+        self.reason = ""
+        unknown = sorted({type(m).__name__ for m in model.modules() if type(m) in _UNSUPPORTED})
+        self.ok = not unknown
+        if unknown:
+            self.reason = f"it does not model {', '.join(unknown)}"
+        else:
             self._trace(example_inputs)
         if self.ok and expected is not None and self.macs() != expected:
             self.ok = False
+            self.reason = (f"its count ({self.macs():,}) differs from Torch-Pruning's ({expected:,}): the model "
+                           "computes outside the layers it models (functional ops, elementwise gates)")
+
+    def _untraceable(self, module: nn.Module) -> None:
+        self.ok = False
+        self.reason = self.reason or (f"it cannot tell the width of the input of {type(module).__name__} "
+                                      "(not the output of a layer it models)")
 
     def _trace(self, example_inputs):
         last_by_shape: dict[tuple, nn.Module] = {}  # output shape -> module that made it
@@ -84,23 +99,28 @@ class MacsCounter:
             elif isinstance(module, _BNS):
                 self.calls.append(("bn", module, math.prod(x.shape) // x.shape[1], None))
                 last_by_shape[tuple(output.shape)] = module
+            elif isinstance(module, _LNS):  # over the last dim only: that is the width pruning cuts
+                if len(module.normalized_shape) != 1:
+                    self._untraceable(module)
+                    return
+                self.calls.append(("ln", module, x.numel() // module.normalized_shape[0], None))
+                last_by_shape[tuple(output.shape)] = module
             else:  # activation or pool: width comes from whoever produced the input
                 src = last_by_shape.get(shape_in)
                 if src is None:
-                    self.ok = False
+                    self._untraceable(module)
                     return
                 kind = "act" if isinstance(module, _ACTS) else "pool"
                 numel = output.numel() if kind == "act" else x.numel()
                 per_channel = numel // _width(src)
                 if per_channel * _width(src) != numel:
-                    self.ok = False
+                    self._untraceable(module)
                     return
                 self.calls.append((kind, module, per_channel, src))
                 last_by_shape[tuple(output.shape)] = src
 
-        counted = (nn.modules.conv._ConvNd, nn.Linear) + _ACTS + _POOLS + _BNS
         for m in self.model.modules():
-            if isinstance(m, counted):
+            if type(m) in _MODELED:
                 handles.append(m.register_forward_hook(hook))
         was_training = self.model.training
         try:
@@ -139,6 +159,9 @@ class MacsCounter:
             elif kind == "bn":
                 c = m.num_features - max(cut.get(m, (0, 0)))
                 total += c * positions * (2 if m.affine else 1)
+            elif kind == "ln":
+                c = m.normalized_shape[0] - max(cut.get(m, (0, 0)))
+                total += c * positions * (2 if m.elementwise_affine else 1)
             else:
                 c = _width(src) - cut.get(src, (0, 0))[0]
                 total += c * positions

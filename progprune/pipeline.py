@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import importlib.metadata as _md
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -152,6 +153,35 @@ class PruneInfo:
         }
 
 
+class PruneProgress:
+    """`on_step` of a prune that takes long: at most every PROGRESS_EVERY_S seconds, one line
+    with the steps done, the speedup reached and an estimate of the time left. The estimate
+    extrapolates the time per unit of log-speedup so far (each step removes a fraction of
+    what is left, so log MACs falls about evenly per step); a short prune prints nothing."""
+
+    EVERY_S = 10.0
+
+    def __init__(self, target: float, steps: int, log: Log):
+        self.log, self.steps, self.target = log, steps, target
+        self.goal = math.log(target)
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, step: int, speedup: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.EVERY_S:
+            return
+        self.last = now
+        done = math.log(max(speedup, 1.0)) / self.goal
+        left = f", about {_duration((now - self.t0) * (1 - done) / done)} left" if 0 < done < 1 else ""
+        self.log(f"  step {step}/{self.steps}: {speedup:.3f}x of {self.target:g}x, "
+                 f"{_duration(now - self.t0)} so far{left}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> PruneInfo:
     """Prune `model` in place to cfg.target_speedup; measure latency before and after."""
     model.to(device).eval()
@@ -164,12 +194,13 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     log(f"pruning {cfg.model} with {cfg.method} to {cfg.target_speedup}x "
         f"({'global' if cfg.prune.global_pruning else 'local'}, {cfg.prune.iterative_steps} steps)")
     torch.manual_seed(cfg.seed)  # random importance draws from the global generator
-    outcome = progressive_prune(model, pruner, ex, cfg.target_speedup, cfg.prune, calib=calib)
+    progress = PruneProgress(cfg.target_speedup, cfg.prune.iterative_steps, log)
+    outcome = progressive_prune(model, pruner, ex, cfg.target_speedup, cfg.prune, calib=calib, on_step=progress)
     log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x after {outcome.steps} steps "
         f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
     if outcome.macs_counter != "fast":  # once per prune, and in the row (macs_counter)
-        log(f"  MACs counted by Torch-Pruning's count_ops_and_params after every step: the fast "
-            f"counter does not model {cfg.model} (slower; the crossing step is taken whole)")
+        log(f"  MACs counted by Torch-Pruning's count_ops_and_params after every step (slower; the crossing "
+            f"step is taken whole): the fast counter is not used for {cfg.model}: {outcome.macs_fallback}")
     top1, top5 = evaluate(model, splits, "test", device)
     recal = copy.deepcopy(model)  # fine-tuning starts from the pruned model as it is
     recalibrate_bn(recal, splits, device, seed=cfg.seed)

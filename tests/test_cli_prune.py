@@ -602,3 +602,40 @@ def test_nothing_to_prune_and_nan_checkpoints_say_so(tmp_path):
     torch.save(sd, tmp_path / "nan.pt")
     line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--checkpoint", tmp_path / "nan.pt", run=_in)
     assert "holds non-finite weights (conv1.weight: 432 of 432 are nan/inf)" in line
+
+
+def test_a_long_prune_shows_its_progress(monkeypatch):
+    """Issue 25: a prune that takes long says so: steps done, the speedup reached, the time
+    so far and an estimate of what is left, at most every PruneProgress.EVERY_S seconds
+    (10 s; 0 here, so every step shows)."""
+    from progprune.pipeline import PruneProgress
+
+    monkeypatch.setattr(PruneProgress, "EVERY_S", 0.0)
+    r = _in("prune", "--model", "resnet20", "--speedup", "2", *FAST_4)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip().startswith("step ")]
+    parsed = [re.fullmatch(r"step (\d+)/40: (\d+\.\d{3})x of 2x, \d+s so far(, about \d+s left)?", ln) for ln in lines]
+    assert lines and all(parsed), lines
+    steps = [int(m.group(1)) for m in parsed]
+    speedups = [float(m.group(2)) for m in parsed]
+    assert steps == list(range(1, len(steps) + 1))
+    assert speedups == sorted(speedups) and speedups[-1] >= 2.0 > speedups[-2]
+    # an estimate while below the target (once any speedup is reached), none once there
+    assert all(m.group(3) for m, s in zip(parsed, speedups) if 1.0 < s < 2.0)
+    assert parsed[-1].group(3) is None
+
+
+def test_the_progress_estimate_extrapolates_log_speedup():
+    from progprune.pipeline import PruneProgress
+
+    said = []
+    p = PruneProgress(4.0, 400, said.append)
+    p.EVERY_S = 0.0
+    p.t0 -= 30.0  # 30 s in, half-way in log-speedup (2x of 4x): about 30 s left
+    p(100, 2.0)
+    (line,) = said
+    m = re.fullmatch(r"  step 100/400: 2\.000x of 4x, (\d+)s so far, about (\d+)s left", line)
+    assert m and 30 <= int(m.group(1)) <= 40 and abs(int(m.group(2)) - int(m.group(1))) <= 1, line
+    p.t0 -= 600.0  # ~630 s in at 3x of 4x: log 3 / log 4 = 0.79 done, ~165 s left
+    p(150, 3.0)
+    assert re.fullmatch(r"  step 150/400: 3\.000x of 4x, 10m[34]\ds so far, about 2m[45]\ds left", said[-1]), said[-1]

@@ -47,6 +47,7 @@ class PruneOutcome:
     crossing_channels: list = field(default_factory=lambda: [0, 0])  # last step: [pruned, selected]
     at_floor: bool = False  # stopped early: every prunable group was at its cap's floor
     macs_counter: str = "fast"  # what counted MACs between steps: MACS_FAST or MACS_TP
+    macs_fallback: str = ""  # with MACS_TP: why the fast counter was not used (for the log)
 
     @property
     def achieved_speedup(self) -> float:
@@ -70,6 +71,7 @@ class _Steps:
         self.counter = MacsCounter(model, example_inputs, expected=base_macs)
         # attention: heads go whole, so a step cannot be cut channel by channel
         self.fast = self.counter.ok and not getattr(pruner, "num_heads", None)
+        self.fallback = "" if self.fast else (self.counter.reason or "attention heads are pruned whole")
         self.fine = settings.crossing == "fine"
         self.ratio = float(getattr(pruner, "max_pruning_ratio", 1.0))
         self.cap = _Cap(pruner, self.ratio) if self.ratio < 1.0 else None
@@ -169,6 +171,8 @@ def progressive_prune(
     if steps.fast and final_macs != macs:
         # the fast counter drifted (an unusual architecture): finish with exact counts
         steps.fast = False
+        steps.fallback = (f"its count drifted from Torch-Pruning's while pruning ({macs:,} against "
+                          f"{final_macs:,})")
         prune_until_target(final_macs)
         final_macs, final_params = count_exact(model, example_inputs)
     status = "ok" if final_macs <= target_macs else "unreachable"
@@ -193,6 +197,7 @@ def progressive_prune(
         max_pruning_ratio=steps.ratio,
         at_floor=bool(steps.at_floor and status != "ok"),
         macs_counter=MACS_FAST if steps.fast else MACS_TP,
+        macs_fallback=steps.fallback,
     )
 
 
