@@ -79,7 +79,7 @@ _SIGTERM_SEEN = threading.Event()
 
 
 def sigterm_seen() -> bool:
-    """Whether `sigterm_unwinds` caught a SIGTERM: what a KeyboardInterrupt really was where a
+    """Whether the latest `sigterm_unwinds` block caught a SIGTERM: what a KeyboardInterrupt really was where a
     library re-raised it as a plain one (Ray's blocking calls turn any KeyboardInterrupt a
     signal handler raises into a new `KeyboardInterrupt()`)."""
     return _SIGTERM_SEEN.is_set()
@@ -106,6 +106,7 @@ def sigterm_unwinds():
     if threading.current_thread() is not threading.main_thread():
         yield _Handler()
         return
+    _SIGTERM_SEEN.clear()  # what sigterm_seen reports: a SIGTERM during this block
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield _Handler()

@@ -103,7 +103,7 @@ class MacsCounter:
                 if len(module.normalized_shape) != 1:
                     self._untraceable(module)
                     return
-                self.calls.append(("ln", module, x.numel() // module.normalized_shape[0], None))
+                self.calls.append(("ln", module, x.numel() // _width(module), None))
                 last_by_shape[tuple(output.shape)] = module
             else:  # activation or pool: width comes from whoever produced the input
                 src = last_by_shape.get(shape_in)
@@ -160,7 +160,7 @@ class MacsCounter:
                 c = m.num_features - max(cut.get(m, (0, 0)))
                 total += c * positions * (2 if m.affine else 1)
             elif kind == "ln":
-                c = m.normalized_shape[0] - max(cut.get(m, (0, 0)))
+                c = _width(m) - max(cut.get(m, (0, 0)))
                 total += c * positions * (2 if m.elementwise_affine else 1)
             else:
                 c = _width(src) - cut.get(src, (0, 0))[0]

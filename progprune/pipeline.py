@@ -154,7 +154,7 @@ class PruneInfo:
 
 
 class PruneProgress:
-    """`on_step` of a prune that takes long: at most every PROGRESS_EVERY_S seconds, one line
+    """`on_step` of a prune that takes long: at most every EVERY_S seconds, one line
     with the steps done, the speedup reached and an estimate of the time left. The estimate
     extrapolates the time per unit of log-speedup so far (each step removes a fraction of
     what is left, so log MACs falls about evenly per step); a short prune prints nothing."""

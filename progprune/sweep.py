@@ -185,13 +185,12 @@ def _check_env_settings() -> None:
     """The PROGPRUNE_* settings a run reads only later (the lock's lease and settle time, the
     table's rewrite interval), read now: a bad value is one line before any work, and a dry
     run refuses what the run would."""
-    from progprune._env import env_seconds
-    from progprune.storage import DEFAULT_SETTLE_S, SETTLE_ENV, lease_seconds
-    from progprune.table import DEFAULT_INTERVAL_S, INTERVAL_ENV
+    from progprune.storage import lease_seconds, settle_seconds
+    from progprune.table import interval_seconds
 
     lease_seconds()
-    env_seconds(SETTLE_ENV, DEFAULT_SETTLE_S, allow_zero=True)
-    env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S, allow_zero=True)
+    settle_seconds()
+    interval_seconds()
 
 
 def _merge_on_interrupt(table: ResultsTable) -> None:
@@ -203,8 +202,6 @@ def _merge_on_interrupt(table: ResultsTable) -> None:
         table.flush(force=True)
     except KeyboardInterrupt:  # a second Ctrl-C: the fragments stay, the next run merges them
         pass
-
-
 
 
 def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:

@@ -25,6 +25,12 @@ DEFAULT_INTERVAL_S = 10.0
 _UNREADABLE = (OSError, ValueError, TypeError, pa.ArrowException)
 
 
+def interval_seconds() -> float:
+    """The least time between two rewrites of results.parquet: $PROGPRUNE_RESULTS_INTERVAL_S,
+    else 10 s."""
+    return env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S, allow_zero=True)
+
+
 class ResultsTable:
     """The rows of one sweep's combinations (`combo_ids`, in that order) and the
     results.parquet they are written to."""
@@ -33,8 +39,7 @@ class ResultsTable:
         self.store = store
         self.ids = list(dict.fromkeys(combo_ids))
         self._known = set(self.ids)
-        self.min_interval_s = (env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S, allow_zero=True)
-                               if min_interval_s is None else float(min_interval_s))
+        self.min_interval_s = interval_seconds() if min_interval_s is None else float(min_interval_s)
         self._rows: dict[str, ResultRow] = {}
         self.unreadable: list[str] = []  # combo ids whose fragment exists but cannot be read
         self.writes = 0  # how many times results.parquet was written

@@ -8,7 +8,7 @@ time write it.
 """
 from progprune.storage.layout import LAYOUT, PRUNE_LAYOUT, PruneLayout, SweepLayout
 from progprune.storage.lease import (DEFAULT_LEASE_S, DEFAULT_SETTLE_S, LEASE_ENV, LOCK_NAME, MAX_LEASE_S, SETTLE_ENV,
-                                     Lease, heartbeat_interval, lease_seconds)
+                                     Lease, heartbeat_interval, lease_seconds, settle_seconds)
 from progprune.storage.store import CHUNK, Store, probe_stuck, redact
 
 # the names the output's parts had before the layout object; kept for the modules that use them
@@ -16,4 +16,4 @@ base_parts, sparse_parts, row_parts = LAYOUT.base, LAYOUT.sparse, LAYOUT.row
 
 __all__ = ["Store", "LAYOUT", "PRUNE_LAYOUT", "SweepLayout", "PruneLayout", "Lease", "LOCK_NAME",
            "LEASE_ENV", "DEFAULT_LEASE_S", "MAX_LEASE_S", "SETTLE_ENV", "DEFAULT_SETTLE_S", "CHUNK", "heartbeat_interval",
-           "lease_seconds", "probe_stuck", "redact", "base_parts", "sparse_parts", "row_parts"]
+           "lease_seconds", "settle_seconds", "probe_stuck", "redact", "base_parts", "sparse_parts", "row_parts"]

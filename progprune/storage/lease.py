@@ -49,6 +49,12 @@ def lease_seconds(lease_s: float | None = None) -> float:
     return env_seconds(LEASE_ENV, DEFAULT_LEASE_S, maximum=MAX_LEASE_S)
 
 
+def settle_seconds() -> float:
+    """How long an object-store claim settles before it is read back: $PROGPRUNE_LOCK_SETTLE_S,
+    else 2 s."""
+    return env_seconds(SETTLE_ENV, DEFAULT_SETTLE_S, allow_zero=True)
+
+
 def heartbeat_interval(lease_s: float) -> float:
     """How often a holder refreshes its lease: a quarter of it, at most 5 s (so a second
     sweep learns in seconds that the holder is alive), at least 0.2 s."""
@@ -63,7 +69,7 @@ def hold(store, lease_s: float | None = None, break_lock: bool = False, wait: bo
     claim is written, left to settle for `settle_s` ($PROGPRUNE_LOCK_SETTLE_S, 2 s) and
     read back (see README: there is no conditional PUT, so this is best effort)."""
     lease_s = lease_seconds(lease_s)
-    settle = env_seconds(SETTLE_ENV, DEFAULT_SETTLE_S, allow_zero=True) if settle_s is None else settle_s
+    settle = settle_seconds() if settle_s is None else settle_s
     store.check_kinds(files=[LAYOUT.lock])  # a directory there is no lock of ours: one line, not a traceback
     if store.local:
         os.makedirs(store.root, exist_ok=True)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from progprune._atomic import atomic_path
+from progprune._atomic import atomic_path, nearest_existing
 from progprune._env import env_seconds
 from progprune.errors import BadInput, one_line
 from progprune.storage.lease import hold
@@ -249,12 +249,7 @@ class Store:
         """Why a directory cannot be made or written at the (local) root, judged from the
         file system as it is, or None. A symbolic link counts as what it points to; one
         that points nowhere (a dangling link, at the root or above it) is named as such."""
-        path = self.root
-        while not os.path.lexists(path):  # the closest part that exists, links included
-            parent = os.path.dirname(path.rstrip("/")) or "."
-            if parent == path:
-                break
-            path = parent
+        path = nearest_existing(self.root)  # the closest part that exists, links included
         if os.path.islink(path) and not os.path.exists(path):
             it = "it" if path == self.root else path
             return f"{it} is a symbolic link to {os.readlink(path)}, which does not exist"
