@@ -21,6 +21,10 @@ import torch_pruning as tp
 
 # Module types `tp.utils.count_ops_and_params` counts (the fast counter declines the others)
 COUNTED_BY_TP = tuple(tp.utils.op_counter.MODULES_MAPPING)
+# ... of those, the ones counted with timm's attention formula (timm's `Attention` and
+# `WindowAttention` where timm is installed: QKV, scores, softmax, projection from `qkv`)
+TIMM_ATTENTION = tuple(t for t, hook in tp.utils.op_counter.MODULES_MAPPING.items()
+                       if hook is tp.utils.op_counter.timm_multihead_attention_counter_hook)
 
 
 # ---- the dependency graph and its groups ---------------------------------------------

@@ -1,10 +1,11 @@
 """The width-based MACs counter agrees with torch-pruning's own count, before and after pruning."""
 import pytest
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 
 from progprune._tp import COUNTED_BY_TP
-from progprune.macs import MacsCounter, count_exact
+from progprune.macs import MacsCounter, count_exact, counted_modules
 from progprune.models import build_model, classifier_layers, example_inputs, list_models
 from progprune.pruning.planner import _apply, _CutSet, _items, _plan_step
 
@@ -195,12 +196,66 @@ class _SubclassNormed(torch.nn.Module):
         return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
 
 
-@pytest.mark.parametrize("make", [_TinyViT, _SubclassNormed], ids=["layernorm-gelu", "bn-subclass"])
+class _Inception(torch.nn.Module):
+    """GoogLeNet's shape: branches of EQUAL width (a width told by shape alone would take one
+    for the other), functional ReLUs, torch.cat, then a MaxPool over the joined channels, a
+    pool branch over a concat, and a second join."""
+
+    def __init__(self):
+        super().__init__()
+        c = torch.nn.Conv2d
+        self.stem, self.bn = c(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        self.a, self.b = c(16, 12, 1), c(16, 12, 3, padding=1)  # equal widths
+        self.pool = torch.nn.MaxPool2d(2)
+        self.c, self.d = c(24, 8, 1), c(24, 8, 3, padding=1)
+        self.pool_branch, self.e = torch.nn.MaxPool2d(3, 1, padding=1), c(24, 8, 1)
+        self.gap, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.pool(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1))
+        x = torch.cat([F.relu(self.c(x)), F.relu(self.d(x)), F.relu(self.e(self.pool_branch(x)))], dim=1)
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+class _MHABlock(torch.nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class _MHAViT(torch.nn.Module):
+    """torchvision's ViT in small: a conv patch embedding, a class token, pre-norm blocks of
+    nn.MultiheadAttention (pruned the same dims in every head) and a GELU MLP."""
+
+    def __init__(self, dim=32, heads=4, depth=2):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, dim, 8, stride=8)
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = torch.nn.Sequential(*[_MHABlock(dim, heads) for _ in range(depth)])
+        self.norm, self.head = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1)
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+@pytest.mark.parametrize("make", [_TinyViT, _SubclassNormed, _Inception, _MHAViT],
+                         ids=["layernorm-gelu", "bn-subclass", "concat-maxpool", "multihead-attention"])
 @pytest.mark.parametrize("global_pruning", [True, False])
 def test_fast_count_is_torch_prunings_at_every_step(make, global_pruning):
-    """LayerNorm and GELU are modelled, and a subclass of a counted type counts nothing as in
-    Torch-Pruning: the fast count equals count_ops_and_params after every step of a run,
-    the crossing step included, and the loop keeps the fast counter and the fine crossing."""
+    """LayerNorm, GELU, concatenation (pools over joined channels) and nn.MultiheadAttention
+    are modelled, and a subclass of a counted type counts nothing as in Torch-Pruning: the
+    fast count equals count_ops_and_params after every step of a run, the crossing step
+    included, and the loop keeps the fast counter and the fine crossing."""
     from progprune.config import PruneConfig
     from progprune.pruning import make_pruner, progressive_prune
 
@@ -231,3 +286,32 @@ def test_a_count_that_disagrees_says_by_how_much():
     counter = MacsCounter(model, ex, expected=expected)
     assert not counter.ok
     assert counter.reason.startswith(f"its count ({expected - 1:,}) differs from Torch-Pruning's ({expected:,})")
+
+
+def test_a_counted_module_counts_its_children_as_nothing():
+    """Torch-Pruning's total stops at the first counted module: nn.MultiheadAttention's own
+    formula, not its out_proj; the fast counter hooks the same modules."""
+    model = _MHAViT().eval()
+    counted = counted_modules(model)
+    attn = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attn and all(a in counted for a in attn)
+    assert not any(m in counted for a in attn for m in a.modules() if m is not a)
+    ex = example_inputs()
+    assert MacsCounter(model, ex, expected=_tp_macs(model, ex)).ok
+
+
+def test_a_concat_of_untraced_tensors_is_declined_with_the_layer_named():
+    """A pool over channels no modelled layer made (a raw input joined to a conv's output):
+    the counter declines and says which layer it could not trace."""
+
+    class Raw(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.MaxPool2d(2), torch.nn.Linear(11, 2)
+
+        def forward(self, x):
+            return self.fc(self.pool(torch.cat([x, self.conv(x)], 1)).mean((2, 3)))
+
+    model, ex = Raw().eval(), example_inputs()
+    c = MacsCounter(model, ex, expected=_tp_macs(model, ex))
+    assert not c.ok and c.reason.startswith("it cannot tell the width of the input of MaxPool2d")

@@ -194,10 +194,11 @@ def test_a_model_torch_pruning_cannot_trace_is_bad_input():
 
 
 class _Drift(nn.Module):
-    """The fast MACs counter ties each ReLU call to the latest module whose output had the
-    ReLU input's shape: here `b`, though the ReLUs follow `a`. The counts agree while the
-    two convs are as wide; once `b` is pruned more (its weights are smaller) the fast count
-    runs low, so the loop believes the target reached before it is."""
+    """Where the fast MACs counter loses a tensor's origin (here `a` goes through a flatten
+    and back: no tensor of that shape came from a layer) it ties the ReLU calls to the latest
+    module whose output had their input's shape: `b`, though the ReLUs follow `a`. The counts
+    agree while the two convs are as wide; once `b` is pruned more (its weights are smaller)
+    the fast count runs low, so the loop believes the target reached before it is."""
 
     def __init__(self):
         super().__init__()
@@ -210,6 +211,7 @@ class _Drift(nn.Module):
 
     def forward(self, x):
         a, b = self.a(x), self.b(x)
+        a = a.flatten(2).reshape(a.shape)
         for _ in range(8):
             a = self.act(a)
         return self.fc(torch.cat([a.mean((2, 3)), b.mean((2, 3))], 1))

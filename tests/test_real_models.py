@@ -344,3 +344,78 @@ def test_imagenet_recipe_validates_against_a_stand_in(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"val lacks classes of train/: n00000999" in lines[0] and "checkpoint" in lines[0], lines[0]
+
+
+# ---- the fast MACs counter on the zoo (issue 25) ---------------------------------------------
+ZOO_SIZE, ZOO_STEPS = 64, 30
+
+
+def _zoo(name, seed=0):
+    torch.manual_seed(seed)
+    return build_model(name, NUM_CLASSES, (3, ZOO_SIZE, ZOO_SIZE)).eval(), torch.randn(1, 3, ZOO_SIZE, ZOO_SIZE)
+
+
+@pytest.mark.slow  # ~5-30 s a model here: Torch-Pruning counts after every step to compare
+@pytest.mark.parametrize("name, global_pruning", [
+    ("tv:googlenet", False), ("tv:squeezenet1_1", True),  # torch.cat, then MaxPool over the joined channels
+    ("tv:vit_b_32", False),  # nn.MultiheadAttention: the same dims of every head
+    ("timm:vit_tiny_patch16_224", True),  # timm's Attention: whole heads
+])
+def test_fast_count_is_torch_prunings_at_every_step_of_a_zoo_run(name, global_pruning):
+    """The fast count equals count_ops_and_params after every step of a 2x run; the loop keeps
+    it, and lands within the tolerance with the fine crossing, except where heads go whole
+    (timm's Attention), whose crossing step is taken whole."""
+    import torch_pruning as tp
+
+    model, ex = _zoo(name)
+    cfg = PruneConfig(iterative_steps=ZOO_STEPS, global_pruning=global_pruning)
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
+    from progprune.macs import MacsCounter
+
+    counter = MacsCounter(model, ex, expected=count_exact(model, ex)[0])
+    assert counter.ok, counter.reason
+    seen = []
+
+    def check(step, speedup):
+        now = int(tp.utils.count_ops_and_params(model, ex)[0])
+        assert counter.macs() == now, f"{name} step {step}: fast {counter.macs():,} vs Torch-Pruning {now:,}"
+        seen.append(step)
+
+    out = progressive_prune(model, pruner, ex, 2.0, cfg, on_step=check)
+    assert out.status == "ok" and out.macs_counter == "fast" and out.macs_fallback == ""
+    assert len(seen) == out.steps >= 3
+    if name.startswith("timm:"):
+        assert out.heads_whole and out.crossing_cut == "whole"
+    else:
+        assert not out.heads_whole and 2.0 <= out.achieved_speedup <= 2.0 * (1 + cfg.tolerance), out
+
+
+def _history_marks(model, ex, cfg, crossing):
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
+    marks = []
+    out = progressive_prune(model, pruner, ex, 2.0, cfg.model_copy(update={"crossing": crossing}),
+                            on_step=lambda step, s: marks.append(len(pruner.pruning_history())))
+    return out, marks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tv:googlenet", "tv:vit_b_32"])
+def test_crossing_prunes_a_subset_of_the_reference_step_on_the_zoo(name):
+    """As tests/test_crossing.py for the CIFAR networks: the fine loop prunes the same channels
+    as Torch-Pruning's own loop (crossing="reference": whole steps) at every step before the
+    last, and a subset of the reference's last step at the last."""
+    cfg = PruneConfig(iterative_steps=ZOO_STEPS, global_pruning=True)
+    (ref_model, ex), (fine_model, _) = _zoo(name), _zoo(name)
+    ref, ref_marks = _history_marks(ref_model, ex, cfg, "reference")
+    fine, fine_marks = _history_marks(fine_model, ex, cfg, "fine")
+    assert ref.status == fine.status == "ok" and ref.macs_counter == fine.macs_counter == "fast"
+    assert ref.steps == fine.steps and ref_marks[:-1] == fine_marks[:-1]
+    cut = ref_marks[-2] if len(ref_marks) > 1 else 0
+    assert fine.history[:cut] == ref.history[:cut]
+    ref_last: dict = {}
+    for layer, is_out, idxs in ref.history[cut:]:
+        ref_last.setdefault((layer, is_out), set()).update(idxs)
+    for layer, is_out, idxs in fine.history[cut:]:
+        assert set(idxs) <= ref_last.get((layer, is_out), set()), (layer, idxs)
+    assert 2.0 <= fine.achieved_speedup <= ref.achieved_speedup
+    assert fine.crossing_cut in ("prefix", "subset") and fine.achieved_speedup < ref.achieved_speedup

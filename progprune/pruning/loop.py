@@ -48,6 +48,7 @@ class PruneOutcome:
     at_floor: bool = False  # stopped early: every prunable group was at its cap's floor
     macs_counter: str = "fast"  # what counted MACs between steps: MACS_FAST or MACS_TP
     macs_fallback: str = ""  # with MACS_TP: why the fast counter was not used (for the log)
+    heads_whole: bool = False  # attention heads were pruned whole: the crossing step was taken whole
 
     @property
     def achieved_speedup(self) -> float:
@@ -69,10 +70,13 @@ class _Steps:
         self.method, self.calib = method, calib
         self.tolerance, self.target_macs = settings.tolerance, target_macs
         self.counter = MacsCounter(model, example_inputs, expected=base_macs)
-        # attention: heads go whole, so a step cannot be cut channel by channel
-        self.fast = self.counter.ok and not getattr(pruner, "num_heads", None)
-        self.fallback = "" if self.fast else (self.counter.reason or "attention heads are pruned whole")
-        self.fine = settings.crossing == "fine"
+        self.fast = self.counter.ok
+        self.fallback = "" if self.fast else self.counter.reason
+        # heads pruned whole (timm's Attention): a head is one unit of Torch-Pruning's ranking and
+        # qkv must stay 3 x heads x head_dim wide, so the crossing step cannot be cut channel by
+        # channel; it is taken whole (the count stays fast)
+        self.heads_whole = bool(getattr(pruner, "num_heads", None)) and bool(getattr(pruner, "prune_num_heads", False))
+        self.fine = settings.crossing == "fine" and not self.heads_whole
         self.ratio = float(getattr(pruner, "max_pruning_ratio", 1.0))
         self.cap = _Cap(pruner, self.ratio) if self.ratio < 1.0 else None
         self.cut, self.channels = CUT_NONE, [0, 0]  # how the last step was cut
@@ -198,6 +202,7 @@ def progressive_prune(
         at_floor=bool(steps.at_floor and status != "ok"),
         macs_counter=MACS_FAST if steps.fast else MACS_TP,
         macs_fallback=steps.fallback,
+        heads_whole=steps.heads_whole,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 import torch.nn as nn
 
 from progprune import _tp
-from progprune.macs import _BNS, MacsCounter
+from progprune.macs import CUT_TYPES, MacsCounter
 
 # How the last step was cut (PruneOutcome.crossing_cut):
 CUT_NONE = "none"      # the target was not reached: no step crossed it
@@ -26,7 +26,7 @@ CUT_SUBSET = "subset"  # part of the last step's selection that passes over chan
                        # means no subset that was tried lands within it.
 CROSSING_CUTS = (CUT_NONE, CUT_WHOLE, CUT_PREFIX, CUT_SUBSET)
 
-_COUNTED = (nn.modules.conv._ConvNd, nn.Linear) + _BNS
+_COUNTED = CUT_TYPES
 
 
 @dataclass
