@@ -201,6 +201,9 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     if outcome.macs_counter != "fast":  # once per prune, and in the row (macs_counter)
         log(f"  MACs counted by Torch-Pruning's count_ops_and_params after every step (slower; the crossing "
             f"step is taken whole): the fast counter is not used for {cfg.model}: {outcome.macs_fallback}")
+    elif outcome.heads_whole and outcome.crossing == "fine":
+        log("  the crossing step was taken whole: attention heads are pruned whole (timm's Attention), and "
+            "a step cannot be cut channel by channel through a head")
     top1, top5 = evaluate(model, splits, "test", device)
     recal = copy.deepcopy(model)  # fine-tuning starts from the pruned model as it is
     recalibrate_bn(recal, splits, device, seed=cfg.seed)
