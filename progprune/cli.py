@@ -276,7 +276,8 @@ def _set_flags(spec: dict, flags: dict) -> dict:
 
 def _as_flags(e: SpecError) -> BadInput:
     """Spec paths -> the flags a `prune` user typed."""
-    msgs = [f"{_FLAG_OF.get(p.path, p.path)}: {p.message}" if p.path else p.message for p in e.issues]
+    flag = lambda path: _FLAG_OF.get(path) or _FLAG_OF.get(path.rpartition("[")[0], path)  # noqa: E731 (export[1])
+    msgs = [f"{flag(p.path)}: {p.message}" if p.path else p.message for p in e.issues]
     return BadInput("; ".join(dict.fromkeys(msgs)))
 
 

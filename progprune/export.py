@@ -68,6 +68,7 @@ class _Logits(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.train(model.training)  # the exporter restores the wrapper's mode, recursively
 
     def forward(self, x):
         return logits_of(self.model(x))
