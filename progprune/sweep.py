@@ -74,8 +74,8 @@ def _table(store: Store, combos: list[ComboConfig]) -> ResultsTable:
 def preflight(spec: SweepSpec) -> int:
     """Checks that need the data: class count, base checkpoints that really load, models
     that take the data's image size."""
-    # the tasks' device: a CPU unless they hold GPUs (then each task checks its own, before it prunes)
-    check_runtime(spec, None if spec.resources.gpus_per_task > 0 else "cpu")
+    # the tasks' kind of device (the image's packages are the driver's: onnxruntime's providers)
+    check_runtime(spec, "cuda" if spec.resources.gpus_per_task > 0 else "cpu")
     splits = load_dataset(spec.dataset, seed=spec.seeds[0])
     problems = []
     for i, m in enumerate(spec.models):
