@@ -44,7 +44,9 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 # invalidate it. torch is already satisfied by layer 1; ray is the base image's (same
 # version, pinned in pyproject.toml).
 COPY --chown=1000:100 pyproject.toml docker/constraints.txt ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+# The `export` extra too (onnx, onnxruntime): `progprune export`, `export: [onnx]` and
+# evaluation.runtime: onnxruntime on the cluster (CPU provider; docker/lock.py's IMAGE_EXTRA).
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['export']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt -c constraints.txt \
     && rm /tmp/requirements.txt
 

@@ -41,6 +41,9 @@ PLATFORMS = [f"manylinux_2_{v}_x86_64" for v in range(28, 4, -1)] + [
 TORCH_OWN = re.compile(r"^(nvidia-.*|cuda-.*|triton)$")
 
 
+IMAGE_EXTRA = "export"  # the extra the image installs beside the dependencies (onnx, onnxruntime)
+
+
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -53,8 +56,10 @@ def dockerfile_torch_version(dockerfile: Path = DOCKERFILE) -> str:
 
 
 def inputs(pyproject: Path = PYPROJECT, dockerfile: Path = DOCKERFILE) -> list[str]:
-    """What the lock is resolved from: the dependencies, plus torch at the image's version."""
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    """What the lock is resolved from: the dependencies and the image's extra, plus torch at
+    the image's version."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    deps = [*project["dependencies"], *project.get("optional-dependencies", {}).get(IMAGE_EXTRA, [])]
     return [*deps, f"torch=={dockerfile_torch_version(dockerfile)}"]
 
 

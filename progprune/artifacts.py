@@ -268,5 +268,11 @@ def load_pruned(path, *, trust_factory: bool = False, factory=None) -> nn.Module
     `py:module:factory` name is code the file names but does not hold: it is imported and
     run only with `trust_factory=True`, or not at all when you pass the callable
     (`factory=build`, called as `build(num_classes=N)`)."""
+    return load_pruned_info(path, trust_factory=trust_factory, factory=factory)[0]
+
+
+def load_pruned_info(path, *, trust_factory: bool = False, factory=None) -> tuple[nn.Module, dict]:
+    """`load_pruned`, with what the file records beside the weights (as `load_artifact`'s
+    info: "model", "num_classes", "input_shape", "meta", ...)."""
     return _load(path, None, None, None, reset_head=False, seed=0, digest=False, artifact_only=True,
-                 trust_factory=trust_factory, factory=factory)[0]
+                 trust_factory=trust_factory, factory=factory)

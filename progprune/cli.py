@@ -7,6 +7,7 @@ its row says why; a sweep with any failed row) or anything unexpected, 2 bad inp
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ class _Cli(click.Group):
     """The one place where errors become a line on stderr and an exit code. Commands with
     heavy imports load when used (`prune` runs where pandas is absent)."""
 
-    lazy = {"report": ("progprune.report", "report_command")}
+    lazy = {"report": ("progprune.report", "report_command"), "export": ("progprune._export_cli", "export_command")}
 
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -177,7 +178,12 @@ _FLAGS = [
      "crop+flip in training (default: on, off for digits)"),
     ("--latency-batch-size", ["evaluation.latency_batch_size"], int, "batch size of the latency timing"),
     ("--latency-repeats", ["evaluation.latency_repeats"], int, "timed forward passes per model"),
+    ("--runtime", ["evaluation.runtime"], str, "what every latency is measured in: eager, compile (torch.compile), onnxruntime, tensorrt"),
+    ("--precision", ["evaluation.precision"], str, "precision of the timed forward: fp32, or fp16/bf16 on a GPU"),
+    ("--latency-threads", ["evaluation.threads"], int, "intra-op threads while timing (default: torch's)"),
+    ("--export", ["export"], "strs", "also write the final model beside pruned.pt in these formats (onnx, torchscript)"),
 ]
+_SWEEP_FLAGS = ("--runtime", "--precision", "--latency-threads")  # sweep's too: over the spec's
 _FLAG_OF = {path: decl.split("/")[0] for decl, paths, _, _ in _FLAGS for path in paths} | {
     "methods[0]": "--method"}
 _REQUIRED = ("--model", "--speedup")
@@ -199,10 +205,13 @@ def _schema_default(path: str):
     return getattr(default, "name", default)  # a methods: entry shows as its name
 
 
-def _flag_options(fn):
+def _flag_options(fn, only=None):
     for decl, paths, typ, help_ in reversed(_FLAGS):
+        if only is not None and decl not in only:
+            continue
         name = decl.split("/")[0].lstrip("-").replace("-", "_")
-        default = _schema_default(paths[0])
+        default = _schema_default(paths[0]) if only is None else None  # sweep: the spec's
+        help_ += f" (over the spec's {paths[0]})" if only is not None else ""
         if isinstance(default, bool):
             default = decl.split("/")[0 if default else 1] if "/" in decl else None
         shown = f"  [default: {default}]" if default is not None else ""
@@ -239,7 +248,16 @@ _STRS = _StrList()
 
 def one_combination_spec(flags: dict, output: str | None = None) -> dict:
     """The spec `progprune prune` runs: its flags, set into a one-combination sweep."""
-    spec: dict = {"name": "prune", "finetune": {"num_workers": 0}}  # in this process
+    spec = _set_flags({"name": "prune", "finetune": {"num_workers": 0}}, flags)  # in this process
+    if spec.get("methods") and "name" not in spec["methods"][0]:  # --reg ... without --method
+        spec["methods"][0]["name"] = _schema_default("methods[0].name")  # the grid's first
+    if output:
+        spec["output"] = output
+    return spec
+
+
+def _set_flags(spec: dict, flags: dict) -> dict:
+    """`spec` with the fields the given `flags` set."""
     for decl, paths, _, _ in _FLAGS:
         value = flags.get(decl.split("/")[0].lstrip("-").replace("-", "_"))
         for path in paths if value is not None else ():
@@ -249,18 +267,17 @@ def one_combination_spec(flags: dict, output: str | None = None) -> dict:
                     spec.setdefault(head[:-3], [{}])[0][field] = value
                 else:
                     spec[head[:-3]] = [value]
+            elif field:
+                spec[head] = {**(spec.get(head) or {}), field: value}
             else:
-                spec.setdefault(head, {})[field] = value
-    if spec.get("methods") and "name" not in spec["methods"][0]:  # --reg ... without --method
-        spec["methods"][0]["name"] = _schema_default("methods[0].name")  # the grid's first
-    if output:
-        spec["output"] = output
+                spec[head] = value
     return spec
 
 
 def _as_flags(e: SpecError) -> BadInput:
     """Spec paths -> the flags a `prune` user typed."""
-    msgs = [f"{_FLAG_OF.get(p.path, p.path)}: {p.message}" if p.path else p.message for p in e.issues]
+    flag = lambda path: _FLAG_OF.get(path) or _FLAG_OF.get(path.rpartition("[")[0], path)  # noqa: E731 (export[1])
+    msgs = [f"{flag(p.path)}: {p.message}" if p.path else p.message for p in e.issues]
     return BadInput("; ".join(dict.fromkeys(msgs)))
 
 
@@ -283,7 +300,7 @@ def prune_cmd(device, output, force, as_json, print_spec, **flags):
 
 
 def _prune(device, output, force, as_json, print_spec, flags):
-    from progprune.spec import dump_yaml, load_spec_dict
+    from progprune.spec import check_runtime, dump_yaml, load_spec_dict
 
     out_dir = None if output is None else local_out_dir(output)
     try:
@@ -302,10 +319,14 @@ def _prune(device, output, force, as_json, print_spec, flags):
 
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("no CUDA device is available; use --device cpu", field="--device")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    try:
+        check_runtime(spec, dev)  # --runtime/--precision on this device, before any work
+    except SpecError as e:
+        raise _as_flags(e) from None
     if out_dir is not None:
         check_out_dir(out_dir, force)
     (cfg,) = spec.combinations()
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
 
     # work in a private folder on --output's filesystem (renamed into place, never copied);
@@ -340,12 +361,12 @@ def _summary(row, log) -> None:
         log(f"  params  {row.base_params / 1e6:.3f}M -> {row.pruned_params / 1e6:.3f}M  "
             f"compression {row.compression_ratio:.2f}x")
         log(f"  latency {row.base_latency_ms:.2f} ms -> {row.pruned_latency_ms:.2f} ms  "
-            f"({row.latency_speedup:.2f}x, batch {row.latency_batch_size}, {row.device})")
+            f"({row.latency_speedup:.2f}x, batch {row.latency_batch_size}, {row.device}, {row.runtime} {row.precision})")
     log(f"  top-1   base {pct(row.base_top1)}  pruned {pct(row.pruned_top1)}  fine-tuned {pct(row.final_top1)}")
     if row.error:
         log(f"  {row.error}")
     if row.artifact_uri:
-        log(f"  artifact {row.artifact_uri}")
+        log(f"  artifact {row.artifact_uri}" + "".join(f"\n  export   {u}" for u in json.loads(row.export_uris or "[]")))
 
 
 @main.command("sweep")
@@ -362,12 +383,13 @@ def _summary(row, log) -> None:
               help="take over the output's lock even if its holder looks alive (only when you know it is gone)")
 @click.option("--replace-sweep", is_flag=True,
               help="let this sweep take over an output that holds another sweep (by name)")
-def sweep_cmd(spec_path, address, output, dry_run, force, max_concurrent, break_lock, replace_sweep):
+@functools.partial(_flag_options, only=_SWEEP_FLAGS)
+def sweep_cmd(spec_path, address, output, dry_run, force, max_concurrent, break_lock, replace_sweep, **flags):
     """Run every model x speedup x method x seed of SPEC on Ray; write results.parquet."""
     from progprune.spec import load_spec
     from progprune.sweep import run
 
-    spec = load_spec(spec_path, output_override=output)
+    spec = load_spec(spec_path, output_override=output, overrides=_set_flags({}, flags))
     return run(spec, address=address, force=force, dry_run=dry_run, max_concurrent=max_concurrent,
                break_lock=break_lock, replace_sweep=replace_sweep)
 

@@ -28,6 +28,12 @@ def _increasing(v: tuple) -> tuple:
     return v
 
 
+def _distinct(v: tuple) -> tuple:
+    if len(set(v)) != len(v):
+        raise ValueError("repeated")  # worded by Items
+    return v
+
+
 _MILESTONE = (1, 100_000)  # an epoch number
 Milestones = Items(Int(*_MILESTONE), f"a list of increasing integers in [{_MILESTONE[0]}, {_MILESTONE[1]}]", 100,
                    AfterValidator(_increasing))
@@ -186,9 +192,27 @@ class PruneConfig(PruningConfig):
     method: Text = "group_norm"
 
 
+RUNTIMES = ("eager", "compile", "onnxruntime", "tensorrt")  # progprune.runtimes registers each
+EXPORT_FORMATS = ("onnx", "torchscript")  # progprune.export.FORMATS
+
+
 class EvaluationConfig(_Node):
     latency_batch_size: Int(1, 4096) = 1
     latency_repeats: Int(1, 10_000) = 20
+    # what every latency column is measured in: the model's own forward (eager),
+    # torch.compile, ONNX Runtime (CPU; its CUDA provider on a GPU), TensorRT (where installed)
+    runtime: OneOf(*RUNTIMES) = "eager"
+    precision: OneOf("fp32", "fp16", "bf16") = "fp32"  # fp16/bf16: on a GPU
+    threads: Opt(Int(1, 1024)) = None  # intra-op threads while timing; null: torch's default
+
+    def key(self) -> dict:
+        """What identifies the timing (hashed into the combination key): settings added later
+        hash as before while at their defaults."""
+        return {k: v for k, v in self.model_dump().items()
+                if k not in _EVALUATION_ADDED or v != type(self).model_fields[k].default}
+
+
+_EVALUATION_ADDED = ("runtime", "precision", "threads")
 
 
 class ResourcesConfig(_Node):
@@ -245,6 +269,10 @@ class SweepSpec(_Node):
     resources: ResourcesConfig = ResourcesConfig()
     # a local path, file://, s3:// or gs://; null: ./runs/<name>
     output: Annotated[Opt(Text), AfterValidator(_storage_uri)] = None
+    # write each final model in these formats beside its artifact (the row's export_uris)
+    export: Annotated[Items(OneOf(*EXPORT_FORMATS), f"a list of formats ({', '.join(EXPORT_FORMATS)})", 2,
+                            AfterValidator(_distinct)),
+                      BeforeValidator(one_or_many)] = ()
 
     def combinations(self) -> list[ComboConfig]:
         """models x speedups x methods x seeds, in that nesting order (last varies fastest).
@@ -259,7 +287,8 @@ class SweepSpec(_Node):
                 model=m.name, base_checkpoint=m.checkpoint, base_checkpoint_sha256=m.sha256,
                 reset_head=m.reset_head, dataset=self.dataset, target_speedup=s, seed=seed,
                 base=self.base_training, prune=PruneConfig(**self.pruning.model_dump(), method=meth.name),
-                sparse=sparse(meth), finetune=self.finetune, evaluation=self.evaluation, sweep=self.name)
+                sparse=sparse(meth), finetune=self.finetune, evaluation=self.evaluation, sweep=self.name,
+                export=self.export)
             for m in self.models for s in self.speedups for meth in self.methods
             for seed in self.seeds
         ]
@@ -298,6 +327,7 @@ class ComboConfig(_Node):
     finetune: FinetuneConfig
     evaluation: EvaluationConfig = EvaluationConfig()
     sweep: str = ""  # display only: not part of any key
+    export: tuple[str, ...] = ()  # formats written beside the final artifact: no figure changes
 
     @property
     def method(self) -> str:
@@ -321,9 +351,10 @@ class ComboConfig(_Node):
 
     def combo_id(self) -> str:
         """Stable hash of every setting that changes this combination's result row."""
-        exclude = {"sweep"} | ({"base_checkpoint"} if self.base_checkpoint_sha256 else set())
+        exclude = {"sweep", "export"} | ({"base_checkpoint"} if self.base_checkpoint_sha256 else set())
         data = self.model_dump(exclude=exclude)
         data["dataset"] = self.dataset.key()
+        data["evaluation"] = self.evaluation.key()
         data["sparse"] = self.sparse.key() if self.sparse else None
         if not self.prune.ignore:  # settings added later hash as before while unset
             data["prune"].pop("ignore")

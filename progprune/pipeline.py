@@ -29,6 +29,8 @@ from progprune.data import Splits, load_dataset
 from progprune.models import build_model, check_input_size, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
 from progprune.errors import CombinationFailed
+from progprune.export import export_beside, record_exports, run_meta
+from progprune.runtimes import get_runtime
 from progprune.results import ResultRow, compose, write_rows
 from progprune.storage.layout import PRUNE_LAYOUT
 from progprune.training import (FitResult, calibration_batch, device_label, evaluate, fit,
@@ -183,7 +185,11 @@ def _duration(seconds: float) -> str:
 
 
 def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> PruneInfo:
-    """Prune `model` in place to cfg.target_speedup; measure latency before and after."""
+    """Prune `model` in place to cfg.target_speedup; measure latency before and after, in
+    the spec's runtime, precision and threads (checked first: nothing is pruned for a timing
+    that cannot run here)."""
+    ev = cfg.evaluation
+    get_runtime(ev.runtime).check(device, ev.precision)
     model.to(device).eval()
     unpruned = evaluate(model, splits, "test", device) if needs_sparse(cfg) else None
     base_copy = copy.deepcopy(model)  # timed against the pruned model, interleaved
@@ -209,8 +215,9 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     recalibrate_bn(recal, splits, device, seed=cfg.seed)
     top1_bn, _ = evaluate(recal, splits, "test", device)
     del recal
-    lb, lp = measure_latency_stats([base_copy, model], splits.input_shape, device,
-                                   cfg.evaluation.latency_batch_size, repeats=cfg.evaluation.latency_repeats)
+    lb, lp = measure_latency_stats([base_copy, model], splits.input_shape, device, ev.latency_batch_size,
+                                   repeats=ev.latency_repeats, runtime=ev.runtime, precision=ev.precision,
+                                   threads=ev.threads)
     del base_copy
     return PruneInfo(outcome, top1, top5, lb.median_ms, lp.median_ms, lb.iqr_ms, lp.iqr_ms,
                      lb.threads, lb.noisy or lp.noisy, top1_bn, unpruned,
@@ -247,7 +254,8 @@ def config_columns(cfg: ComboConfig) -> dict:
         "round_to": cfg.prune.round_to, "base_epochs": cfg.base.epochs if not cfg.base_checkpoint else 0,
         "sparse_epochs": sl.epochs if sl else 0, "sparse_reg": sl.reg if sl else None,
         "finetune_epochs": cfg.finetune.epochs, "finetune_global_batch": cfg.finetune.batch_size,
-        "latency_batch_size": cfg.evaluation.latency_batch_size, "reset_head": cfg.reset_head,
+        "latency_batch_size": cfg.evaluation.latency_batch_size, "runtime": cfg.evaluation.runtime,
+        "precision": cfg.evaluation.precision, "reset_head": cfg.reset_head,
         "base_checkpoint_sha256": cfg.base_checkpoint_sha256, "config_json": cfg.model_dump_json(),
     }
 
@@ -374,8 +382,11 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
         row = build_row(cfg, Pruned(base, pruned.prune if pruned else None, device_label(device),
                                     splits.num_classes, started), error=error)
     if out_dir and row.status != "failed":
-        save_artifact(os.path.join(out_dir, PRUNE_LAYOUT.artifact), model, model_name=cfg.model,
-                      num_classes=splits.num_classes, input_shape=splits.input_shape,
-                      history=pruned.prune.outcome.history,
-                      meta={"combo_id": cfg.combo_id(), "target_speedup": cfg.target_speedup})
+        artifact = save_artifact(os.path.join(out_dir, PRUNE_LAYOUT.artifact), model, model_name=cfg.model,
+                                 num_classes=splits.num_classes, input_shape=splits.input_shape,
+                                 history=pruned.prune.outcome.history,
+                                 meta={**run_meta(cfg.combo_id(), splits), "target_speedup": cfg.target_speedup})
+        record_exports(row, cfg.export, lambda: [os.path.join(shown_dir or out_dir, os.path.basename(p))
+                                                 for p in export_beside(artifact, cfg.export)])
     return row  # the caller writes it, once it knows where the artifact ends up
+

@@ -73,13 +73,16 @@ class ResultRow:
     finetune_resumed_from_epoch: int | None = None  # Ray Train restarted from this checkpoint
     base_latency_iqr_ms: float | None = None  # spread (interquartile range) of the timed runs
     pruned_latency_iqr_ms: float | None = None
-    latency_threads: int | None = None  # torch CPU threads while timing
+    latency_threads: int | None = None  # intra-op threads while timing (torch's; onnxruntime's session)
     latency_noisy: bool | None = None  # IQR > 25% of the median (or < 5 runs): do not trust it
     base_top1_pre_sparse: float | None = None  # sparse methods: base_top1 is after sparse learning
     pruned_top1_bn: float | None = None  # zero-shot, after BatchNorm statistics re-estimated
     reset_head: bool | None = None  # the checkpoint's classifier was re-initialised
     base_checkpoint_sha256: str | None = None  # content of the base checkpoint, if one was given
     config_json: str | None = None  # the resolved ComboConfig, so the row can be rerun
+    runtime: str | None = None  # what every latency column was measured in: eager | compile | onnxruntime | tensorrt
+    precision: str | None = None  # fp32 | fp16 | bf16
+    export_uris: str | None = None  # JSON list of the exported files (spec `export:`), beside artifact_uri
 
 
 def compose(*records, **columns) -> ResultRow:

@@ -22,9 +22,11 @@ from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, show
 from progprune.fields import problems_of
 
 
-def load_spec(path, *, output_override: str | None = None, check_paths: bool = True) -> SweepSpec:
+def load_spec(path, *, output_override: str | None = None, check_paths: bool = True,
+              overrides: dict | None = None) -> SweepSpec:
     """Read and validate a spec file. Relative checkpoint and data paths resolve against
-    the file's directory. `check_paths=False` skips filesystem checks only."""
+    the file's directory. `check_paths=False` skips filesystem checks only. `overrides`
+    ({"evaluation": {"runtime": ...}}, the sweep's flags) are set over the file's sections."""
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as f:
@@ -33,6 +35,9 @@ def load_spec(path, *, output_override: str | None = None, check_paths: bool = T
         raise SpecError([f"cannot read spec: {e}"], source=source) from None
     if output_override is not None and isinstance(data, dict):
         data = {**data, "output": output_override}
+    for head, fields in (overrides or {}).items() if isinstance(data, dict) else ():
+        section = data.get(head)
+        data = {**data, head: {**(section if isinstance(section, dict) else {}), **fields}}
     return load_spec_dict(data, source, check_paths=check_paths,
                           base_dir=os.path.dirname(os.path.abspath(source)))
 
@@ -53,7 +58,7 @@ def load_spec_dict(data: Any, source: str = "<spec>", *, check_paths: bool = Tru
                      if p.path == "pruning.method" else p for p in problems_of(e, SweepSpec)]
     problems += _registry_problems(data, check_paths)
     if spec is not None:
-        problems += _sparse_problems(spec)
+        problems += _sparse_problems(spec) + _runtime_problems(spec)
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)
     return _resolve_defaults(spec)
@@ -168,6 +173,33 @@ def _sparse_problems(spec: SweepSpec) -> list[Problem]:
                            "allow_zero_epochs: true (--allow-zero-sl-epochs) to run them "
                            "unregularised (their rows then read '<method>-nosl')"))
     return out
+
+
+def _runtime_problems(spec: SweepSpec, device=None) -> list[Problem]:
+    """The runtime and exports can run here: their packages installed, the precision one the
+    runtime runs (and, with `device`, one it runs on that device)."""
+    from progprune.export import check_format
+    from progprune.runtimes import get_runtime
+
+    out = []
+    try:
+        get_runtime(spec.evaluation.runtime).check(device, spec.evaluation.precision)
+    except BadInput as e:
+        out.append(Problem(e.field or "evaluation.runtime", e.message))
+    for fmt in spec.export:
+        try:
+            check_format(fmt, field="export")
+        except BadInput as e:
+            out.append(Problem("export", e.message))
+    return out
+
+
+def check_runtime(spec: SweepSpec, device) -> None:
+    """SpecError unless the spec's runtime and precision run on `device` (a sweep: its task's
+    kind of device, cuda where resources.gpus_per_task > 0; prune: this process's)."""
+    problems = _runtime_problems(spec, device)
+    if problems:
+        raise SpecError(problems)
 
 
 def _resolve_defaults(spec: SweepSpec) -> SweepSpec:

@@ -18,7 +18,7 @@ from progprune.errors import BadInput, SpecError, sigterm_unwinds
 from progprune.models import build_model, check_input_size
 from progprune.pipeline import needs_sparse
 from progprune.results import ResultRow, rows_to_table
-from progprune.spec import SweepSpec, dump_yaml
+from progprune.spec import SweepSpec, check_runtime, dump_yaml
 from progprune.storage import LAYOUT, Store
 from progprune.table import ResultsTable
 
@@ -74,6 +74,8 @@ def _table(store: Store, combos: list[ComboConfig]) -> ResultsTable:
 def preflight(spec: SweepSpec) -> int:
     """Checks that need the data: class count, base checkpoints that really load, models
     that take the data's image size."""
+    # the tasks' kind of device (the image's packages are the driver's: onnxruntime's providers)
+    check_runtime(spec, "cuda" if spec.resources.gpus_per_task > 0 else "cpu")
     splits = load_dataset(spec.dataset, seed=spec.seeds[0])
     problems = []
     for i, m in enumerate(spec.models):

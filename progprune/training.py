@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from progprune.config import TrainConfig
+from progprune.config import EvaluationConfig, TrainConfig
 from progprune.data import Splits
 from progprune.errors import CombinationFailed
 from progprune.models import logits_of
+from progprune.runtimes import get_runtime, torch_threads
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -133,9 +134,11 @@ class Latency:
     median_ms: float
     iqr_ms: float  # interquartile range (p75 - p25) of the timed runs
     runs: int
-    threads: int  # torch.get_num_threads() during the measurement
+    threads: int  # intra-op threads during the measurement (torch's; onnxruntime's session)
     device: str  # as the row's `device` column: "cpu" or "cuda:<GPU name>"
     noisy: bool  # iqr_ms > noisy_rel_iqr * median_ms: too spread out to trust one figure
+    runtime: str  # progprune.runtimes: what ran the forward (eager, onnxruntime, ...)
+    precision: str  # fp32, fp16, bf16
 
     @property
     def rel_iqr(self) -> float:
@@ -153,44 +156,49 @@ def device_label(device) -> str:
 
 @torch.no_grad()
 def measure_latency_stats(models, input_shape, device, batch_size: int = 1, warmup: int = 5,
-                          repeats: int = 20, noisy_rel_iqr: float = 0.25) -> list[Latency]:
-    """Time one forward pass of each model `repeats` times, after warm-up; per model the
-    median, the interquartile range and whether that spread is too large to trust.
+                          repeats: int = 20, noisy_rel_iqr: float = 0.25, runtime: str | None = None,
+                          precision: str | None = None, threads: int | None = None) -> list[Latency]:
+    """Time one forward pass of each model `repeats` times, after warm-up, in `runtime` at
+    `precision` (progprune.runtimes) with `threads` intra-op threads (None: torch's as they
+    are); per model the median, the interquartile range and whether that spread is too
+    large to trust. runtime/precision None: the schema's defaults (evaluation.runtime, ...).
 
     The models are timed interleaved (a, b, a, b, ...) so that load from anything else on
-    the machine falls on both alike: their ratio is what a speedup claim rests on.
+    the machine falls on both alike: their ratio is what a speedup claim rests on. Each
+    runtime's prepared forward returns when its result is ready (it synchronises a GPU), so
+    the wall clock around it is what a caller of that runtime waits. The models are left
+    as they were (eval mode).
     """
+    runtime = runtime or EvaluationConfig.model_fields["runtime"].default
+    precision = precision or EvaluationConfig.model_fields["precision"].default
+    rt = get_runtime(runtime)
+    rt.check(device, precision)
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     device = torch.device(device)
     x = torch.randn(batch_size, *input_shape, device=device)
-    for m in models:
-        m.eval()
-        for _ in range(warmup):
-            m(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for i, m in enumerate(models):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                m(x)
-                end.record()
-                torch.cuda.synchronize(device)
-                times[i].append(start.elapsed_time(end))
-            else:
+    with torch_threads(threads) as n_threads:
+        runs = []
+        for m in models:
+            m.eval()
+            runs.append(rt.prepare(m, x, device, precision, n_threads))
+        for run in runs:
+            for _ in range(warmup):
+                run(x)
+        times: list[list[float]] = [[] for _ in models]
+        for _ in range(repeats):
+            for i, run in enumerate(runs):
                 t0 = time.perf_counter()
-                m(x)
+                run(x)
                 times[i].append((time.perf_counter() - t0) * 1000)
-    label, threads = device_label(device), torch.get_num_threads()
+    label = device_label(device)
     out = []
     for t in times:
         median = statistics.median(t)
         q1, _, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (t[0],) * 3
         iqr = q3 - q1
-        out.append(Latency(median_ms=median, iqr_ms=iqr, runs=len(t), threads=threads, device=label,
-                           noisy=len(t) < 5 or iqr > noisy_rel_iqr * median))
+        out.append(Latency(median_ms=median, iqr_ms=iqr, runs=len(t), threads=n_threads, device=label,
+                           noisy=len(t) < 5 or iqr > noisy_rel_iqr * median, runtime=runtime,
+                           precision=precision))
     return out
 
 

@@ -538,3 +538,18 @@ def test_sparse_flags_still_set_a_sparse_methods_recipe_and_keep_its_combo_id():
                                                     "lr": 0.02, "milestones": [2, 3]}}).combinations()
     assert one.sparse == before.sparse and one.combo_id() == before.combo_id()
     assert (one.sparse.reg, one.sparse.delta_reg, one.sparse.epochs) == (3e-5, 2e-6, 4)
+
+
+# ---- runtime flags on a sweep (issue 20) ---------------------------------------------------
+def test_sweep_runtime_flags_override_the_spec_and_are_checked_up_front(tmp_path):
+    spec = tiny_spec(tmp_path)
+    r = progprune_in_process("sweep", spec, "--precision", "fp16", "--dry-run")  # resources: no GPU
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "evaluation.precision: precision fp16 is timed on a GPU" in r.stderr
+    r = progprune_in_process("sweep", spec, "--runtime", "tensorrt", "--dry-run")
+    assert r.returncode == 2 and "evaluation.runtime: runtime tensorrt needs" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    from progprune.spec import load_spec
+
+    over = load_spec(spec, overrides={"evaluation": {"runtime": "onnxruntime", "threads": 2}}).evaluation
+    assert (over.runtime, over.threads, over.latency_repeats) == ("onnxruntime", 2, 2)  # the file's own kept

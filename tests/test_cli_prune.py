@@ -639,3 +639,69 @@ def test_the_progress_estimate_extrapolates_log_speedup():
     p.t0 -= 600.0  # ~630 s in at 3x of 4x: log 3 / log 4 = 0.79 done, ~165 s left
     p(150, 3.0)
     assert re.fullmatch(r"  step 150/400: 3\.000x of 4x, 10m[34]\ds so far, about 2m[45]\ds left", said[-1]), said[-1]
+
+
+# ---- runtimes and export (issue 20) --------------------------------------------------------
+def test_prune_timed_in_onnxruntime_exports_onnx_beside_its_artifact(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from progprune.artifacts import load_pruned
+    from progprune.export import read_metadata
+
+    out = tmp_path / "run"
+    proc = _run("prune", "--model", "resnet20", *FAST[:4], "--finetune-epochs", "0", "--speedup", "1.5",
+                "--iterative-steps", "20", "--runtime", "onnxruntime", "--latency-threads", "1",
+                "--export", "onnx", "--out", out, "--json")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    row = _json_row(proc)
+    assert (row["runtime"], row["precision"], row["latency_threads"]) == ("onnxruntime", "fp32", 1)
+    assert row["base_latency_ms"] > 0 and row["pruned_latency_ms"] > 0
+    onnx_file = out / "pruned.onnx"
+    assert json.loads(row["export_uris"]) == [str(onnx_file.resolve())]
+    assert sorted(os.listdir(out)) == ["pruned.onnx", "pruned.pt", "result.parquet"]
+    assert json.loads(pd.read_parquet(out / "result.parquet").loc[0, "export_uris"]) == [str(onnx_file.resolve())]
+    assert read_metadata(onnx_file)["progprune.combo_id"] == row["combo_id"]
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        want = load_pruned(out / "pruned.pt")(x).numpy()
+    (got,) = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_runtime_flags_at_their_defaults_keep_the_combo_id():
+    from progprune.spec import load_spec_dict
+    from progprune.cli import one_combination_spec
+
+    def combo(**flags):
+        (cfg,) = load_spec_dict(one_combination_spec({"model": "resnet20", "speedup": 2.0, **flags})).combinations()
+        return cfg.combo_id()
+
+    plain = combo()
+    assert combo(runtime="eager", precision="fp32", export=["onnx"]) == plain  # exporting changes no figure
+    assert len({plain, combo(runtime="onnxruntime"), combo(latency_threads=2)}) == 3
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--runtime", "tensorrt"], "--runtime: runtime tensorrt needs the torch_tensorrt package"),
+    (["--runtime", "onnx"], "--runtime: must be one of eager, compile, onnxruntime, tensorrt, got 'onnx'"),
+    (["--precision", "fp16", "--device", "cpu"], "--precision: precision fp16 is timed on a GPU"),
+    (["--runtime", "onnxruntime", "--precision", "bf16"], "--precision: runtime onnxruntime does not run bf16"),
+    (["--latency-threads", "0"], "--latency-threads: must be"),
+    (["--export", "onnx,tflite"], "--export: must be"),
+], ids=["tensorrt", "unknown", "fp16-cpu", "ort-bf16", "threads", "export"])
+def test_runtime_and_export_bad_input(tmp_path, args, words):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, *args, run=_in)
+    assert words in line, line
+
+
+def test_onnxruntime_missing_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` meets when absent
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--runtime", "onnxruntime", run=_in)
+    assert line == ("error: --runtime: runtime onnxruntime needs the onnxruntime package, which is not "
+                    "installed: pip install onnxruntime (or pip install 'progprune[export]')")
+
+
+def test_tensorrt_missing_in_a_real_process(tmp_path):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--runtime", "tensorrt")
+    assert "tensorrt" in line

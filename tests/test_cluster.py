@@ -447,3 +447,30 @@ def test_failures_and_sparse_models_through_the_window(local_ray, monkeypatch, t
     assert len(watch.cfgs("sparse")) == len({c.sparse_key() for c in combos if c.prune.method == "group_sl"})
     assert watch.cfgs("prune") == combos
     assert watch.max_in_flight == 3
+
+
+def test_a_sweeps_exports_go_beside_the_stored_artifact(tmp_path):
+    """`export: [onnx, torchscript]`: the fine-tune task writes each format beside the row's
+    artifact through the Store (what s3/gs outputs go through too) and names them."""
+    from progprune.artifacts import save_artifact
+    from progprune.cluster.tasks import _export
+    from progprune.export import read_metadata
+    from progprune.models import build_model
+    from progprune.spec import load_spec_dict
+    from progprune.storage import LAYOUT, Store
+
+    spec = load_spec_dict({"name": "x", "models": ["resnet20"], "speedups": [2], "export": ["onnx", "torchscript"],
+                           "output": str(tmp_path / "out")})
+    (cfg,) = spec.combinations()
+    store = Store(spec.output)
+    parts = LAYOUT.final(cfg)
+    local = tmp_path / "final.pt"
+    save_artifact(local, build_model("resnet20", 10), model_name="resnet20", num_classes=10,
+                  meta={"combo_id": cfg.combo_id()})
+    store.put_file(str(local), *parts)
+    uris = _export(store, cfg, parts)
+    names = ["final.onnx", "final.torchscript.pt"]
+    assert uris == [store.display("combos", cfg.combo_id(), n) for n in names]
+    assert sorted(store.list("combos", cfg.combo_id())) == sorted(["final.pt", *names])
+    for n in names:
+        assert read_metadata(store.path("combos", cfg.combo_id(), n))["progprune.combo_id"] == cfg.combo_id()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from progprune.cli import one_combination_spec
@@ -200,3 +201,25 @@ def test_speedup_errors_state_the_schema_bounds():
     r = cli("prune", "--model", "resnet20", "--speedup", "10001", "--print-spec")
     assert r.returncode == 2 and r.stderr == "error: --speedup: must be a number in (1, 10000], got 10001.0\n"
     assert "(1, 10000]" in " ".join(cli("prune", "--help").stdout.split())
+
+
+# combo_ids of the shipped specs as progprune computed them before evaluation.runtime,
+# precision, threads and `export:` existed (sha256 of the ids joined by ","; the first id):
+# settings added later must leave existing sweeps' rows where they are
+_SHIPPED_IDS = {"cifar100_vgg19.yaml": ("930598bccb6591cd", "5311735dae3c9955"),
+                "cifar10_resnet56.yaml": ("06b4e0c733775899", "da8fa864d36c5310"),
+                "digits_smoke.yaml": ("de8a6a27c57c61e7", "b89af7838b5f7350")}
+
+
+@pytest.mark.parametrize("name", sorted(_SHIPPED_IDS))
+def test_shipped_specs_keep_their_combo_ids(name):
+    import hashlib
+    from pathlib import Path
+
+    from progprune.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "ray_jobs" / name, check_paths=False)
+    ids = [c.combo_id() for c in spec.combinations()]
+    assert (hashlib.sha256(",".join(ids).encode()).hexdigest()[:16], ids[0]) == _SHIPPED_IDS[name]
+    timed = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"runtime": "onnxruntime"})})
+    assert timed.combinations()[0].combo_id() != ids[0]  # a latency in another runtime is another row

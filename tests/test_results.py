@@ -26,6 +26,7 @@ EXPECTED = [
     ("pruned_latency_iqr_ms", "double"), ("latency_threads", "int64"), ("latency_noisy", "bool"),
     ("base_top1_pre_sparse", "double"), ("pruned_top1_bn", "double"), ("reset_head", "bool"),
     ("base_checkpoint_sha256", "string"), ("config_json", "string"),
+    ("runtime", "string"), ("precision", "string"), ("export_uris", "string"),
 ]
 
 

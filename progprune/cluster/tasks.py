@@ -26,9 +26,11 @@ from progprune import pipeline
 from progprune.artifacts import load_artifact, save_artifact
 from progprune.config import ComboConfig, ResourcesConfig
 from progprune.data import load_dataset
+from progprune.export import export_artifact, record_exports, run_meta
 from progprune.pipeline import BaseInfo, Finetuned, Pruned
 from progprune.results import ResultRow, write_rows
 from progprune.storage import LAYOUT, Store
+from progprune.storage.layout import export_name
 from progprune.training import device_label, pick_device
 
 
@@ -108,7 +110,7 @@ def prune_task(cfg: ComboConfig, store_uri: str, base: BaseInfo) -> Pruned:
     pruned = pipeline.prune_combination(cfg, model, base, splits, device, _logger(cfg))
     history = pruned.prune.outcome.history
     pruned.artifact = _save(store, model, cfg, splits, LAYOUT.pruned(cfg), history=history,
-                            meta={"combo_id": cfg.combo_id()})
+                            meta=run_meta(cfg.combo_id(), splits))
     pruned.prune.outcome.history = []  # large; it lives in the artifact
     return pruned
 
@@ -125,9 +127,24 @@ def finetune_task(cfg: ComboConfig, store_uri: str, pruned: Pruned, resources: R
     else:
         runner = lambda: _finetune_here(cfg, store)  # noqa: E731
     row = pipeline.finish_combination(cfg, pruned, runner)
+    if cfg.export and row.status != "failed":  # beside the artifact the row names, through the store
+        record_exports(row, cfg.export, lambda: _export(store, cfg, LAYOUT.final(cfg) if row.status == "ok"
+                                                        else LAYOUT.pruned(cfg)))
     write_fragment(store, row)
     store.delete_tree(*LAYOUT.train_run(cfg.combo_id()))  # bounded storage: final.pt stays
     return row
+
+
+def _export(store: Store, cfg: ComboConfig, parts: tuple) -> list[str]:
+    """cfg.export's formats of the stored artifact at `parts`, stored beside it; where they are."""
+    uris = []
+    with store.local_copy(*parts) as artifact, tempfile.TemporaryDirectory() as d:
+        for fmt in cfg.export:
+            name = export_name(parts[-1], fmt)
+            store.put_file(export_artifact(artifact, fmt, os.path.join(d, name), trust_factory=True),
+                           *parts[:-1], name)
+            uris.append(store.display(*parts[:-1], name))
+    return uris
 
 
 def _finetune_here(cfg: ComboConfig, store: Store) -> Finetuned:
@@ -135,7 +152,7 @@ def _finetune_here(cfg: ComboConfig, store: Store) -> Finetuned:
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     model, _ = _load(store, cfg, splits, LAYOUT.pruned(cfg))
     ft = pipeline.finetune_combination(cfg, model, splits, device, _logger(cfg))
-    ft.artifact = _save(store, model, cfg, splits, LAYOUT.final(cfg), meta={"combo_id": cfg.combo_id()})
+    ft.artifact = _save(store, model, cfg, splits, LAYOUT.final(cfg), meta=run_meta(cfg.combo_id(), splits))
     return ft
 
 
@@ -188,7 +205,7 @@ def _train_loop(config: dict) -> None:
     ft = pipeline.finetune_combination(cfg, model, splits, device, _logger(cfg), **fit_kwargs)
     ft.resumed_from_epoch = None if resume is None else int(resume["epoch"])
     with tempfile.TemporaryDirectory() as d:  # the model carries its own history
-        _write(os.path.join(d, "final.pt"), model, cfg, splits, meta={"combo_id": cfg.combo_id()})
+        _write(os.path.join(d, "final.pt"), model, cfg, splits, meta=run_meta(cfg.combo_id(), splits))
         figures = dataclasses.asdict(ft)
         with open(os.path.join(d, "finetuned.json"), "w", encoding="utf-8") as f:
             json.dump(figures, f)  # for a restart after this report (above)

@@ -5,13 +5,14 @@ A sweep's output (a `Store` joins these parts onto its root, a directory or a bu
   rows/<combo_id>.parquet    one fragment per finished combination (the source of truth)
   bases/<base_key>.pt        base models, shared by every combination that needs them
   sparse/<sparse_key>.pt     sparse-learned models, shared per (model, method, seed)
-  combos/<combo_id>/         pruned.pt, final.pt
+  combos/<combo_id>/         pruned.pt, final.pt (and final.onnx, ... with `export:`)
   train/ft-<combo_id>/       Ray Train run storage (checkpoints for fault tolerance)
   spec.resolved.yaml         the spec with every default filled
   report/                    report.md, plots
   .lock                      the lease of the sweep that owns this output (see storage.lease)
 
-`progprune prune --output DIR` writes a smaller folder: pruned.pt and result.parquet.
+`progprune prune --output DIR` writes a smaller folder: pruned.pt and result.parquet (and
+pruned.onnx, pruned.torchscript.pt with --export).
 
 These names are the on-disk format: a sweep resumes from what an earlier progprune left
 only while they stay as they are. Every part is a tuple, spread into the Store's calls:
@@ -60,12 +61,22 @@ class SweepLayout:
         return ("train", f"ft-{combo_id}")
 
 
+# an exported model sits beside its artifact, named after it: pruned.pt -> pruned.onnx
+EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+
+
+def export_name(artifact_name: str, fmt: str) -> str:
+    """The file an export in `fmt` of the artifact `artifact_name` is written to, beside it."""
+    return artifact_name.removesuffix(".pt") + EXPORT_SUFFIX[fmt]
+
+
 class PruneLayout:
     """The folder `progprune prune --output DIR` writes."""
 
     artifact = "pruned.pt"
     row = "result.parquet"
-    files = (artifact, row)
+    exports = tuple(export_name("pruned.pt", f) for f in EXPORT_SUFFIX)  # --export
+    files = (artifact, *exports, row)  # in the order they are published: the row last
 
 
 LAYOUT = SweepLayout()
