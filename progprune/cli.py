@@ -136,12 +136,15 @@ class _Option(click.Option):
 # (progprune.config), so `prune` and `sweep` validate and hash the same settings alike.
 # The sparse-learning flags set the method's own settings (methods[0].reg, ...), so the spec
 # refuses them where the method learns no sparsity, as it refuses them in a sweep spec.
-from progprune.config import SPEEDUP  # noqa: E402 (no torch: the schema alone)
+from progprune.config import SPEEDUP, TARGET_METRICS  # noqa: E402 (no torch: the schema alone)
 from progprune.fields import interval  # noqa: E402
 
 _FLAGS = [
     ("--model", ["models[0].name"], str, "registry name, {model_forms} (see `progprune models`)"),
-    ("--speedup", ["speedups[0]"], float, f"target MACs speedup (base MACs / pruned MACs), {interval(**SPEEDUP)}"),
+    ("--speedup", ["speedups[0]"], float, f"target speedup (base / pruned, in --target-metric: MACs by default), "
+     f"{interval(**SPEEDUP)}"),
+    ("--target-metric", ["pruning.target_metric"], str, "what --speedup is a speedup of: "
+     f"{', '.join(TARGET_METRICS)} (latency: measured as --latency-batch-size says, on this device)"),
     ("--method", ["methods[0].name"], str, "pruning method (see `progprune methods`)"),
     ("--dataset", ["dataset.name"], str, "{datasets} (see `progprune datasets`)"),
     ("--data-dir", ["dataset.data_dir"], str, "dataset directory ({file_datasets}); never downloads"),
@@ -158,7 +161,9 @@ _FLAGS = [
     ("--max-pruning-ratio", ["pruning.max_pruning_ratio"], float, "per-layer cap over the whole run: every layer keeps ceil((1-r) x its starting width) channels; 1.0 = Torch-Pruning's loop"),
     ("--round-to", ["pruning.round_to"], int, "keep channel counts multiples of N"),
     ("--ignore", ["pruning.ignore"], "strs", "module-name patterns kept whole besides the classifier (fnmatch, comma-separated: 'features.0.*,*.se.*')"),
-    ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of the target (fraction)"),
+    ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of a MACs or params target (fraction)"),
+    ("--latency-tolerance", ["pruning.latency_tolerance"], float, "accepted overshoot of a latency target "
+     "(fraction; the stop rule aims at its middle)"),
     ("--base-epochs", ["base_training.epochs"], int, "base training epochs; 0 keeps the seeded random init"),
     ("--base-lr", ["base_training.lr"], float, "base training learning rate"),
     ("--sl-epochs", ["methods[0].epochs"], int, "sparse learning epochs ({sparse_methods})"),
@@ -335,12 +340,17 @@ def _summary(row, log) -> None:
     log("")
     log(f"{row.model} / {row.dataset} / {row.method}: {row.status}")
     if row.achieved_speedup:
+        target = f"  (target {row.target_speedup}x, {row.overshoot_pct:+.3f}%)"
+        shown = {row.target_metric or "macs": target}
+        if row.target_metric == "latency":
+            shown["latency"] = (f"  (target {row.target_speedup}x: stop rule {row.achieved_speedup:.3f}x, 95% "
+                                f"[{row.achieved_ci_low:.3f}, {row.achieved_ci_high:.3f}])")
         log(f"  MACs    {row.base_macs / 1e6:.2f}M -> {row.pruned_macs / 1e6:.2f}M  "
-            f"speedup {row.achieved_speedup:.4f}x (target {row.target_speedup}x, {row.overshoot_pct:+.3f}%)")
+            f"speedup {row.macs_speedup:.4f}x{shown.get('macs', '')}")
         log(f"  params  {row.base_params / 1e6:.3f}M -> {row.pruned_params / 1e6:.3f}M  "
-            f"compression {row.compression_ratio:.2f}x")
+            f"compression {row.compression_ratio:.4f}x{shown.get('params', '')}")
         log(f"  latency {row.base_latency_ms:.2f} ms -> {row.pruned_latency_ms:.2f} ms  "
-            f"({row.latency_speedup:.2f}x, batch {row.latency_batch_size}, {row.device})")
+            f"({row.latency_speedup:.2f}x, batch {row.latency_batch_size}, {row.device}){shown.get('latency', '')}")
     log(f"  top-1   base {pct(row.base_top1)}  pruned {pct(row.pruned_top1)}  fine-tuned {pct(row.final_top1)}")
     if row.error:
         log(f"  {row.error}")

@@ -27,10 +27,11 @@ from progprune.artifacts import load_base_weights, save_artifact
 from progprune.config import ComboConfig
 from progprune.data import Splits, load_dataset
 from progprune.models import build_model, check_input_size, example_inputs
-from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
+from progprune.pruning import PruneOutcome, get_method, make_pruner, prune_to_target
 from progprune.errors import CombinationFailed
 from progprune.results import ResultRow, compose, write_rows
 from progprune.storage.layout import PRUNE_LAYOUT
+from progprune.timing import PairedTimer, eager
 from progprune.training import (FitResult, calibration_batch, device_label, evaluate, fit,
                                 measure_latency_stats, recalibrate_bn)
 
@@ -140,8 +141,9 @@ class PruneInfo:
     def columns(self) -> dict:
         o = self.outcome
         return {
-            "status": o.status, "error": self.unreachable, "achieved_speedup": o.achieved_speedup,
-            "overshoot_pct": o.overshoot_pct, "base_macs": o.base_macs, "base_params": o.base_params,
+            "status": o.status, "error": self.unreachable, "achieved_speedup": o.achieved_speedup, "macs_speedup": o.macs_speedup,
+            "achieved_ci_low": o.metric_low, "achieved_ci_high": o.metric_high,
+            "target_points": o.metric_points, "overshoot_pct": o.overshoot_pct, "base_macs": o.base_macs, "base_params": o.base_params,
             "pruned_macs": o.macs, "pruned_params": o.params, "compression_ratio": o.base_params / o.params,
             "prune_steps": o.steps, "prune_seconds": o.seconds, "crossing": o.crossing,
             "crossing_cut": o.crossing_cut, "macs_counter": o.macs_counter,
@@ -161,9 +163,10 @@ class PruneProgress:
 
     EVERY_S = 10.0
 
-    def __init__(self, target: float, steps: int, log: Log):
+    def __init__(self, target: float | None, steps: int, log: Log):
+        """`target`: the MACs target (None: a target in another metric; no estimate)."""
         self.log, self.steps, self.target = log, steps, target
-        self.goal = math.log(target)
+        self.goal = math.log(target) if target else None
         self.t0 = self.last = time.perf_counter()
 
     def __call__(self, step: int, speedup: float) -> None:
@@ -171,6 +174,9 @@ class PruneProgress:
         if now - self.last < self.EVERY_S:
             return
         self.last = now
+        if not self.goal:
+            self.log(f"  step {step}/{self.steps}: {speedup:.3f}x MACs, {_duration(now - self.t0)} so far")
+            return
         done = math.log(max(speedup, 1.0)) / self.goal
         left = f", about {_duration((now - self.t0) * (1 - done) / done)} left" if 0 < done < 1 else ""
         self.log(f"  step {step}/{self.steps}: {speedup:.3f}x of {self.target:g}x, "
@@ -191,12 +197,19 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
     method = get_method(cfg.method)
     calib = calibration_batch(splits, device, seed=cfg.seed) if method.gradients else None
-    log(f"pruning {cfg.model} with {cfg.method} to {cfg.target_speedup}x "
+    metric = cfg.prune.target_metric
+    log(f"pruning {cfg.model} with {cfg.method} to {cfg.target_speedup}x {metric} "
         f"({'global' if cfg.prune.global_pruning else 'local'}, {cfg.prune.iterative_steps} steps)")
+    timer = None
+    if metric == "latency":  # the base, timed against each candidate
+        x = torch.randn(cfg.evaluation.latency_batch_size, *splits.input_shape, device=device)
+        timer = PairedTimer(eager(base_copy), x)
     torch.manual_seed(cfg.seed)  # random importance draws from the global generator
-    progress = PruneProgress(cfg.target_speedup, cfg.prune.iterative_steps, log)
-    outcome = progressive_prune(model, pruner, ex, cfg.target_speedup, cfg.prune, calib=calib, on_step=progress)
-    log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x after {outcome.steps} steps "
+    progress = PruneProgress(cfg.target_speedup if metric == "macs" else None, cfg.prune.iterative_steps, log)
+    outcome = prune_to_target(model, pruner, ex, cfg.target_speedup, cfg.prune, timer=timer, calib=calib,
+                              on_step=progress, log=log)
+    macs = f" ({outcome.macs_speedup:.4f}x MACs)" if metric != "macs" else ""
+    log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x {metric}{macs} after {outcome.steps} steps "
         f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
     if outcome.macs_counter != "fast":  # once per prune, and in the row (macs_counter)
         log(f"  MACs counted by Torch-Pruning's count_ops_and_params after every step (slower; the crossing "
@@ -239,7 +252,7 @@ def config_columns(cfg: ComboConfig) -> dict:
     return {
         "combo_id": cfg.combo_id(), "sweep": cfg.sweep, "model": cfg.model, "dataset": cfg.dataset.name,
         "method": cfg.method + ("-nosl" if sl is not None and sl.epochs == 0 else ""),
-        "seed": cfg.seed, "target_speedup": float(cfg.target_speedup),
+        "seed": cfg.seed, "target_speedup": float(cfg.target_speedup), "target_metric": cfg.prune.target_metric,
         "global_pruning": cfg.prune.global_pruning, "iterative_steps": cfg.prune.iterative_steps,
         "round_to": cfg.prune.round_to, "base_epochs": cfg.base.epochs if not cfg.base_checkpoint else 0,
         "sparse_epochs": sl.epochs if sl else 0, "sparse_reg": sl.reg if sl else None,
@@ -260,7 +273,13 @@ def build_row(cfg: ComboConfig, *records, error: str | None = None, **columns) -
 def _unreachable(cfg: ComboConfig, o: PruneOutcome) -> str:
     """Why the target was not reached, in terms of what the schedule allows."""
     n, p = cfg.prune.iterative_steps, cfg.prune
-    msg = f"target {cfg.target_speedup}x unreachable: reached {o.achieved_speedup:.3f}x after {o.steps} steps"
+    if p.target_metric != "macs":
+        msg = (f"target {cfg.target_speedup}x {p.target_metric} unreachable: reached {o.achieved_speedup:.3f}x "
+               f"{p.target_metric} at {o.macs_speedup:.3f}x MACs after {o.steps} steps")
+        if o.metric_flat:
+            return msg + f"; {o.metric_flat}, so pruning further would not reach it"
+    else:
+        msg = f"target {cfg.target_speedup}x unreachable: reached {o.achieved_speedup:.3f}x after {o.steps} steps"
     if getattr(o, "at_floor", False):
         rt = f", a multiple of round_to {p.round_to}" if p.round_to else ""
         return msg + (f"; every prunable layer is at its max_pruning_ratio {p.max_pruning_ratio:g} floor "

@@ -27,7 +27,7 @@ class ResultRow:
     method: str
     seed: int
     target_speedup: float
-    achieved_speedup: float | None = None  # base MACs / pruned MACs
+    achieved_speedup: float | None = None  # base / pruned in the target metric (MACs by default)
     status: str = "failed"  # ok | unreachable | failed
     error: str | None = None
     base_macs: int | None = None
@@ -80,6 +80,13 @@ class ResultRow:
     reset_head: bool | None = None  # the checkpoint's classifier was re-initialised
     base_checkpoint_sha256: str | None = None  # content of the base checkpoint, if one was given
     config_json: str | None = None  # the resolved ComboConfig, so the row can be rerun
+    target_metric: str | None = None  # macs | latency | params (blank in older tables: macs)
+    macs_speedup: float | None = None  # base MACs / pruned MACs, whatever the target metric
+    # latency: the 95% interval of achieved_speedup as the stop rule measured it (params:
+    # achieved_speedup itself; macs: blank); target_points: points measured on the way (0: macs)
+    achieved_ci_low: float | None = None
+    achieved_ci_high: float | None = None
+    target_points: int | None = None
 
 
 def compose(*records, **columns) -> ResultRow:
@@ -126,6 +133,7 @@ COLUMNS = tuple(SCHEMA.names)
 # table lacks but its other columns state
 DERIVED = {
     "compression_ratio": (("base_params", "pruned_params"), lambda base, pruned: base / pruned),
+    "macs_speedup": (("base_macs", "pruned_macs"), lambda base, pruned: base / pruned),
     "latency_speedup": (("base_latency_ms", "pruned_latency_ms"), lambda base, pruned: base / pruned),
     "overshoot_pct": (("achieved_speedup", "target_speedup"), lambda got, target: (got / target - 1) * 100),
 }
