@@ -188,6 +188,11 @@ _FLAG_OF = {path: decl.split("/")[0] for decl, paths, _, _ in _FLAGS for path in
 _REQUIRED = ("--model", "--speedup")
 
 
+def _flag_of(path: str) -> str:
+    """The flag that set a spec path (a list field's one entry is the flag's value)."""
+    return _FLAG_OF.get(path) or _FLAG_OF.get(path.removesuffix("[0]")) or path
+
+
 def _schema_default(path: str):
     """The default the schema declares for a flag's first field (None: no default)."""
     from progprune.config import SweepSpec
@@ -265,7 +270,7 @@ def one_combination_spec(flags: dict, output: str | None = None) -> dict:
 
 def _as_flags(e: SpecError) -> BadInput:
     """Spec paths -> the flags a `prune` user typed."""
-    msgs = [f"{_FLAG_OF.get(p.path, p.path)}: {p.message}" if p.path else p.message for p in e.issues]
+    msgs = [f"{_flag_of(p.path)}: {p.message}" if p.path else p.message for p in e.issues]
     return BadInput("; ".join(dict.fromkeys(msgs)))
 
 
