@@ -1,8 +1,10 @@
-"""Where `progprune prune` writes: --output read as a local directory and checked before any
-work (creatable, writable, nothing in the way, no earlier prune's files unless --force).
-The files themselves are staged and published by `_atomic.StagedDir`."""
+"""What `progprune prune` writes: --output read as a local directory and checked before any
+work (creatable, writable, nothing in the way, no earlier prune's files unless --force), and
+the summary it prints at the end. The files themselves are staged and published by
+`_atomic.StagedDir`."""
 from __future__ import annotations
 
+import json
 import os
 
 from progprune._atomic import nearest_existing
@@ -58,3 +60,28 @@ def _earlier_run(out: str, held: list) -> str:
         return f"the prune of {r['model']} / {r['method']} / {r['target_speedup']}x / seed {r['seed']} ({files})"
     except Exception:  # unreadable or another format: name the files
         return files
+
+
+def summary(row, log) -> None:
+    """The end of a prune's log: its row in words (the target's metric marked)."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    log("")
+    log(f"{row.model} / {row.dataset} / {row.method}: {row.status}")
+    if row.achieved_speedup:
+        target = f"  (target {row.target_speedup}x, {row.overshoot_pct:+.3f}%)"
+        shown = {row.target_metric or "macs": target}
+        if row.target_metric == "latency":
+            shown["latency"] = (f"  (target {row.target_speedup}x: stop rule {row.achieved_speedup:.3f}x, 95% "
+                                f"[{row.achieved_ci_low:.3f}, {row.achieved_ci_high:.3f}])")
+        log(f"  MACs    {row.base_macs / 1e6:.2f}M -> {row.pruned_macs / 1e6:.2f}M  "
+            f"speedup {row.macs_speedup:.4f}x{shown.get('macs', '')}")
+        log(f"  params  {row.base_params / 1e6:.3f}M -> {row.pruned_params / 1e6:.3f}M  "
+            f"compression {row.compression_ratio:.4f}x{shown.get('params', '')}")
+        log(f"  latency {row.base_latency_ms:.2f} ms -> {row.pruned_latency_ms:.2f} ms  "
+            f"({row.latency_speedup:.2f}x, batch {row.latency_batch_size}, {row.device}, {row.runtime} {row.precision})"
+            f"{shown.get('latency', '')}")
+    log(f"  top-1   base {pct(row.base_top1)}  pruned {pct(row.pruned_top1)}  fine-tuned {pct(row.final_top1)}")
+    if row.error:
+        log(f"  {row.error}")
+    if row.artifact_uri:
+        log(f"  artifact {row.artifact_uri}" + "".join(f"\n  export   {u}" for u in json.loads(row.export_uris or "[]")))

@@ -15,7 +15,7 @@ import sys
 import click
 
 from progprune._atomic import StagedDir
-from progprune._prune_output import check_out_dir, local_out_dir
+from progprune._prune_output import check_out_dir, local_out_dir, summary
 from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, Terminated, sigterm_seen, sigterm_unwinds
 
 
@@ -137,12 +137,15 @@ class _Option(click.Option):
 # (progprune.config), so `prune` and `sweep` validate and hash the same settings alike.
 # The sparse-learning flags set the method's own settings (methods[0].reg, ...), so the spec
 # refuses them where the method learns no sparsity, as it refuses them in a sweep spec.
-from progprune.config import SPEEDUP  # noqa: E402 (no torch: the schema alone)
+from progprune.config import SPEEDUP, TARGET_METRICS  # noqa: E402 (no torch: the schema alone)
 from progprune.fields import interval  # noqa: E402
 
 _FLAGS = [
     ("--model", ["models[0].name"], str, "registry name, {model_forms} (see `progprune models`)"),
-    ("--speedup", ["speedups[0]"], float, f"target MACs speedup (base MACs / pruned MACs), {interval(**SPEEDUP)}"),
+    ("--speedup", ["speedups[0]"], float, f"target speedup (base / pruned, in --target-metric: MACs by default), "
+     f"{interval(**SPEEDUP)}"),
+    ("--target-metric", ["pruning.target_metric"], str, "what --speedup is a speedup of: "
+     f"{', '.join(TARGET_METRICS)} (latency: measured as --latency-batch-size says, on this device)"),
     ("--method", ["methods[0].name"], str, "pruning method (see `progprune methods`)"),
     ("--dataset", ["dataset.name"], str, "{datasets} (see `progprune datasets`)"),
     ("--data-dir", ["dataset.data_dir"], str, "dataset directory ({file_datasets}); never downloads"),
@@ -159,7 +162,9 @@ _FLAGS = [
     ("--max-pruning-ratio", ["pruning.max_pruning_ratio"], float, "per-layer cap over the whole run: every layer keeps ceil((1-r) x its starting width) channels; 1.0 = Torch-Pruning's loop"),
     ("--round-to", ["pruning.round_to"], int, "keep channel counts multiples of N"),
     ("--ignore", ["pruning.ignore"], "strs", "module-name patterns kept whole besides the classifier (fnmatch, comma-separated: 'features.0.*,*.se.*')"),
-    ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of the target (fraction)"),
+    ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of a MACs or params target (fraction)"),
+    ("--latency-tolerance", ["pruning.latency_tolerance"], float, "accepted overshoot of a latency target "
+     "(fraction; the stop rule aims at its middle)"),
     ("--base-epochs", ["base_training.epochs"], int, "base training epochs; 0 keeps the seeded random init"),
     ("--base-lr", ["base_training.lr"], float, "base training learning rate"),
     ("--sl-epochs", ["methods[0].epochs"], int, "sparse learning epochs ({sparse_methods})"),
@@ -187,6 +192,11 @@ _SWEEP_FLAGS = ("--runtime", "--precision", "--latency-threads")  # sweep's too:
 _FLAG_OF = {path: decl.split("/")[0] for decl, paths, _, _ in _FLAGS for path in paths} | {
     "methods[0]": "--method"}
 _REQUIRED = ("--model", "--speedup")
+
+
+def _flag_of(path: str) -> str:
+    """The flag that set a spec path (a list field's one entry is the flag's value)."""
+    return _FLAG_OF.get(path) or _FLAG_OF.get(path.rpartition("[")[0]) or path  # export[1]: --export
 
 
 def _schema_default(path: str):
@@ -276,8 +286,7 @@ def _set_flags(spec: dict, flags: dict) -> dict:
 
 def _as_flags(e: SpecError) -> BadInput:
     """Spec paths -> the flags a `prune` user typed."""
-    flag = lambda path: _FLAG_OF.get(path) or _FLAG_OF.get(path.rpartition("[")[0], path)  # noqa: E731 (export[1])
-    msgs = [f"{flag(p.path)}: {p.message}" if p.path else p.message for p in e.issues]
+    msgs = [f"{_flag_of(p.path)}: {p.message}" if p.path else p.message for p in e.issues]
     return BadInput("; ".join(dict.fromkeys(msgs)))
 
 
@@ -345,28 +354,10 @@ def _prune(device, output, force, as_json, print_spec, flags):
             # once: run_combination named the artifact's final place (none for a failed row)
             write_rows([row], os.path.join(stage, PRUNE_LAYOUT.row))
             staged.publish(PRUNE_LAYOUT.files)  # the artifact first: the row names it
-    _summary(row, log)
+    summary(row, log)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(row), default=str))
     return {"ok": 0, "unreachable": 3}.get(row.status, 1)
-
-
-def _summary(row, log) -> None:
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    log("")
-    log(f"{row.model} / {row.dataset} / {row.method}: {row.status}")
-    if row.achieved_speedup:
-        log(f"  MACs    {row.base_macs / 1e6:.2f}M -> {row.pruned_macs / 1e6:.2f}M  "
-            f"speedup {row.achieved_speedup:.4f}x (target {row.target_speedup}x, {row.overshoot_pct:+.3f}%)")
-        log(f"  params  {row.base_params / 1e6:.3f}M -> {row.pruned_params / 1e6:.3f}M  "
-            f"compression {row.compression_ratio:.2f}x")
-        log(f"  latency {row.base_latency_ms:.2f} ms -> {row.pruned_latency_ms:.2f} ms  "
-            f"({row.latency_speedup:.2f}x, batch {row.latency_batch_size}, {row.device}, {row.runtime} {row.precision})")
-    log(f"  top-1   base {pct(row.base_top1)}  pruned {pct(row.pruned_top1)}  fine-tuned {pct(row.final_top1)}")
-    if row.error:
-        log(f"  {row.error}")
-    if row.artifact_uri:
-        log(f"  artifact {row.artifact_uri}" + "".join(f"\n  export   {u}" for u in json.loads(row.export_uris or "[]")))
 
 
 @main.command("sweep")

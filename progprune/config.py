@@ -20,6 +20,7 @@ from progprune.fields import (Bool, Grid, Int, Items, Num, OneOf, Opt, Text, int
 
 MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seed range
 SPEEDUP = {"gt": 1, "le": 10_000}  # a target speedup's bounds
+TARGET_METRICS = ("macs", "latency", "params")  # what a target speedup is a speedup of
 
 
 def _increasing(v: tuple) -> tuple:
@@ -181,15 +182,24 @@ class PruningConfig(_Node):
     # the method's order, to land within tolerance; "reference" takes the whole step, as
     # Torch-Pruning's loop does (its numbers, reproduced exactly)
     crossing: OneOf("fine", "reference") = "fine"
+    # what `speedups:` are speedups of (base / pruned): MACs, the latency measured under
+    # `evaluation:` (its runtime, batch size, threads, on the task's device), or parameters;
+    # a list makes it a sweep axis, as `methods:` is
+    target_metric: Grid(OneOf(*TARGET_METRICS), "target metrics") = ("macs",)
+    # a latency target accepts a measured speedup in [target, target x (1 + this)]: timing is
+    # noisy, so it is wider than `tolerance` (README: "Latency targets")
+    latency_tolerance: Num(gt=0, le=1) = 0.05
     # module names kept whole besides the classifier head (fnmatch: "features.0.*", "*.se.*")
     ignore: Annotated[Items(Text, "a list of module-name patterns", 1000),
                       BeforeValidator(one_or_many)] = ()
 
 
 class PruneConfig(PruningConfig):
-    """What one combination prunes with: the spec's `pruning:` plus its method."""
+    """What one combination prunes with: the spec's `pruning:` plus its method, and one
+    target metric."""
 
     method: Text = "group_norm"
+    target_metric: OneOf(*TARGET_METRICS) = "macs"
 
 
 RUNTIMES = ("eager", "compile", "onnxruntime", "tensorrt")  # progprune.runtimes registers each
@@ -275,7 +285,8 @@ class SweepSpec(_Node):
                       BeforeValidator(one_or_many)] = ()
 
     def combinations(self) -> list[ComboConfig]:
-        """models x speedups x methods x seeds, in that nesting order (last varies fastest).
+        """models x speedups x target metrics x methods x seeds, in that nesting order (last
+        varies fastest).
         Only the methods whose entry says `sparse: true`, which loading a spec fills in
         (`progprune.spec`), carry sparse-learning settings."""
 
@@ -286,11 +297,12 @@ class SweepSpec(_Node):
             ComboConfig(
                 model=m.name, base_checkpoint=m.checkpoint, base_checkpoint_sha256=m.sha256,
                 reset_head=m.reset_head, dataset=self.dataset, target_speedup=s, seed=seed,
-                base=self.base_training, prune=PruneConfig(**self.pruning.model_dump(), method=meth.name),
-                sparse=sparse(meth), finetune=self.finetune, evaluation=self.evaluation, sweep=self.name,
-                export=self.export)
-            for m in self.models for s in self.speedups for meth in self.methods
-            for seed in self.seeds
+                base=self.base_training, sparse=sparse(meth), finetune=self.finetune,
+                prune=PruneConfig(**self.pruning.model_dump(exclude={"target_metric"}), method=meth.name,
+                                  target_metric=metric),
+                evaluation=self.evaluation, sweep=self.name, export=self.export)
+            for m in self.models for s in self.speedups for metric in self.pruning.target_metric
+            for meth in self.methods for seed in self.seeds
         ]
 
     @property
@@ -356,8 +368,13 @@ class ComboConfig(_Node):
         data["dataset"] = self.dataset.key()
         data["evaluation"] = self.evaluation.key()
         data["sparse"] = self.sparse.key() if self.sparse else None
-        if not self.prune.ignore:  # settings added later hash as before while unset
+        # settings added later hash as before while unset (or, for a MACs target, unused)
+        if not self.prune.ignore:
             data["prune"].pop("ignore")
+        if self.prune.target_metric == "macs":
+            data["prune"].pop("target_metric")
+        if self.prune.target_metric != "latency":
+            data["prune"].pop("latency_tolerance")
         return _digest(data)
 
 

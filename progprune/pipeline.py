@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import importlib.metadata as _md
-import math
+
 import os
 import time
 from dataclasses import dataclass
@@ -27,12 +27,14 @@ from progprune.artifacts import load_base_weights, save_artifact
 from progprune.config import ComboConfig
 from progprune.data import Splits, load_dataset
 from progprune.models import build_model, check_input_size, example_inputs
-from progprune.pruning import PruneOutcome, get_method, make_pruner, progressive_prune
+from progprune.pruning import PruneOutcome, get_method, make_pruner, prune_to_target, why_unreachable
+from progprune.pruning.progress import PruneProgress
 from progprune.errors import CombinationFailed
 from progprune.export import export_beside, record_exports, run_meta
-from progprune.runtimes import get_runtime
+from progprune.runtimes import get_runtime, torch_threads
 from progprune.results import ResultRow, compose, write_rows
 from progprune.storage.layout import PRUNE_LAYOUT
+from progprune.timing import PairedTimer
 from progprune.training import (FitResult, calibration_batch, device_label, evaluate, fit,
                                 measure_latency_stats, recalibrate_bn)
 
@@ -142,8 +144,9 @@ class PruneInfo:
     def columns(self) -> dict:
         o = self.outcome
         return {
-            "status": o.status, "error": self.unreachable, "achieved_speedup": o.achieved_speedup,
-            "overshoot_pct": o.overshoot_pct, "base_macs": o.base_macs, "base_params": o.base_params,
+            "status": o.status, "error": self.unreachable, "achieved_speedup": o.achieved_speedup, "macs_speedup": o.macs_speedup,
+            "achieved_ci_low": o.metric_low, "achieved_ci_high": o.metric_high,
+            "target_points": o.metric_points, "overshoot_pct": o.overshoot_pct, "base_macs": o.base_macs, "base_params": o.base_params,
             "pruned_macs": o.macs, "pruned_params": o.params, "compression_ratio": o.base_params / o.params,
             "prune_steps": o.steps, "prune_seconds": o.seconds, "crossing": o.crossing,
             "crossing_cut": o.crossing_cut, "macs_counter": o.macs_counter,
@@ -153,35 +156,6 @@ class PruneInfo:
             "base_latency_iqr_ms": self.base_latency_iqr_ms, "pruned_latency_iqr_ms": self.pruned_latency_iqr_ms,
             "latency_threads": self.latency_threads, "latency_noisy": self.latency_noisy,
         }
-
-
-class PruneProgress:
-    """`on_step` of a prune that takes long: at most every EVERY_S seconds, one line
-    with the steps done, the speedup reached and an estimate of the time left. The estimate
-    extrapolates the time per unit of log-speedup so far (each step removes a fraction of
-    what is left, so log MACs falls about evenly per step); a short prune prints nothing."""
-
-    EVERY_S = 10.0
-
-    def __init__(self, target: float, steps: int, log: Log):
-        self.log, self.steps, self.target = log, steps, target
-        self.goal = math.log(target)
-        self.t0 = self.last = time.perf_counter()
-
-    def __call__(self, step: int, speedup: float) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.EVERY_S:
-            return
-        self.last = now
-        done = math.log(max(speedup, 1.0)) / self.goal
-        left = f", about {_duration((now - self.t0) * (1 - done) / done)} left" if 0 < done < 1 else ""
-        self.log(f"  step {step}/{self.steps}: {speedup:.3f}x of {self.target:g}x, "
-                 f"{_duration(now - self.t0)} so far{left}")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log: Log = _noop) -> PruneInfo:
@@ -197,12 +171,16 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
     method = get_method(cfg.method)
     calib = calibration_batch(splits, device, seed=cfg.seed) if method.gradients else None
-    log(f"pruning {cfg.model} with {cfg.method} to {cfg.target_speedup}x "
+    metric = cfg.prune.target_metric
+    log(f"pruning {cfg.model} with {cfg.method} to {cfg.target_speedup}x {metric} "
         f"({'global' if cfg.prune.global_pruning else 'local'}, {cfg.prune.iterative_steps} steps)")
+    timer, prepare = _latency_timer(cfg, base_copy, splits, device) if metric == "latency" else (None, None)
     torch.manual_seed(cfg.seed)  # random importance draws from the global generator
-    progress = PruneProgress(cfg.target_speedup, cfg.prune.iterative_steps, log)
-    outcome = progressive_prune(model, pruner, ex, cfg.target_speedup, cfg.prune, calib=calib, on_step=progress)
-    log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x after {outcome.steps} steps "
+    progress = PruneProgress(cfg.target_speedup if metric == "macs" else None, cfg.prune.iterative_steps, log)
+    outcome = prune_to_target(model, pruner, ex, cfg.target_speedup, cfg.prune, timer=timer, prepare=prepare,
+                              calib=calib, on_step=progress, log=log)
+    macs = f" ({outcome.macs_speedup:.4f}x MACs)" if metric != "macs" else ""
+    log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x {metric}{macs} after {outcome.steps} steps "
         f"({outcome.overshoot_pct:+.3f}% vs target) in {outcome.seconds:.1f}s")
     if outcome.macs_counter != "fast":  # once per prune, and in the row (macs_counter)
         log(f"  MACs counted by Torch-Pruning's count_ops_and_params after every step (slower; the crossing "
@@ -221,7 +199,19 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     del base_copy
     return PruneInfo(outcome, top1, top5, lb.median_ms, lp.median_ms, lb.iqr_ms, lp.iqr_ms,
                      lb.threads, lb.noisy or lp.noisy, top1_bn, unpruned,
-                     None if outcome.status == "ok" else _unreachable(cfg, outcome))
+                     None if outcome.status == "ok" else why_unreachable(outcome, cfg.prune, cfg.target_speedup))
+
+
+def _latency_timer(cfg: ComboConfig, base: nn.Module, splits: Splits, device):
+    """A latency target's timer of `base` and how a candidate is prepared: the spec's
+    runtime, precision, batch size and threads, as every latency column is measured."""
+    ev, rt = cfg.evaluation, get_runtime(cfg.evaluation.runtime)
+    x = torch.randn(ev.latency_batch_size, *splits.input_shape, device=device)
+    threads = ev.threads or torch.get_num_threads()
+
+    def prepare(m):
+        return rt.prepare(m, x, device, ev.precision, threads)
+    return PairedTimer(prepare(base), x, scope=lambda: torch_threads(ev.threads)), prepare
 
 
 # ---- stage 4: fine-tuning -------------------------------------------------------------
@@ -249,7 +239,7 @@ def config_columns(cfg: ComboConfig) -> dict:
     return {
         "combo_id": cfg.combo_id(), "sweep": cfg.sweep, "model": cfg.model, "dataset": cfg.dataset.name,
         "method": cfg.method + ("-nosl" if sl is not None and sl.epochs == 0 else ""),
-        "seed": cfg.seed, "target_speedup": float(cfg.target_speedup),
+        "seed": cfg.seed, "target_speedup": float(cfg.target_speedup), "target_metric": cfg.prune.target_metric,
         "global_pruning": cfg.prune.global_pruning, "iterative_steps": cfg.prune.iterative_steps,
         "round_to": cfg.prune.round_to, "base_epochs": cfg.base.epochs if not cfg.base_checkpoint else 0,
         "sparse_epochs": sl.epochs if sl else 0, "sparse_reg": sl.reg if sl else None,
@@ -266,27 +256,6 @@ def build_row(cfg: ComboConfig, *records, error: str | None = None, **columns) -
     failed row whatever the records say."""
     failed = {"status": "failed", "error": error} if error else {}
     return compose(config_columns(cfg), versions(), {"finished_at": now()}, *records, columns, failed)
-
-
-def _unreachable(cfg: ComboConfig, o: PruneOutcome) -> str:
-    """Why the target was not reached, in terms of what the schedule allows."""
-    n, p = cfg.prune.iterative_steps, cfg.prune
-    msg = f"target {cfg.target_speedup}x unreachable: reached {o.achieved_speedup:.3f}x after {o.steps} steps"
-    if getattr(o, "at_floor", False):
-        rt = f", a multiple of round_to {p.round_to}" if p.round_to else ""
-        return msg + (f"; every prunable layer is at its max_pruning_ratio {p.max_pruning_ratio:g} floor "
-                      f"(each keeps ceil((1 - {p.max_pruning_ratio:g}) x its width){rt}); the target "
-                      "needs a larger max_pruning_ratio")
-    if o.steps >= n:  # the schedule ran out, not the channels
-        msg += (f"; the schedule is {n} steps, step k asking for k/{n} of the channels (each layer "
-                f"capped at max_pruning_ratio {p.max_pruning_ratio:g})")
-        if n <= 2:
-            msg += (", and a step asking for all of a layer's channels prunes none of them (Torch-"
-                    "Pruning keeps every layer alive)")
-        msg += "; use more iterative_steps (Torch-Pruning's recipes use 400)"
-    else:
-        msg += "; every prunable group is at its floor (max_pruning_ratio, round_to, the classifier kept whole)"
-    return msg
 
 
 # ---- one combination: the stages in order ----------------------------------------------

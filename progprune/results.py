@@ -27,7 +27,7 @@ class ResultRow:
     method: str
     seed: int
     target_speedup: float
-    achieved_speedup: float | None = None  # base MACs / pruned MACs
+    achieved_speedup: float | None = None  # base / pruned in the target metric (MACs by default)
     status: str = "failed"  # ok | unreachable | failed
     error: str | None = None
     base_macs: int | None = None
@@ -83,6 +83,13 @@ class ResultRow:
     runtime: str | None = None  # what every latency column was measured in: eager | compile | onnxruntime | tensorrt
     precision: str | None = None  # fp32 | fp16 | bf16
     export_uris: str | None = None  # JSON list of the exported files (spec `export:`), beside artifact_uri
+    target_metric: str | None = None  # macs | latency | params (blank in older tables: macs)
+    macs_speedup: float | None = None  # base MACs / pruned MACs, whatever the target metric
+    # latency: the 95% interval of achieved_speedup as the stop rule measured it (params:
+    # achieved_speedup itself; macs: blank); target_points: points measured on the way (0: macs)
+    achieved_ci_low: float | None = None
+    achieved_ci_high: float | None = None
+    target_points: int | None = None
 
 
 def compose(*records, **columns) -> ResultRow:
@@ -129,6 +136,7 @@ COLUMNS = tuple(SCHEMA.names)
 # table lacks but its other columns state
 DERIVED = {
     "compression_ratio": (("base_params", "pruned_params"), lambda base, pruned: base / pruned),
+    "macs_speedup": (("base_macs", "pruned_macs"), lambda base, pruned: base / pruned),
     "latency_speedup": (("base_latency_ms", "pruned_latency_ms"), lambda base, pruned: base / pruned),
     "overshoot_pct": (("achieved_speedup", "target_speedup"), lambda got, target: (got / target - 1) * 100),
 }

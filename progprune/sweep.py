@@ -237,8 +237,9 @@ def _row_line(row: ResultRow) -> str:
     if row.status == "failed":
         return f"FAILED {row.model} {row.method} {row.target_speedup}x seed {row.seed}: {row.error}"
     acc = "" if row.final_top1 is None else f" top-1 {100 * row.base_top1:.2f} -> {100 * row.final_top1:.2f}%"
-    return (f"{row.status:<11} {row.model} {row.method} {row.target_speedup}x seed {row.seed}: "
-            f"{row.achieved_speedup:.3f}x MACs, {row.latency_speedup:.2f}x latency{acc}")
+    metric = "" if row.target_metric in (None, "macs") else f" {row.target_metric}"
+    return (f"{row.status:<11} {row.model} {row.method} {row.target_speedup}x{metric} seed {row.seed}: "
+            f"{row.macs_speedup:.3f}x MACs, {row.latency_speedup:.2f}x latency{acc}")
 
 
 HEARTBEAT_S = 60.0  # plain-text progress: a line at least this often while nothing changes

@@ -121,6 +121,11 @@ def _write_bad_cases(root: Path) -> dict:
         "dataset-name-case": ({"dataset": {"name": "CIFAR10"}}, "dataset.name: unknown dataset 'CIFAR10'; did you mean 'cifar10'?"),
         "data-dir-unread": ({"dataset": {"name": "digits", "data_dir": str(files)}},
                             f"dataset.data_dir: digits reads no files, so {files} would be ignored"),
+        "unknown-target-metric": ({"pruning": {"target_metric": "speed"}},
+                                  "pruning.target_metric[0]: must be one of macs, latency, params"),
+        "duplicate-target-metric": ({"pruning": {"target_metric": ["latency", "latency"]}},
+                                    "pruning.target_metric: duplicate entry"),
+        "latency-tolerance-0": ({"pruning": {"latency_tolerance": 0}}, "pruning.latency_tolerance: must be a number in (0, 1]"),
         # TBs of prototypes alone: refused on any machine
         "image-size-beyond-memory": ({"dataset": {"name": "synthetic", "image_size": 4096, "num_classes": 100_000}},
                                      "dataset.image_size: synthetic at 4096 px is held in memory: about "),
@@ -145,7 +150,8 @@ BAD_IDS = ["yaml-syntax", "unknown-field", "unknown-nested-field", "wrong-type-s
            "checkpoint-corrupt-indexerror", "checkpoint-odd-protocol", "checkpoint-other-arch",
            "checkpoint-other-classes", "checkpoint-malicious-pickle", "cifar-missing-files",
            "num-classes-mismatch", "output-scheme", "dataset-name-case", "data-dir-unread",
-           "image-size-beyond-memory"]
+           "image-size-beyond-memory", "unknown-target-metric", "duplicate-target-metric",
+           "latency-tolerance-0"]
 
 
 # Cases run as real processes: every checkpoint case (torch's unpickler may print warnings

@@ -27,6 +27,9 @@ EXPECTED = [
     ("base_top1_pre_sparse", "double"), ("pruned_top1_bn", "double"), ("reset_head", "bool"),
     ("base_checkpoint_sha256", "string"), ("config_json", "string"),
     ("runtime", "string"), ("precision", "string"), ("export_uris", "string"),
+    # issue 20: the target's metric, and MACs beside it
+    ("target_metric", "string"), ("macs_speedup", "double"), ("achieved_ci_low", "double"),
+    ("achieved_ci_high", "double"), ("target_points", "int64"),
 ]
 
 

@@ -49,10 +49,24 @@ class PruneOutcome:
     macs_counter: str = "fast"  # what counted MACs between steps: MACS_FAST or MACS_TP
     macs_fallback: str = ""  # with MACS_TP: why the fast counter was not used (for the log)
     heads_whole: bool = False  # attention heads were pruned whole: the crossing step was taken whole
+    # the target's metric (config.TARGET_METRICS); for "latency" and "params", the speedup
+    # in that metric where the search stopped (the best one reached when unreachable), its
+    # 95% interval (timed metrics), the points measured, and why it stopped short
+    target_metric: str | None = None  # None: MACs
+    metric_speedup: float | None = None
+    metric_low: float | None = None
+    metric_high: float | None = None
+    metric_points: int = 0
+    metric_flat: str = ""
+
+    @property
+    def macs_speedup(self) -> float:
+        return self.base_macs / self.macs
 
     @property
     def achieved_speedup(self) -> float:
-        return self.base_macs / self.macs
+        """The speedup in the target's metric."""
+        return self.macs_speedup if self.metric_speedup is None else self.metric_speedup
 
     @property
     def overshoot_pct(self) -> float:
@@ -117,10 +131,13 @@ class _Steps:
         return self.counter.macs() if self.fast else count_exact(self.model, self.example_inputs)[0]
 
 
-def _check(target_speedup, settings, method, pruner, calib) -> Method | None:
-    """The method whose hooks run; BadInput before anything is pruned."""
+def check_speedup(target_speedup) -> None:
     if not target_speedup > 1.0:
         raise BadInput(f"speedup must be a number > 1, got {target_speedup}")
+
+
+def _check(settings, method, pruner, calib) -> Method | None:
+    """The method whose hooks run; BadInput before anything is pruned."""
     if settings.crossing not in CROSSINGS:
         raise BadInput(f"crossing must be one of {', '.join(CROSSINGS)}, got {settings.crossing!r}")
     if method is None:
@@ -135,6 +152,105 @@ def _check(target_speedup, settings, method, pruner, calib) -> Method | None:
     return method
 
 
+class ProgressiveLoop:
+    """The progressive loop, which may be driven to several MACs targets in turn (a target
+    in another metric is reached through MACs targets: `progprune.pruning.targets`):
+    `run_to(target_macs)` steps until the MACs are at most `target_macs` (or the schedule,
+    or the cap, ends), `finish()` counts exactly once, `outcome()` is the run's record.
+
+    `settings`: the run's pruning settings (`PruneConfig`, or anything with its
+    `.crossing` and `.tolerance`). `method`: whose step hooks to run (default: the one
+    `make_pruner` built the pruner for; none for a hand-built pruner). `calib`: (x, y),
+    for methods that read gradients. `on_step(step, macs_speedup)` after every step.
+    """
+
+    def __init__(self, model: nn.Module, pruner: tp.pruner.BasePruner, example_inputs: torch.Tensor,
+                 settings: PruneConfig, *, method: str | Method | None = None, calib=None,
+                 on_step: Callable[[int, float], None] | None = None):
+        self.method = _check(settings, method, pruner, calib)
+        self.t0 = time.perf_counter()
+        self.model, self.pruner, self.example_inputs, self.settings = model, pruner, example_inputs, settings
+        self.on_step = on_step
+        model.eval()
+        self.base_macs, self.base_params = count_exact(model, example_inputs)
+        self.macs = self.base_macs
+        self.steps = _Steps(model, pruner, example_inputs, settings, self.method, calib,
+                            self.base_macs, self.base_macs)
+        self.marks = {pruner.current_step: len(pruner.pruning_history())}  # step -> history length
+        self.kept: tuple[int, list] | None = None  # (step, history) of a prefix put in place (keep())
+
+    @property
+    def exhausted(self) -> bool:
+        """No step is left: the schedule ran out, or every group is at its cap's floor."""
+        return self.pruner.current_step >= self.pruner.iterative_steps or self.steps.at_floor
+
+    def run_to(self, target_macs: float) -> int:
+        """Step until the MACs are at most `target_macs`; returns the MACs then."""
+        pruner, steps, macs = self.pruner, self.steps, self.macs
+        steps.target_macs = target_macs
+        with torch.enable_grad():
+            while macs > target_macs and not self.exhausted:
+                macs = steps.step(macs)
+                self.marks[pruner.current_step] = len(pruner.pruning_history())
+                if self.on_step:
+                    self.on_step(pruner.current_step, self.base_macs / macs)
+            self.model.zero_grad(set_to_none=True)
+        self.macs = macs
+        return macs
+
+    def keep(self, step: int, pruned: nn.Module) -> None:
+        """End at an earlier step: `pruned` (this model's start with the history up to
+        `step` replayed) takes the model's place, in place. Nothing is pruned after it."""
+        self.model.__dict__.update(pruned.__dict__)
+        self.kept = (step, self.pruner.pruning_history()[: self.marks[step]])
+        self.macs = count_exact(self.model, self.example_inputs)[0]
+
+    def finish(self, resume: bool = True) -> tuple[int, int]:
+        """One exact count: the figures we report are Torch-Pruning's own. Where the fast
+        counter drifted from it (an unusual architecture), the last target is finished with
+        exact counts (`resume`; a target in another metric was measured, not counted)."""
+        final_macs, final_params = count_exact(self.model, self.example_inputs)
+        if self.steps.fast and final_macs != self.macs:
+            self.steps.fast = False
+            self.steps.fallback = (f"its count drifted from Torch-Pruning's while pruning ({self.macs:,} "
+                                   f"against {final_macs:,})")
+            self.macs = final_macs
+            if resume:
+                self.run_to(self.steps.target_macs)
+                final_macs, final_params = count_exact(self.model, self.example_inputs)
+        self.macs = final_macs
+        return final_macs, final_params
+
+    def outcome(self, params: int, target_speedup: float, reached: bool, **metric) -> PruneOutcome:
+        """The run's record; `reached`: whether the target (in its metric) was reached."""
+        steps = self.steps
+        cut, channels = steps.cut, steps.channels
+        if not reached:
+            cut, channels = CUT_NONE, [0, 0]
+        elif channels is None:
+            channels = [0, 0]  # a plain step: not counted
+        return PruneOutcome(
+            status="ok" if reached else "unreachable",
+            target_speedup=float(target_speedup),
+            base_macs=self.base_macs,
+            base_params=self.base_params,
+            macs=self.macs,
+            params=params,
+            steps=self.kept[0] if self.kept else self.pruner.current_step,
+            seconds=time.perf_counter() - self.t0,
+            history=_jsonable_history(self.kept[1] if self.kept else self.pruner.pruning_history()),
+            crossing=self.settings.crossing,
+            crossing_cut=cut,
+            crossing_channels=[int(c) for c in channels],
+            max_pruning_ratio=steps.ratio,
+            at_floor=bool(steps.at_floor and not reached),
+            macs_counter=MACS_FAST if steps.fast else MACS_TP,
+            macs_fallback=steps.fallback,
+            heads_whole=steps.heads_whole,
+            **metric,
+        )
+
+
 def progressive_prune(
     model: nn.Module,
     pruner: tp.pruner.BasePruner,
@@ -146,64 +262,14 @@ def progressive_prune(
     calib=None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> PruneOutcome:
-    """Prune `model` in place until base MACs / MACs >= target_speedup.
-
-    `settings`: the run's pruning settings (`PruneConfig`, or anything with its
-    `.crossing` and `.tolerance`). `method`: whose step hooks to run (default: the one
-    `make_pruner` built the pruner for; none for a hand-built pruner). `calib`: (x, y),
-    for methods that read gradients. `on_step(step, speedup)` after every step.
-    """
-    method = _check(target_speedup, settings, method, pruner, calib)
-    t0 = time.perf_counter()
-    model.eval()
-    base_macs, base_params = count_exact(model, example_inputs)
-    target_macs = base_macs / target_speedup
-    steps = _Steps(model, pruner, example_inputs, settings, method, calib, base_macs, target_macs)
-
-    def prune_until_target(macs: int) -> int:
-        with torch.enable_grad():
-            while macs > target_macs and pruner.current_step < pruner.iterative_steps and not steps.at_floor:
-                macs = steps.step(macs)
-                if on_step:
-                    on_step(pruner.current_step, base_macs / macs)
-            model.zero_grad(set_to_none=True)
-        return macs
-
-    macs = prune_until_target(base_macs)
-    # one exact count at the end: the figures we report are torch-pruning's own
-    final_macs, final_params = count_exact(model, example_inputs)
-    if steps.fast and final_macs != macs:
-        # the fast counter drifted (an unusual architecture): finish with exact counts
-        steps.fast = False
-        steps.fallback = (f"its count drifted from Torch-Pruning's while pruning ({macs:,} against "
-                          f"{final_macs:,})")
-        prune_until_target(final_macs)
-        final_macs, final_params = count_exact(model, example_inputs)
-    status = "ok" if final_macs <= target_macs else "unreachable"
-    cut, channels = steps.cut, steps.channels
-    if status != "ok":
-        cut, channels = CUT_NONE, [0, 0]
-    elif channels is None:
-        channels = [0, 0]  # a plain step: not counted
-    return PruneOutcome(
-        status=status,
-        target_speedup=float(target_speedup),
-        base_macs=base_macs,
-        base_params=base_params,
-        macs=final_macs,
-        params=final_params,
-        steps=pruner.current_step,
-        seconds=time.perf_counter() - t0,
-        history=_jsonable_history(pruner.pruning_history()),
-        crossing=settings.crossing,
-        crossing_cut=cut,
-        crossing_channels=[int(c) for c in channels],
-        max_pruning_ratio=steps.ratio,
-        at_floor=bool(steps.at_floor and status != "ok"),
-        macs_counter=MACS_FAST if steps.fast else MACS_TP,
-        macs_fallback=steps.fallback,
-        heads_whole=steps.heads_whole,
-    )
+    """Prune `model` in place until base MACs / MACs >= target_speedup (see ProgressiveLoop
+    for the arguments)."""
+    check_speedup(target_speedup)
+    loop = ProgressiveLoop(model, pruner, example_inputs, settings, method=method, calib=calib, on_step=on_step)
+    target_macs = loop.base_macs / target_speedup
+    loop.run_to(target_macs)
+    macs, params = loop.finish()
+    return loop.outcome(params, target_speedup, macs <= target_macs)
 
 
 def _jsonable_history(history) -> list:

@@ -1,0 +1,96 @@
+"""Latency targets on this machine: where they land, re-measured in a fresh process, and
+what they cost against a MACs target at the same speedup.
+
+For each (model, target): `progprune prune --target-metric latency` (the CLI, in its own
+process, as a user runs it), then a fresh process loads the pruned model and times it
+against a freshly built dense model of the same architecture (weights do not change a
+dense model's time), interleaved, --rounds rounds: the "re-measured" column, which the
+landing window [target, 1.05 x target] is judged on. Then `progprune prune
+--target-metric macs` at the same speedup, for the pruning-time ratio. One run: the
+figures of one (noisy) machine; the columns beside one another come from the same run.
+
+    python benchmarks/bench_latency.py                       # 4 CIFAR models x 1.5 2 3
+    python benchmarks/bench_latency.py --models resnet20 --targets 2 --rounds 100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pyarrow.parquet as pq
+
+REMEASURE = r"""
+import json, sys, torch
+from progprune.artifacts import load_pruned
+from progprune.models import build_model
+from progprune.timing import PairedTimer, eager
+path, name, classes, size, batch, rounds = sys.argv[1:7]
+torch.manual_seed(0)
+pruned = load_pruned(path)
+shape = (3, int(size), int(size))
+base = build_model(name, int(classes), shape).eval()
+x = torch.randn(int(batch), *shape)
+est = PairedTimer(eager(base), x, warmup=10).speedup(eager(pruned), int(rounds))
+print(json.dumps({"speedup": est.speedup, "low": est.low, "high": est.high}))
+"""
+
+
+def prune(model, target, metric, size, batch, out, threads) -> dict:
+    cmd = [sys.executable, "-m", "progprune", "prune", "--model", model, "--dataset", "synthetic",
+           "--image-size", str(size), "--speedup", str(target), "--target-metric", metric,
+           "--base-epochs", "0", "--finetune-epochs", "0", "--latency-batch-size", str(batch),
+           "--output", out, "--force"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return pq.read_table(os.path.join(out, "result.parquet")).to_pylist()[0]
+
+
+def remeasure(out, model, row, size, batch, rounds, threads) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    res = subprocess.run([sys.executable, "-c", REMEASURE, os.path.join(out, "pruned.pt"), model,
+                          str(row["num_classes"]), str(size), str(batch), str(rounds)],
+                         check=True, capture_output=True, text=True, env=env)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "vgg11", "mobilenetv2"])
+    ap.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 3.0])
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=300, help="rounds of the fresh re-measure")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    print(f"latency targets, batch {args.batch}, {args.size} px, {args.threads} thread(s), eager, cpu")
+    head = (f"{'model':<12} {'target':>6} {'status':<11} {'stop rule':>9} {'re-measured [95%]':>22} "
+            f"{'in window':>9} {'MACs x':>7} {'points':>6} {'lat s':>6} {'MACs-target s':>13} {'ratio':>5}")
+    print(head)
+    inside = total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            for target in args.targets:
+                out = os.path.join(tmp, f"{model}-{target}")
+                row = prune(model, target, "latency", args.size, args.batch, out, args.threads)
+                mrow = prune(model, target, "macs", args.size, args.batch, out + "-macs", args.threads)
+                if row["status"] == "ok":
+                    fresh = remeasure(out, model, row, args.size, args.batch, args.rounds, args.threads)
+                    ok = target <= fresh["speedup"] <= 1.05 * target
+                    inside, total = inside + ok, total + 1
+                    fresh_s = f"{fresh['speedup']:.3f} [{fresh['low']:.3f}, {fresh['high']:.3f}]"
+                else:
+                    fresh_s, ok = "-", None
+                print(f"{model:<12} {target:>6.2f} {row['status']:<11} {row['achieved_speedup']:>9.3f} "
+                      f"{fresh_s:>22} {('yes' if ok else 'no') if ok is not None else '-':>9} "
+                      f"{row['macs_speedup']:>7.2f} {row['target_points']:>6} {row['prune_seconds']:>6.1f} "
+                      f"{mrow['prune_seconds']:>13.1f} {row['prune_seconds'] / mrow['prune_seconds']:>5.2f}",
+                      flush=True)
+    print(f"landed in [target, 1.05 x target] when re-measured: {inside} of {total} reached targets")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""A target speedup in latency or parameters, reached by the progressive loop through MACs
+targets: the loop stays the method's (its ranking, its small steps); this decides how far
+to drive it, from measurements of the metric at a few points along the way.
+
+The search moves forward only (pruning is not undone). From the points measured so far it
+fits log(metric speedup) against log(MACs speedup) (the larger slope of the chord from the
+base and the secant through the last two points; 1 before the first point), and drives the loop to the MACs speedup the fit predicts
+for the aim, the middle of the accepted window [target, target x (1 + tolerance)]. Far
+from the window a move covers 80% of the predicted way, so the last moves are short ones
+from below. A timed metric is measured in few rounds far from the
+target and in more near it; the target is reached only when the measurement's 95%
+interval lies at or above it (docs/design.md, "Latency targets"). The target is
+unreachable when the schedule or the cap ends first, or when the metric flattens: the MACs
+speedup doubled since the metric last grew by 2%.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from progprune.config import TARGET_METRICS
+from progprune.errors import BadInput
+from progprune.macs import count_exact
+from progprune.models import logits_of, sync_attention
+from progprune.pruning.loop import ProgressiveLoop, PruneOutcome, check_speedup, progressive_prune
+from progprune.timing import PairedTimer, Speedup, eager
+
+# (model, rounds) -> its speedup in the target metric (a counted metric ignores rounds)
+Measure = Callable[[nn.Module, int], Speedup]
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """How many timed rounds a measurement takes: `coarse` far from the target, `fine` when
+    the estimate is within 10% of it, up to `most` when the interval straddles it."""
+
+    coarse: int = 10
+    fine: int = 40
+    most: int = 160
+
+
+FAR = 1.10  # "far from the aim": more than 10% below it
+APPROACH = 0.8  # the share of the predicted way a move covers while far
+MAX_JUMP = 2.0  # a move at most doubles the MACs speedup
+FLAT_MACS = 2.0  # unreachable: the MACs speedup doubled since the metric last grew ...
+FLAT_GAIN = 1.02  # ... by this factor
+
+
+@dataclass
+class Point:
+    step: int
+    macs_speedup: float
+    estimate: Speedup
+
+
+class MetricSearch:
+    def __init__(self, loop: ProgressiveLoop, target: float, measure: Measure, tolerance: float, *,
+                 timed: bool, rounds: Rounds = Rounds(), log: Callable[[str], None] | None = None,
+                 metric: str = "latency"):
+        self.loop, self.target, self.measure, self.timed = loop, target, measure, timed
+        self.aim = target * (1 + tolerance / 2)
+        self.rounds, self.log, self.metric = rounds, log or (lambda _m: None), metric
+        self.window = target * (1 + tolerance)
+        self.points: list[Point] = []
+        self.before: tuple[nn.Module, int] | None = None
+        self.flat = ""  # why the metric is judged flat (unreachable), if it is
+
+    def _estimate(self, model: nn.Module) -> Speedup:
+        """`model`'s speedup, in more rounds the closer it is to the target."""
+        if not self.timed:
+            return self.measure(model, 0)
+        est = self.measure(model, self.rounds.coarse)
+        if est.speedup * FAR >= self.target or est.high >= self.target:
+            est = self.measure(model, self.rounds.fine)
+            if est.low < self.target <= est.high:
+                est = self.measure(model, self.rounds.most)
+        return est
+
+    def _clears(self, est: Speedup) -> bool:
+        """The stop rule: the 95% interval's lower end at or above the target (a counted
+        metric: the figure itself)."""
+        return (est.low if self.timed else est.speedup) >= self.target
+
+    def _show(self, est: Speedup, where: str) -> None:
+        interval = f" [{est.low:.3f}, {est.high:.3f}] ({est.rounds} rounds)" if self.timed else ""
+        self.log(f"  {self.metric} {est.speedup:.3f}x{interval} {where}")
+
+    def _record(self) -> Speedup:
+        est = self._estimate(self.loop.model)
+        p = Point(self.loop.pruner.current_step, self.loop.base_macs / self.loop.macs, est)
+        self.points.append(p)
+        self._show(est, f"at {p.macs_speedup:.3f}x MACs, step {p.step}")
+        return est
+
+    def _slope(self) -> float:
+        """d log(metric) / d log(MACs): the larger of the chord from the base and the secant
+        through the last two points (when they lie at least 10% apart in MACs), so that a
+        move errs short; 1 before the first point."""
+        if not self.points:
+            return 1.0
+        pts = [(0.0, 0.0)] + [(math.log(p.macs_speedup), math.log(max(p.estimate.speedup, 1e-9)))
+                              for p in self.points]
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        slope = y1 / x1 if x1 > 1e-6 else 1.0
+        if x1 - x0 >= math.log(1.1):
+            slope = max(slope, (y1 - y0) / (x1 - x0))
+        return min(max(slope, 0.1), 2.0)
+
+    def _next_macs_speedup(self, est: Speedup) -> float:
+        m = self.loop.base_macs / self.loop.macs
+        need = self.aim / max(est.speedup, 1e-9)
+        share = APPROACH if need > self.aim / self.target else 1.0
+        nxt = m * math.exp(share * math.log(max(need, 1.0)) / self._slope())
+        least = m * (1 + 1e-3)  # at least a step's worth
+        return min(max(nxt, least), m * MAX_JUMP)
+
+    def _flattened(self) -> bool:
+        best = None  # the point where the metric last grew by FLAT_GAIN
+        for p in self.points:
+            if best is None or p.estimate.speedup >= best.estimate.speedup * FLAT_GAIN:
+                best = p
+        now = self.points[-1]
+        if best is not None and now.macs_speedup >= best.macs_speedup * FLAT_MACS:
+            self.flat = (f"the {self.metric} speedup flattened: {best.estimate.speedup:.3f}x at "
+                         f"{best.macs_speedup:.3f}x MACs, {now.estimate.speedup:.3f}x at {now.macs_speedup:.3f}x")
+            return True
+        return False
+
+    def run(self) -> tuple[bool, Speedup]:
+        """Drive the loop until the target is reached; (reached, the last estimate)."""
+        est, loop = Speedup.exact(1.0), self.loop
+        while True:
+            if self._clears(est):
+                if est.speedup > self.window and self.before is not None:
+                    est = self._back_off(est)
+                return True, est
+            if loop.exhausted or (self.points and self._flattened()):
+                return False, est
+            # the model before the move: where a move that overshoots is bisected back from
+            self.before = (copy.deepcopy(loop.model), loop.pruner.current_step)
+            loop.run_to(loop.base_macs / self._next_macs_speedup(est))
+            est = self._record()
+
+    def _back_off(self, est: Speedup) -> Speedup:
+        """The last move overshot the window: bisect over its steps, each a prefix of the
+        recorded history replayed on the model before the move, for the first step whose
+        measurement clears the target; that model takes the pruned model's place."""
+        loop = self.loop
+        before, lo = self.before
+        hi, history = loop.pruner.current_step, loop.pruner.pruning_history()
+        start, chosen = loop.marks[lo], None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                cand = _replayed(before, history[start: loop.marks[mid]], loop.example_inputs)
+            # broad on purpose: a history Torch-Pruning cannot replay keeps the overshoot
+            except Exception as e:  # noqa: BLE001
+                self.log(f"  cannot step back ({type(e).__name__}: {e}); keeping step {loop.pruner.current_step}")
+                break
+            e = self._estimate(cand)
+            self._show(e, f"at step {mid} (stepping back)")
+            if self._clears(e):
+                hi, chosen, est = mid, cand, e
+            else:
+                lo = mid
+        if chosen is not None:
+            loop.keep(hi, chosen)
+        return est
+
+    def best(self) -> Speedup:
+        return max((p.estimate for p in self.points), key=lambda e: e.speedup, default=Speedup.exact(1.0))
+
+
+@torch.enable_grad()  # DepGraph traces with autograd
+def _replayed(model: nn.Module, history: list, example_inputs) -> nn.Module:
+    """A copy of `model` with `history` (Torch-Pruning's records) pruned on it."""
+    model = copy.deepcopy(model)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, output_transform=logits_of)
+    dg.load_pruning_history([(n, bool(o), list(i)) for n, o, i in history])
+    sync_attention(model)
+    return model.eval()
+
+
+def prune_to_metric(loop: ProgressiveLoop, metric: str, target: float, measure: Measure, tolerance: float,
+                    *, timed: bool, rounds: Rounds = Rounds(), log=None) -> PruneOutcome:
+    """Prune until the model's speedup in `metric` (`measure`) reaches `target`."""
+    search = MetricSearch(loop, target, measure, tolerance, timed=timed, rounds=rounds, log=log, metric=metric)
+    reached, est = search.run()
+    _, params = loop.finish(resume=False)
+    shown = est if reached else search.best()
+    return loop.outcome(params, target, reached, target_metric=metric, metric_speedup=shown.speedup,
+                        metric_low=shown.low, metric_high=shown.high, metric_points=len(search.points),
+                        metric_flat=search.flat)
+
+
+def prune_to_target(model, pruner, example_inputs, target: float, settings, *, timer: PairedTimer | None = None,
+                    prepare: Callable = eager, calib=None, on_step=None, log=None) -> PruneOutcome:
+    """Prune `model` in place until its speedup in `settings.target_metric` reaches
+    `target`: MACs (the progressive loop alone), parameters (counted after each move) or
+    latency (`timer` times `prepare(model)` against its base, interleaved)."""
+    metric = getattr(settings, "target_metric", "macs")
+    if metric == "macs":
+        return progressive_prune(model, pruner, example_inputs, target, settings, calib=calib, on_step=on_step)
+    check_speedup(target)
+    loop = ProgressiveLoop(model, pruner, example_inputs, settings, calib=calib, on_step=on_step)
+    if metric == "params":
+        def measure(m, _rounds):
+            return Speedup.exact(loop.base_params / count_exact(m, example_inputs)[1])
+        return prune_to_metric(loop, metric, target, measure, settings.tolerance, timed=False, log=log)
+    if metric != "latency":
+        raise BadInput(f"target_metric must be one of {', '.join(TARGET_METRICS)}, got {metric!r}")
+    if timer is None:
+        raise ValueError("a latency target needs a PairedTimer of the base model")
+    return prune_to_metric(loop, metric, target, lambda m, rounds: timer.speedup(prepare(m), rounds),
+                           settings.latency_tolerance, timed=True, log=log)
+
+
+def why_unreachable(o: PruneOutcome, p, target: float) -> str:
+    """Why `target` was not reached, in terms of what the settings (`PruneConfig`) allow."""
+    n = p.iterative_steps
+    if p.target_metric != "macs":
+        msg = (f"target {target}x {p.target_metric} unreachable: reached {o.achieved_speedup:.3f}x "
+               f"{p.target_metric} at {o.macs_speedup:.3f}x MACs after {o.steps} steps")
+        if o.metric_flat:
+            return msg + f"; {o.metric_flat}, so pruning further would not reach it"
+    else:
+        msg = f"target {target}x unreachable: reached {o.achieved_speedup:.3f}x after {o.steps} steps"
+    if o.at_floor:
+        rt = f", a multiple of round_to {p.round_to}" if p.round_to else ""
+        return msg + (f"; every prunable layer is at its max_pruning_ratio {p.max_pruning_ratio:g} floor "
+                      f"(each keeps ceil((1 - {p.max_pruning_ratio:g}) x its width){rt}); the target "
+                      "needs a larger max_pruning_ratio")
+    if o.steps >= n:  # the schedule ran out, not the channels
+        msg += (f"; the schedule is {n} steps, step k asking for k/{n} of the channels (each layer "
+                f"capped at max_pruning_ratio {p.max_pruning_ratio:g})")
+        if n <= 2:
+            msg += (", and a step asking for all of a layer's channels prunes none of them (Torch-"
+                    "Pruning keeps every layer alive)")
+        msg += "; use more iterative_steps (Torch-Pruning's recipes use 400)"
+    else:
+        msg += "; every prunable group is at its floor (max_pruning_ratio, round_to, the classifier kept whole)"
+    return msg

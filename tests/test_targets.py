@@ -1,0 +1,163 @@
+"""Targets in latency and parameters (progprune.pruning.targets): the search over MACs
+targets and its stop rule, with injected, deterministic metrics (a latency is a function of
+the model's MACs here, so that every outcome is decided in advance), and the params target
+on real counts."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from progprune.config import PruneConfig
+from progprune.macs import count_exact
+from progprune.models import build_model, example_inputs
+from progprune.pruning import ProgressiveLoop, make_pruner, prune_to_metric, prune_to_target
+from progprune.pruning.targets import _replayed
+from progprune.timing import Speedup
+
+NUM_CLASSES = 10
+
+
+def _setup(name="resnet20", **settings):
+    torch.manual_seed(0)
+    model = build_model(name, NUM_CLASSES).eval()
+    ex = example_inputs()
+    cfg = PruneConfig(**settings)
+    pruner = make_pruner(model, ex, cfg, NUM_CLASSES)
+    return model, ex, cfg, pruner
+
+
+class FakeLatency:
+    """A 'latency speedup' that is a function of the model's MACs speedup, with an interval
+    of +-`spread` around it; records the rounds asked for."""
+
+    def __init__(self, base_macs, ex, curve, spread=0.01):
+        self.base_macs, self.ex, self.curve, self.spread = base_macs, ex, curve, spread
+        self.rounds: list[int] = []
+
+    def speedup_of(self, model) -> float:
+        return self.curve(self.base_macs / count_exact(model, self.ex)[0])
+
+    def __call__(self, model, rounds):
+        self.rounds.append(rounds)
+        s = self.speedup_of(model)
+        return Speedup(s, s * (1 - self.spread), s * (1 + self.spread), rounds, math.nan, math.nan)
+
+
+def _search(curve, target, spread=0.01, tolerance=0.05, name="resnet20"):
+    model, ex, cfg, pruner = _setup(name)
+    loop = ProgressiveLoop(model, pruner, ex, cfg)
+    fake = FakeLatency(loop.base_macs, ex, curve, spread)
+    lines: list[str] = []
+    out = prune_to_metric(loop, "latency", target, fake, tolerance, timed=True, log=lines.append)
+    return model, ex, out, fake, lines
+
+
+def test_a_smooth_latency_lands_in_the_window_in_few_points():
+    model, ex, out, fake, _ = _search(lambda m: m ** 0.6, 2.0)
+    assert out.status == "ok" and out.target_metric == "latency"
+    truth = fake.speedup_of(model)
+    assert out.metric_speedup == pytest.approx(truth)
+    assert out.metric_low >= 2.0  # the stop rule: the interval's low end clears the target
+    assert 2.0 <= truth <= 2.0 * 1.05
+    assert out.achieved_speedup == out.metric_speedup
+    assert out.macs_speedup == pytest.approx(truth ** (1 / 0.6), rel=1e-6)
+    assert 1 <= out.metric_points <= 8
+    assert (out.macs, out.params) == count_exact(model, ex)
+
+
+def test_the_interval_must_clear_the_target_not_the_estimate():
+    # a wide interval (+-10%): the estimate passes the target well before its low end does
+    model, _, out, fake, _ = _search(lambda m: m ** 0.6, 2.0, spread=0.10, tolerance=0.30)
+    assert out.status == "ok"
+    assert out.metric_low >= 2.0
+    assert out.metric_speedup >= 2.0 / 0.9 - 1e-9
+    # more rounds as the estimate nears the target: coarse far, fine near, most when straddling
+    assert fake.rounds[0] == 10 and 40 in fake.rounds and 160 in fake.rounds
+
+
+def test_an_overshooting_move_is_bisected_back_and_its_history_reloads():
+    # flat, then steep: the fit from the flat part asks for a large move, which overshoots
+    def curve(m):
+        return m ** 0.15 if m < 2.5 else 2.5 ** 0.15 * (m / 2.5) ** 3
+
+    model, ex, out, fake, lines = _search(curve, 2.0)
+    assert any("stepping back" in line for line in lines), lines
+    truth = fake.speedup_of(model)
+    assert out.status == "ok" and 2.0 * 0.99 <= truth and truth <= 2.0 * 1.05 * 1.01
+    # the step kept is before the step the overshooting move reached
+    reached = max(int(line.rsplit("step ", 1)[1]) for line in lines if "MACs, step" in line)
+    assert out.steps < reached
+    # the history recorded is the kept model's: replayed on a fresh model it gives its widths
+    torch.manual_seed(0)
+    fresh = build_model("resnet20", NUM_CLASSES).eval()
+    again = _replayed(fresh, out.history, ex)
+    widths = lambda m: [tuple(p.shape) for p in m.parameters()]  # noqa: E731
+    assert widths(again) == widths(model)
+    assert (out.macs, out.params) == count_exact(model, ex)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, NUM_CLASSES)
+
+
+def test_a_latency_that_flattens_is_unreachable_with_the_best_reached():
+    model, _, out, fake, _ = _search(lambda m: min(m ** 0.6, 1.3), 2.0)
+    assert out.status == "unreachable"
+    assert "flattened" in out.metric_flat
+    assert out.metric_speedup == pytest.approx(1.3)
+    assert out.crossing_cut == "none"
+
+
+def test_the_schedule_running_out_is_unreachable():
+    model, ex, cfg, pruner = _setup(iterative_steps=20, max_pruning_ratio=0.3)
+    loop = ProgressiveLoop(model, pruner, ex, cfg)
+    fake = FakeLatency(loop.base_macs, ex, lambda m: m)
+    out = prune_to_metric(loop, "latency", 50.0, fake, 0.05, timed=True)
+    assert out.status == "unreachable" and loop.exhausted
+    assert out.metric_speedup == pytest.approx(fake.speedup_of(model))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_a_params_target_lands_within_the_tolerance_on_real_counts(name):
+    model, ex, cfg, pruner = _setup(name, target_metric="params")
+    base_params = count_exact(model, ex)[1]
+    out = prune_to_target(model, pruner, ex, 2.0, cfg)
+    params = count_exact(model, ex)[1]
+    assert out.status == "ok" and out.target_metric == "params"
+    assert out.achieved_speedup == pytest.approx(base_params / params)
+    assert 2.0 <= base_params / params <= 2.0 * (1 + cfg.tolerance)
+    assert out.metric_low == out.metric_high == out.achieved_speedup  # counted: no interval
+
+
+def test_a_macs_target_is_the_loop_alone():
+    model, ex, cfg, pruner = _setup()
+    out = prune_to_target(model, pruner, ex, 2.0, cfg)
+    assert out.target_metric is None and out.metric_points == 0
+    assert out.achieved_speedup == out.macs_speedup == out.base_macs / out.macs
+
+
+def test_a_latency_target_needs_a_timer_and_a_speedup_above_one():
+    from progprune.errors import BadInput
+
+    model, ex, cfg, pruner = _setup(target_metric="latency")
+    with pytest.raises(BadInput, match="speedup must be a number > 1"):
+        prune_to_target(model, pruner, ex, 1.0, cfg)
+    with pytest.raises(ValueError, match="PairedTimer"):
+        prune_to_target(model, pruner, ex, 2.0, cfg)
+
+
+def test_a_real_latency_target_keeps_the_model_usable():
+    """The real timer on this CPU: the outcome follows the stop rule (its figures are this
+    machine's; the landing is measured by benchmarks/bench_latency.py, not here)."""
+    from progprune.timing import PairedTimer, eager
+
+    model, ex, cfg, pruner = _setup(target_metric="latency")
+    base = copy.deepcopy(model)
+    timer = PairedTimer(eager(base), torch.randn(1, 3, 32, 32))
+    out = prune_to_target(model, pruner, ex, 1.3, cfg, timer=timer)
+    assert out.status == "ok"
+    assert out.metric_low >= 1.3 and out.metric_points >= 1
+    assert out.macs_speedup > 1.0
+    assert isinstance(model, nn.Module) and model(torch.randn(1, 3, 32, 32)).shape == (1, NUM_CLASSES)
