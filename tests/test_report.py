@@ -421,3 +421,98 @@ def test_refuses_a_table_of_a_newer_version_in_one_line(tmp_path):
     assert result.stderr == (f"error: {tmp_path} is a results table of schema version 3; this "
                              "progprune reads versions 1 to 2: use a newer progprune\n")
     assert sorted(os.listdir(tmp_path)) == ["results.parquet"]
+
+
+# ---- a MACs-only table reads as it did before target metrics (issue 20) -------------------------
+def _macs_only(blank: bool) -> list[ResultRow]:
+    """vgg11/l1 at two targets, two seeds, and one unreachable row: as the pipeline writes a
+    MACs row now (target_metric macs, macs_speedup = achieved_speedup), or blank in both as
+    a table of before target metrics has them."""
+    import dataclasses
+
+    ok = [_ok_row("vgg11", "l1", t, s) for t in (1.5, 2.0) for s in (0, 1)]
+    new = {} if blank else dict(target_metric="macs")
+    return ([dataclasses.replace(r, **new, macs_speedup=None if blank else r.achieved_speedup) for r in ok]
+            + [dataclasses.replace(UNREACHABLE, **new)])
+
+
+def _cell(values, scale=1, suffix="x") -> str:
+    return f"{statistics.mean(values) * scale:.2f}{suffix} ± {statistics.stdev(values) * scale:.2f}"
+
+
+def _markdown_before_target_metrics(rows, src) -> str:
+    """The report of a MACs-only table as the code of before target metrics (branch `lat`)
+    wrote it, its figures computed here from the rows."""
+    ok = [r for r in rows if r.status == "ok"]
+    bad = [r for r in rows if r.status != "ok"]
+    targets = sorted({r.target_speedup for r in rows})
+    table = []
+    for t in sorted({r.target_speedup for r in ok}):
+        g = [r for r in ok if r.target_speedup == t]
+        macs, lat = [r.achieved_speedup for r in g], [r.base_latency_ms / r.pruned_latency_ms for r in g]
+        rose = " (latency rose)" if statistics.mean(macs) > 1 and statistics.mean(lat) < 1 else ""
+        table.append(f"| l1 | {t:g}x | {_cell(macs)} | {_cell([r.base_params / r.pruned_params for r in g])} | "
+                     f"{_cell([r.base_top1 for r in g], 100, '')} | {_cell([r.pruned_top1 for r in g], 100, '')} | – | "
+                     f"{_cell([r.final_top1 for r in g], 100, '')} | {_cell(lat)}{rose} | {len(g)} |")
+    rose = [t for t in sorted({r.target_speedup for r in ok}) if "(latency rose)" in table[sorted(
+        {r.target_speedup for r in ok}).index(t)]]
+    rose_lines = []
+    for t in rose:
+        g = [r for r in ok if r.target_speedup == t]
+        rose_lines.append(f"- cifar10 / vgg11 / `l1` at target {t:g}x: MACs speedup "
+                          f"{statistics.mean(r.achieved_speedup for r in g):.2f}x but latency speedup "
+                          f"{statistics.mean(r.base_latency_ms / r.pruned_latency_ms for r in g):.2f}x "
+                          "(slower than the unpruned model)")
+    setup = [("Results", src), ("Rows", f"{len(rows)} ({len(ok)} ok, {len(bad)} unreachable)"),
+             ("Sweep", "unit-sweep"), ("Datasets", "cifar10"), ("Models", "resnet20, vgg11"), ("Methods", "l1"),
+             ("Target speedups", ", ".join(f"{t:g}" for t in targets)),
+             ("Seeds", ", ".join(str(s) for s in sorted({r.seed for r in rows})))]
+    setup += [(k, "not recorded") for k in ("Base-training epochs", "Sparse-learning epochs")]
+    setup += [("Fine-tune epochs", "3")]
+    setup += [(k, "not recorded") for k in ("Fine-tune workers", "Global pruning", "Iterative steps", "round_to",
+                                             "Latency batch size")]
+    setup += [("Devices", "cpu"), ("torch", VERSIONS["torch_version"]),
+              ("torch-pruning", VERSIONS["torch_pruning_version"]), ("ray", VERSIONS["ray_version"]),
+              ("progprune", VERSIONS["progprune_version"])]
+    problems = [f"| {r.dataset} | {r.model} | {r.method} | {r.target_speedup:g}x | {r.seed} | {r.status} | "
+                f"{r.achieved_speedup:.2f}x | {r.error} |" for r in bad]
+    return "\n\n".join([
+        "# progprune report: unit-sweep",
+        f"Results: `{src}`. Generated (time) by progprune (version).",
+        "## Setup",
+        "| Setting | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in setup),
+        "## Results by operating point",
+        "Mean ± std over seeds (std with ddof=1; none for a single seed); n = seeds that finished ok (+ those "
+        "that did not). Top-1 in %. MACs speedup = base MACs / pruned MACs; compression = base params / pruned "
+        "params; latency speedup = base ms / pruned ms, measured. \"Pruned\" is top-1 right after pruning, "
+        "before fine-tuning; \"Pruned + BN re-est.\" is the same model after its BatchNorm statistics were "
+        "re-estimated on a few training batches (a better predictor of the fine-tuned result).",
+        "### cifar10 / vgg11",
+        "| Method | Target | MACs speedup | Compression (params) | Base top-1 % | Pruned top-1 % (before FT) | "
+        "Pruned + BN re-est. % | Final top-1 % | Latency speedup | n |\n" + "|---" * 10 + "|\n" + "\n".join(table),
+        "## Plots",
+        "![Final top-1 vs achieved MACs speedup, per method, with the unpruned control](accuracy_vs_speedup.png)",
+        "![Measured latency speedup vs MACs speedup (y = x dashed; red X: MACs fell but latency rose)]"
+        "(latency_vs_speedup.png)",
+        *(["## Latency rose although MACs fell", "\n".join(rose_lines)] if rose_lines else []),
+        "## Not ok: unreachable and failed combinations",
+        "| Dataset | Model | Method | Target | Seed | Status | MACs speedup reached | Error |\n"
+        + "|---" * 8 + "|\n" + "\n".join(problems),
+        "## Reporting notes (ShrinkBench practice)",
+        f"- Curves with fewer than 5 operating points (targets): cifar10/vgg11/l1 ({len(table)}).\n"
+        "- No `random` baseline in this sweep.",
+    ]) + "\n"
+
+
+@pytest.mark.parametrize("blank", [False, True], ids=["macs-rows", "table-before-target-metrics"])
+def test_a_macs_only_report_reads_as_before(tmp_path, blank):
+    """Issue 20: a MACs-only sweep's report keeps its tables, text and setup; the new plot of
+    final top-1 against measured latency speedup is the one line it gains."""
+    import re
+
+    rows = _macs_only(blank)
+    write_rows(rows, tmp_path / "results.parquet")
+    md = _read(build_report(str(tmp_path))["markdown"])
+    md = re.sub(r"Generated .* by progprune [^ ]+\.", "Generated (time) by progprune (version).", md)
+    assert "(latency rose)" in md  # the fixture exercises the flag
+    assert md == _markdown_before_target_metrics(rows, str(tmp_path))
