@@ -698,3 +698,20 @@ def test_a_table_of_before_target_metrics_groups_as_macs(tmp_path):
     md = _read(out["markdown"])
     assert "Derived from its other columns: macs_speedup." in md
     assert "Target metrics" not in md and "Stop rule" not in md and "| 2x |" in md and "latency target" not in md
+
+
+def test_latency_rose_needs_the_macs_to_have_fallen():
+    """A params target met without MACs falling (macs_speedup 1) and slower than the base is
+    not "latency rose although MACs fell"; the same row at 1.2x MACs is."""
+    import dataclasses
+
+    from progprune.report import frame_of
+    from progprune.report._tables import aggregate
+    from progprune.results import rows_to_table
+
+    r = _ok_row("resnet20", "group_norm", 2.0, 0)
+    slow = dict(target_metric="params", latency_speedup=0.97, pruned_latency_ms=r.base_latency_ms / 0.97)
+    rows = [dataclasses.replace(r, combo_id="flat", model="flat", macs_speedup=1.0, **slow),
+            dataclasses.replace(r, combo_id="fell", model="fell", macs_speedup=1.2, **slow)]
+    table = aggregate(frame_of(rows_to_table(rows)))
+    assert dict(zip(table["model"], table["latency_rose"])) == {"flat": False, "fell": True}
