@@ -68,7 +68,8 @@ def _draw(agg: pd.DataFrame, title: str, ylabel: str, y: str, scale: float, path
     for ((dataset, model), sub), ax in zip(panels, axes):
         decorate(ax, sub)
         for method, metric, label in series:
-            m = sub[(sub["method"] == method) & (sub["target_metric"] == metric)].sort_values(f"{x}_mean", kind="stable")
+            m = sub[(sub["method"] == method) & (sub["target_metric"] == metric)]
+            m = m.sort_values(f"{x}_mean", kind="stable")
             if m.empty:
                 continue
             ax.errorbar(m[f"{x}_mean"], m[f"{y}_mean"] * scale, yerr=m[f"{y}_std"].fillna(0) * scale,

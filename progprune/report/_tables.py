@@ -51,7 +51,8 @@ STOP_LEGEND = (  # added where some target is in latency
 )
 SETUP = (  # (label, column): read from the rows so a reader can rerun the sweep
     ("Sweep", "sweep"), ("Datasets", "dataset"), ("Models", "model"), ("Methods", "method"),
-    ("Target speedups", "target_speedup"), ("Target metrics", "target_metric"), ("Seeds", "seed"), ("Base-training epochs", "base_epochs"),
+    ("Target speedups", "target_speedup"), ("Target metrics", "target_metric"), ("Seeds", "seed"),
+    ("Base-training epochs", "base_epochs"),
     ("Sparse-learning epochs", "sparse_epochs"), ("Fine-tune epochs", "finetune_epochs"),
     ("Fine-tune workers", "finetune_workers"), ("Global pruning", "global_pruning"),
     ("Iterative steps", "iterative_steps"), ("round_to", "round_to"),
@@ -254,7 +255,8 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
     out += ["## Setup", _table(["Setting", "Value"], [["Results", results]] + setup(df))]
     if df.empty:
         return "\n\n".join(out) + "\n"
-    out += ["## Results by operating point", legend(agg) if len(agg) else "No combination finished ok: see the list below."]
+    out += ["## Results by operating point",
+            legend(agg) if len(agg) else "No combination finished ok: see the list below."]
     for title, rows in panels(agg):
         out += [f"### {title}", _table(summary_headers(agg), rows)]
     if plots:
@@ -263,7 +265,8 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
     if len(rose):
         out += ["## Latency rose although MACs fell", "\n".join(
             f"- {r['dataset']} / {r['model']} / `{r['method']}` at target "
-            f"{target_label(r['target_speedup'], r['target_metric'])}: MACs speedup {r['macs_speedup_mean']:.2f}x but latency speedup "
+            f"{target_label(r['target_speedup'], r['target_metric'])}: "
+            f"MACs speedup {r['macs_speedup_mean']:.2f}x but latency speedup "
             f"{r['latency_speedup_mean']:.2f}x (slower than the unpruned model)" for _, r in rose.iterrows())]
     out += [f"## {PROBLEMS_TITLE}", _table(problem_headers(probs), problem_rows(probs)) if len(probs)
             else "None: every combination finished ok."]
