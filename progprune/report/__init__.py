@@ -5,8 +5,10 @@
 
 The report follows ShrinkBench's reporting practice: compression ratio next to MACs speedup,
 curves over operating points, the unpruned control on every panel, mean ± std over seeds,
-and measured latency next to MACs (with points where latency rose called out). The
-terminal tables (`show`) are also what a sweep prints at its end.
+and measured latency next to MACs (with points where latency rose called out, and final
+top-1 against the measured latency speedup with its Pareto front). Rows of different target
+metrics (macs, latency, params) are separate operating points. The terminal tables (`show`)
+are also what a sweep prints at its end.
 """
 from __future__ import annotations
 
@@ -31,12 +33,15 @@ from progprune.results import COLUMNS, upgrade
 from progprune.storage import LAYOUT, Store, redact
 
 FORMATS = ("md", "html")
-REQUIRED = T.GROUP + ["seed", "status"]  # without these, no report; the rest may be blank
+# without these, no report; the rest may be blank (target_metric: a table of before target metrics)
+REQUIRED = [c for c in T.GROUP if c != "target_metric"] + ["seed", "status"]
 # A report directory holds this marker, listing the files the report wrote. A rerun replaces
 # those files only (a file it no longer writes is removed); anything else in the directory is
 # the user's and stays. A non-empty directory without the marker is refused.
 MARKER = ".progprune-report"
-REPORT_FILES = ("report.md", "report.html", "summary.csv", _plots.ACCURACY[0], _plots.LATENCY[0])
+REPORT_FILES = ("report.md", "report.html", "summary.csv", _plots.ACCURACY[0], _plots.LATENCY[0],
+                _plots.LATENCY_ACCURACY[0])
+_ONE_LINE_MARKER_FILES = REPORT_FILES[:5]  # what a report could write when its marker was one line
 
 
 def build_report(results: str, out_dir: str | None = None, fmt: str = "md", console=None) -> dict:
@@ -74,8 +79,8 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
 
 def frame_of(table: pa.Table) -> pd.DataFrame:
     """A results table as the report reads it: a column added to the schema after the table
-    was written reads as blank."""
-    return table.to_pandas().reindex(columns=list(COLUMNS))
+    was written reads as blank; a blank target metric as macs (`_tables.prepared`)."""
+    return T.prepared(table.to_pandas().reindex(columns=list(COLUMNS)))
 
 
 def load(results: str) -> tuple[pd.DataFrame, str | None]:
@@ -121,7 +126,7 @@ def _written_by_report(out_dir: str) -> set[str] | None:
         raise BadInput(f"cannot read {os.path.join(out_dir, MARKER)}: {e.strerror or e}") from None
     listed = set(lines[1:])
     # a marker of before the list (one line): the files every report then could write
-    return (listed if len(lines) > 1 else set(REPORT_FILES)) & set(REPORT_FILES)
+    return (listed if len(lines) > 1 else set(_ONE_LINE_MARKER_FILES)) & set(REPORT_FILES)
 
 
 @contextlib.contextmanager

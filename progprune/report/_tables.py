@@ -14,15 +14,22 @@ import pandas as pd
 
 import progprune
 
-GROUP = ["dataset", "model", "method", "target_speedup"]
+# an operating point: rows of different target metrics are never aggregated together
+GROUP = ["dataset", "model", "method", "target_metric", "target_speedup"]
 PANEL = ["dataset", "model"]
-METRICS = ("achieved_speedup", "compression_ratio", "base_top1", "pruned_top1", "pruned_top1_bn",
-           "final_top1", "latency_speedup")  # aggregated as <name>_mean / <name>_std over ok seeds
+# aggregated as <name>_mean / <name>_std over ok seeds; achieved_speedup is in the target's metric
+# (the MACs speedup for a MACs target), the others are what the summary's columns show, in order
+METRICS = ("achieved_speedup", "macs_speedup", "compression_ratio", "base_top1", "pruned_top1",
+           "pruned_top1_bn", "final_top1", "latency_speedup")
+SHOWN = METRICS[1:]  # SUMMARY_HEADERS' columns from "MACs speedup" on
+METRIC_NAMES = {"macs": "MACs", "latency": "latency", "params": "params"}
 MIN_POINTS = 5  # ShrinkBench: curves over >= 5 operating points, not single points
 SUMMARY_HEADERS = ["Method", "Target", "MACs speedup", "Compression (params)", "Base top-1 %",
                    "Pruned top-1 % (before FT)", "Pruned + BN re-est. %", "Final top-1 %",
                    "Latency speedup", "n"]
+STOP_RULE = "Stop rule (95%)"  # a column only where some operating point has a latency target
 PROBLEM_HEADERS = ["Dataset", "Model", "Method", "Target", "Seed", "Status", "MACs speedup reached", "Error"]
+REACHED = "Speedup reached"  # PROBLEM_HEADERS[6] where some problem's target is not in MACs
 PROBLEMS_TITLE = "Not ok: unreachable and failed combinations"
 LEGEND = (
     "Mean ± std over seeds (std with ddof=1; none for a single seed); n = seeds that "
@@ -32,9 +39,20 @@ LEGEND = (
     "re-est.\" is the same model after its BatchNorm statistics were re-estimated on a few "
     "training batches (a better predictor of the fine-tuned result)."
 )
+METRIC_LEGEND = (  # added where some target is not in MACs
+    " Target: base / pruned in the target's metric: a bare \"2x\" is MACs, \"2x latency\" the latency "
+    "the stop rule measured while pruning (paired timing on the task's device, under the spec's runtime), "
+    "\"2x params\" the parameter count; every row shows its MACs, params and latency speedups beside it."
+)
+STOP_LEGEND = (  # added where some target is in latency
+    f" {STOP_RULE}: the latency speedup the stop rule accepted (the median of its paired timing rounds; "
+    "mean over seeds) and its 95% interval (over seeds: the lowest low end to the highest high end); the "
+    "latency speedup column is timed again once pruning is done."
+)
 SETUP = (  # (label, column): read from the rows so a reader can rerun the sweep
     ("Sweep", "sweep"), ("Datasets", "dataset"), ("Models", "model"), ("Methods", "method"),
-    ("Target speedups", "target_speedup"), ("Seeds", "seed"), ("Base-training epochs", "base_epochs"),
+    ("Target speedups", "target_speedup"), ("Target metrics", "target_metric"), ("Seeds", "seed"),
+    ("Base-training epochs", "base_epochs"),
     ("Sparse-learning epochs", "sparse_epochs"), ("Fine-tune epochs", "finetune_epochs"),
     ("Fine-tune workers", "finetune_workers"), ("Global pruning", "global_pruning"),
     ("Iterative steps", "iterative_steps"), ("round_to", "round_to"),
@@ -44,17 +62,56 @@ SETUP = (  # (label, column): read from the rows so a reader can rerun the sweep
 
 
 # ---- numbers ---------------------------------------------------------------------------------
+def prepared(df: pd.DataFrame) -> pd.DataFrame:
+    """The frame as the report reads it: a blank target_metric (a table of before target
+    metrics) is "macs"; a blank macs_speedup is the achieved speedup of a MACs target, else
+    base MACs / pruned MACs."""
+    metric = df["target_metric"].mask(df["target_metric"].isna() | (df["target_metric"] == ""), "macs")
+    macs = pd.to_numeric(df["macs_speedup"], errors="coerce")
+    macs = macs.fillna(pd.to_numeric(df["achieved_speedup"], errors="coerce").where(metric == "macs"))
+    pruned = pd.to_numeric(df["pruned_macs"], errors="coerce")
+    macs = macs.fillna(pd.to_numeric(df["base_macs"], errors="coerce") / pruned.where(pruned > 0))
+    return df.assign(target_metric=metric.astype(object), macs_speedup=macs.astype(float))
+
+
+def pareto_front(x, y) -> list[bool]:
+    """Which points (x[i], y[i]) are on the Pareto front when both are to be high: no other
+    point is at least as high in both and higher in one. A point with a NaN is not on it."""
+    pts = list(zip(x, y))
+    ok = [not (pd.isna(a) or pd.isna(b)) for a, b in pts]
+    return [ok[i] and not any(ok[j] and c >= a and d >= b and (c > a or d > b) for j, (c, d) in enumerate(pts))
+            for i, (a, b) in enumerate(pts)]
+
+
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, model, method, target) with >= 1 ok seed; std is over seeds
-    (ddof=1, so NaN for a single seed); n counts ok seeds, not_ok the others."""
+    """One row per (dataset, model, method, target metric, target) with >= 1 ok seed; std is
+    over seeds (ddof=1, so NaN for a single seed); n counts ok seeds, not_ok the others.
+    latency_front: on its panel's Pareto front in (latency speedup, final top-1)."""
     g = df[df["status"] == "ok"].groupby(GROUP, sort=True, dropna=False)
     out = g.size().rename("n").to_frame()
     out["not_ok"] = df[df["status"] != "ok"].groupby(GROUP).size().reindex(out.index, fill_value=0)
     for m in METRICS:
         out[f"{m}_mean"], out[f"{m}_std"] = g[m].mean(), g[m].std(ddof=1)
+    out["achieved_ci_low_min"], out["achieved_ci_high_max"] = g["achieved_ci_low"].min(), g["achieved_ci_high"].max()
     # MACs fell but the measured latency rose: the point a MACs-only table hides
-    out["latency_rose"] = (out["achieved_speedup_mean"] > 1) & (out["latency_speedup_mean"] < 1)
-    return out.reset_index()
+    out["latency_rose"] = (out["macs_speedup_mean"] > 1) & (out["latency_speedup_mean"] < 1)
+    order = {m: i for i, m in enumerate(METRIC_NAMES)}  # macs, latency, params; another after them
+    out = out.reset_index().sort_values(GROUP, kind="stable", key=lambda c: c.map(lambda m: (order.get(m, 9), m))
+                                        if c.name == "target_metric" else c, ignore_index=True)
+    out["latency_front"] = False
+    for _, sub in out.groupby(PANEL, sort=False):
+        front = pareto_front(sub["latency_speedup_mean"], sub["final_top1_mean"])
+        out.loc[sub.index, "latency_front"] = front
+    return out
+
+
+def target_label(speedup: float, metric: str) -> str:
+    """"2x" for a MACs target (as before target metrics), "2x latency" otherwise."""
+    return f"{speedup:g}x" + ("" if metric == "macs" else f" {metric}")
+
+
+def in_macs_only(frame: pd.DataFrame) -> bool:
+    return set(frame["target_metric"]) <= {"macs"}
 
 
 def base_reference(df: pd.DataFrame) -> pd.DataFrame:
@@ -69,7 +126,7 @@ def problems(df: pd.DataFrame) -> pd.DataFrame:
     bad = df[df["status"] != "ok"].sort_values(GROUP + ["seed"])
     error = bad["error"].map(lambda e: " ".join(e.split())[:500] if isinstance(e, str)
                              else "(no error recorded)")
-    cols = GROUP + ["seed", "status", "achieved_speedup", "error", "combo_id"]
+    cols = GROUP + ["seed", "status", "achieved_speedup", "macs_speedup", "error", "combo_id"]
     return bad.assign(error=error)[cols].reset_index(drop=True)
 
 
@@ -82,6 +139,8 @@ def setup(df: pd.DataFrame) -> list[list[str]]:
     items = [["Rows", f"{len(df)} ({status})" if len(df) else "0"]]
     for label, col in SETUP:
         values = distinct(df[col])
+        if col == "target_metric" and set(values) <= {"macs"}:
+            continue  # a MACs-only table's setup reads as before target metrics
         mixed = col.endswith("_version") and len(values) > 1
         items.append([label, (", ".join(values) or "not recorded")
                       + (" (mixed: rows come from different installs)" if mixed else "")])
@@ -102,8 +161,9 @@ def common_settings(df: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str]]
 
 def notes(agg: pd.DataFrame) -> list[str]:
     """Where the sweep falls short of ShrinkBench's reporting practice, said plainly."""
-    points = agg.groupby(PANEL + ["method"]).size()
-    short = [f"{d}/{m}/{meth} ({n})" for (d, m, meth), n in points.items() if n < MIN_POINTS]
+    points = agg.groupby(PANEL + ["method", "target_metric"]).size()
+    short = [f"{d}/{m}/{meth}{'' if metric == 'macs' else '/' + metric} ({n})"
+             for (d, m, meth, metric), n in points.items() if n < MIN_POINTS]
     single, methods = (agg["n"] < 2).sum(), set(agg["method"])
     return [text for cond, text in [
         (short, f"Curves with fewer than {MIN_POINTS} operating points (targets): " + ", ".join(short) + "."),
@@ -124,22 +184,56 @@ def _ms(metric: str, mean, std=None) -> str:
     return text if pd.isna(std) else f"{text} ± {std * scale:.2f}"
 
 
-def _summary_row(r: pd.Series) -> list[str]:
-    cells = [_ms(m, r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS]  # SUMMARY_HEADERS' order
+def summary_headers(agg: pd.DataFrame) -> list[str]:
+    """SUMMARY_HEADERS, with the stop rule's column where some target is in latency."""
+    if not (agg["target_metric"] == "latency").any():
+        return SUMMARY_HEADERS
+    at = SUMMARY_HEADERS.index("Latency speedup") + 1
+    return SUMMARY_HEADERS[:at] + [STOP_RULE] + SUMMARY_HEADERS[at:]
+
+
+def _stop_rule(r: pd.Series) -> str:
+    if r["target_metric"] != "latency":
+        return "–"
+    low, high = r["achieved_ci_low_min"], r["achieved_ci_high_max"]
+    interval = "" if pd.isna(low) or pd.isna(high) else f" ({low:.2f}–{high:.2f}x)"
+    return _ms("achieved_speedup", r["achieved_speedup_mean"]) + interval
+
+
+def _summary_row(r: pd.Series, stop_rule: bool) -> list[str]:
+    cells = [_ms(m, r[f"{m}_mean"], r[f"{m}_std"]) for m in SHOWN]  # SUMMARY_HEADERS' order
     cells[-1] += " (latency rose)" if r["latency_rose"] else ""
     n = f"{r['n']}" + (f" (+{r['not_ok']} not ok)" if r["not_ok"] else "")
-    return [r["method"], f"{r['target_speedup']:g}x", *cells, n]
+    return [r["method"], target_label(r["target_speedup"], r["target_metric"]), *cells,
+            *([_stop_rule(r)] if stop_rule else []), n]
 
 
 def panels(agg: pd.DataFrame):
-    """(dataset / model title, [row cells]) per panel of the summary."""
+    """(dataset / model title, [row cells]) per panel of the summary (summary_headers' columns)."""
+    stop_rule = STOP_RULE in summary_headers(agg)
     for (dataset, model), sub in agg.groupby(PANEL, sort=True):
-        yield f"{dataset} / {model}", [_summary_row(r) for _, r in sub.iterrows()]
+        yield f"{dataset} / {model}", [_summary_row(r, stop_rule) for _, r in sub.iterrows()]
+
+
+def problem_headers(probs: pd.DataFrame) -> list[str]:
+    """PROBLEM_HEADERS; "Speedup reached" (each in its metric) where some target is not in MACs."""
+    return PROBLEM_HEADERS if in_macs_only(probs) else PROBLEM_HEADERS[:6] + [REACHED] + PROBLEM_HEADERS[7:]
+
+
+def _reached(r: pd.Series, named: bool) -> str:
+    """The speedup reached in the target's metric (named unless every problem is in MACs), and
+    the MACs speedup it took where the target is in another metric."""
+    got, metric = r["achieved_speedup"], r["target_metric"]
+    if pd.isna(got) or not named:
+        return _ms("achieved_speedup", got)
+    macs = "" if metric == "macs" or pd.isna(r["macs_speedup"]) else f" at {r['macs_speedup']:.2f}x MACs"
+    return f"{got:.2f}x {METRIC_NAMES.get(metric, metric)}{macs}"
 
 
 def problem_rows(probs: pd.DataFrame) -> list[list[str]]:
-    return [[r["dataset"], r["model"], r["method"], f"{r['target_speedup']:g}x", str(r["seed"]), r["status"],
-             _ms("achieved_speedup", r["achieved_speedup"]), r["error"]] for _, r in probs.iterrows()]
+    named = not in_macs_only(probs)
+    return [[r["dataset"], r["model"], r["method"], target_label(r["target_speedup"], r["target_metric"]),
+             str(r["seed"]), r["status"], _reached(r, named), r["error"]] for _, r in probs.iterrows()]
 
 
 # ---- the document ----------------------------------------------------------------------------
@@ -162,18 +256,19 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
     if df.empty:
         return "\n\n".join(out) + "\n"
     out += ["## Results by operating point",
-            LEGEND if len(agg) else "No combination finished ok: see the list below."]
+            legend(agg) if len(agg) else "No combination finished ok: see the list below."]
     for title, rows in panels(agg):
-        out += [f"### {title}", _table(SUMMARY_HEADERS, rows)]
+        out += [f"### {title}", _table(summary_headers(agg), rows)]
     if plots:
         out += ["## Plots"] + [f"![{alt}]({file})" for file, alt in plots.values()]
     rose = agg[agg["latency_rose"]]
     if len(rose):
         out += ["## Latency rose although MACs fell", "\n".join(
-            f"- {r['dataset']} / {r['model']} / `{r['method']}` at target {r['target_speedup']:g}x: "
-            f"MACs speedup {r['achieved_speedup_mean']:.2f}x but latency speedup "
+            f"- {r['dataset']} / {r['model']} / `{r['method']}` at target "
+            f"{target_label(r['target_speedup'], r['target_metric'])}: "
+            f"MACs speedup {r['macs_speedup_mean']:.2f}x but latency speedup "
             f"{r['latency_speedup_mean']:.2f}x (slower than the unpruned model)" for _, r in rose.iterrows())]
-    out += [f"## {PROBLEMS_TITLE}", _table(PROBLEM_HEADERS, problem_rows(probs)) if len(probs)
+    out += [f"## {PROBLEMS_TITLE}", _table(problem_headers(probs), problem_rows(probs)) if len(probs)
             else "None: every combination finished ok."]
     if len(agg) and (shortfalls := notes(agg)):
         out += ["## Reporting notes (ShrinkBench practice)", "\n".join(f"- {n}" for n in shortfalls)]
@@ -183,6 +278,12 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
         out += ["## Recipe: settings shared by every row", f"From each row's resolved `config_json`"
                 f"{axes if varying else ''}.", _table(["Setting", "Value"], [[k, f"`{v}`"] for k, v in common])]
     return "\n\n".join(out) + "\n"
+
+
+def legend(agg: pd.DataFrame) -> str:
+    """LEGEND; what a target in another metric and the stop rule's column mean, where present."""
+    return (LEGEND + ("" if in_macs_only(agg) else METRIC_LEGEND)
+            + (STOP_LEGEND if STOP_RULE in summary_headers(agg) else ""))
 
 
 def read_as_note(df: pd.DataFrame) -> str | None:
@@ -233,17 +334,18 @@ def show(df: pd.DataFrame, console) -> None:
     agg, probs = aggregate(df), problems(df)
     if agg.empty:
         console.print(Text("No combination finished ok.", style="yellow"))
+    headers = summary_headers(agg)
+    at = headers.index("Latency speedup")
     for title, rows in panels(agg):
-        t = Table(SUMMARY_HEADERS[0], *(Column(h, justify="right") for h in SUMMARY_HEADERS[1:]),
-                  title=title, title_justify="left")
+        t = Table(headers[0], *(Column(h, justify="right") for h in headers[1:]), title=title, title_justify="left")
         for cells in rows:
-            rose = "bold red" if "(latency rose)" in cells[-2] else ""
-            t.add_row(*cells[:-2], Text(cells[-2], style=rose), cells[-1])
+            rose = "bold red" if "(latency rose)" in cells[at] else ""
+            t.add_row(*cells[:at], Text(cells[at], style=rose), *cells[at + 1:])
         console.print(t)
     if len(agg):
-        console.print(Text(LEGEND, style="dim"))
+        console.print(Text(legend(agg), style="dim"))
     if len(probs):
-        t = Table(*(Column(h, overflow="fold") for h in PROBLEM_HEADERS), title=PROBLEMS_TITLE,
+        t = Table(*(Column(h, overflow="fold") for h in problem_headers(probs)), title=PROBLEMS_TITLE,
                   title_justify="left")
         for r in problem_rows(probs):
             t.add_row(*r[:5], Text(r[5], style="yellow" if r[5] == "unreachable" else "red"), *r[6:])
