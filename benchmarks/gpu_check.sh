@@ -3,6 +3,8 @@
 #   1. `progprune prune` on CUDA: resnet56, synthetic CIFAR-sized data, 2.55x MACs, a few
 #      fine-tune epochs; the row must say ok, cuda, the target met within 0.5%, and
 #      latencies measured (CUDA-event timing).
+#   1b. latency targets on CUDA: resnet56 to 2x measured latency (batch 64), under eager and
+#      torch.compile; the row's stop-rule interval, MACs speedup and prune time are printed.
 #   2. progprune's training loop on the GPU: autocast really runs in bf16 (fp16 where the
 #      GPU has no bf16) and the loader hands the model batches already on the GPU.
 #   3. One epoch's images/s of progprune's loop against a plain PyTorch loop (DataLoader,
@@ -124,7 +126,7 @@ dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA d
 print(f"   torch {torch.__version__}, torch-pruning {version('torch-pruning')}, ray {version('ray')}; {dev}")
 EOF
 
-if [ "$MODE" = cuda ]; then BASE_EP=2; FT_EP=3; N=50000; BS=256; else BASE_EP=1; FT_EP=1; N=1024; BS=128; fi
+if [ "$MODE" = cuda ]; then BASE_EP=2; FT_EP=3; N=50000; BS=256; LAT_BS=64; else BASE_EP=1; FT_EP=1; N=1024; BS=128; LAT_BS=1; fi
 
 echo "== 1. progprune prune on $MODE: resnet56, synthetic 3x32x32, 2.55x, $FT_EP fine-tune epochs"
 t=$SECONDS
@@ -152,6 +154,33 @@ bad = [k for k, ok in checks.items() if not ok]
 print("   checks:", "all passed" if not bad else "FAILED " + ", ".join(bad))
 sys.exit(1 if bad else 0)
 EOF
+
+echo "== 1b. latency targets on $MODE: resnet56, 2x measured latency at batch $LAT_BS, eager and torch.compile"
+# compile: each timed candidate is compiled anew (minutes on a CPU): on CUDA only
+for rt in eager $([ "$MODE" = cuda ] && echo compile); do
+    t=$SECONDS
+    rc=0
+    "$PY" -m progprune prune --model resnet56 --dataset synthetic --num-classes 10 --speedup 2 \
+        --target-metric latency --runtime "$rt" --latency-batch-size "$LAT_BS" --base-epochs 0 \
+        --finetune-epochs 0 --device "$MODE" --out "$OUTDIR/latency-$rt" --json > "$OUTDIR/latency-$rt.log" 2>&1 || rc=$?
+    # exit 3 is an honest answer (latency flattened before 2x): the row says how far it got
+    [ "$rc" -eq 0 ] || [ "$rc" -eq 3 ] \
+        || { tail -40 "$OUTDIR/latency-$rt.log" >&2; echo "gpu_check: latency target ($rt) failed" >&2; exit 1; }
+    tail -n 1 "$OUTDIR/latency-$rt.log" > "$OUTDIR/latency-$rt.json"
+    "$PY" - "$OUTDIR/latency-$rt.json" "$rt" "$((SECONDS - t))" <<'EOF2'
+import json, sys
+row, rt, secs = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+print(f"   {rt}: {row['status']}, stop rule {row['achieved_speedup']:.3f}x latency "
+      f"[{row['achieved_ci_low'] or float('nan'):.3f}, {row['achieved_ci_high'] or float('nan'):.3f}] at "
+      f"{row['macs_speedup']:.2f}x MACs after {row['target_points']} timed points; re-measured "
+      f"{row['base_latency_ms']:.3f} -> {row['pruned_latency_ms']:.3f} ms ({row['latency_speedup']:.2f}x, "
+      f"{row['runtime']} {row['precision']}), prune {row['prune_seconds']:.1f}s, total {secs}s")
+ok = row["target_metric"] == "latency" and row["runtime"] == rt and (
+    row["status"] == "unreachable" or row["achieved_ci_low"] >= 2.0)
+print("   checks:", "all passed" if ok else "FAILED (row fields)")
+sys.exit(0 if ok else 1)
+EOF2
+done
 
 echo "== 2+3. progprune's training loop on $MODE (autocast dtype, on-device batches) and one epoch's images/s vs a plain PyTorch loop ($N images, batch $BS)"
 "$PY" - "$MODE" "$N" "$BS" "$OUTDIR/throughput.json" <<'EOF'
