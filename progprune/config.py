@@ -187,7 +187,7 @@ class PruningConfig(_Node):
     # a list makes it a sweep axis, as `methods:` is
     target_metric: Grid(OneOf(*TARGET_METRICS), "target metrics") = ("macs",)
     # a latency target accepts a measured speedup in [target, target x (1 + this)]: timing is
-    # noisy, so it is wider than `tolerance` (README: "Latency targets")
+    # noisy, so it is wider than `tolerance` (README: "Targets: MACs, latency or parameters")
     latency_tolerance: Num(gt=0, le=1) = 0.05
     # module names kept whole besides the classifier head (fnmatch: "features.0.*", "*.se.*")
     ignore: Annotated[Items(Text, "a list of module-name patterns", 1000),
