@@ -100,8 +100,10 @@ def preflight(spec: SweepSpec) -> int:
 def print_plan(plan: Plan, out) -> None:
     s = plan.spec
     r = s.resources
-    out(f"sweep {s.name}: {len(plan.combos)} combinations "
-        f"({len(s.models)} models x {len(s.speedups)} speedups x {len(s.methods)} methods x {len(s.seeds)} seeds)")
+    metrics = s.pruning.target_metric
+    axes = f" x {len(metrics)} target metrics" if metrics != ("macs",) else ""
+    out(f"sweep {s.name}: {len(plan.combos)} combinations ({len(s.models)} models x {len(s.speedups)} speedups"
+        f"{axes} x {len(s.methods)} methods x {len(s.seeds)} seeds)")
     out(f"  output   {plan.store.display()}")
     out(f"  to run   {len(plan.todo)}; already done (kept) {len(plan.done)}")
     out(f"  base models: train {len(plan.bases_train)}, reuse {len(plan.bases_reuse)}")
@@ -112,8 +114,9 @@ def print_plan(plan: Plan, out) -> None:
         f"{ft.num_workers} Ray Train worker(s), use_gpu={ft.use_gpu}; max {r.max_concurrent} concurrent")
     for cfg in plan.combos:
         state = plan.done.get(cfg.combo_id(), "todo")
+        metric = f" {cfg.prune.target_metric:<7}" if axes else ""
         out(f"  [{state:>11}] {cfg.combo_id()}  {cfg.model:<12} {cfg.method:<11} "
-            f"{cfg.target_speedup:>6}x seed {cfg.seed}")
+            f"{cfg.target_speedup:>6}x{metric} seed {cfg.seed}")
 
 
 # ---- run ------------------------------------------------------------------------------
@@ -234,10 +237,10 @@ def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:
 
 
 def _row_line(row: ResultRow) -> str:
-    if row.status == "failed":
-        return f"FAILED {row.model} {row.method} {row.target_speedup}x seed {row.seed}: {row.error}"
-    acc = "" if row.final_top1 is None else f" top-1 {100 * row.base_top1:.2f} -> {100 * row.final_top1:.2f}%"
     metric = "" if row.target_metric in (None, "macs") else f" {row.target_metric}"
+    if row.status == "failed":
+        return f"FAILED {row.model} {row.method} {row.target_speedup}x{metric} seed {row.seed}: {row.error}"
+    acc = "" if row.final_top1 is None else f" top-1 {100 * row.base_top1:.2f} -> {100 * row.final_top1:.2f}%"
     return (f"{row.status:<11} {row.model} {row.method} {row.target_speedup}x{metric} seed {row.seed}: "
             f"{row.macs_speedup:.3f}x MACs, {row.latency_speedup:.2f}x latency{acc}")
 

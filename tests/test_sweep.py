@@ -15,7 +15,7 @@ import yaml
 from progprune.spec import load_spec
 from progprune.storage import Store
 from faults import inject
-from helpers import ROOT, progprune, read_results, run_env, tiny_spec
+from helpers import ROOT, combo_ids, progprune, read_results, run_env, tiny_spec
 from raycluster import BIN, LocalRay
 
 SMOKE = ROOT / "ray_jobs" / "digits_smoke.yaml"
@@ -127,6 +127,25 @@ def test_unreachable_target_is_a_row_not_an_error(cluster, tmp_path):
     assert df.achieved_speedup.iloc[0] < 1000
     assert df.prune_steps.iloc[0] == 30
     assert df.final_top1.isna().all()
+
+
+@pytest.mark.ray
+def test_target_metrics_are_a_sweep_axis_with_one_row_each(cluster, tmp_path):
+    """Issue 20: `pruning.target_metric: [macs, params, latency]` runs each target in its
+    metric; the MACs combinations keep the combo_ids of the same spec without the axis."""
+    plain = tiny_spec(tmp_path, name="plain", models=["resnet20"], speedups=[1.5])
+    spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[1.5],
+                     pruning={"iterative_steps": 60, "target_metric": ["macs", "params", "latency"]})
+    r = progprune("sweep", spec, "--address", cluster.address)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "3 target metrics" in r.stdout
+    df = read_results(tmp_path / "out").set_index("target_metric")
+    assert sorted(df.index) == ["latency", "macs", "params"] and (df.status == "ok").all()
+    assert df.loc["macs", "achieved_speedup"] == pytest.approx(df.loc["macs", "macs_speedup"])
+    assert df.loc["params", "achieved_speedup"] == pytest.approx(df.loc["params", "compression_ratio"])
+    assert df.loc["latency", "achieved_ci_low"] >= 1.5 and df.loc["latency", "target_points"] >= 1
+    assert df.loc["macs", "combo_id"] == combo_ids(plain)[0]
+    assert len(set(df.combo_id)) == 3
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
