@@ -96,22 +96,39 @@ class PairedTimer:
             best = min(best, self.clock() - t0)
         return best * 1000.0
 
-    def speedup(self, candidate: Forward, rounds: int, warm: bool = True) -> Speedup:
+    def speedup(self, candidate: Forward, rounds: int) -> Speedup:
         """`rounds` interleaved rounds of base and candidate."""
-        base_ms, cand_ms = [], []
-        with self.scope(), torch.no_grad():
-            if warm:
-                self._warm(candidate)
-            for r in range(rounds):
-                if r % 2:
-                    c = self._time(candidate)
-                    b = self._time(self.base)
+        return self.samples(candidate).add(rounds)
+
+    def samples(self, candidate: Forward) -> "Samples":
+        """Rounds of `candidate` that can be added to (a test that decides as it goes)."""
+        return Samples(self, candidate)
+
+
+class Samples:
+    """The paired rounds of one candidate so far; `add(n)` times n more and returns the
+    estimate from all of them."""
+
+    def __init__(self, timer: PairedTimer, candidate: Forward):
+        self.timer, self.candidate = timer, candidate
+        self.base_ms: list[float] = []
+        self.cand_ms: list[float] = []
+
+    def add(self, rounds: int) -> Speedup:
+        t = self.timer
+        with t.scope(), torch.no_grad():
+            if not self.base_ms:
+                t._warm(self.candidate)
+            for _ in range(rounds):
+                if len(self.base_ms) % 2:
+                    c = t._time(self.candidate)
+                    b = t._time(t.base)
                 else:
-                    b = self._time(self.base)
-                    c = self._time(candidate)
-                base_ms.append(b)
-                cand_ms.append(c)
-        return from_times(base_ms, cand_ms)
+                    b = t._time(t.base)
+                    c = t._time(self.candidate)
+                self.base_ms.append(b)
+                self.cand_ms.append(c)
+        return from_times(self.base_ms, self.cand_ms)
 
 
 def from_times(base_ms: list[float], cand_ms: list[float]) -> Speedup:

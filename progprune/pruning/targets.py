@@ -8,7 +8,7 @@ base and the secant through the last two points; 1 before the first point), and 
 for the aim, the middle of the accepted window [target, target x (1 + tolerance)]. Far
 from the window a move covers 80% of the predicted way, so the last moves are short ones
 from below. A timed metric is measured in few rounds far from the
-target and in more near it; the target is reached only when the measurement's 95%
+target and in more while the answer is open near it; the target is reached only when the measurement's 95%
 interval lies at or above it (docs/design.md, "Latency targets"). The target is
 unreachable when the schedule or the cap ends first, or when the metric flattens: the MACs
 speedup doubled since the metric last grew by 2%.
@@ -31,14 +31,15 @@ from progprune.models import logits_of, sync_attention
 from progprune.pruning.loop import ProgressiveLoop, PruneOutcome, check_speedup, progressive_prune
 from progprune.timing import PairedTimer, Speedup, eager
 
-# (model, rounds) -> its speedup in the target metric (a counted metric ignores rounds)
-Measure = Callable[[nn.Module, int], Speedup]
+# model -> add(rounds): its speedup in the target metric from all the rounds so far (a
+# counted metric ignores rounds)
+Measure = Callable[[nn.Module], Callable[[int], Speedup]]
 
 
 @dataclass(frozen=True)
 class Rounds:
-    """How many timed rounds a measurement takes: `coarse` far from the target, `fine` when
-    the estimate is within 10% of it, up to `most` when the interval straddles it."""
+    """How many timed rounds a measurement takes: `coarse` first; while the answer is open,
+    as many again, to at least `fine` near the target and at most `most`."""
 
     coarse: int = 10
     fine: int = 40
@@ -72,14 +73,16 @@ class MetricSearch:
         self.flat = ""  # why the metric is judged flat (unreachable), if it is
 
     def _estimate(self, model: nn.Module) -> Speedup:
-        """`model`'s speedup, in more rounds the closer it is to the target."""
+        """`model`'s speedup: `coarse` rounds, then, while the answer is open, as many again
+        (up to `most`): open while the interval straddles the target, or while the estimate
+        is within 10% of it and has fewer than `fine` rounds (the fit needs it there)."""
+        add = self.measure(model)
+        est = add(self.rounds.coarse)
         if not self.timed:
-            return self.measure(model, 0)
-        est = self.measure(model, self.rounds.coarse)
-        if est.speedup * FAR >= self.target or est.high >= self.target:
-            est = self.measure(model, self.rounds.fine)
-            if est.low < self.target <= est.high:
-                est = self.measure(model, self.rounds.most)
+            return est
+        while est.rounds < self.rounds.most and not self._clears(est) and (
+                est.high >= self.target or (est.speedup * FAR >= self.target and est.rounds < self.rounds.fine)):
+            est = add(min(est.rounds, self.rounds.most - est.rounds))
         return est
 
     def _clears(self, est: Speedup) -> bool:
@@ -210,14 +213,15 @@ def prune_to_target(model, pruner, example_inputs, target: float, settings, *, t
     check_speedup(target)
     loop = ProgressiveLoop(model, pruner, example_inputs, settings, calib=calib, on_step=on_step)
     if metric == "params":
-        def measure(m, _rounds):
-            return Speedup.exact(loop.base_params / count_exact(m, example_inputs)[1])
+        def measure(m):
+            exact = Speedup.exact(loop.base_params / count_exact(m, example_inputs)[1])
+            return lambda _rounds: exact
         return prune_to_metric(loop, metric, target, measure, settings.tolerance, timed=False, log=log)
     if metric != "latency":
         raise BadInput(f"target_metric must be one of {', '.join(TARGET_METRICS)}, got {metric!r}")
     if timer is None:
         raise ValueError("a latency target needs a PairedTimer of the base model")
-    return prune_to_metric(loop, metric, target, lambda m, rounds: timer.speedup(prepare(m), rounds),
+    return prune_to_metric(loop, metric, target, lambda m: timer.samples(prepare(m)).add,
                            settings.latency_tolerance, timed=True, log=log)
 
 
