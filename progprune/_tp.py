@@ -5,7 +5,8 @@ per-layer cap and fixes OBD-C with names Torch-Pruning does not promise to keep:
 pruner's private helpers (`_get_channel_groups`, `_check_pruning_ratio`,
 `_downstream_node_as_root_if_attention`), its `estimate_importance` (replaced for one step
 to record the scores), `layer_init_out_ch`, the dependency graph `pruner.DG`, the layout
-of a `Group`, `OBDCImportance`'s private methods and buffers, and the op counter's table.
+of a `Group`, `OBDCImportance`'s private methods and buffers, the op counter's table, and
+the index-mapping updates and group walk that `mappings_cached` shortens.
 Everything else calls the small functions here, so an upgrade of Torch-Pruning is this
 file. It sits at the bottom of the layers (torch and torch_pruning only), so `macs` and
 `models` may use it as well as `pruning`.
