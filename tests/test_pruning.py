@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from progprune import _tp
 from progprune.config import PruneConfig
 from progprune.errors import BadInput, ProgpruneError
 from progprune.models import build_model, example_inputs
@@ -378,3 +379,64 @@ def test_global_head_pruning_survives_steps_that_remove_no_head(max_ratio, tmp_p
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+class _Concat(nn.Module):
+    """Two branches concatenated, then a conv: the groups' index mappings shift as they are pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 20, 3, padding=1), nn.BatchNorm2d(20), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(32, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, NUM_CLASSES))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def _groups(pruner):
+    return [[(str(d), list(i), list(g[k].root_idxs)) for k, (d, i) in enumerate(g)]
+            for g in _tp.all_groups(pruner)]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "concat"])
+def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes(name):
+    """Within `_tp.mappings_cached` (the loop's steps) index mappings are recomputed only after
+    a prune and groups without mappings are re-made from their structure: every step prunes
+    the same channels as Torch-Pruning's own `pruner.step()`, and every group (members,
+    indices, root indices) is the one Torch-Pruning builds."""
+    cfg = PruneConfig(global_pruning=True, iterative_steps=20)
+    pruners = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = _Concat().eval() if name == "concat" else build_model(name, NUM_CLASSES)
+        _trained_like(model)
+        pruners.append(make_pruner(model, example_inputs(), cfg, NUM_CLASSES))
+    own, cached = pruners
+    remade = 0
+    for step in range(8):
+        own.step()
+        with _tp.mappings_cached(cached):
+            cached.step()
+        assert cached.pruning_history() == own.pruning_history(), step
+        for (n, a), b in zip(own.model.state_dict().items(), cached.model.state_dict().values()):
+            assert a.shape == b.shape and torch.equal(a, b), (step, n)  # the same channels of every layer
+        with _tp.mappings_cached(cached):
+            mine = _groups(cached)
+        assert mine == _groups(cached) == _groups(own), step
+        remade = sum(v is not None for v in cached.DG._progprune_structures.values())
+    assert len(own.pruning_history()) > 8 and remade > 0  # something pruned; some groups re-made
+    if name == "concat":  # the branches' groups map through the concat: Torch-Pruning's own path
+        assert None in cached.DG._progprune_structures.values()
+        # Torch-Pruning ranks b (after a in the concat) first, so a step never moves an offset
+        # it reads later; pruning a first does: b's group must map through the new offset
+        with _tp.mappings_cached(cached):
+            _groups(cached)
+            module = cached.model.a[0]
+            _tp.prune_group(cached, module, tp.prune_conv_out_channels, [0, 1])
+            mine = _groups(cached)
+        assert mine == _groups(cached)
+    assert not hasattr(cached.DG, "_progprune_mappings") and "get_pruning_group" not in vars(cached.DG)

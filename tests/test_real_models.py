@@ -399,7 +399,7 @@ def _history_marks(model, ex, cfg, crossing):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tv:googlenet", "tv:vit_b_32"])
+@pytest.mark.parametrize("name", ["tv:googlenet", "tv:vit_b_32", "tv:mobilenet_v3_large"])
 def test_crossing_prunes_a_subset_of_the_reference_step_on_the_zoo(name):
     """As tests/test_crossing.py for the CIFAR networks: the fine loop prunes the same channels
     as Torch-Pruning's own loop (crossing="reference": whole steps) at every step before the
@@ -419,3 +419,33 @@ def test_crossing_prunes_a_subset_of_the_reference_step_on_the_zoo(name):
         assert set(idxs) <= ref_last.get((layer, is_out), set()), (layer, idxs)
     assert 2.0 <= fine.achieved_speedup <= ref.achieved_speedup
     assert fine.crossing_cut in ("prefix", "subset") and fine.achieved_speedup < ref.achieved_speedup
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tv:googlenet", "tv:efficientnet_b0", "tv:convnext_tiny", "tv:vit_b_32"])
+def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes_on_the_zoo(name):
+    """As tests/test_pruning.py for the CIFAR nets: within `_tp.mappings_cached` (the loop's
+    steps) every step prunes the same channels of every tensor as Torch-Pruning's own
+    `pruner.step()`, and every group is the one Torch-Pruning builds (concats: googlenet;
+    squeeze-excitation: efficientnet; layer-scale parameters: convnext; attention: vit)."""
+    from progprune import _tp
+
+    def groups(pruner):
+        return [[(str(d), list(i), list(g[k].root_idxs)) for k, (d, i) in enumerate(g)]
+                for g in _tp.all_groups(pruner)]
+
+    cfg = PruneConfig(iterative_steps=ZOO_STEPS, global_pruning=True)
+    (own_model, ex), (model, _) = _zoo(name), _zoo(name)
+    own, cached = make_pruner(own_model, ex, cfg, NUM_CLASSES), make_pruner(model, ex, cfg, NUM_CLASSES)
+    for step in range(6):
+        with _tp.one_step(own):
+            own.step()
+        with _tp.mappings_cached(cached), _tp.one_step(cached):
+            cached.step()
+        assert cached.pruning_history() == own.pruning_history(), step
+        for (n, a), b in zip(own_model.state_dict().items(), model.state_dict().values()):
+            assert a.shape == b.shape and torch.equal(a, b), (step, n)
+    with _tp.mappings_cached(cached):
+        mine = groups(cached)
+    assert mine == groups(cached)
+    assert any(v is not None for v in cached.DG._progprune_structures.values())

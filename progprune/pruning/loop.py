@@ -110,14 +110,15 @@ class _Steps:
             method.before_step(model, pruner, self.calib)
         try:
             cross = self.may_cross(macs)
-            if cross or self.cap is not None:
-                self.cut, self.channels, pruned = planned_step(
-                    pruner, self.counter, self.target_macs, self.tolerance, self.cap, cross)
-                self.at_floor = self.cap is not None and pruned == 0 and self.cap.exhausted(pruner)
-            else:
-                with _tp.one_step(pruner):
-                    pruner.step()
-                self.cut, self.channels, self.at_floor = CUT_WHOLE, None, False
+            with _tp.mappings_cached(pruner):  # nothing prunes in it but the step's own pruning
+                if cross or self.cap is not None:
+                    self.cut, self.channels, pruned = planned_step(
+                        pruner, self.counter, self.target_macs, self.tolerance, self.cap, cross)
+                    self.at_floor = self.cap is not None and pruned == 0 and self.cap.exhausted(pruner)
+                else:
+                    with _tp.one_step(pruner):
+                        pruner.step()
+                    self.cut, self.channels, self.at_floor = CUT_WHOLE, None, False
         finally:
             sync_attention(model)
             if method and method.after_step:
