@@ -1,4 +1,4 @@
-"""Latency targets on this machine: where they land, re-measured in a fresh process, and
+"""Latency targets on this machine (any runtime): where they land, re-measured in a fresh process, and
 what they cost against a MACs target at the same speedup.
 
 For each (model, target): `progprune prune --target-metric latency` (the CLI, in its own
@@ -27,32 +27,36 @@ REMEASURE = r"""
 import json, sys, torch
 from progprune.artifacts import load_pruned
 from progprune.models import build_model
-from progprune.timing import PairedTimer, eager
-path, name, classes, size, batch, rounds = sys.argv[1:7]
+from progprune.runtimes import get_runtime
+from progprune.timing import PairedTimer
+path, name, classes, size, batch, rounds, runtime, threads = sys.argv[1:9]
 torch.manual_seed(0)
+torch.set_num_threads(int(threads))
 pruned = load_pruned(path)
 shape = (3, int(size), int(size))
 base = build_model(name, int(classes), shape).eval()
 x = torch.randn(int(batch), *shape)
-est = PairedTimer(eager(base), x, warmup=10).speedup(eager(pruned), int(rounds))
+rt = get_runtime(runtime)
+run = lambda m: rt.prepare(m, x, "cpu", "fp32", int(threads))
+est = PairedTimer(run(base), x, warmup=10).speedup(run(pruned), int(rounds))
 print(json.dumps({"speedup": est.speedup, "low": est.low, "high": est.high}))
 """
 
 
-def prune(model, target, metric, size, batch, out, threads) -> dict:
+def prune(model, target, metric, size, batch, out, threads, runtime) -> dict:
     cmd = [sys.executable, "-m", "progprune", "prune", "--model", model, "--dataset", "synthetic",
            "--image-size", str(size), "--speedup", str(target), "--target-metric", metric,
            "--base-epochs", "0", "--finetune-epochs", "0", "--latency-batch-size", str(batch),
-           "--output", out, "--force"]
+           "--runtime", runtime, "--latency-threads", str(threads), "--output", out, "--force"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return pq.read_table(os.path.join(out, "result.parquet")).to_pylist()[0]
 
 
-def remeasure(out, model, row, size, batch, rounds, threads) -> dict:
+def remeasure(out, model, row, size, batch, rounds, threads, runtime) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     res = subprocess.run([sys.executable, "-c", REMEASURE, os.path.join(out, "pruned.pt"), model,
-                          str(row["num_classes"]), str(size), str(batch), str(rounds)],
+                          str(row["num_classes"]), str(size), str(batch), str(rounds), runtime, str(threads)],
                          check=True, capture_output=True, text=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -65,8 +69,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=300, help="rounds of the fresh re-measure")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runtime", default="eager", help="eager, compile, onnxruntime")
+    ap.add_argument("--no-macs", action="store_true", help="skip the MACs-target run (no time ratio)")
     args = ap.parse_args()
-    print(f"latency targets, batch {args.batch}, {args.size} px, {args.threads} thread(s), eager, cpu")
+    print(f"latency targets, batch {args.batch}, {args.size} px, {args.threads} thread(s), {args.runtime}, cpu")
     head = (f"{'model':<12} {'target':>6} {'status':<11} {'stop rule':>9} {'re-measured [95%]':>22} "
             f"{'in window':>9} {'MACs x':>7} {'points':>6} {'lat s':>6} {'MACs-target s':>13} {'ratio':>5}")
     print(head)
@@ -75,19 +81,21 @@ def main() -> None:
         for model in args.models:
             for target in args.targets:
                 out = os.path.join(tmp, f"{model}-{target}")
-                row = prune(model, target, "latency", args.size, args.batch, out, args.threads)
-                mrow = prune(model, target, "macs", args.size, args.batch, out + "-macs", args.threads)
+                row = prune(model, target, "latency", args.size, args.batch, out, args.threads, args.runtime)
+                mrow = None if args.no_macs else prune(model, target, "macs", args.size, args.batch, out + "-macs",
+                                                       args.threads, args.runtime)
                 if row["status"] == "ok":
-                    fresh = remeasure(out, model, row, args.size, args.batch, args.rounds, args.threads)
+                    fresh = remeasure(out, model, row, args.size, args.batch, args.rounds, args.threads, args.runtime)
                     ok = target <= fresh["speedup"] <= 1.05 * target
                     inside, total = inside + ok, total + 1
                     fresh_s = f"{fresh['speedup']:.3f} [{fresh['low']:.3f}, {fresh['high']:.3f}]"
                 else:
                     fresh_s, ok = "-", None
+                msec = f"{mrow['prune_seconds']:>13.1f} {row['prune_seconds'] / mrow['prune_seconds']:>5.2f}" \
+                    if mrow else f"{'-':>13} {'-':>5}"
                 print(f"{model:<12} {target:>6.2f} {row['status']:<11} {row['achieved_speedup']:>9.3f} "
                       f"{fresh_s:>22} {('yes' if ok else 'no') if ok is not None else '-':>9} "
-                      f"{row['macs_speedup']:>7.2f} {row['target_points']:>6} {row['prune_seconds']:>6.1f} "
-                      f"{mrow['prune_seconds']:>13.1f} {row['prune_seconds'] / mrow['prune_seconds']:>5.2f}",
+                      f"{row['macs_speedup']:>7.2f} {row['target_points']:>6} {row['prune_seconds']:>6.1f} {msec}",
                       flush=True)
     print(f"landed in [target, 1.05 x target] when re-measured: {inside} of {total} reached targets")
 
