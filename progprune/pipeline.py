@@ -31,7 +31,7 @@ from progprune.pruning import PruneOutcome, get_method, make_pruner, prune_to_ta
 from progprune.pruning.progress import PruneProgress
 from progprune.errors import CombinationFailed
 from progprune.export import export_beside, record_exports, run_meta
-from progprune.runtimes import get_runtime, torch_threads
+from progprune.runtimes import get_runtime, latency_round_to, torch_threads
 from progprune.results import ResultRow, compose, write_rows
 from progprune.storage.layout import PRUNE_LAYOUT
 from progprune.timing import PairedTimer
@@ -140,16 +140,17 @@ class PruneInfo:
     unpruned_top1: tuple[float, float] | None = None  # (top-1, top-5) of the model as pruned,
     # measured when sparse learning changed it from the base
     unreachable: str | None = None  # why the target was not reached (status "unreachable")
+    round_to: int | None = None  # the channel multiple pruned to (a latency target's default)
 
     def columns(self) -> dict:
         o = self.outcome
         return {
-            "status": o.status, "error": self.unreachable, "achieved_speedup": o.achieved_speedup, "macs_speedup": o.macs_speedup,
-            "achieved_ci_low": o.metric_low, "achieved_ci_high": o.metric_high,
-            "target_points": o.metric_points, "overshoot_pct": o.overshoot_pct, "base_macs": o.base_macs, "base_params": o.base_params,
-            "pruned_macs": o.macs, "pruned_params": o.params, "compression_ratio": o.base_params / o.params,
-            "prune_steps": o.steps, "prune_seconds": o.seconds, "crossing": o.crossing,
-            "crossing_cut": o.crossing_cut, "macs_counter": o.macs_counter,
+            "status": o.status, "error": self.unreachable, "achieved_speedup": o.achieved_speedup,
+            "macs_speedup": o.macs_speedup, "achieved_ci_low": o.metric_low, "achieved_ci_high": o.metric_high,
+            "target_points": o.metric_points, "overshoot_pct": o.overshoot_pct, "round_to": self.round_to,
+            "base_macs": o.base_macs, "base_params": o.base_params, "pruned_macs": o.macs, "pruned_params": o.params,
+            "compression_ratio": o.base_params / o.params, "prune_steps": o.steps, "prune_seconds": o.seconds,
+            "crossing": o.crossing, "crossing_cut": o.crossing_cut, "macs_counter": o.macs_counter,
             "pruned_top1": self.pruned_top1, "pruned_top1_bn": self.pruned_top1_bn,
             "base_latency_ms": self.base_latency_ms, "pruned_latency_ms": self.pruned_latency_ms,
             "latency_speedup": self.base_latency_ms / self.pruned_latency_ms,
@@ -168,16 +169,17 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     unpruned = evaluate(model, splits, "test", device) if needs_sparse(cfg) else None
     base_copy = copy.deepcopy(model)  # timed against the pruned model, interleaved
     ex = example_inputs(splits.input_shape).to(device)
-    pruner = make_pruner(model, ex, cfg.prune, splits.num_classes, cfg.sparse)
+    settings = prune_settings(cfg, device)
+    pruner = make_pruner(model, ex, settings, splits.num_classes, cfg.sparse)
     method = get_method(cfg.method)
     calib = calibration_batch(splits, device, seed=cfg.seed) if method.gradients else None
-    metric = cfg.prune.target_metric
+    metric = settings.target_metric
     log(f"pruning {cfg.model} with {cfg.method} to {cfg.target_speedup}x {metric} "
         f"({'global' if cfg.prune.global_pruning else 'local'}, {cfg.prune.iterative_steps} steps)")
     timer, prepare = _latency_timer(cfg, base_copy, splits, device) if metric == "latency" else (None, None)
     torch.manual_seed(cfg.seed)  # random importance draws from the global generator
     progress = PruneProgress(cfg.target_speedup if metric == "macs" else None, cfg.prune.iterative_steps, log)
-    outcome = prune_to_target(model, pruner, ex, cfg.target_speedup, cfg.prune, timer=timer, prepare=prepare,
+    outcome = prune_to_target(model, pruner, ex, cfg.target_speedup, settings, timer=timer, prepare=prepare,
                               calib=calib, on_step=progress, log=log)
     macs = f" ({outcome.macs_speedup:.4f}x MACs)" if metric != "macs" else ""
     log(f"  {outcome.status}: {outcome.achieved_speedup:.4f}x {metric}{macs} after {outcome.steps} steps "
@@ -199,7 +201,17 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     del base_copy
     return PruneInfo(outcome, top1, top5, lb.median_ms, lp.median_ms, lb.iqr_ms, lp.iqr_ms,
                      lb.threads, lb.noisy or lp.noisy, top1_bn, unpruned,
-                     None if outcome.status == "ok" else why_unreachable(outcome, cfg.prune, cfg.target_speedup))
+                     None if outcome.status == "ok" else why_unreachable(outcome, settings, cfg.target_speedup),
+                     settings.round_to)
+
+
+def prune_settings(cfg: ComboConfig, device):
+    """What the prune runs with: the spec's `pruning:`, and for a latency target that sets
+    no round_to, the channel multiple its runtime prefers on this device (the row says which)."""
+    p = cfg.prune
+    if p.target_metric != "latency" or p.round_to is not None:
+        return p
+    return p.model_copy(update={"round_to": latency_round_to(cfg.evaluation.runtime, device)})
 
 
 def _latency_timer(cfg: ComboConfig, base: nn.Module, splits: Splits, device):

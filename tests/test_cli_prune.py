@@ -724,6 +724,7 @@ def test_latency_target_end_to_end_and_a_remeasure_agrees_within_a_wide_band(tmp
     assert row["status"] == "ok" and row["target_metric"] == "latency"
     assert row["achieved_ci_low"] >= 1.5 and row["achieved_ci_low"] <= row["achieved_speedup"] <= row["achieved_ci_high"]
     assert row["target_points"] >= 1
+    assert row["round_to"] == 8  # the default channel multiple of an eager latency target on a CPU
     assert row["macs_speedup"] == pytest.approx(row["base_macs"] / row["pruned_macs"])
     assert row["overshoot_pct"] == pytest.approx((row["achieved_speedup"] / 1.5 - 1) * 100)
     assert "95% [" in proc.stderr  # the summary states the stop rule's interval
@@ -768,3 +769,23 @@ def test_bad_target_flags_are_one_line(tmp_path, args, message):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr
     assert not out.exists()
+
+
+def test_a_latency_target_rounds_channels_as_its_runtime_prefers_unless_the_spec_says():
+    """bench_round_to.py: onnxruntime on a CPU runs widths in multiples of 16 far faster; a
+    latency target that sets no round_to uses the runtime's multiple, a set one is kept, and a
+    MACs target is left as Torch-Pruning's recipe has it."""
+    from progprune.config import SweepSpec
+    from progprune.pipeline import prune_settings
+
+    def combo(**pruning):
+        spec = SweepSpec(name="t", models=["resnet20"], speedups=[2.0], pruning=pruning,
+                         evaluation={"runtime": pruning.pop("runtime", "eager")})
+        return spec.combinations()[0]
+
+    assert prune_settings(combo(target_metric="latency"), "cpu").round_to == 8
+    assert prune_settings(combo(target_metric="latency", runtime="onnxruntime"), "cpu").round_to == 16
+    assert prune_settings(combo(target_metric="latency", runtime="onnxruntime"), "cuda").round_to == 8
+    assert prune_settings(combo(target_metric="latency", round_to=4), "cpu").round_to == 4
+    assert prune_settings(combo(), "cpu").round_to is None
+    assert prune_settings(combo(target_metric="params"), "cpu").round_to is None

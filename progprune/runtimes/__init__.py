@@ -90,6 +90,20 @@ def runtime_names() -> list[str]:
     return RUNTIMES.names()
 
 
+# The channel multiple a latency target prunes to when the spec sets no `pruning.round_to`
+# (benchmarks/bench_round_to.py, README "Targets"): on this CPU at 2x MACs, onnxruntime runs
+# odd widths far slower (mobilenetv2 0.52x with none, 1.71x with 16; resnet56 1.09x -> 1.92x)
+# and eager gains a little from 8 (resnet56 1.38x -> 1.43x, batch 64 1.63x -> 1.69x); on a
+# GPU 8 is the tensor cores' multiple for fp16/bf16 (not measured here: no GPU).
+LATENCY_ROUND_TO = {("cpu", "onnxruntime"): 16}
+LATENCY_ROUND_TO_DEFAULT = 8
+
+
+def latency_round_to(runtime: str, device) -> int:
+    """The channel multiple a latency target in `runtime` on `device` prunes to by default."""
+    return LATENCY_ROUND_TO.get((torch.device(device).type, runtime), LATENCY_ROUND_TO_DEFAULT)
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
     """torch's intra-op threads set to `threads` inside (None: left as they are); yields the
