@@ -241,8 +241,9 @@ def _row_line(row: ResultRow) -> str:
     if row.status == "failed":
         return f"FAILED {row.model} {row.method} {row.target_speedup}x{metric} seed {row.seed}: {row.error}"
     acc = "" if row.final_top1 is None else f" top-1 {100 * row.base_top1:.2f} -> {100 * row.final_top1:.2f}%"
+    macs = row.macs_speedup if row.macs_speedup is not None else row.achieved_speedup  # a row of before issue 20
     return (f"{row.status:<11} {row.model} {row.method} {row.target_speedup}x{metric} seed {row.seed}: "
-            f"{row.macs_speedup:.3f}x MACs, {row.latency_speedup:.2f}x latency{acc}")
+            f"{macs:.3f}x MACs, {row.latency_speedup:.2f}x latency{acc}")
 
 
 HEARTBEAT_S = 60.0  # plain-text progress: a line at least this often while nothing changes
