@@ -49,7 +49,9 @@ def prune(model, target, metric, size, batch, out, threads, runtime) -> dict:
            "--base-epochs", "0", "--finetune-epochs", "0", "--latency-batch-size", str(batch),
            "--runtime", runtime, "--latency-threads", str(threads), "--output", out, "--force"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode not in (0, 3):  # 3: unreachable, a row like any other
+        raise SystemExit(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-2000:]}")
     return pq.read_table(os.path.join(out, "result.parquet")).to_pylist()[0]
 
 
