@@ -29,6 +29,7 @@ from progprune._atomic import atomic_path
 from progprune._checkpoint_io import check_artifact, check_finite, is_safetensors, read_checkpoint, sha256, unwrap
 from progprune.errors import BadInput
 from progprune.models import build_model, head_name, kind_of, logits_of, sync_attention  # noqa: F401 (head_name: re-exported)
+from progprune.pruning import replay_history
 
 FORMAT = "progprune.artifact/1"
 HISTORY_ATTR = "_progprune_history"  # set on models rebuilt from an artifact: their prior rounds
@@ -143,9 +144,7 @@ def _materialize(path: str, name: str, num_classes: int, sd: dict, history: list
     rebuilt, carried = "fresh", []
     if history:
         try:
-            dg = _trace(model, input_shape)
-            dg.load_pruning_history([(n, bool(o), list(i)) for n, o, i in history])
-            sync_attention(model)  # head counts follow the replayed widths
+            replay_history(model, history, torch.randn(1, *input_shape))
             rebuilt, carried = "history", list(history)
         # broad on purpose: Torch-Pruning replaying a history on a model of unknown origin
         except Exception:  # names or indices that do not replay: the shapes decide below

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import importlib.metadata as _md
-
 import os
 import time
 from dataclasses import dataclass

@@ -7,13 +7,13 @@ from progprune.pruning.loop import (CROSSINGS, MACS_FAST, MACS_TP, ProgressiveLo
 from progprune.pruning.methods import (METHODS, Method, get_method, ignored_modules,
                                        list_methods, make_pruner, register_method)
 from progprune.pruning.targets import (MetricSearch, Rounds, prune_to_metric, prune_to_target,
-                                      why_unreachable)
+                                      replay_history, why_unreachable)
 from progprune.pruning.planner import (CROSSING_CUTS, CUT_NONE, CUT_PREFIX, CUT_SUBSET,
                                        CUT_WHOLE)
 
 __all__ = [
     "CROSSINGS", "CROSSING_CUTS", "CUT_NONE", "CUT_PREFIX", "CUT_SUBSET", "CUT_WHOLE",
     "MACS_FAST", "MACS_TP", "METHODS", "Method", "MetricSearch", "ProgressiveLoop", "PruneOutcome",
-    "Rounds", "get_method", "prune_to_metric", "prune_to_target", "why_unreachable",
+    "Rounds", "get_method", "prune_to_metric", "prune_to_target", "replay_history", "why_unreachable",
     "ignored_modules", "list_methods", "make_pruner", "progressive_prune", "register_method",
 ]

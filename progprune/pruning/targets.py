@@ -180,13 +180,19 @@ class MetricSearch:
         return max((p.estimate for p in self.points), key=lambda e: e.speedup, default=Speedup.exact(1.0))
 
 
-@torch.enable_grad()  # DepGraph traces with autograd
-def _replayed(model: nn.Module, history: list, example_inputs) -> nn.Module:
-    """A copy of `model` with `history` (Torch-Pruning's records) pruned on it."""
-    model = copy.deepcopy(model)
+@torch.enable_grad()  # DepGraph traces and prunes with autograd; callers may sit in no_grad()
+def replay_history(model: nn.Module, history: list, example_inputs) -> None:
+    """Prune `model` in place as `history` (Torch-Pruning's records, as PruneOutcome.history
+    and artifacts keep them) says, with head counts following the widths."""
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, output_transform=logits_of)
     dg.load_pruning_history([(n, bool(o), list(i)) for n, o, i in history])
     sync_attention(model)
+
+
+def _replayed(model: nn.Module, history: list, example_inputs) -> nn.Module:
+    """A copy of `model` with `history` pruned on it."""
+    model = copy.deepcopy(model)
+    replay_history(model, history, example_inputs)
     return model.eval()
 
 
