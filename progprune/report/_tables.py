@@ -179,8 +179,7 @@ def notes(agg: pd.DataFrame) -> list[str]:
     return [text for cond, text in [
         (short, f"Curves with fewer than {MIN_POINTS} operating points (targets): " + ", ".join(short) + "."),
         (single, f"{single} operating point(s) have a single ok seed: no std shown."),
-        (not methods & {"random", RANDOM_CONTROL}, "No `random` baseline in this sweep (`controls: [random]` "
-         "adds one at every target)."),
+        (not methods & {"random", RANDOM_CONTROL}, "No `random` baseline in this sweep."),
         (not methods & {"l1", "l2"}, "No magnitude (`l1`/`l2`) baseline in this sweep."),
         (agg["latency_speedup_mean"].isna().all(), "No latency was measured: only MACs speedups are reported."),
     ] if cond]
