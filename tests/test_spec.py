@@ -72,7 +72,7 @@ def test_shipped_spec_loads(path):
 def test_digits_smoke_checks_paths_too():
     spec = load_spec(RAY_JOBS / "digits_smoke.yaml")  # no data_dir: nothing to skip
     assert spec.finetune.use_gpu is False and spec.resources.gpus_per_task == 0
-    assert len(spec.combinations()) == 2 * 3
+    assert len(spec.combinations()) == 2 * 3 * 2  # models x speedups x (group_norm, its random control)
 
 
 def test_gpu_recipe_missing_data_dir_is_reported_when_checked(tmp_path):
