@@ -118,7 +118,7 @@ def print_plan(plan: Plan, out) -> None:
     for cfg in plan.combos:
         state = plan.done.get(cfg.combo_id(), "todo")
         metric = f" {cfg.prune.target_metric:<7}" if axes else ""
-        out(f"  [{state:>11}] {cfg.combo_id()}  {cfg.model:<12} {_method_label(cfg.method, cfg.control):<19} "
+        out(f"  [{state:>11}] {cfg.combo_id()}  {cfg.model:<12} {_method_label(cfg.method, cfg.control):<20} "
             f"{cfg.target_speedup:>6}x{metric} seed {cfg.seed}")
 
 
