@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-CORE = ["progprune.pipeline", "progprune.pruning", "progprune.training", "progprune.data",
+CORE = ["progprune.pipeline", "progprune.controls", "progprune.pruning", "progprune.training", "progprune.data",
         "progprune.models", "progprune.artifacts", "progprune.results", "progprune.spec",
         "progprune.storage", "progprune.sweep", "progprune.report", "progprune.cli"]
 
