@@ -440,3 +440,60 @@ def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes(name):
             mine = _groups(cached)
         assert mine == _groups(cached)
     assert not hasattr(cached.DG, "_progprune_mappings") and "get_pruning_group" not in vars(cached.DG)
+
+
+def _scores(pruner):
+    """Every ranked group's importance, by whatever `pruner.importance` is now."""
+    return [pruner.importance(g) for g in _tp.all_groups(pruner)]
+
+
+@pytest.mark.parametrize("name, method", [("resnet20", "group_norm"), ("mobilenetv2", "l1"),
+                                          ("concat", "group_sl"), ("concat", "lamp"), ("resnet20", "l2")])
+def test_cached_magnitude_importance_is_torch_prunings_bit_for_bit(name, method):
+    """Within `_tp.mappings_cached` a magnitude importance takes runs of indices as slices and
+    squares in one pass: at every step, every group's scores are bitwise the ones
+    Torch-Pruning's own `__call__` gives for the same group, and the steps prune the same
+    channels as `pruner.step()` outside the block."""
+    cfg = PruneConfig(method=method, global_pruning=True, iterative_steps=20)
+    pruners = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = _Concat().eval() if name == "concat" else build_model(name, NUM_CLASSES)
+        _trained_like(model)
+        pruners.append(make_pruner(model, example_inputs(), cfg, NUM_CLASSES))
+    own, cached = pruners
+    for step in range(6):
+        with _tp.mappings_cached(cached):
+            assert type(cached.importance) is not type(own.importance)  # the fast path is on
+            fast = _scores(cached)
+        slow = _scores(cached)  # upstream's __call__, the same groups
+        assert len(fast) == len(slow) > 0
+        for a, b in zip(fast, slow):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), step
+        own.step()
+        with _tp.mappings_cached(cached):
+            cached.step()
+        assert cached.pruning_history() == own.pruning_history(), step
+    assert type(cached.importance) is type(own.importance)  # upstream's again after the block
+    assert "get_all_groups" not in vars(cached.DG)
+
+
+def test_cached_magnitude_importance_slices_only_runs():
+    """Runs of indices become slices; anything else (gaps, repeats, negatives, out of range)
+    is indexed as upstream indexes it, out-of-range ones raising as upstream does."""
+    from progprune._tp.cached import _rows, _run
+
+    t = torch.arange(10.0)
+    assert _run([3, 4, 5]) == slice(3, 6) and _run([0]) == slice(0, 1)
+    assert _run([]) is None and _run([1, 3, 3]) is None and _run([2, 1, 3]) is None and _run([-1, 0]) is None
+    for idxs in ([3, 4, 5], [1, 3, 2], [0, 0, 1], [9]):
+        assert torch.equal(_rows(t, idxs), t[idxs])
+    with pytest.raises(IndexError):
+        _rows(t, [9, 10])
+    other = PruneConfig(method="slim")  # BN-scale importance brings its own __call__: upstream's path
+    torch.manual_seed(0)
+    model = build_model("resnet20", NUM_CLASSES)
+    pruner = make_pruner(model, example_inputs(), other, NUM_CLASSES)
+    imp = pruner.importance
+    with _tp.mappings_cached(pruner):
+        assert pruner.importance is imp
