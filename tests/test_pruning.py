@@ -405,7 +405,8 @@ def _groups(pruner):
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "concat"])
 def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes(name):
     """Within `_tp.mappings_cached` (the loop's steps) index mappings are recomputed only after
-    a prune and groups without mappings are re-made from their structure: every step prunes
+    a prune and groups are walked with offsets (through the concat too, shifted by its
+    offsets, which move as it is pruned): every step prunes
     the same channels as Torch-Pruning's own `pruner.step()`, and every group (members,
     indices, root indices) is the one Torch-Pruning builds."""
     cfg = PruneConfig(global_pruning=True, iterative_steps=20)
@@ -429,8 +430,8 @@ def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes(name):
         assert mine == _groups(cached) == _groups(own), step
         remade = sum(v is not None for v in cached.DG._progprune_structures.values())
     assert len(own.pruning_history()) > 8 and remade > 0  # something pruned; some groups re-made
-    if name == "concat":  # the branches' groups map through the concat: Torch-Pruning's own path
-        assert None in cached.DG._progprune_structures.values()
+    if name == "concat":  # the branches' groups map through the concat: re-made with its offsets
+        assert any(off for v in cached.DG._progprune_structures.values() if v for _, off in v)
         # Torch-Pruning ranks b (after a in the concat) first, so a step never moves an offset
         # it reads later; pruning a first does: b's group must map through the new offset
         with _tp.mappings_cached(cached):
@@ -497,3 +498,31 @@ def test_cached_magnitude_importance_slices_only_runs():
     imp = pruner.importance
     with _tp.mappings_cached(pruner):
         assert pruner.importance is imp
+
+
+@pytest.mark.parametrize("name", ["concat", "resnet20"])
+def test_groups_re_made_for_any_subset_are_torch_prunings(name):
+    """A group walked with offsets (through the concat: shifted by its offsets) is, for
+    subsets of its channels in any order, member for member the one Torch-Pruning's own walk
+    builds; and the concat's groups are among those walked so."""
+    import random
+
+    torch.manual_seed(0)
+    model = _Concat().eval() if name == "concat" else build_model(name, NUM_CLASSES)
+    pruner = make_pruner(model, example_inputs(), PruneConfig(global_pruning=True), NUM_CLASSES)
+    graph, rng = pruner.DG, random.Random(0)
+
+    def flat(g):
+        return [(str(d), list(i), list(g[k].root_idxs)) for k, (d, i) in enumerate(g)]
+
+    with _tp.mappings_cached(pruner):
+        roots = [_tp.root(g)[:2] + (len(g[0].idxs),) for g in _tp.all_groups(pruner)]
+        remade = [k for k, v in graph._progprune_structures.items() if v is not None]  # the walks taken
+        for module, handler, n in roots:
+            for size in (1, n // 2, n):
+                idxs = rng.sample(range(n), size)
+                mine = graph.get_pruning_group(module, handler, idxs)
+                assert flat(mine) == flat(type(graph).get_pruning_group(graph, module, handler, idxs)), idxs
+    assert len(remade) == len(roots)
+    if name == "concat":  # some members shifted by the concat's offsets
+        assert any(off for k in remade for _, off in graph._progprune_structures[k])

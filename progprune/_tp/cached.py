@@ -73,34 +73,62 @@ def _update_index_mapping(graph):
     return None
 
 
-# ---- groups re-made from their structure -----------------------------------------------
+# ---- groups walked with offsets ----------------------------------------------------------
 # `get_pruning_group` walks the graph from the root with one (index, root index) object per
-# channel per member and merges the members pairwise. Where every dependency the walk can
-# take maps indices as they are (no concat/split/reshape... mapping: [None, None]), the walk
-# goes the same way for any non-empty list of distinct indices: every member gets the root's
-# indices, root indices the same. Such a group's structure (its members' dependencies, in
-# order) is kept after Torch-Pruning has built it once, per (root module, resolved pruning
-# function); later it is re-made from it while every dependency the walk would take still
-# has no mapping (the mappings are updated first, as Torch-Pruning does). Anything else
-# (mappings, ignored parameters, repeated or non-int indices) goes to Torch-Pruning's own.
-_STRUCTURES = "_progprune_structures"  # graph attribute: {(module, fn): (deps, walked) or None}
+# channel per member, maps every list through each dependency's index mappings and merges
+# the members pairwise: most of a step's time on a model with concats. Where each mapping on
+# the walk maps indices as they are ([None, None]) or shifts them through a concat
+# (`_ConcatIndexMapping`: forward + offset; reverse - offset, keeping those in [o0, o1)) and
+# every reverse one keeps all of a member's indices or none, every member's indices are the
+# root's plus a constant offset, its root indices the root's. `_walk` is that walk, step for
+# step (the same stack, the same visited and `has_pruning_op` checks, the same merge) with
+# each list held as its offset: two shifted copies of one list are equal exactly when their
+# offsets are. A concat keeping part of a member's indices, any other mapping, a merge of two
+# offsets, ignored parameters, repeated or non-int indices: Torch-Pruning's own walk.
+_WALKS = "_progprune_structures"  # graph attribute: {(module, fn): the last walk's [(dep, offset)] or None}
+_CAT = _index_mapping._ConcatIndexMapping
 
 
-def _no_mapping(d) -> bool:
-    return d.index_mapping[0] is None and d.index_mapping[1] is None
-
-
-def _identity_walk(group):
-    """The dependencies Torch-Pruning's walk took for `group` if none maps indices, else None."""
-    walked = []
-    for dep, _ in group:
-        fn = dep.handler
-        for d in dep.target.dependencies:
-            if d.is_triggered_by(fn):
-                if not _no_mapping(d):
-                    return None
-                walked.append(d)
-    return walked
+def _walk(root_dep, idxs):
+    """[(dep, offset)] of the group Torch-Pruning's walk builds from `root_dep` for `idxs`, in
+    its order, or None where some member's indices are not the root's shifted (see above)."""
+    lo, hi = min(idxs), max(idxs)
+    items, stack, visited = [(root_dep, 0)], [(root_dep, 0)], set()
+    while stack:
+        dep, off = stack.pop()
+        node, fn = dep.target, dep.handler
+        visited.add(node)
+        for new_dep in node.dependencies:
+            if not new_dep.is_triggered_by(fn):
+                continue
+            first, second = new_dep.index_mapping
+            new = off
+            if first is not None or second is not None and type(second) is not _CAT:
+                return None
+            if second is not None:
+                o0, o1 = second.offset[0], second.offset[1]
+                if not second.reverse:
+                    new = off + o0
+                elif o0 <= lo + off and hi + off < o1:
+                    new = off - o0
+                elif hi + off < o0 or o1 <= lo + off:
+                    continue  # keeps none: an empty list, not taken
+                else:
+                    return None  # keeps some
+            target, handler = new_dep.target, new_dep.handler
+            if target in visited and any(d.target == target and d.handler == handler and o == new
+                                         for d, o in items):
+                continue  # has_pruning_op
+            items.append((new_dep, new))
+            stack.append((new_dep, new))
+    merged = []
+    for dep, off in items:  # add_and_merge: the first dep kept, its indices and any new ones
+        same = next((o for d, o in merged if d.target == dep.target and d.handler == dep.handler), None)
+        if same is None:
+            merged.append((dep, off))
+        elif same != off:
+            return None
+    return merged
 
 
 def _get_pruning_group(graph, module, pruning_fn, idxs):
@@ -111,18 +139,15 @@ def _get_pruning_group(graph, module, pruning_fn, idxs):
     fn = pruning_fn
     if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
         fn = tp.pruner.function.prune_depthwise_conv_out_channels  # as Torch-Pruning resolves it
-    structures = graph.__dict__.setdefault(_STRUCTURES, {})
-    known = structures.get((module, fn))
     _update_index_mapping(graph)  # first, as Torch-Pruning's does
-    if known is None or not all(_no_mapping(d) for d in known[1]):
-        group = tp_get(graph, module, pruning_fn, idxs)
-        walked = _identity_walk(group)
-        structures[(module, fn)] = None if walked is None else ([dep for dep, _ in group][1:], walked)
-        return group
     node = graph.module2node[module]
+    walk = _walk(Dependency(fn, fn, source=node, target=node), idxs)
+    graph.__dict__.setdefault(_WALKS, {})[(module, fn)] = walk
+    if walk is None:
+        return tp_get(graph, module, pruning_fn, idxs)
     group = Group()
-    for dep in [Dependency(fn, fn, source=node, target=node)] + known[0]:
-        item = _helpers.GroupItem(dep, list(idxs))
+    for dep, off in walk:
+        item = _helpers.GroupItem(dep, [i + off for i in idxs] if off else list(idxs))
         item.root_idxs = list(idxs)
         group._group.append(item)
     group._DG = graph
