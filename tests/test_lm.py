@@ -5,14 +5,12 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the llm extra (in .[test])")
+from transformers import AutoModelForCausalLM  # the llm extra, also in .[test]
 
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from progprune.errors import BadInput  # noqa: E402
-from progprune.lm import models, text  # noqa: E402
-from progprune.lm.prune import count_params, prune_to_params  # noqa: E402
-from tests.helpers import tiny_causal_lm, write_pydoc_corpus  # noqa: E402
+from progprune.errors import BadInput
+from progprune.lm import models, text
+from progprune.lm.prune import count_params, prune_to_params
+from tests.helpers import tiny_causal_lm, write_pydoc_corpus
 
 SEQ = 64
 
