@@ -275,20 +275,22 @@ class _Progress:
             self.live.start()
         self.last, self.printed = None, 0.0
 
-    def update(self, done: int, failed: int, running: int, queued: int):
-        """One status line; ETA from the throughput so far (rows per second)."""
+    def update(self, done: int, failed: int, running: int, queued: int, scratch: int = 0):
+        """One status line; ETA from the throughput so far (rows per second). `scratch`:
+        scratch controls submitted (waiting for their method's prune, or training)."""
         elapsed = time.monotonic() - self.t0
         eta = f"{elapsed / done * (self.total - done):.0f}s" if done else "?"
-        text = (f"{done}/{self.total} done, {failed} failed, {running} fine-tuning, {queued} queued, "
+        scratch_text = f"{scratch} scratch controls, " if scratch else ""
+        text = (f"{done}/{self.total} done, {failed} failed, {running} fine-tuning, {scratch_text}{queued} queued, "
                 f"ETA {eta}")
         if self.live:
             self.live.update(self.task, completed=done, description=text)
-        elif (done, failed, running, queued) != self.last or time.monotonic() - self.printed >= HEARTBEAT_S:
+        elif (done, failed, running, queued, scratch) != self.last or time.monotonic() - self.printed >= HEARTBEAT_S:
             # a log file gets a line when the counts move, else one per HEARTBEAT_S (not one per
             # loop turn: the ETA alone changes every 2 s)
             self.console.print(text)
             self.printed = time.monotonic()
-        self.last = (done, failed, running, queued)
+        self.last = (done, failed, running, queued, scratch)
 
     def row(self, row: ResultRow) -> None:
         self.console.print(_row_line(row), markup=False)

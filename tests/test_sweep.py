@@ -157,11 +157,16 @@ def test_controls_run_beside_the_methods_and_stand_apart_from_them(cluster, tmp_
     here from the rows; adding a method leaves every control's row where it is."""
     from scipy.stats import t
 
-    spec = tiny_spec(tmp_path, models=["resnet20"], speedups=[2.0], methods=["group_norm", "l1"], seeds=[0, 1],
-                     controls=["random", "scratch"], scratch={"epochs": 1})
+    grid = dict(models=["resnet20"], speedups=[2.0], methods=["group_norm", "l1"], seeds=[0, 1])
+    first = tiny_spec(tmp_path, name="first", **grid, controls=["random"])
+    r = progprune("sweep", first, "--address", cluster.address)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "controls: random" in r.stdout and "random (control)" in r.stdout
+    # the scratch control added later trains the stored methods' architectures (their pruned.pt)
+    spec = tiny_spec(tmp_path, name="first", **grid, controls=["random", "scratch"], scratch={"epochs": 1})
     r = progprune("sweep", spec, "--address", cluster.address)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "controls: random, scratch" in r.stdout and "random (control)" in r.stdout
+    assert "to run   4; already done (kept) 6" in r.stdout and "group_norm (scratch)" in r.stdout
     df = one_row_each(tmp_path / "out", spec)
     assert (df.status == "ok").all(), df[["method", "control", "error"]]
     methods, rand, scratch = df[df.control.isna()], df[df.control == "random"], df[df.control == "scratch"]
@@ -192,7 +197,7 @@ def test_controls_run_beside_the_methods_and_stand_apart_from_them(cluster, tmp_
             cells = f"| {method} | {control} | 2 | {d.mean():+.2f} | [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] |"
             assert cells in md, (cells, md[md.index("## Against"):])
 
-    more = tiny_spec(tmp_path, models=["resnet20"], speedups=[2.0], methods=["group_norm", "l1", "l2"], seeds=[0, 1],
+    more = tiny_spec(tmp_path, name="first", **{**grid, "methods": ["group_norm", "l1", "l2"]},
                      controls=["random", "scratch"], scratch={"epochs": 1})
     plan = progprune("sweep", more, "--address", cluster.address, "--dry-run")
     assert plan.returncode == 0, plan.stderr
