@@ -85,3 +85,25 @@ def summary(row, log) -> None:
         log(f"  {row.error}")
     if row.artifact_uri:
         log(f"  artifact {row.artifact_uri}" + "".join(f"\n  export   {u}" for u in json.loads(row.export_uris or "[]")))
+
+
+def controls_summary(rows, log) -> None:
+    """With --control: the final top-1 of the combination and of each control, and the
+    differences (one seed: no interval; `progprune report` of a sweep over seeds gives them)."""
+    if len(rows) < 2:
+        return
+    method = rows[0]
+    label = {"random": "random control", "scratch": f"scratch ({method.method}'s architecture)"}
+    log("")
+    log(f"controls at {method.target_speedup:g}x {method.target_metric or 'macs'}, seed {method.seed}: final top-1")
+    log(f"  {method.method:<36} {_pct(method.final_top1)}")
+    for r in rows[1:]:
+        diff = ("" if None in (r.final_top1, method.final_top1) else
+                f"   {method.method} - {r.control}: {100 * (method.final_top1 - r.final_top1):+.2f} points")
+        shown = _pct(r.final_top1) if r.status == "ok" else f"{r.status}: {r.error}"
+        log(f"  {label[r.control]:<36} {shown}{diff}")
+    log("  one seed: no confidence interval; a sweep over seeds gives one (`progprune report`)")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"

@@ -15,7 +15,7 @@ import sys
 import click
 
 from progprune._atomic import StagedDir
-from progprune._prune_output import check_out_dir, local_out_dir, summary
+from progprune._prune_output import check_out_dir, controls_summary, local_out_dir, summary
 from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, Terminated, sigterm_seen, sigterm_unwinds
 
 
@@ -187,6 +187,9 @@ _FLAGS = [
     ("--precision", ["evaluation.precision"], str, "precision of the timed forward: fp32, or fp16/bf16 on a GPU"),
     ("--latency-threads", ["evaluation.threads"], int, "intra-op threads while timing (default: torch's)"),
     ("--export", ["export"], "strs", "also write the final model beside pruned.pt in these formats (onnx, torchscript)"),
+    ("--control", ["controls"], "strs", "also run these controls at the same target: random (random importance), "
+     "scratch (the pruned architecture trained from scratch); their rows follow in result.parquet"),
+    ("--scratch-epochs", ["scratch.epochs"], int, "epochs of the scratch control (default: base + fine-tune epochs)"),
 ]
 _SWEEP_FLAGS = ("--runtime", "--precision", "--latency-threads")  # sweep's too: over the spec's
 _FLAG_OF = {path: decl.split("/")[0] for decl, paths, _, _ in _FLAGS for path in paths} | {
@@ -323,7 +326,7 @@ def _prune(device, output, force, as_json, print_spec, flags):
 
     import torch
 
-    from progprune.pipeline import run_combination
+    from progprune.controls import run_with_controls
     from progprune.storage.layout import PRUNE_LAYOUT
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -335,7 +338,7 @@ def _prune(device, output, force, as_json, print_spec, flags):
         raise _as_flags(e) from None
     if out_dir is not None:
         check_out_dir(out_dir, force)
-    (cfg,) = spec.combinations()
+    cfgs = spec.combinations()  # the combination, then its controls (--control)
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
 
     # work in a private folder on --output's filesystem (renamed into place, never copied);
@@ -343,7 +346,7 @@ def _prune(device, output, force, as_json, print_spec, flags):
     staged = StagedDir(out_dir) if out_dir is not None else None
     with staged or contextlib.nullcontext() as stage:
         try:
-            row = run_combination(cfg, stage, dev, log, shown_dir=os.path.abspath(out_dir) if stage else None)
+            rows = run_with_controls(cfgs, stage, dev, log, shown_dir=os.path.abspath(out_dir) if stage else None)
         except SpecError as e:
             raise _as_flags(e) from None
         except BadInput as e:
@@ -351,13 +354,17 @@ def _prune(device, output, force, as_json, print_spec, flags):
         if stage:
             from progprune.results import write_rows
 
-            # once: run_combination named the artifact's final place (none for a failed row)
-            write_rows([row], os.path.join(stage, PRUNE_LAYOUT.row))
-            staged.publish(PRUNE_LAYOUT.files)  # the artifact first: the row names it
+            # once: run_stages named the artifacts' final places (none for a failed row)
+            write_rows(rows, os.path.join(stage, PRUNE_LAYOUT.row))
+            staged.publish(PRUNE_LAYOUT.files)  # the artifacts first: the rows name them
+    row = rows[0]
     summary(row, log)
-    if as_json:
-        click.echo(json.dumps(dataclasses.asdict(row), default=str))
-    return {"ok": 0, "unreachable": 3}.get(row.status, 1)
+    controls_summary(rows, log)
+    if as_json:  # the combination's row; its controls' rows under "controls" (--control)
+        extra = {"controls": [dataclasses.asdict(r) for r in rows[1:]]} if rows[1:] else {}
+        click.echo(json.dumps(dataclasses.asdict(row) | extra, default=str))
+    # a failed control fails the run; an unreachable one does not change the exit code
+    return 1 if any(r.status == "failed" for r in rows) else {"ok": 0, "unreachable": 3}.get(row.status, 1)
 
 
 @main.command("sweep")

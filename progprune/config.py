@@ -1,243 +1,24 @@
 """The settings, declared once: the sweep spec's schema, shaped like the YAML users write.
 
-Each setting has its type, bounds, default and error words here and nowhere else (the types
-are progprune.fields'). Bounds are what can run (every count has an upper bound), so a typo
-fails at load time. No torch, no registries, no files: `spec.py` checks those.
+Each setting has its type, bounds, default and error words in one place and nowhere else:
+the sections (`dataset:`, `pruning:`, ...) in progprune.sections, the spec and its
+combinations here (the types are progprune.fields'). Bounds are what can run (every count has
+an upper bound), so a typo fails at load time. No torch, no registries, no files: `spec.py`
+checks those.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Annotated, Any, Optional
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, StrictStr,
-                      create_model, field_serializer, model_validator)
+from pydantic import AfterValidator, BeforeValidator, StrictStr, create_model, field_serializer
 
-from progprune.errors import show
-from progprune.fields import (Bool, Grid, Int, Items, Num, OneOf, Opt, Text, interval, invalid,
-                              named, one_or_many, worded)
-
-MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seed range
-SPEEDUP = {"gt": 1, "le": 10_000}  # a target speedup's bounds
-TARGET_METRICS = ("macs", "latency", "params")  # what a target speedup is a speedup of
-
-
-def _increasing(v: tuple) -> tuple:
-    if any(a >= b for a, b in zip(v, v[1:])):
-        raise ValueError("not increasing")  # worded by Items
-    return v
-
-
-def _distinct(v: tuple) -> tuple:
-    if len(set(v)) != len(v):
-        raise ValueError("repeated")  # worded by Items
-    return v
-
-
-_MILESTONE = (1, 100_000)  # an epoch number
-Milestones = Items(Int(*_MILESTONE), f"a list of increasing integers in [{_MILESTONE[0]}, {_MILESTONE[1]}]", 100,
-                   AfterValidator(_increasing))
-
-
-def _storage_uri(v: str | None) -> str | None:
-    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", v or "")
-    scheme = m and m[1].lower()
-    if m and scheme not in ("file", "s3", "gs"):
-        raise invalid(f"unsupported scheme {scheme!r}; use a local path, file://, s3:// or gs://")
-    if m and scheme != "file" and not m[2].split("/")[0]:
-        raise invalid(f"{scheme}:// needs a bucket, got {show(v)}")
-    return v
-
-
-class _Node(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-# ---- the sections of a spec --------------------------------------------------------------
-def _rgb(**bounds):
-    n = Num(**bounds)
-    return Opt(worded(tuple[n, n, n], f"three numbers {interval(**bounds)} (R, G, B)", strict=False))
-
-
-class DatasetConfig(_Node):
-    name: Text = "digits"  # see `progprune datasets`
-    data_dir: Opt(Text) = None  # the data sets that read files read them here; never downloads
-    num_classes: Opt(Int(1, 100_000)) = None  # synthetic: the class count; others: checked
-    # square side in pixels the models see: the size they are traced, counted and timed at.
-    # null: 224 for imagefolder (random-resized crops of it in training, resize to
-    # image_size/0.875 + centre crop in evaluation), 32 for the others (32-px originals)
-    image_size: Opt(Int(1, 4096)) = None
-    # synthetic: train samples (val/test: 1/4 each); at most 100,000: 150,000 images, 461 MB
-    # at 32 px (one byte a pixel). Larger image sizes are checked against memory (below)
-    synthetic_samples: Int(1, 100_000) = 512
-    # imagefolder: the split test accuracy is reported on; "val" only when you mean it (val
-    # also picks the best epoch, so its accuracy is optimistic)
-    test_split: OneOf("test", "val") = "test"
-    # per-channel normalisation (0..1 scale); null: the data set's own (CIFAR: its recipe's,
-    # imagefolder: ImageNet's, digits/synthetic: measured on the training split)
-    mean: _rgb(ge=0, le=1) = None
-    std: _rgb(gt=0, le=1) = None
-    # imagefolder: DataLoader worker processes decoding images; null: one fewer than the
-    # CPUs this process may use (a Ray task's num_cpus), at most 16; 0: decode in-process.
-    # Results do not depend on it (each image's crop is seeded by its position)
-    loader_workers: Opt(Int(0, 256)) = None
-    # images per evaluation batch (validation each epoch, test, every data set): 128 at 224 px
-    # is 77 MB per float copy. Changes no accuracy, so it is not part of any key
-    eval_batch_size: Int(1, 65_536) = 128
-
-    @model_validator(mode="before")
-    @classmethod
-    def _size_of_the_data(cls, data):
-        if isinstance(data, dict) and data.get("image_size") is None:
-            data = {**data, "image_size": 224 if data.get("name") == "imagefolder" else 32}
-        return data
-
-    def key(self) -> dict:
-        """What identifies the data the models see (hashed into base and combination keys):
-        settings added later hash as before while unset; loader_workers and eval_batch_size
-        change no result."""
-        return {k: v for k, v in self.model_dump(exclude={"loader_workers", "eval_batch_size"}).items()
-                if v is not None or k not in ("mean", "std")}
-
-
-class TrainConfig(_Node):
-    """One training phase (base training; fine-tuning adds its execution settings)."""
-
-    epochs: Int(0, 10_000) = 15
-    lr: Num(gt=0, le=10) = 0.05
-    momentum: Num(ge=0, lt=1) = 0.9
-    weight_decay: Num(ge=0, le=1) = 5e-4
-    batch_size: Int(1, 65_536) = 64
-    schedule: OneOf("cosine", "multistep") = "cosine"
-    milestones: Milestones = ()  # multistep: epochs at which lr *= gamma
-    gamma: Num(gt=0, le=1) = 0.1
-    augment: Opt(Bool) = None  # random crop + flip; null: on, except for digits (8x8 glyphs)
-
-
-class FinetuneConfig(TrainConfig):
-    """batch_size is the global batch: with several Ray Train workers each takes its share,
-    so the recipe (batch and learning rate) does not change with the worker count."""
-
-    epochs: Int(0, 10_000) = 10
-    num_workers: Int(0, 1024) = 1  # Ray Train workers; 0 = train inside the prune task
-    use_gpu: Bool = False
-    max_failures: Int(0, 100) = 1  # Ray Train worker restarts before the combination fails
-
-    @model_validator(mode="after")
-    def _batch_splits_evenly(self):
-        if self.num_workers > 1 and self.batch_size % self.num_workers:
-            raise invalid(f"batch_size {self.batch_size} (the global batch) must be a multiple of "
-                       f"num_workers {self.num_workers}")
-        return self
-
-
-class SparseConfig(_Node):
-    """Sparse learning before pruning: the regularised methods only (`progprune methods`
-    tags them). reg/delta_reg null: each method's published recipe, which the loaded spec
-    states in its `methods:` entries and each row records."""
-
-    epochs: Int(0, 10_000) = 10
-    lr: Num(gt=0, le=10) = 0.01
-    reg: Opt(Num(ge=0, le=1)) = None
-    delta_reg: Opt(Num(ge=0, le=1)) = None  # growth of reg per epoch (growing_reg)
-    batch_size: Int(1, 65_536) = 64
-    milestones: Milestones = ()  # epochs at which lr *= gamma; none: a cosine schedule
-    # 0 epochs turns a regularised method into its unregularised self: refused unless you
-    # say so here, and then the row's method reads "<name>-nosl"
-    allow_zero_epochs: Bool = False
-    # the optimiser (SGD) and data of the reference recipes; fixed in code before they were
-    # settings, so at these values they hash as before (`key`)
-    momentum: Num(ge=0, lt=1) = 0.9
-    weight_decay: Num(ge=0, le=1) = 0.0  # the regulariser is the only penalty
-    gamma: Num(gt=0, le=1) = 0.1
-    augment: Bool = True  # random crop + flip, for every data set
-
-    def training(self) -> TrainConfig:
-        """The training phase these settings describe."""
-        return TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum,
-                           weight_decay=self.weight_decay, batch_size=self.batch_size,
-                           schedule="multistep" if self.milestones else "cosine",
-                           milestones=self.milestones, gamma=self.gamma, augment=self.augment)
-
-    def key(self) -> dict:
-        """What identifies this sparse learning (hashed into the sparse and combination
-        keys): settings added later hash as before while at the value they had."""
-        return {k: v for k, v in self.model_dump().items()
-                if k not in _SPARSE_ADDED or v != type(self).model_fields[k].default}
-
-
-_SPARSE_ADDED = ("momentum", "weight_decay", "gamma", "augment")  # hard-coded before
-
-
-class PruningConfig(_Node):
-    global_pruning: Bool = True  # one ranking over all layers (every published recipe)
-    iterative_steps: Int(1, 100_000) = 400  # linear schedule; Torch-Pruning's setting
-    # a per-layer cap over the whole run: every layer keeps at least ceil((1 - r) x its
-    # starting width) channels (round_to respected); a target that needs more is unreachable
-    max_pruning_ratio: Num(gt=0, le=1) = 1.0
-    round_to: Opt(Int(1, 4096)) = None  # keep channel counts multiples of N
-    tolerance: Num(ge=0, le=1) = 0.005  # accept [target, target * (1 + tol)]
-    # the step that crosses the target: "fine" prunes part of that step's own selection, in
-    # the method's order, to land within tolerance; "reference" takes the whole step, as
-    # Torch-Pruning's loop does (its numbers, reproduced exactly)
-    crossing: OneOf("fine", "reference") = "fine"
-    # what `speedups:` are speedups of (base / pruned): MACs, the latency measured under
-    # `evaluation:` (its runtime, batch size, threads, on the task's device), or parameters;
-    # a list makes it a sweep axis, as `methods:` is
-    target_metric: Grid(OneOf(*TARGET_METRICS), "target metrics") = ("macs",)
-    # a latency target accepts a measured speedup in [target, target x (1 + this)]: timing is
-    # noisy, so it is wider than `tolerance` (README: "Targets: MACs, latency or parameters")
-    latency_tolerance: Num(gt=0, le=1) = 0.05
-    # module names kept whole besides the classifier head (fnmatch: "features.0.*", "*.se.*")
-    ignore: Annotated[Items(Text, "a list of module-name patterns", 1000),
-                      BeforeValidator(one_or_many)] = ()
-
-
-class PruneConfig(PruningConfig):
-    """What one combination prunes with: the spec's `pruning:` plus its method, and one
-    target metric."""
-
-    method: Text = "group_norm"
-    target_metric: OneOf(*TARGET_METRICS) = "macs"
-
-
-RUNTIMES = ("eager", "compile", "onnxruntime", "tensorrt")  # progprune.runtimes registers each
-EXPORT_FORMATS = ("onnx", "torchscript")  # progprune.export.FORMATS
-
-
-class EvaluationConfig(_Node):
-    latency_batch_size: Int(1, 4096) = 1
-    latency_repeats: Int(1, 10_000) = 20
-    # what every latency column is measured in: the model's own forward (eager),
-    # torch.compile, ONNX Runtime (CPU; its CUDA provider on a GPU), TensorRT (where installed)
-    runtime: OneOf(*RUNTIMES) = "eager"
-    precision: OneOf("fp32", "fp16", "bf16") = "fp32"  # fp16/bf16: on a GPU
-    threads: Opt(Int(1, 1024)) = None  # intra-op threads while timing; null: torch's default
-
-    def key(self) -> dict:
-        """What identifies the timing (hashed into the combination key): settings added later
-        hash as before while at their defaults."""
-        return {k: v for k, v in self.model_dump().items()
-                if k not in _EVALUATION_ADDED or v != type(self).model_fields[k].default}
-
-
-_EVALUATION_ADDED = ("runtime", "precision", "threads")
-
-
-class ResourcesConfig(_Node):
-    gpus_per_task: Num(ge=0, le=64) = 0.0
-    cpus_per_task: Num(ge=0, le=1024) = 1.0
-    # bounds concurrent Train runs (each costs head memory), and sets the submission window:
-    # max(64, 4 x max_concurrent) combinations in flight (README: scheduling and autoscaling)
-    max_concurrent: Int(1, 100_000) = 4
-
-
-class ModelEntry(_Node):
-    name: Text
-    checkpoint: Opt(Text) = None  # absolute after loading; null: train the base model
-    sha256: Opt(Text) = None  # the checkpoint's content, filled at load; a mismatch is refused
-    reset_head: Bool = False  # re-initialise the checkpoint's classifier (other class count)
+from progprune.fields import Bool, Grid, Int, Items, Num, OneOf, Opt, Text, interval, named, one_or_many, worded
+from progprune.sections import (  # noqa: F401 - re-exported: the sections are the spec's
+    CONTROLS, EXPORT_FORMATS, MAX_SEED, RUNTIMES, SPEEDUP, TARGET_METRICS, DatasetConfig, EvaluationConfig,
+    FinetuneConfig, ModelEntry, PruneConfig, PruningConfig, ResourcesConfig, ScratchConfig, SparseConfig,
+    TrainConfig, _distinct, _Node, _storage_uri, scratch_overrides)
 
 
 # A method, optionally with its own sparse-learning settings, which override the spec's
@@ -283,27 +64,54 @@ class SweepSpec(_Node):
     export: Annotated[Items(OneOf(*EXPORT_FORMATS), f"a list of formats ({', '.join(EXPORT_FORMATS)})", 2,
                             AfterValidator(_distinct)),
                       BeforeValidator(one_or_many)] = ()
+    # controls at every target (README: "Controls"): random: the same progressive loop with
+    # random importance, per (model, target, target metric, seed); scratch: each method's
+    # pruned architecture re-initialised and trained from scratch (`scratch:`)
+    controls: Annotated[Items(OneOf(*CONTROLS), f"a list of controls ({', '.join(CONTROLS)})", 2,
+                              AfterValidator(_distinct)),
+                        BeforeValidator(one_or_many)] = ()
+    scratch: ScratchConfig = ScratchConfig()
 
     def combinations(self) -> list[ComboConfig]:
         """models x speedups x target metrics x methods x seeds, in that nesting order (last
-        varies fastest).
+        varies fastest); with `controls:`, each (model, speedup, target metric) block ends
+        with its random controls (one per seed), then the scratch controls of its method
+        combinations, in their order.
         Only the methods whose entry says `sparse: true`, which loading a spec fills in
         (`progprune.spec`), carry sparse-learning settings."""
 
         def sparse(entry) -> SparseConfig | None:
             return self.sparse_learning_of(entry) if entry.sparse else None
 
-        return [
-            ComboConfig(
+        def combo(m, s, metric, method, seed, entry=None, control=None) -> ComboConfig:
+            return ComboConfig(
                 model=m.name, base_checkpoint=m.checkpoint, base_checkpoint_sha256=m.sha256,
                 reset_head=m.reset_head, dataset=self.dataset, target_speedup=s, seed=seed,
-                base=self.base_training, sparse=sparse(meth), finetune=self.finetune,
-                prune=PruneConfig(**self.pruning.model_dump(exclude={"target_metric"}), method=meth.name,
+                base=self.base_training, sparse=sparse(entry) if entry else None, finetune=self.finetune,
+                prune=PruneConfig(**self.pruning.model_dump(exclude={"target_metric"}), method=method,
                                   target_metric=metric),
-                evaluation=self.evaluation, sweep=self.name, export=self.export)
-            for m in self.models for s in self.speedups for metric in self.pruning.target_metric
-            for meth in self.methods for seed in self.seeds
-        ]
+                evaluation=self.evaluation, sweep=self.name, export=self.export, control=control)
+
+        out = []
+        for m in self.models:
+            for s in self.speedups:
+                for metric in self.pruning.target_metric:
+                    block = [combo(m, s, metric, e.name, seed, e) for e in self.methods for seed in self.seeds]
+                    out += block
+                    if "random" in self.controls:
+                        out += [combo(m, s, metric, "random", seed, control="random") for seed in self.seeds]
+                    if "scratch" in self.controls:
+                        out += [c.scratch_of(self.scratch_training(m)) for c in block]
+        return out
+
+    def scratch_training(self, model: ModelEntry | None = None) -> TrainConfig:
+        """The from-scratch control's training (of `model`): base_training with `scratch:`
+        over it; epochs unset: base_training.epochs + finetune.epochs (0 where the model
+        starts from a checkpoint: its training is unknown, and loading refuses that)."""
+        update = scratch_overrides(self.scratch)
+        if "epochs" not in update:
+            update["epochs"] = 0 if model and model.checkpoint else self.base_training.epochs + self.finetune.epochs
+        return self.base_training.model_copy(update=update)
 
     @property
     def method_names(self) -> tuple[str, ...]:
@@ -340,6 +148,17 @@ class ComboConfig(_Node):
     evaluation: EvaluationConfig = EvaluationConfig()
     sweep: str = ""  # display only: not part of any key
     export: tuple[str, ...] = ()  # formats written beside the final artifact: no figure changes
+    control: Optional[str] = None  # random | scratch (progprune.controls); None: a method's
+    scratch: Optional[TrainConfig] = None  # control "scratch": its training from scratch
+
+    def scratch_of(self, training: TrainConfig) -> ComboConfig:
+        """The from-scratch control of this (method) combination: its pruned architecture,
+        re-initialised and trained with `training`."""
+        return self.model_copy(update={"control": "scratch", "scratch": training})
+
+    def architecture_of(self) -> ComboConfig:
+        """A scratch control's method combination, whose pruned architecture it trains."""
+        return self.model_copy(update={"control": None, "scratch": None})
 
     @property
     def method(self) -> str:
@@ -362,8 +181,15 @@ class ComboConfig(_Node):
                         **({"ignore": list(p.ignore)} if p.ignore else {})})
 
     def combo_id(self) -> str:
-        """Stable hash of every setting that changes this combination's result row."""
-        exclude = {"sweep", "export"} | ({"base_checkpoint"} if self.base_checkpoint_sha256 else set())
+        """Stable hash of every setting that changes this combination's result row. A scratch
+        control's: its method combination's and its training's, nothing else (another method
+        in the sweep changes neither); a random control's: its own settings, which name no
+        method but `random`, and say `control`."""
+        if self.control == "scratch":
+            return _digest({"architecture": self.architecture_of().combo_id(), "control": "scratch",
+                            "scratch": self.scratch.model_dump()})
+        exclude = ({"sweep", "export", "scratch"} | ({"base_checkpoint"} if self.base_checkpoint_sha256 else set())
+                   | ({"control"} if self.control is None else set()))
         data = self.model_dump(exclude=exclude)
         data["dataset"] = self.dataset.key()
         data["evaluation"] = self.evaluation.key()

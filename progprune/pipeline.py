@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from progprune import __version__
-from progprune.artifacts import load_base_weights, save_artifact
+from progprune.artifacts import load_base_weights, prior_history, save_artifact
 from progprune.config import ComboConfig
 from progprune.data import Splits, load_dataset
 from progprune.models import build_model, check_input_size, example_inputs
@@ -194,14 +194,21 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     recalibrate_bn(recal, splits, device, seed=cfg.seed)
     top1_bn, _ = evaluate(recal, splits, "test", device)
     del recal
-    lb, lp = measure_latency_stats([base_copy, model], splits.input_shape, device, ev.latency_batch_size,
-                                   repeats=ev.latency_repeats, runtime=ev.runtime, precision=ev.precision,
-                                   threads=ev.threads)
+    lb, lp = measure_pair(cfg, base_copy, model, splits, device)
     del base_copy
     return PruneInfo(outcome, top1, top5, lb.median_ms, lp.median_ms, lb.iqr_ms, lp.iqr_ms,
                      lb.threads, lb.noisy or lp.noisy, top1_bn, unpruned,
                      None if outcome.status == "ok" else why_unreachable(outcome, settings, cfg.target_speedup),
                      settings.round_to)
+
+
+def measure_pair(cfg: ComboConfig, base: nn.Module, model: nn.Module, splits: Splits, device):
+    """(base, model) latencies, timed interleaved as every latency column is: the spec's
+    runtime, precision, batch size, repeats and threads."""
+    ev = cfg.evaluation
+    return measure_latency_stats([base, model], splits.input_shape, device, ev.latency_batch_size,
+                                 repeats=ev.latency_repeats, runtime=ev.runtime, precision=ev.precision,
+                                 threads=ev.threads)
 
 
 def prune_settings(cfg: ComboConfig, device):
@@ -258,6 +265,7 @@ def config_columns(cfg: ComboConfig) -> dict:
         "latency_batch_size": cfg.evaluation.latency_batch_size, "runtime": cfg.evaluation.runtime,
         "precision": cfg.evaluation.precision, "reset_head": cfg.reset_head,
         "base_checkpoint_sha256": cfg.base_checkpoint_sha256, "config_json": cfg.model_dump_json(),
+        "control": cfg.control,
     }
 
 
@@ -336,20 +344,40 @@ def finish_combination(cfg: ComboConfig, pruned: Pruned, finetune: Callable[[], 
 
 def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop,
                     shown_dir: str | None = None) -> ResultRow:
-    """Every stage in this process: what `progprune prune` runs. A combination that fails
-    (`CombinationFailed`: a training that diverges) ends as a failed row, without an
-    artifact (its weights are not finite). `out_dir` receives pruned.pt; `shown_dir` is
-    where it will live once the caller moves it (the row names it; the caller writes the row)."""
-    started, base, pruned = now(), None, None
+    """Every stage in this process: what `progprune prune` runs (`run_stages`' row)."""
+    return run_stages(cfg, out_dir, device, log, shown_dir).row
+
+
+@dataclass
+class Ran:
+    """A combination run in this process: its row, and for the controls that follow it here
+    (progprune.controls) its base model and the pruning it did."""
+    row: ResultRow
+    base: tuple | None = None  # (the base model before sparse learning and pruning, BaseInfo)
+    history: list | None = None  # the pruning done (None: it did not get that far)
+
+
+def run_stages(cfg: ComboConfig, out_dir: str | None, device, log: Log = _noop, shown_dir: str | None = None,
+               *, base: tuple | None = None, keep_base: bool = False, artifact: str = PRUNE_LAYOUT.artifact) -> Ran:
+    """Every stage in this process. A combination that fails (`CombinationFailed`: a
+    training that diverges) ends as a failed row, without an artifact (its weights are not
+    finite). `out_dir` receives `artifact`; `shown_dir` is where it will live once the caller
+    moves it (the row names it; the caller writes the row). `base` (model, BaseInfo): start
+    from a copy of that base instead of stage 1; `keep_base`: keep a copy of it in `Ran.base`."""
+    started, info, pruned, kept = now(), None, None, None
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     try:
-        model, base = base_stage(cfg, splits, device, log)
-        log(f"base: test top-1 {base.top1:.4f} top-5 {base.top5:.4f} ({base.source})")
+        if base is None:
+            model, info = base_stage(cfg, splits, device, log)
+            log(f"base: test top-1 {info.top1:.4f} top-5 {info.top5:.4f} ({info.source})")
+        else:
+            model, info = copy.deepcopy(base[0]), base[1]
+        kept = (copy.deepcopy(model), info) if keep_base else None
         sparse_stage(cfg, model, splits, device, log)
-        pruned = prune_combination(cfg, model, base, splits, device, log)
+        pruned = prune_combination(cfg, model, info, splits, device, log)
         pruned.started_at = started
         if out_dir:  # the model as it ends, fine-tuned or not
-            pruned.artifact = os.path.join(shown_dir or out_dir, PRUNE_LAYOUT.artifact)
+            pruned.artifact = os.path.join(shown_dir or out_dir, artifact)
         row = finish_combination(cfg, pruned, lambda: finetune_combination(cfg, model, splits, device, log))
     except KeyboardInterrupt:
         raise
@@ -359,14 +387,13 @@ def run_combination(cfg: ComboConfig, out_dir: str | None, device, log: Log = _n
             f"model {cfg.model!r} raised {type(e).__name__}"
             f"{f'({e.code!r})' if isinstance(e, SystemExit) else ''} during the run; a model's "
             "forward must return its logits, not end the process")
-        row = build_row(cfg, Pruned(base, pruned.prune if pruned else None, device_label(device),
+        row = build_row(cfg, Pruned(info, pruned.prune if pruned else None, device_label(device),
                                     splits.num_classes, started), error=error)
+    history = pruned.prune.outcome.history if pruned and pruned.prune else None
     if out_dir and row.status != "failed":
-        artifact = save_artifact(os.path.join(out_dir, PRUNE_LAYOUT.artifact), model, model_name=cfg.model,
-                                 num_classes=splits.num_classes, input_shape=splits.input_shape,
-                                 history=pruned.prune.outcome.history,
-                                 meta={**run_meta(cfg.combo_id(), splits), "target_speedup": cfg.target_speedup})
+        path = save_artifact(os.path.join(out_dir, artifact), model, model_name=cfg.model,
+                             num_classes=splits.num_classes, input_shape=splits.input_shape, history=history,
+                             meta={**run_meta(cfg.combo_id(), splits), "target_speedup": cfg.target_speedup})
         record_exports(row, cfg.export, lambda: [os.path.join(shown_dir or out_dir, os.path.basename(p))
-                                                 for p in export_beside(artifact, cfg.export)])
-    return row  # the caller writes it, once it knows where the artifact ends up
-
+                                                 for p in export_beside(path, cfg.export)])
+    return Ran(row, kept, None if history is None else prior_history(model) + history)  # the caller writes the row, once it knows where the artifact ends up

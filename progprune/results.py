@@ -90,6 +90,11 @@ class ResultRow:
     achieved_ci_low: float | None = None
     achieved_ci_high: float | None = None
     target_points: int | None = None
+    # controls (README "Controls"): blank in a method's row
+    control: str | None = None  # random | scratch
+    architecture_of: str | None = None  # scratch: combo_id of the method row whose pruned architecture it trained
+    scratch_epochs: int | None = None  # scratch: epochs trained from the re-initialised architecture
+    scratch_seconds: float | None = None
 
 
 def compose(*records, **columns) -> ResultRow:

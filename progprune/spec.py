@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from progprune._files import not_a_regular_file
 from progprune import _yaml
 from progprune._yaml import parse_yaml
-from progprune.config import DatasetConfig, SweepSpec, method_overrides
+from progprune.config import DatasetConfig, SweepSpec, method_overrides, scratch_overrides
 from progprune.errors import BadInput, Problem, ProgpruneError, SpecError, show
 from progprune.fields import problems_of
 
@@ -58,7 +58,7 @@ def load_spec_dict(data: Any, source: str = "<spec>", *, check_paths: bool = Tru
                      if p.path == "pruning.method" else p for p in problems_of(e, SweepSpec)]
     problems += _registry_problems(data, check_paths)
     if spec is not None:
-        problems += _sparse_problems(spec) + _runtime_problems(spec)
+        problems += _sparse_problems(spec) + _runtime_problems(spec) + _control_problems(spec)
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)
     return _resolve_defaults(spec)
@@ -175,6 +175,33 @@ def _sparse_problems(spec: SweepSpec) -> list[Problem]:
     return out
 
 
+def _control_problems(spec: SweepSpec) -> list[Problem]:
+    """Controls that can mean something: a random control beside a method named random would
+    be the same run twice; the scratch control needs a training length it can state."""
+    out = []
+    if "random" in spec.controls:
+        out += [Problem(f"methods[{i}]", "random is the random control (controls: [random]) too; remove it "
+                        "from methods: the control's rows are random's, marked control: random")
+                for i, m in enumerate(spec.methods) if m.name == "random"]
+    own = scratch_overrides(spec.scratch)
+    if "scratch" not in spec.controls:
+        return out + [Problem(f"scratch.{k}", "there is no scratch control (controls: [scratch]), so this "
+                              "would change nothing; remove it or add the control") for k in own]
+    if "epochs" not in own:
+        ckpt = [i for i, m in enumerate(spec.models) if m.checkpoint]
+        if ckpt:
+            return out + [Problem("scratch.epochs", f"models[{ckpt[0]}] starts from a checkpoint, whose "
+                                  "training progprune does not know; set scratch.epochs (--scratch-epochs) "
+                                  "to the epochs the scratch control trains for")]
+    epochs = spec.scratch_training().epochs
+    if epochs == 0:
+        what = "scratch.epochs is 0" if "epochs" in own else (
+            "base_training.epochs + finetune.epochs is 0, the scratch control's default")
+        out.append(Problem("scratch.epochs", f"{what}: a model trained from scratch for no epochs is "
+                           "its random initialisation; set scratch.epochs (--scratch-epochs) to at least 1"))
+    return out
+
+
 def _runtime_problems(spec: SweepSpec, device=None) -> list[Problem]:
     """The runtime and exports can run here: their packages installed, the precision one the
     runtime runs (and, with `device`, one it runs on that device)."""
@@ -213,7 +240,11 @@ def _resolve_defaults(spec: SweepSpec) -> SweepSpec:
         node = getattr(spec, section)
         if node.augment is None:
             update[section] = node.model_copy(update={"augment": aug})
-    return spec.model_copy(update=update)
+    spec = spec.model_copy(update=update)
+    if "scratch" in spec.controls and spec.scratch.epochs is None:  # stated: base + fine-tune epochs
+        spec = spec.model_copy(update={"scratch": spec.scratch.model_copy(
+            update={"epochs": spec.scratch_training().epochs})})
+    return spec
 
 
 def _with_recipe(spec: SweepSpec, entry):

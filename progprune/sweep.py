@@ -52,6 +52,8 @@ def make_plan(spec: SweepSpec, store: Store, force: bool = False,
             plan.done[cfg.combo_id()] = status
             continue
         plan.todo.append(cfg)
+        if cfg.control == "scratch":  # trains its method's architecture: no base, no sparse model
+            continue
         key = cfg.base_key()
         # --force retrains what it reruns: a broken stored base must not fail good rows
         if cfg.base_checkpoint is None and (force or not store.exists(*LAYOUT.base(cfg))):
@@ -102,8 +104,9 @@ def print_plan(plan: Plan, out) -> None:
     r = s.resources
     metrics = s.pruning.target_metric
     axes = f" x {len(metrics)} target metrics" if metrics != ("macs",) else ""
+    controls = f"; controls: {', '.join(s.controls)}" if s.controls else ""
     out(f"sweep {s.name}: {len(plan.combos)} combinations ({len(s.models)} models x {len(s.speedups)} speedups"
-        f"{axes} x {len(s.methods)} methods x {len(s.seeds)} seeds)")
+        f"{axes} x {len(s.methods)} methods x {len(s.seeds)} seeds{controls})")
     out(f"  output   {plan.store.display()}")
     out(f"  to run   {len(plan.todo)}; already done (kept) {len(plan.done)}")
     out(f"  base models: train {len(plan.bases_train)}, reuse {len(plan.bases_reuse)}")
@@ -115,7 +118,7 @@ def print_plan(plan: Plan, out) -> None:
     for cfg in plan.combos:
         state = plan.done.get(cfg.combo_id(), "todo")
         metric = f" {cfg.prune.target_metric:<7}" if axes else ""
-        out(f"  [{state:>11}] {cfg.combo_id()}  {cfg.model:<12} {cfg.method:<11} "
+        out(f"  [{state:>11}] {cfg.combo_id()}  {cfg.model:<12} {_method_label(cfg.method, cfg.control):<20} "
             f"{cfg.target_speedup:>6}x{metric} seed {cfg.seed}")
 
 
@@ -236,14 +239,22 @@ def _check_owner(store: Store, spec: SweepSpec, replace: bool) -> None:
             "--output, or pass --replace-sweep to let this sweep take it over", field="output")
 
 
+def _method_label(method: str, control: str | None) -> str:
+    """How a row's method reads in the plan and row lines: a control says so."""
+    return {"random": "random (control)", "scratch": f"{method} (scratch)"}.get(control, method)
+
+
 def _row_line(row: ResultRow) -> str:
     metric = "" if row.target_metric in (None, "macs") else f" {row.target_metric}"
+    what = f"{row.model} {_method_label(row.method, row.control)} {row.target_speedup}x{metric} seed {row.seed}"
     if row.status == "failed":
-        return f"FAILED {row.model} {row.method} {row.target_speedup}x{metric} seed {row.seed}: {row.error}"
-    acc = "" if row.final_top1 is None else f" top-1 {100 * row.base_top1:.2f} -> {100 * row.final_top1:.2f}%"
+        return f"FAILED {what}: {row.error}"
+    if row.achieved_speedup is None:  # a scratch control without an architecture
+        return f"{row.status:<11} {what}: {row.error}"
+    base = "" if row.base_top1 is None else f"{100 * row.base_top1:.2f} -> "
+    acc = "" if row.final_top1 is None else f" top-1 {base}{100 * row.final_top1:.2f}%"
     macs = row.macs_speedup if row.macs_speedup is not None else row.achieved_speedup  # a row of before issue 20
-    return (f"{row.status:<11} {row.model} {row.method} {row.target_speedup}x{metric} seed {row.seed}: "
-            f"{macs:.3f}x MACs, {row.latency_speedup:.2f}x latency{acc}")
+    return f"{row.status:<11} {what}: {macs:.3f}x MACs, {row.latency_speedup:.2f}x latency{acc}"
 
 
 HEARTBEAT_S = 60.0  # plain-text progress: a line at least this often while nothing changes
@@ -264,20 +275,22 @@ class _Progress:
             self.live.start()
         self.last, self.printed = None, 0.0
 
-    def update(self, done: int, failed: int, running: int, queued: int):
-        """One status line; ETA from the throughput so far (rows per second)."""
+    def update(self, done: int, failed: int, running: int, queued: int, scratch: int = 0):
+        """One status line; ETA from the throughput so far (rows per second). `scratch`:
+        scratch controls submitted (waiting for their method's prune, or training)."""
         elapsed = time.monotonic() - self.t0
         eta = f"{elapsed / done * (self.total - done):.0f}s" if done else "?"
-        text = (f"{done}/{self.total} done, {failed} failed, {running} fine-tuning, {queued} queued, "
+        scratch_text = f"{scratch} scratch controls, " if scratch else ""
+        text = (f"{done}/{self.total} done, {failed} failed, {running} fine-tuning, {scratch_text}{queued} queued, "
                 f"ETA {eta}")
         if self.live:
             self.live.update(self.task, completed=done, description=text)
-        elif (done, failed, running, queued) != self.last or time.monotonic() - self.printed >= HEARTBEAT_S:
+        elif (done, failed, running, queued, scratch) != self.last or time.monotonic() - self.printed >= HEARTBEAT_S:
             # a log file gets a line when the counts move, else one per HEARTBEAT_S (not one per
             # loop turn: the ETA alone changes every 2 s)
             self.console.print(text)
             self.printed = time.monotonic()
-        self.last = (done, failed, running, queued)
+        self.last = (done, failed, running, queued, scratch)
 
     def row(self, row: ResultRow) -> None:
         self.console.print(_row_line(row), markup=False)

@@ -148,3 +148,39 @@ def spread_bn_model(name: str, num_classes: int = 10, seed: int = 0):
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.2, 1.5)
     return model
+
+
+# ---- causal LMs (tests/test_lm.py): real English text and tiny random transformers ------
+def write_pydoc_corpus(folder, val_fraction: float = 0.1):
+    """train.txt / val.txt from the documentation topics that ship with Python itself."""
+    from pathlib import Path
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    cut = int(len(text) * (1 - val_fraction))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.txt").write_text(text[:cut], encoding="utf-8")
+    (folder / "val.txt").write_text(text[cut:], encoding="utf-8")
+    return folder
+
+
+def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0):
+    """A randomly initialised 2-layer transformers model of `family` (llama, qwen2 with
+    grouped-query attention: 4 heads on 2 KV heads, gpt2), built from its config."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, num_hidden_layers=2, hidden_size=64,
+                  num_attention_heads=4, intermediate_size=256, max_position_embeddings=128)
+    if family == "llama":
+        cfg = LlamaConfig(num_key_value_heads=4, **common)
+    elif family == "qwen2":
+        cfg = Qwen2Config(num_key_value_heads=2, **common)
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=4, n_inner=512,
+                         n_positions=128, bos_token_id=0, eos_token_id=0)
+    else:
+        raise ValueError(family)
+    return AutoModelForCausalLM.from_config(cfg).eval()

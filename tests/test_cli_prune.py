@@ -96,6 +96,35 @@ def test_unreachable_target_exits_3_with_its_row(tmp_path):
     assert pd.read_parquet(out / "result.parquet").loc[0, "status"] == "unreachable"
 
 
+def test_prune_with_controls_writes_their_rows_and_models(tmp_path):
+    """Issue 24: --control random,scratch runs the random control from the same base (not
+    trained again) to the same target, and trains the method's architecture from scratch."""
+    out = tmp_path / "run"
+    proc = _run("prune", "--model", "resnet20", *FAST, "--base-epochs", "1", "--speedup", "2", "--iterative-steps",
+                "60", "--control", "random,scratch", "--out", out, "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = _json_row(proc)
+    assert [c["control"] for c in row["controls"]] == ["random", "scratch"] and row["control"] is None
+    assert proc.stderr.count("training base") == 1  # the random control prunes the same base
+    assert "controls at 2x macs, seed 0: final top-1" in proc.stderr
+    assert sorted(os.listdir(out)) == ["control-random.pt", "control-scratch.pt", "pruned.pt", "result.parquet"]
+    df = pd.read_parquet(out / "result.parquet")
+    assert df.control.tolist()[1:] == ["random", "scratch"] and pd.isna(df.control[0]) and (df.status == "ok").all()
+    method, rand, scratch = (df.iloc[i] for i in range(3))
+    assert rand.method == "random" and rand.target_speedup == method.target_speedup == 2.0
+    assert 2.0 <= rand.achieved_speedup <= 2.0 * 1.005 and rand.base_top1 == method.base_top1
+    assert rand.artifact_uri == str((out / "control-random.pt").resolve())
+    assert scratch.method == "group_norm" and scratch.architecture_of == method.combo_id
+    assert (scratch.pruned_macs, scratch.pruned_params) == (method.pruned_macs, method.pruned_params)
+    assert scratch.achieved_speedup == pytest.approx(method.achieved_speedup)
+    assert scratch.scratch_epochs == 2 and scratch.finetune_epochs == 0  # base 1 + fine-tune 1 and scratch.final_top1 is not None
+    pruned, _ = load_artifact(out / "pruned.pt")
+    trained, _ = load_artifact(out / "control-scratch.pt")
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(trained) == shapes(pruned)
+    assert not torch.equal(trained.conv1.weight, pruned.conv1.weight)
+
+
 # ---- bad input: exit 2, one clean line, nothing written -----------------------------------
 
 def _bad(tmp_path, *args, exists=False, run=_run):
@@ -144,6 +173,19 @@ def test_negative_epochs(tmp_path, flag, run):
     args[flag] = "-1"
     line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *[v for kv in args.items() for v in kv], run=run)
     assert flag in line and "must be an integer in [0, 10000], got -1" in line
+
+
+def test_unknown_control(tmp_path):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", *FAST, "--control", "random,lottery", run=_in)
+    assert line.startswith("error: --control: must be one of random, scratch, got 'lottery'"), line
+
+
+@pytest.mark.parametrize("args, run", [(["--finetune-epochs", "0"], _run),
+                                       (["--finetune-epochs", "1", "--scratch-epochs", "0"], _in)])
+def test_scratch_control_with_zero_epochs(tmp_path, args, run):
+    line = _bad(tmp_path, "--model", "resnet20", "--speedup", "2", "--dataset", "synthetic", "--base-epochs", "0",
+                *args, "--control", "scratch", run=run)
+    assert line.startswith("error: --scratch-epochs:") and "set scratch.epochs (--scratch-epochs) to at least 1" in line
 
 
 def test_missing_checkpoint(tmp_path):

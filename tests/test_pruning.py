@@ -405,7 +405,8 @@ def _groups(pruner):
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "concat"])
 def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes(name):
     """Within `_tp.mappings_cached` (the loop's steps) index mappings are recomputed only after
-    a prune and groups without mappings are re-made from their structure: every step prunes
+    a prune and groups are walked with offsets (through the concat too, shifted by its
+    offsets, which move as it is pruned): every step prunes
     the same channels as Torch-Pruning's own `pruner.step()`, and every group (members,
     indices, root indices) is the one Torch-Pruning builds."""
     cfg = PruneConfig(global_pruning=True, iterative_steps=20)
@@ -429,8 +430,8 @@ def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes(name):
         assert mine == _groups(cached) == _groups(own), step
         remade = sum(v is not None for v in cached.DG._progprune_structures.values())
     assert len(own.pruning_history()) > 8 and remade > 0  # something pruned; some groups re-made
-    if name == "concat":  # the branches' groups map through the concat: Torch-Pruning's own path
-        assert None in cached.DG._progprune_structures.values()
+    if name == "concat":  # the branches' groups map through the concat: re-made with its offsets
+        assert any(off for v in cached.DG._progprune_structures.values() if v for _, off in v)
         # Torch-Pruning ranks b (after a in the concat) first, so a step never moves an offset
         # it reads later; pruning a first does: b's group must map through the new offset
         with _tp.mappings_cached(cached):
@@ -440,3 +441,88 @@ def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes(name):
             mine = _groups(cached)
         assert mine == _groups(cached)
     assert not hasattr(cached.DG, "_progprune_mappings") and "get_pruning_group" not in vars(cached.DG)
+
+
+def _scores(pruner):
+    """Every ranked group's importance, by whatever `pruner.importance` is now."""
+    return [pruner.importance(g) for g in _tp.all_groups(pruner)]
+
+
+@pytest.mark.parametrize("name, method", [("resnet20", "group_norm"), ("mobilenetv2", "l1"),
+                                          ("concat", "group_sl"), ("concat", "lamp"), ("resnet20", "l2")])
+def test_cached_magnitude_importance_is_torch_prunings_bit_for_bit(name, method):
+    """Within `_tp.mappings_cached` a magnitude importance takes runs of indices as slices and
+    squares in one pass: at every step, every group's scores are bitwise the ones
+    Torch-Pruning's own `__call__` gives for the same group, and the steps prune the same
+    channels as `pruner.step()` outside the block."""
+    cfg = PruneConfig(method=method, global_pruning=True, iterative_steps=20)
+    pruners = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = _Concat().eval() if name == "concat" else build_model(name, NUM_CLASSES)
+        _trained_like(model)
+        pruners.append(make_pruner(model, example_inputs(), cfg, NUM_CLASSES))
+    own, cached = pruners
+    for step in range(6):
+        with _tp.mappings_cached(cached):
+            assert type(cached.importance) is not type(own.importance)  # the fast path is on
+            fast = _scores(cached)
+        slow = _scores(cached)  # upstream's __call__, the same groups
+        assert len(fast) == len(slow) > 0
+        for a, b in zip(fast, slow):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), step
+        own.step()
+        with _tp.mappings_cached(cached):
+            cached.step()
+        assert cached.pruning_history() == own.pruning_history(), step
+    assert type(cached.importance) is type(own.importance)  # upstream's again after the block
+    assert "get_all_groups" not in vars(cached.DG)
+
+
+def test_cached_magnitude_importance_slices_only_runs():
+    """Runs of indices become slices; anything else (gaps, repeats, negatives, out of range)
+    is indexed as upstream indexes it, out-of-range ones raising as upstream does."""
+    from progprune._tp.cached import _rows, _run
+
+    t = torch.arange(10.0)
+    assert _run([3, 4, 5]) == slice(3, 6) and _run([0]) == slice(0, 1)
+    assert _run([]) is None and _run([1, 3, 3]) is None and _run([2, 1, 3]) is None and _run([-1, 0]) is None
+    for idxs in ([3, 4, 5], [1, 3, 2], [0, 0, 1], [9]):
+        assert torch.equal(_rows(t, idxs), t[idxs])
+    with pytest.raises(IndexError):
+        _rows(t, [9, 10])
+    other = PruneConfig(method="slim")  # BN-scale importance brings its own __call__: upstream's path
+    torch.manual_seed(0)
+    model = build_model("resnet20", NUM_CLASSES)
+    pruner = make_pruner(model, example_inputs(), other, NUM_CLASSES)
+    imp = pruner.importance
+    with _tp.mappings_cached(pruner):
+        assert pruner.importance is imp
+
+
+@pytest.mark.parametrize("name", ["concat", "resnet20"])
+def test_groups_re_made_for_any_subset_are_torch_prunings(name):
+    """A group walked with offsets (through the concat: shifted by its offsets) is, for
+    subsets of its channels in any order, member for member the one Torch-Pruning's own walk
+    builds; and the concat's groups are among those walked so."""
+    import random
+
+    torch.manual_seed(0)
+    model = _Concat().eval() if name == "concat" else build_model(name, NUM_CLASSES)
+    pruner = make_pruner(model, example_inputs(), PruneConfig(global_pruning=True), NUM_CLASSES)
+    graph, rng = pruner.DG, random.Random(0)
+
+    def flat(g):
+        return [(str(d), list(i), list(g[k].root_idxs)) for k, (d, i) in enumerate(g)]
+
+    with _tp.mappings_cached(pruner):
+        roots = [_tp.root(g)[:2] + (len(g[0].idxs),) for g in _tp.all_groups(pruner)]
+        remade = [k for k, v in graph._progprune_structures.items() if v is not None]  # the walks taken
+        for module, handler, n in roots:
+            for size in (1, n // 2, n):
+                idxs = rng.sample(range(n), size)
+                mine = graph.get_pruning_group(module, handler, idxs)
+                assert flat(mine) == flat(type(graph).get_pruning_group(graph, module, handler, idxs)), idxs
+    assert len(remade) == len(roots)
+    if name == "concat":  # some members shifted by the concat's offsets
+        assert any(off for k in remade for _, off in graph._progprune_structures[k])

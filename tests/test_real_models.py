@@ -426,7 +426,8 @@ def test_crossing_prunes_a_subset_of_the_reference_step_on_the_zoo(name):
 def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes_on_the_zoo(name):
     """As tests/test_pruning.py for the CIFAR nets: within `_tp.mappings_cached` (the loop's
     steps) every step prunes the same channels of every tensor as Torch-Pruning's own
-    `pruner.step()`, and every group is the one Torch-Pruning builds (concats: googlenet;
+    `pruner.step()`, every group's magnitude scores are bitwise upstream's, and every group
+    is the one Torch-Pruning builds (concats: googlenet;
     squeeze-excitation: efficientnet; layer-scale parameters: convnext; attention: vit)."""
     from progprune import _tp
 
@@ -445,6 +446,10 @@ def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes_on_the_zoo(n
         assert cached.pruning_history() == own.pruning_history(), step
         for (n, a), b in zip(own_model.state_dict().items(), model.state_dict().values()):
             assert a.shape == b.shape and torch.equal(a, b), (step, n)
+        with _tp.mappings_cached(cached):  # the magnitude importance: bitwise upstream's scores
+            fast = [cached.importance(g) for g in _tp.all_groups(cached)]
+        slow = [cached.importance(g) for g in _tp.all_groups(cached)]
+        assert len(fast) == len(slow) > 0 and all(torch.equal(a, b) for a, b in zip(fast, slow)), step
     with _tp.mappings_cached(cached):
         mine = groups(cached)
     assert mine == groups(cached)

@@ -30,6 +30,7 @@ EXPECTED = [
     # issue 20: the target's metric, and MACs beside it
     ("target_metric", "string"), ("macs_speedup", "double"), ("achieved_ci_low", "double"),
     ("achieved_ci_high", "double"), ("target_points", "int64"),
+    ("control", "string"), ("architecture_of", "string"), ("scratch_epochs", "int64"), ("scratch_seconds", "double"),
 ]
 
 

@@ -72,7 +72,7 @@ def test_shipped_spec_loads(path):
 def test_digits_smoke_checks_paths_too():
     spec = load_spec(RAY_JOBS / "digits_smoke.yaml")  # no data_dir: nothing to skip
     assert spec.finetune.use_gpu is False and spec.resources.gpus_per_task == 0
-    assert len(spec.combinations()) == 2 * 3
+    assert len(spec.combinations()) == 2 * 3 * 2  # models x speedups x (group_norm, its random control)
 
 
 def test_gpu_recipe_missing_data_dir_is_reported_when_checked(tmp_path):
@@ -198,6 +198,17 @@ def test_yaml_scalars(tmp_path):
         ({"finetune__epoch": 3}, "finetune.epoch: unknown field; did you mean 'epochs'?"),
         ({"finetun": {}}, "finetun: unknown field; did you mean 'finetune'?"),
         ({"zzz": 1}, "zzz: unknown field; valid: name, dataset"),
+        # issue 24: controls
+        ({"controls": ["lottery"]}, "controls[0]: must be one of random, scratch, got 'lottery'"),
+        ({"controls": ["random", "random"]}, "controls: must be a list of controls (random, scratch)"),
+        ({"controls": ["scratch"], "scratch__epochs": 0}, "scratch.epochs: scratch.epochs is 0: a model trained "
+         "from scratch for no epochs is its random initialisation; set scratch.epochs (--scratch-epochs) to at least 1"),
+        ({"controls": ["scratch"], "base_training__epochs": 0, "finetune__epochs": 0},
+         "scratch.epochs: base_training.epochs + finetune.epochs is 0, the scratch control's default"),
+        ({"scratch__epochs": 4}, "scratch.epochs: there is no scratch control (controls: [scratch])"),
+        ({"controls": "random", "methods": ["l1", "random"]}, "methods[1]: random is the random control"),
+        ({"controls": ["scratch"], "models": [{"name": "resnet20", "checkpoint": "/x.pt"}]},
+         "scratch.epochs: models[0] starts from a checkpoint, whose training progprune does not know"),
     ],
     ids=lambda v: str(v)[:40] if isinstance(v, dict) else "",
 )
@@ -604,7 +615,7 @@ def test_shipped_specs_keep_their_ids():
     assert [c.combo_id() for c in combos[:4]] == [
         "da8fa864d36c5310", "c7910659a4a675d7", "177c00078780a608", "e9e87fabeb563122"]
     assert combos[3].method == "group_sl" and combos[3].sparse_key() == "8e7948af6f909af4"
-    smoke = load_spec(RAY_JOBS / "digits_smoke.yaml").combinations()
+    smoke = [c for c in load_spec(RAY_JOBS / "digits_smoke.yaml").combinations() if c.control is None]
     assert [c.combo_id() for c in smoke] == ["b89af7838b5f7350", "3efa4e305124753d", "4a1b292aa944101f",
                                              "5816e3cbe742f284", "5d91b6eef7daefda", "5dacbb47ca78f371"]
 

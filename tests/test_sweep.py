@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from progprune.artifacts import load_artifact
 from progprune.spec import load_spec
 from progprune.storage import Store
 from faults import inject
-from helpers import ROOT, combo_ids, progprune, read_results, run_env, tiny_spec
+from helpers import ROOT, combo_ids, one_row_each, progprune, read_results, run_env, tiny_spec
 from raycluster import BIN, LocalRay
 
 SMOKE = ROOT / "ray_jobs" / "digits_smoke.yaml"
@@ -37,6 +38,7 @@ def test_smoke_sweep_via_ray_job_submit(cluster, tmp_path):
     smoke["models"] = smoke["models"][:1]
     smoke["speedups"] = smoke["speedups"][:2]
     smoke["base_training"]["epochs"] = 4
+    smoke.pop("controls")  # the demo's random control is two more Train runs; controls: the test below
     spec_path = tmp_path / "digits_smoke.yaml"
     spec_path.write_text(yaml.safe_dump(smoke))
     r = subprocess.run(
@@ -150,6 +152,60 @@ def test_target_metrics_are_a_sweep_axis_with_one_row_each(cluster, tmp_path):
     assert df.loc["latency", "achieved_ci_low"] >= 1.5 and df.loc["latency", "target_points"] >= 1
     assert df.loc["macs", "combo_id"] == combo_ids(plain)[0]
     assert len(set(df.combo_id)) == 3
+
+
+@pytest.mark.ray
+def test_controls_run_beside_the_methods_and_stand_apart_from_them(cluster, tmp_path):
+    """Issue 24: `controls: [random, scratch]`: a random control per (target, seed) and each
+    method's architecture trained from scratch; the report's paired differences recomputed
+    here from the rows; adding a method leaves every control's row where it is."""
+    from scipy.stats import t
+
+    grid = dict(models=["resnet20"], speedups=[2.0], methods=["group_norm", "l1"], seeds=[0, 1])
+    first = tiny_spec(tmp_path, name="first", **grid, controls=["random"])
+    r = progprune("sweep", first, "--address", cluster.address)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "controls: random" in r.stdout and "random (control)" in r.stdout
+    # the scratch control added later trains the stored methods' architectures (their pruned.pt)
+    spec = tiny_spec(tmp_path, name="first", **grid, controls=["random", "scratch"], scratch={"epochs": 1})
+    r = progprune("sweep", spec, "--address", cluster.address)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "to run   4; already done (kept) 6" in r.stdout and "group_norm (scratch)" in r.stdout
+    df = one_row_each(tmp_path / "out", spec)
+    assert (df.status == "ok").all(), df[["method", "control", "error"]]
+    methods, rand, scratch = df[df.control.isna()], df[df.control == "random"], df[df.control == "scratch"]
+    assert (len(methods), len(rand), len(scratch)) == (4, 2, 4)
+    assert (rand.method == "random").all() and sorted(rand.seed) == [0, 1]
+    # the same target by the same rule (the crossing step's own selection: within 3%, as the smoke test's)
+    assert (rand.target_speedup == 2.0).all() and (rand.target_metric == "macs").all() and (rand.crossing == "fine").all()
+    assert ((rand.achieved_speedup >= 2.0) & (rand.achieved_speedup <= 2.0 * 1.03)).all()
+    by_id = df.set_index("combo_id")
+    for _, s in scratch.iterrows():  # the method's architecture: same counts, trained from scratch
+        m = by_id.loc[s.architecture_of]
+        assert (s.method, s.seed, s.pruned_macs, s.pruned_params) == (m.method, m.seed, m.pruned_macs, m.pruned_params)
+        assert s.scratch_epochs == 1 and s.final_top1 is not None and s.artifact_uri.endswith("final.pt")
+    shapes = lambda p: {k: v.shape for k, v in load_artifact(p)[0].state_dict().items()}  # noqa: E731
+    s = scratch.iloc[0]
+    assert shapes(s.artifact_uri) == shapes(tmp_path / "out" / "combos" / s.architecture_of / "pruned.pt")
+
+    rep = progprune("report", tmp_path / "out")
+    assert rep.returncode == 0, rep.stderr
+    md = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "## Against the controls (paired by seed)" in md and "(accuracy_vs_controls.png)" in md
+    for method in ("group_norm", "l1"):  # recomputed from the rows: mean and Student's t interval over seeds
+        mine = methods[methods.method == method].set_index("seed").final_top1
+        for control, theirs in (("random", rand.set_index("seed").final_top1),
+                                ("scratch", scratch[scratch.method == method].set_index("seed").final_top1)):
+            d = (mine - theirs) * 100
+            half = t.ppf(0.975, 1) * d.std(ddof=1) / 2 ** 0.5
+            cells = f"| {method} | {control} | 2 | {d.mean():+.2f} | [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] |"
+            assert cells in md, (cells, md[md.index("## Against"):])
+
+    more = tiny_spec(tmp_path, name="first", **{**grid, "methods": ["group_norm", "l1", "l2"]},
+                     controls=["random", "scratch"], scratch={"epochs": 1})
+    plan = progprune("sweep", more, "--address", cluster.address, "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "to run   4; already done (kept) 10" in plan.stdout  # l2 and its scratch controls only
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):

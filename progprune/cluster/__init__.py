@@ -218,7 +218,8 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease,
     `window` combinations (default `window_size(max_concurrent)`) are in flight at once."""
     import ray
 
-    from progprune.cluster.tasks import base_task, finetune_task, prune_task, sparse_task, write_fragment
+    from progprune.cluster.tasks import (base_task, finetune_task, prune_task, scratch_task, sparse_task,
+                                         write_fragment)
 
     # setup: what each task asks for
     spec, store = plan.spec, plan.store
@@ -264,12 +265,25 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease,
     prunes: dict = {}  # prune ref -> cfg
     pruned: deque = deque()  # (prune ref, cfg) waiting for a Train slot
     running: dict = {}  # coordinator ref -> cfg
+    scratches: dict = {}  # scratch control ref -> cfg (it trains in its own task)
+    # a method's prune ref, kept until its scratch control (later in plan order) takes it
+    architectures = {c.architecture_of().combo_id() for c in plan.todo if c.control == "scratch"}
+    arch_refs: dict = {}
     done = failed = 0
-    while todo or prunes or pruned or running:
+    while todo or prunes or pruned or running or scratches:
         # the window: more prune tasks as combinations finish
-        while todo and len(prunes) + len(pruned) + len(running) < window:
+        while todo and len(prunes) + len(pruned) + len(running) + len(scratches) < window:
             cfg = todo.popleft()
-            prunes[prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg))] = cfg
+            if cfg.control == "scratch":  # after its method's prune (this run's, or the stored row's)
+                arch = cfg.architecture_of().combo_id()
+                ref = arch_refs.pop(arch, None)
+                status = None if ref else table.statuses().get(arch)
+                scratches[scratch_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, ref, status)] = cfg
+                continue
+            ref = prune_task.options(**task_opts, max_retries=1).remote(cfg, store.uri, upstream(cfg))
+            prunes[ref] = cfg
+            if cfg.combo_id() in architectures:
+                arch_refs[cfg.combo_id()] = ref
             for key in _upstream_keys(cfg):
                 users[key] -= 1
                 if not users[key]:  # its last combination is submitted
@@ -278,8 +292,8 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease,
         while pruned and (in_task or len(running) < max_concurrent):
             p, cfg = pruned.popleft()
             running[finetune_task.options(**ft_opts).remote(cfg, store.uri, p, res)] = cfg
-        progress.update(done, failed, len(running), len(todo) + len(prunes) + len(pruned))
-        refs = [*running, *prunes]
+        progress.update(done, failed, len(running), len(todo) + len(prunes) + len(pruned), len(scratches))
+        refs = [*running, *scratches, *prunes]
         ready, _ = ray.wait(refs, num_returns=1, timeout=2.0)
         if ready:  # take everything that is ready: one pass per batch, not per ref
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
@@ -288,7 +302,7 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease,
             if ref in prunes:
                 pruned.append((ref, prunes.pop(ref)))
                 continue
-            cfg = running.pop(ref)
+            cfg = running.pop(ref) if ref in running else scratches.pop(ref)
             try:
                 row: ResultRow = ray.get(ref)
             # broad on purpose: a task runs the user's models and Torch-Pruning, and Ray adds
@@ -315,7 +329,10 @@ def execute(plan, max_concurrent: int, progress, num_classes: int, table, lease,
 
 
 def _upstream_keys(cfg) -> list:
-    """The base's key, and the sparse model's where the method has one (tagged apart)."""
+    """The base's key, and the sparse model's where the method has one (tagged apart); none
+    for a scratch control (it trains its method's architecture from scratch)."""
+    if cfg.control == "scratch":
+        return []
     keys = [("base", cfg.base_key())]
     if needs_sparse(cfg):
         keys.append(("sparse", cfg.sparse_key()))

@@ -38,8 +38,9 @@ from progprune.training import device_label, pick_device
 def _logger(cfg: ComboConfig, per_base: bool = False):
     """Task output reaches `ray job logs` / `kubectl logs` (the driver runs with
     log_to_driver), one line per event, prefixed with the combination it belongs to."""
+    control = {"random": " control", "scratch": " scratch"}.get(cfg.control, "")
     label = (f"{cfg.model} seed {cfg.seed}" if per_base else
-             f"{cfg.model} {cfg.method} {cfg.target_speedup:g}x seed {cfg.seed}")
+             f"{cfg.model} {cfg.method}{control} {cfg.target_speedup:g}x seed {cfg.seed}")
 
     def log(msg: str) -> None:
         # sys.stdout, not print(): Ray Train's workers replace print() with one that logs
@@ -154,6 +155,30 @@ def _finetune_here(cfg: ComboConfig, store: Store) -> Finetuned:
     ft = pipeline.finetune_combination(cfg, model, splits, device, _logger(cfg))
     ft.artifact = _save(store, model, cfg, splits, LAYOUT.final(cfg), meta=run_meta(cfg.combo_id(), splits))
     return ft
+
+
+@ray.remote
+def scratch_task(cfg: ComboConfig, store_uri: str, method: Pruned | None, status: str | None = None) -> ResultRow:
+    """The scratch control of a method combination (`cfg.architecture_of()`): its pruned
+    architecture, from the pruned.pt its prune task stored, re-initialised and trained here.
+    `method`: that prune task's result (it ran in this sweep); else `status`, its stored row's."""
+    from progprune.controls import scratch_row
+
+    store = Store(store_uri)
+    arch = cfg.architecture_of()
+    if method is not None:
+        status = method.prune.outcome.status if method.prune else "failed"
+    history = None
+    if status == "ok":
+        with store.local_copy(*LAYOUT.pruned(arch)) as p:
+            history = load_artifact(p, model_name=cfg.model)[1]["pruning_history"]
+
+    def save(model, splits):
+        return _save(store, model, cfg, splits, LAYOUT.final(cfg), history=history,
+                     meta=run_meta(cfg.combo_id(), splits))
+    row = scratch_row(cfg, history, status, pick_device(), _logger(cfg), save)
+    write_fragment(store, row)
+    return row
 
 
 # ---- Ray Train ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ REQUIRED = [c for c in T.GROUP if c != "target_metric"] + ["seed", "status"]
 # the user's and stays. A non-empty directory without the marker is refused.
 MARKER = ".progprune-report"
 REPORT_FILES = ("report.md", "report.html", "summary.csv", _plots.ACCURACY[0], _plots.LATENCY[0],
-                _plots.LATENCY_ACCURACY[0])
+                _plots.LATENCY_ACCURACY[0], _plots.C.PLOT[0])
 _ONE_LINE_MARKER_FILES = REPORT_FILES[:5]  # what a report could write when its marker was one line
 
 
@@ -60,7 +60,7 @@ def build_report(results: str, out_dir: str | None = None, fmt: str = "md", cons
     out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(local_path or ""), *LAYOUT.report))
     table, probs = T.aggregate(frame), T.problems(frame)
     with _report_dir(out_dir, f"progprune report of {results}") as tmp:
-        plots = _plots.draw(table, T.base_reference(frame), tmp)
+        plots = _plots.draw(table, T.base_reference(frame), tmp, frame)
         markdown = T.markdown(frame, table, probs, plots, results)
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         if fmt == "html":

@@ -10,7 +10,8 @@ import os
 
 import pandas as pd
 
-from progprune.report._tables import METRIC_NAMES, PANEL
+from progprune.report import _controls as C
+from progprune.report._tables import METRIC_NAMES, PANEL, SCRATCH
 
 _W, _H, _DPI = 5.0, 3.8, 100  # inches per panel, px/inch: >= 500x380 px per panel
 _LEFT, _RIGHT, _BOTTOM, _GAP_W, _GAP_H, _TITLE, _LEGEND_ROW, _LEGEND_COLS = 0.8, 0.25, 0.6, 0.8, 0.9, 0.45, 0.32, 5
@@ -24,11 +25,13 @@ LATENCY_ACCURACY = ("accuracy_vs_latency.png", "Final top-1 vs measured latency 
                     "control")
 FRONT_KEY = "progprune:latency_front"  # the PNG's text chunk listing the front's points (JSON)
 _MARKERS = {"macs": "o", "latency": "s", "params": "^"}
+_BASELINES = ("random", "random (control)", "l1", "l2")  # dashed (ShrinkBench's baselines); scratch dotted
 
 
-def draw(agg: pd.DataFrame, base: pd.DataFrame, directory: str) -> dict:
+def draw(agg: pd.DataFrame, base: pd.DataFrame, directory: str, frame: pd.DataFrame | None = None) -> dict:
     """The figures `agg` has points for, written into `directory`: {name: (file, caption)}; each
-    plot function draws one and returns its (file, caption)."""
+    plot function draws one and returns its (file, caption). `frame` (the rows): the controls'
+    figure, where the table has controls."""
     plots = {}
     if len(agg):
         plots["accuracy"] = accuracy_plot(agg, base, directory)
@@ -36,6 +39,8 @@ def draw(agg: pd.DataFrame, base: pd.DataFrame, directory: str) -> dict:
         plots["latency"] = latency_plot(agg, directory)
     if (agg["latency_speedup_mean"].notna() & agg["final_top1_mean"].notna()).any():
         plots["latency_accuracy"] = latency_accuracy_plot(agg, base, directory)
+    if frame is not None and (agg["control"].notna() & agg["final_top1_mean"].notna()).any():
+        plots["controls"] = C.plot(frame, agg, _draw, directory)
     return plots
 
 
@@ -55,7 +60,7 @@ def _draw(agg: pd.DataFrame, title: str, ylabel: str, y: str, scale: float, path
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    methods = sorted(set(agg["method"]))
+    methods = sorted({m.removesuffix(SCRATCH) for m in agg["method"]})  # a scratch control: its method's colour
     series = list(_series(agg))
     panels = list(agg.groupby(PANEL, sort=True))
     ncols = min(3, len(panels))
@@ -74,8 +79,8 @@ def _draw(agg: pd.DataFrame, title: str, ylabel: str, y: str, scale: float, path
                 continue
             ax.errorbar(m[f"{x}_mean"], m[f"{y}_mean"] * scale, yerr=m[f"{y}_std"].fillna(0) * scale,
                         xerr=m[f"{x}_std"].fillna(0), marker=_MARKERS.get(metric, "o"), markersize=4, capsize=3,
-                        color=colormaps["tab10"](methods.index(method) % 10), label=label,
-                        linestyle="--" if method in ("random", "l1", "l2") else "-")
+                        color=colormaps["tab10"](methods.index(method.removesuffix(SCRATCH)) % 10), label=label,
+                        linestyle=":" if method.endswith(SCRATCH) else "--" if method in _BASELINES else "-")
         ax.set(title=f"{dataset} / {model}", xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
     handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}

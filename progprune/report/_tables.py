@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 import progprune
+from progprune.report import _controls as C
 
 # an operating point: rows of different target metrics are never aggregated together
 GROUP = ["dataset", "model", "method", "target_metric", "target_speedup"]
@@ -54,6 +55,7 @@ SETUP = (  # (label, column): read from the rows so a reader can rerun the sweep
     ("Target speedups", "target_speedup"), ("Target metrics", "target_metric"), ("Seeds", "seed"),
     ("Base-training epochs", "base_epochs"),
     ("Sparse-learning epochs", "sparse_epochs"), ("Fine-tune epochs", "finetune_epochs"),
+    ("Scratch-control epochs", "scratch_epochs"),
     ("Fine-tune workers", "finetune_workers"), ("Global pruning", "global_pruning"),
     ("Iterative steps", "iterative_steps"), ("round_to", "round_to"),
     ("Latency batch size", "latency_batch_size"), ("Devices", "device"), ("torch", "torch_version"),
@@ -62,16 +64,24 @@ SETUP = (  # (label, column): read from the rows so a reader can rerun the sweep
 
 
 # ---- numbers ---------------------------------------------------------------------------------
+SCRATCH, RANDOM_CONTROL = " (scratch)", "random (control)"  # how a control's rows are labelled
+
+
 def prepared(df: pd.DataFrame) -> pd.DataFrame:
     """The frame as the report reads it: a blank target_metric (a table of before target
     metrics) is "macs"; a blank macs_speedup is the achieved speedup of a MACs target, else
-    base MACs / pruned MACs."""
+    base MACs / pruned MACs. A control's rows are their own lines: `method` reads "random
+    (control)" or "<method> (scratch)"; `method_name` keeps the method."""
     metric = df["target_metric"].mask(df["target_metric"].isna() | (df["target_metric"] == ""), "macs")
     macs = pd.to_numeric(df["macs_speedup"], errors="coerce")
     macs = macs.fillna(pd.to_numeric(df["achieved_speedup"], errors="coerce").where(metric == "macs"))
     pruned = pd.to_numeric(df["pruned_macs"], errors="coerce")
     macs = macs.fillna(pd.to_numeric(df["base_macs"], errors="coerce") / pruned.where(pruned > 0))
-    return df.assign(target_metric=metric.astype(object), macs_speedup=macs.astype(float))
+    control = df["control"].where(df["control"].isin(["random", "scratch"]))
+    label = df["method"].where(control.isna(), df["method"].astype(str) + SCRATCH)
+    label = label.mask(control == "random", RANDOM_CONTROL)
+    return df.assign(target_metric=metric.astype(object), macs_speedup=macs.astype(float),
+                     control=control.astype(object), method_name=df["method"], method=label)
 
 
 def pareto_front(x, y) -> list[bool]:
@@ -93,6 +103,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     for m in METRICS:
         out[f"{m}_mean"], out[f"{m}_std"] = g[m].mean(), g[m].std(ddof=1)
     out["achieved_ci_low_min"], out["achieved_ci_high_max"] = g["achieved_ci_low"].min(), g["achieved_ci_high"].max()
+    out["control"] = g["control"].first()
     # MACs fell but the measured latency rose: the point a MACs-only table hides
     out["latency_rose"] = (out["macs_speedup_mean"] > 1) & (out["latency_speedup_mean"] < 1)
     order = {m: i for i, m in enumerate(METRIC_NAMES)}  # macs, latency, params; another after them
@@ -139,8 +150,8 @@ def setup(df: pd.DataFrame) -> list[list[str]]:
     items = [["Rows", f"{len(df)} ({status})" if len(df) else "0"]]
     for label, col in SETUP:
         values = distinct(df[col])
-        if col == "target_metric" and set(values) <= {"macs"}:
-            continue  # a MACs-only table's setup reads as before target metrics
+        if col == "target_metric" and set(values) <= {"macs"} or col == "scratch_epochs" and not values:
+            continue  # a MACs-only table's setup reads as before target metrics; no scratch control
         mixed = col.endswith("_version") and len(values) > 1
         items.append([label, (", ".join(values) or "not recorded")
                       + (" (mixed: rows come from different installs)" if mixed else "")])
@@ -168,7 +179,7 @@ def notes(agg: pd.DataFrame) -> list[str]:
     return [text for cond, text in [
         (short, f"Curves with fewer than {MIN_POINTS} operating points (targets): " + ", ".join(short) + "."),
         (single, f"{single} operating point(s) have a single ok seed: no std shown."),
-        ("random" not in methods, "No `random` baseline in this sweep."),
+        (not methods & {"random", RANDOM_CONTROL}, "No `random` baseline in this sweep."),
         (not methods & {"l1", "l2"}, "No magnitude (`l1`/`l2`) baseline in this sweep."),
         (agg["latency_speedup_mean"].isna().all(), "No latency was measured: only MACs speedups are reported."),
     ] if cond]
@@ -259,6 +270,10 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
             legend(agg) if len(agg) else "No combination finished ok: see the list below."]
     for title, rows in panels(agg):
         out += [f"### {title}", _table(summary_headers(agg), rows)]
+    diffs = C.differences(df)
+    if len(diffs):
+        out += ["## Against the controls (paired by seed)", C.LEGEND,
+                _table(C.HEADERS, C.rows(diffs, target_label))]
     if plots:
         out += ["## Plots"] + [f"![{alt}]({file})" for file, alt in plots.values()]
     rose = agg[agg["latency_rose"]]
@@ -344,6 +359,13 @@ def show(df: pd.DataFrame, console) -> None:
         console.print(t)
     if len(agg):
         console.print(Text(legend(agg), style="dim"))
+    diffs = C.differences(df)
+    if len(diffs):
+        t = Table(*C.HEADERS, title="Against the controls (paired by seed)", title_justify="left")
+        for cells in C.rows(diffs, target_label):
+            t.add_row(*cells)
+        console.print(t)
+        console.print(Text(C.LEGEND, style="dim"))
     if len(probs):
         t = Table(*(Column(h, overflow="fold") for h in problem_headers(probs)), title=PROBLEMS_TITLE,
                   title_justify="left")

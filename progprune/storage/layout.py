@@ -12,7 +12,8 @@ A sweep's output (a `Store` joins these parts onto its root, a directory or a bu
   .lock                      the lease of the sweep that owns this output (see storage.lease)
 
 `progprune prune --output DIR` writes a smaller folder: pruned.pt and result.parquet (and
-pruned.onnx, pruned.torchscript.pt with --export).
+pruned.onnx, pruned.torchscript.pt with --export; control-random.pt, control-scratch.pt with
+--control, whose rows follow the combination's in result.parquet).
 
 These names are the on-disk format: a sweep resumes from what an earlier progprune left
 only while they stay as they are. Every part is a tuple, spread into the Store's calls:
@@ -74,9 +75,15 @@ class PruneLayout:
     """The folder `progprune prune --output DIR` writes."""
 
     artifact = "pruned.pt"
-    row = "result.parquet"
+    row = "result.parquet"  # the combination's row, then its controls' (--control)
     exports = tuple(export_name("pruned.pt", f) for f in EXPORT_SUFFIX)  # --export
-    files = (artifact, *exports, row)  # in the order they are published: the row last
+    controls = ("control-random.pt", "control-scratch.pt")  # --control random, scratch: their models
+    files = (artifact, *exports, *controls, row)  # in the order they are published: the row last
+
+    @staticmethod
+    def control(name: str) -> str:
+        """The model file of control `name` (random, scratch)."""
+        return f"control-{name}.pt"
 
 
 LAYOUT = SweepLayout()

@@ -6,24 +6,21 @@ pruner's private helpers (`_get_channel_groups`, `_check_pruning_ratio`,
 `_downstream_node_as_root_if_attention`), its `estimate_importance` (replaced for one step
 to record the scores), `layer_init_out_ch`, the dependency graph `pruner.DG`, the layout
 of a `Group`, `OBDCImportance`'s private methods and buffers, the op counter's table, and
-the index-mapping updates and group walk that `mappings_cached` shortens.
-Everything else calls the small functions here, so an upgrade of Torch-Pruning is this
-file. It sits at the bottom of the layers (torch and torch_pruning only), so `macs` and
-`models` may use it as well as `pruning`.
+the index-mapping updates, group walk and magnitude importance that `mappings_cached`
+shortens (`cached.py`). Everything else calls the small functions here, so an upgrade of
+Torch-Pruning is this package. It sits at the bottom of the layers (torch and torch_pruning
+only), so `macs` and `models` may use it as well as `pruning`.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from numbers import Number
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from torch_pruning import _helpers, ops
-from torch_pruning.dependency import index_mapping as _index_mapping
-from torch_pruning.dependency.dependency import Dependency
-from torch_pruning.dependency.group import Group
+
+from progprune._tp.cached import mappings_cached  # noqa: F401  (the loop's steps)
 
 # Module types `tp.utils.count_ops_and_params` counts (the fast counter declines the others)
 COUNTED_BY_TP = tuple(tp.utils.op_counter.MODULES_MAPPING)
@@ -61,148 +58,6 @@ def members(pruner, group) -> Iterator[tuple]:
     for k, (dep, idxs) in enumerate(group):
         yield (dep.target.module, is_out(pruner, dep.handler), [int(i) for i in idxs],
                [int(r) for r in group[k].root_idxs])
-
-
-# ---- index mappings computed once per graph state --------------------------------------
-# Torch-Pruning 1.6.1's `DG.get_pruning_group` starts with `index_mapping.update_index_mapping(DG)`,
-# which recomputes every concat/split/reshape/unbind/expand/slice mapping from the current
-# widths: once per root in `get_all_groups` (every step, to rank) and once per group pruned,
-# though widths only change when something is pruned. The mappings are a function of the
-# graph's state (widths, concat/split sizes), recomputing them on an unchanged state changes
-# nothing, and within one step of Torch-Pruning's own pruner nothing prunes but `Group.prune`,
-# which appends one entry to the graph's pruning history each time. So within
-# `mappings_cached` (one step) the graph recomputes them on first use and then only when its
-# history has grown since: they are exactly the mappings Torch-Pruning would compute, and so
-# are the groups, their indices and the channels chosen (tests/test_pruning.py checks the
-# histories against `pruner.step()`'s). A pruner that brings its own `step`/`_prune` (which
-# might prune some other way) and everything outside the block run Torch-Pruning's own path.
-_TP_UPDATE_INDEX_MAPPING = _index_mapping.update_index_mapping
-
-
-_MAPPED = (ops.OPTYPE.CONCAT, ops.OPTYPE.SPLIT, ops.OPTYPE.RESHAPE, ops.OPTYPE.UNBIND,
-           ops.OPTYPE.EXPAND, ops.OPTYPE.SLICE)
-
-
-def _recompute_mappings(graph, nodes) -> None:
-    """`update_index_mapping(graph)`: the same updates in the same order, over the nodes it
-    updates only (`nodes`: those of its types, in `module2node`'s order; types never change)."""
-    for node in nodes:
-        t = node.type
-        if t == ops.OPTYPE.CONCAT:
-            _index_mapping.update_concat_index_mapping(graph, node)
-        if t == ops.OPTYPE.SPLIT:
-            _index_mapping.update_split_index_mapping(graph, node)
-        if t == ops.OPTYPE.RESHAPE:
-            _index_mapping.update_reshape_index_mapping(graph, node)
-        if t == ops.OPTYPE.UNBIND:
-            _index_mapping.update_unbind_index_mapping(graph, node)
-        if t == ops.OPTYPE.EXPAND and torch.__version__ >= "1.8":
-            _index_mapping.update_expand_index_mapping(graph, node)
-        if t == ops.OPTYPE.SLICE:
-            _index_mapping.update_slice_index_mapping(graph, node)
-
-
-class _Cached:
-    """What a graph within `mappings_cached` remembers."""
-
-    def __init__(self, graph):
-        self.pruned = None  # the history length the mappings are for (None: not computed)
-        self.nodes = [n for n in graph.module2node.values() if n.type in _MAPPED]
-
-
-def _update_index_mapping(graph):
-    """Torch-Pruning's `update_index_mapping`, skipped where `graph` is within
-    `mappings_cached` and its history has not grown since the mappings were computed."""
-    cached = getattr(graph, "_progprune_mappings", None)
-    if cached is None:  # not within mappings_cached: Torch-Pruning's own path
-        return _TP_UPDATE_INDEX_MAPPING(graph)
-    pruned = len(graph._pruning_history)
-    if cached.pruned != pruned:
-        _recompute_mappings(graph, cached.nodes)
-        cached.pruned = pruned
-    return None
-
-
-# ---- groups re-made from their structure -----------------------------------------------
-# `get_pruning_group` walks the graph from the root with one (index, root index) object per
-# channel per member and merges the members pairwise. Where every dependency the walk can
-# take maps indices as they are (no concat/split/reshape... mapping: [None, None]), the walk
-# goes the same way for any non-empty list of distinct indices: every member gets the root's
-# indices, root indices the same. Such a group's structure (its members' dependencies, in
-# order) is kept after Torch-Pruning has built it once, per (root module, resolved pruning
-# function); later it is re-made from it while every dependency the walk would take still
-# has no mapping (the mappings are updated first, as Torch-Pruning does). Anything else
-# (mappings, ignored parameters, repeated or non-int indices) goes to Torch-Pruning's own.
-_STRUCTURES = "_progprune_structures"  # graph attribute: {(module, fn): (deps, walked) or None}
-
-
-def _no_mapping(d) -> bool:
-    return d.index_mapping[0] is None and d.index_mapping[1] is None
-
-
-def _identity_walk(group):
-    """The dependencies Torch-Pruning's walk took for `group` if none maps indices, else None."""
-    walked = []
-    for dep, _ in group:
-        fn = dep.handler
-        for d in dep.target.dependencies:
-            if d.is_triggered_by(fn):
-                if not _no_mapping(d):
-                    return None
-                walked.append(d)
-    return walked
-
-
-def _get_pruning_group(graph, module, pruning_fn, idxs):
-    tp_get = type(graph).get_pruning_group
-    if (isinstance(idxs, Number) or module not in graph.module2node or graph.ignored_params
-            or not idxs or any(type(i) is not int for i in idxs) or len(set(idxs)) != len(idxs)):
-        return tp_get(graph, module, pruning_fn, idxs)
-    fn = pruning_fn
-    if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
-        fn = tp.pruner.function.prune_depthwise_conv_out_channels  # as Torch-Pruning resolves it
-    structures = graph.__dict__.setdefault(_STRUCTURES, {})
-    known = structures.get((module, fn))
-    _update_index_mapping(graph)  # first, as Torch-Pruning's does
-    if known is None or not all(_no_mapping(d) for d in known[1]):
-        group = tp_get(graph, module, pruning_fn, idxs)
-        walked = _identity_walk(group)
-        structures[(module, fn)] = None if walked is None else ([dep for dep, _ in group][1:], walked)
-        return group
-    node = graph.module2node[module]
-    group = Group()
-    for dep in [Dependency(fn, fn, source=node, target=node)] + known[0]:
-        item = _helpers.GroupItem(dep, list(idxs))
-        item.root_idxs = list(idxs)
-        group._group.append(item)
-    group._DG = graph
-    return group
-
-
-def _own_step(pruner) -> bool:
-    """Whether the pruner steps with Torch-Pruning's own `step` and `_prune`."""
-    base = tp.pruner.BasePruner
-    return type(pruner).step is base.step and type(pruner)._prune is base._prune
-
-
-@contextmanager
-def mappings_cached(pruner):
-    """Within the block (one step of the pruner: nothing else may prune in it), `pruner.DG`
-    recomputes its index mappings only when something was pruned since (see above);
-    everything else of Torch-Pruning runs as it is. Other graphs are unaffected."""
-    graph = pruner.DG
-    current = _index_mapping.update_index_mapping
-    if (getattr(graph, "_progprune_mappings", None) is not None or not _own_step(pruner)
-            or current not in (_update_index_mapping, _TP_UPDATE_INDEX_MAPPING)):
-        yield  # nested (the outer block's), a pruner of its own, or someone else's patch
-        return
-    _index_mapping.update_index_mapping = _update_index_mapping  # delegates unless opted in
-    graph._progprune_mappings = _Cached(graph)
-    graph.get_pruning_group = lambda module, pruning_fn, idxs: _get_pruning_group(graph, module, pruning_fn, idxs)
-    try:
-        yield
-    finally:
-        del graph._progprune_mappings, graph.get_pruning_group  # back to the class's
 
 
 def all_groups(pruner):

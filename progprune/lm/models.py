@@ -1,0 +1,54 @@
+"""Loading `hf:PATH` causal LMs offline, and which families progprune knows how to prune."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BadInput
+
+PREFIX = "hf:"
+# model_type -> what can be pruned with the hidden size kept (GPT-2's config has no
+# head_dim: it is hidden_size // n_head on reload, so its heads stay whole and only its
+# MLP narrows)
+FAMILIES = {
+    "llama": ("heads", "mlp"),
+    "mistral": ("heads", "mlp"),
+    "qwen2": ("heads", "mlp"),
+    "qwen3": ("heads", "mlp"),
+    "gpt2": ("mlp",),
+}
+
+
+def family(model) -> str:
+    kind = getattr(model.config, "model_type", None)
+    if kind not in FAMILIES:
+        raise BadInput(f"model architecture {kind!r} is not supported for pruning; "
+                       f"supported: {', '.join(sorted(FAMILIES))}", field="model")
+    return kind
+
+
+def local_dir(spec: str) -> Path:
+    """`hf:PATH` -> the directory, checked to hold a config.json."""
+    if not spec.startswith(PREFIX):
+        raise BadInput(f"{spec!r} is not an hf: model; write hf:PATH", field="model")
+    path = Path(spec[len(PREFIX):]).expanduser()
+    if not (path / "config.json").is_file():
+        raise BadInput(f"{path} has no config.json: give hf:PATH a directory written by "
+                       "save_pretrained", field="model")
+    return path
+
+
+def load(spec: str):
+    """(model in eval mode, tokenizer or None) from `hf:PATH`, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = local_dir(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise BadInput(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}",
+                       field="model") from None
+    family(model)
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
