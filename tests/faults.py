@@ -33,8 +33,11 @@ HERE = Path(__file__).resolve().parent
 
 def inject(faults: str, markers: Path) -> dict:
     """Environment entries for the driver of a sweep that should meet `faults`."""
+    # this directory first, then the PYTHONPATH the driver has (a checkout's progprune over an
+    # installed one): the job's env_vars replace the workers' PYTHONPATH
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = {"worker_process_setup_hook": "faults.install",
-                   "env_vars": {"PYTHONPATH": str(HERE), "FAULTS": faults, "FAULT_MARKERS": str(markers)}}
+                   "env_vars": {"PYTHONPATH": path, "FAULTS": faults, "FAULT_MARKERS": str(markers)}}
     return {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": runtime_env})}
 
 

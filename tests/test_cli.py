@@ -311,7 +311,7 @@ def test_prune_output_is_checked_before_any_work(tmp_path):
     r = cli("prune", "--model", "resnet20", "--speedup", "2", "--base-epochs", "15", "--output", tmp_path / "afile")
     assert r.returncode == 2 and "--output" in r.stderr and "training" not in r.stdout
     (tmp_path / "o" / "result.parquet").mkdir(parents=True)
-    r = cli("prune", "--model", "resnet20", "--speedup", "2", "--output", tmp_path / "o")
+    r = progprune_in_process("prune", "--model", "resnet20", "--speedup", "2", "--output", tmp_path / "o")
     assert r.returncode == 2 and "result.parquet is a directory" in r.stderr
     assert not (tmp_path / "o" / "pruned.pt").exists()
 
@@ -334,9 +334,9 @@ def test_an_output_belongs_to_one_sweep(tmp_path):
     r = cli("sweep", spec, "--dry-run")
     assert r.returncode == 2 and "holds sweep 'sweep-a', not 'sweep-b'" in r.stderr
     assert "--replace-sweep" in r.stderr and sorted(p.name for p in out.iterdir()) == ["spec.resolved.yaml"]
-    assert cli("sweep", spec, "--dry-run", "--replace-sweep").returncode == 0
+    assert progprune_in_process("sweep", spec, "--dry-run", "--replace-sweep").returncode == 0
     (out / "spec.resolved.yaml").write_text("name: sweep-b\n")  # the same sweep, edited grid: fine
-    assert cli("sweep", spec, "--dry-run").returncode == 0
+    assert progprune_in_process("sweep", spec, "--dry-run").returncode == 0
 
 
 def test_report_to_an_unwritable_place_is_one_line(tmp_path):
@@ -431,18 +431,22 @@ def _no_gpu_env(**extra) -> dict:
     return run_env(CUDA_VISIBLE_DEVICES="", **extra)  # as a machine without a GPU, wherever this runs
 
 
-@pytest.mark.parametrize("over, field, who", [
-    ({"resources": {"gpus_per_task": 1}}, "resources.gpus_per_task", "a prune task asks for 1 CPU, 1 GPU"),
+@pytest.mark.parametrize("over, field, who, real", [
+    ({"resources": {"gpus_per_task": 1}}, "resources.gpus_per_task", "a prune task asks for 1 CPU, 1 GPU", True),
     ({"finetune": {"epochs": 1, "num_workers": 1, "use_gpu": True}}, "finetune.use_gpu",
-     "each Ray Train worker asks for 1 CPU, 1 GPU"),
-    ({"resources": {"cpus_per_task": 1024}}, "resources.cpus_per_task", "a prune task asks for 1024 CPU, 0 GPU"),
+     "each Ray Train worker asks for 1 CPU, 1 GPU", True),
+    ({"resources": {"cpus_per_task": 1024}}, "resources.cpus_per_task", "a prune task asks for 1024 CPU, 0 GPU",
+     False),
 ], ids=["gpus_per_task", "use_gpu", "cpus_per_task"])
-def test_resources_the_embedded_ray_lacks_are_refused_before_any_work(tmp_path, over, field, who):
+def test_resources_the_embedded_ray_lacks_are_refused_before_any_work(tmp_path, over, field, who, real):
     """gpus_per_task 1 on a machine without a GPU: the dry run said OK and the run queued
-    forever (item 11). Both refuse now, naming the field and what to change."""
+    forever (item 11). Both refuse now, naming the field and what to change. The GPU cases
+    run in a real process (CUDA_VISIBLE_DEVICES="" hides a GPU only from a fresh process);
+    1024 CPUs are more than any machine here, so that one runs in-process."""
     spec = tiny_spec(tmp_path, **over)
     for args in (["--dry-run"], []):
-        r = progprune("sweep", spec, *args, env=_no_gpu_env(), timeout=300)
+        r = (progprune("sweep", spec, *args, env=_no_gpu_env(), timeout=300) if real
+             else progprune_in_process("sweep", spec, *args))
         assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stdout + r.stderr
         assert r.stderr.startswith(f"error: {field}: {who} on one node, but the embedded Ray of this machine "
                                    "(no --address) has "), r.stderr

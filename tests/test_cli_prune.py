@@ -1,6 +1,9 @@
 """`progprune prune/models/methods` run as real subprocesses, like a user would. Bad input
 that fails before any work runs the same click group in-process (`_in`) except for one
-real-process case per family (registry names, flag ranges, checkpoints, data)."""
+real-process case per family (registry names, flag ranges, checkpoints, data); so do the
+prunes whose row or files are what is checked (rounds, crossing, sparse rows, schedules,
+where the output goes), while the exit codes 0 and 3, Ctrl-C, SIGTERM, an exiting factory
+and the timed targets keep real processes."""
 import json
 import os
 import re
@@ -335,9 +338,9 @@ def test_pruning_in_rounds_reloads(tmp_path):
     import progprune
 
     a, b = tmp_path / "A", tmp_path / "B"
-    r = cli("prune", "--model", "resnet20", "--speedup", "1.2", *FAST_4, "--output", a)
+    r = _in("prune", "--model", "resnet20", "--speedup", "1.2", *FAST_4, "--output", a)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = cli("prune", "--model", "resnet20", "--speedup", "1.3", *FAST_4, "--checkpoint", a / "pruned.pt",
+    r = _in("prune", "--model", "resnet20", "--speedup", "1.3", *FAST_4, "--checkpoint", a / "pruned.pt",
             "--output", b, "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
@@ -354,7 +357,7 @@ def test_pruning_in_rounds_reloads(tmp_path):
 
 @pytest.mark.parametrize("crossing, cuts", [("reference", {"whole"}), ("fine", {"whole", "prefix", "subset"})])
 def test_crossing_reaches_the_row(crossing, cuts):
-    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--crossing", crossing, "--json")
+    r = _in("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--crossing", crossing, "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["crossing"] == crossing and row["crossing_cut"] in cuts and row["achieved_speedup"] >= 2
@@ -363,7 +366,7 @@ def test_crossing_reaches_the_row(crossing, cuts):
 def test_sparse_method_rows_report_the_model_they_pruned():
     """Issue 12: base_top1 of a sparse method is the model after sparse learning (the one
     pruned); the pre-sparse figure has its own column; the row records the recipe's reg."""
-    r = cli("prune", "--model", "resnet20", "--speedup", "1.5", "--method", "slim", *FAST_4,
+    r = _in("prune", "--model", "resnet20", "--speedup", "1.5", "--method", "slim", *FAST_4,
             "--sl-epochs", "1", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
@@ -374,7 +377,7 @@ def test_sparse_method_rows_report_the_model_they_pruned():
 def test_one_step_schedule_explains_itself():
     """Issue 14 #8: --iterative-steps 1 asks for every channel at once, which Torch-Pruning
     refuses; the row says what the schedule allows instead of only 'unreachable'."""
-    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--iterative-steps", "1", "--json")
+    r = _in("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--iterative-steps", "1", "--json")
     assert r.returncode == 3
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert "the schedule is 1 steps" in row["error"] and "use more iterative_steps" in row["error"]
@@ -383,7 +386,7 @@ def test_one_step_schedule_explains_itself():
 
 def test_max_pruning_ratio_is_a_cap_and_the_row_says_so():
     """Issue 14 #7: a target the cap forbids ends unreachable, naming the cap."""
-    r = cli("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--max-pruning-ratio", "0.3", "--json")
+    r = _in("prune", "--model", "resnet20", "--speedup", "2", *FAST_4, "--max-pruning-ratio", "0.3", "--json")
     assert r.returncode == 3, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert "at its max_pruning_ratio 0.3 floor" in row["error"] and row["achieved_speedup"] < 2
@@ -412,7 +415,7 @@ def test_output_on_another_filesystem_is_renamed_into_place(tmp_path):
     model thrown away and an empty folder left. Staged beside the output, it is renamed."""
     out = _other_device_dir(tmp_path) / "run"
     try:
-        r = cli("prune", *FAST_OUT, "--output", out, "--json")
+        r = _in("prune", *FAST_OUT, "--output", out, "--json")
         assert r.returncode == 0, r.stderr[-2000:]
         assert sorted(os.listdir(out.parent)) == ["run"]  # no staging folder left beside it
         assert sorted(os.listdir(out)) == ["pruned.pt", "result.parquet"]
@@ -436,7 +439,7 @@ def test_output_holding_another_run_is_refused_unless_forced(tmp_path):
     """Issue 23 #4: an --output that holds an earlier prune's pruned.pt and result.parquet is
     refused before any work, naming what it holds; --force replaces both."""
     out = tmp_path / "run"
-    r = cli("prune", *FAST_OUT, "--output", out)
+    r = _in("prune", *FAST_OUT, "--output", out)
     assert r.returncode == 0, r.stderr[-2000:]
     before = {n: (out / n).read_bytes() for n in ("pruned.pt", "result.parquet")}
 
