@@ -30,7 +30,7 @@ PLOT = ("accuracy_vs_controls.png", "Final top-1 vs MACs speedup per method (sol
 
 
 def _t(n: int) -> float:
-    from scipy.stats import t  # scikit-learn's dependency; named in pyproject
+    from scipy.stats import t  # scipy comes with scikit-learn, a dependency (not named: the image lock)
 
     return float(t.ppf(0.5 + CONFIDENCE / 2, n - 1))
 
