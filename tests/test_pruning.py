@@ -402,6 +402,18 @@ def _groups(pruner):
             for g in _tp.all_groups(pruner)]
 
 
+def _twin_pruners(name: str, cfg: PruneConfig):
+    """Two pruners of the same seeded, trained-like model: one stepped as Torch-Pruning does,
+    one within `_tp.mappings_cached`."""
+    pruners = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = _Concat().eval() if name == "concat" else build_model(name, NUM_CLASSES)
+        _trained_like(model)
+        pruners.append(make_pruner(model, example_inputs(), cfg, NUM_CLASSES))
+    return pruners
+
+
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "concat"])
 def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes(name):
     """Within `_tp.mappings_cached` (the loop's steps) index mappings are recomputed only after
@@ -410,13 +422,7 @@ def test_cached_mappings_and_groups_prune_what_torch_pruning_prunes(name):
     the same channels as Torch-Pruning's own `pruner.step()`, and every group (members,
     indices, root indices) is the one Torch-Pruning builds."""
     cfg = PruneConfig(global_pruning=True, iterative_steps=20)
-    pruners = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        model = _Concat().eval() if name == "concat" else build_model(name, NUM_CLASSES)
-        _trained_like(model)
-        pruners.append(make_pruner(model, example_inputs(), cfg, NUM_CLASSES))
-    own, cached = pruners
+    own, cached = _twin_pruners(name, cfg)
     remade = 0
     for step in range(8):
         own.step()
@@ -456,13 +462,7 @@ def test_cached_magnitude_importance_is_torch_prunings_bit_for_bit(name, method)
     Torch-Pruning's own `__call__` gives for the same group, and the steps prune the same
     channels as `pruner.step()` outside the block."""
     cfg = PruneConfig(method=method, global_pruning=True, iterative_steps=20)
-    pruners = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        model = _Concat().eval() if name == "concat" else build_model(name, NUM_CLASSES)
-        _trained_like(model)
-        pruners.append(make_pruner(model, example_inputs(), cfg, NUM_CLASSES))
-    own, cached = pruners
+    own, cached = _twin_pruners(name, cfg)
     for step in range(6):
         with _tp.mappings_cached(cached):
             assert type(cached.importance) is not type(own.importance)  # the fast path is on
