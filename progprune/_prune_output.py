@@ -77,10 +77,16 @@ def summary(row, log) -> None:
             f"speedup {row.macs_speedup:.4f}x{shown.get('macs', '')}")
         log(f"  params  {row.base_params / 1e6:.3f}M -> {row.pruned_params / 1e6:.3f}M  "
             f"compression {row.compression_ratio:.4f}x{shown.get('params', '')}")
-        log(f"  latency {row.base_latency_ms:.2f} ms -> {row.pruned_latency_ms:.2f} ms  "
-            f"({row.latency_speedup:.2f}x, batch {row.latency_batch_size}, {row.device}, {row.runtime} {row.precision})"
-            f"{shown.get('latency', '')}")
-    log(f"  top-1   base {pct(row.base_top1)}  pruned {pct(row.pruned_top1)}  fine-tuned {pct(row.final_top1)}")
+        if row.base_latency_ms is not None:
+            log(f"  latency {row.base_latency_ms:.2f} ms -> {row.pruned_latency_ms:.2f} ms  "
+                f"({row.latency_speedup:.2f}x, batch {row.latency_batch_size}, {row.device}, {row.runtime} "
+                f"{row.precision}){shown.get('latency', '')}")
+    if row.base_perplexity is not None:  # a causal LM: lower is better
+        num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        log(f"  perplexity base {num(row.base_perplexity)}  pruned {num(row.pruned_perplexity)}  "
+            f"fine-tuned {num(row.final_perplexity)}")
+    top1 = "next-token top-1" if row.base_perplexity is not None else "top-1  "
+    log(f"  {top1} base {pct(row.base_top1)}  pruned {pct(row.pruned_top1)}  fine-tuned {pct(row.final_top1)}")
     if row.error:
         log(f"  {row.error}")
     if row.artifact_uri:

@@ -12,11 +12,11 @@ import hashlib
 import json
 from typing import Annotated, Any, Optional
 
-from pydantic import AfterValidator, BeforeValidator, StrictStr, create_model, field_serializer
+from pydantic import AfterValidator, BeforeValidator, StrictStr, create_model, field_serializer, model_validator
 
 from progprune.fields import Bool, Grid, Int, Items, Num, OneOf, Opt, Text, interval, named, one_or_many, worded
 from progprune.sections import (  # noqa: F401 - re-exported: the sections are the spec's
-    CONTROLS, EXPORT_FORMATS, MAX_SEED, RUNTIMES, SPEEDUP, TARGET_METRICS, DatasetConfig, EvaluationConfig,
+    CONTROLS, DEFAULT_LM_DIMS, EXPORT_FORMATS, LM_DIMS, MAX_SEED, RUNTIMES, SPEEDUP, TARGET_METRICS, TASK_NAMES, DatasetConfig, EvaluationConfig,
     FinetuneConfig, ModelEntry, PruneConfig, PruningConfig, ResourcesConfig, ScratchConfig, SparseConfig,
     TrainConfig, _distinct, _Node, _storage_uri, scratch_overrides)
 
@@ -44,6 +44,9 @@ class SweepSpec(_Node):
 
     name: worded(StrictStr, "a name matching [a-z0-9][a-z0-9_.-]* (it is used in paths)",
                   pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=100)
+    # what is pruned (progprune.tasks): image classifiers, or Hugging Face causal LMs (hf:
+    # models, the text data set); null: causal_lm where the models are hf:, else images
+    task: OneOf(*TASK_NAMES) = "image_classification"
     dataset: Annotated[DatasetConfig, named("dataset")] = DatasetConfig()
     models: Grid(Annotated[ModelEntry, named("model")],
                  "model names or {name, checkpoint} mappings")
@@ -72,6 +75,18 @@ class SweepSpec(_Node):
                         BeforeValidator(one_or_many)] = ()
     scratch: ScratchConfig = ScratchConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_of_the_models(cls, data):
+        """An unset (or null) task: causal_lm when the first model is hf:, else images."""
+        if isinstance(data, dict) and data.get("task") is None:
+            models = data.get("models")
+            first = (models[0] if isinstance(models, (list, tuple)) and models else models)
+            name = first.get("name") if isinstance(first, dict) else first
+            data = {**data, "task": "causal_lm" if isinstance(name, str) and name.startswith("hf:")
+                    else "image_classification"}
+        return data
+
     def combinations(self) -> list[ComboConfig]:
         """models x speedups x target metrics x methods x seeds, in that nesting order (last
         varies fastest); with `controls:`, each (model, speedup, target metric) block ends
@@ -90,7 +105,7 @@ class SweepSpec(_Node):
                 base=self.base_training, sparse=sparse(entry) if entry else None, finetune=self.finetune,
                 prune=PruneConfig(**self.pruning.model_dump(exclude={"target_metric"}), method=method,
                                   target_metric=metric),
-                evaluation=self.evaluation, sweep=self.name, export=self.export, control=control)
+                evaluation=self.evaluation, sweep=self.name, export=self.export, control=control, task=self.task)
 
         out = []
         for m in self.models:
@@ -149,6 +164,7 @@ class ComboConfig(_Node):
     sweep: str = ""  # display only: not part of any key
     export: tuple[str, ...] = ()  # formats written beside the final artifact: no figure changes
     control: Optional[str] = None  # random | scratch (progprune.controls); None: a method's
+    task: str = "image_classification"  # progprune.tasks
     scratch: Optional[TrainConfig] = None  # control "scratch": its training from scratch
 
     def scratch_of(self, training: TrainConfig) -> ComboConfig:
@@ -170,7 +186,8 @@ class ComboConfig(_Node):
         return _digest({"model": self.model, "dataset": self.dataset.key(), "seed": self.seed,
                         "checkpoint": self.base_checkpoint_sha256 or self.base_checkpoint,
                         "reset_head": self.reset_head,
-                        "base": None if self.base_checkpoint else self.base.model_dump()})
+                        "base": None if self.base_checkpoint else self.base.key(),
+                        **({"task": self.task} if self.task != "image_classification" else {})})
 
     def sparse_key(self) -> str:
         """Identity of the sparse-learned model (base + method + its pruning scope)."""
@@ -187,16 +204,20 @@ class ComboConfig(_Node):
         method but `random`, and say `control`."""
         if self.control == "scratch":
             return _digest({"architecture": self.architecture_of().combo_id(), "control": "scratch",
-                            "scratch": self.scratch.model_dump()})
+                            "scratch": self.scratch.key()})
         exclude = ({"sweep", "export", "scratch"} | ({"base_checkpoint"} if self.base_checkpoint_sha256 else set())
-                   | ({"control"} if self.control is None else set()))
+                   | ({"control"} if self.control is None else set())
+                   | ({"task"} if self.task == "image_classification" else set()))
         data = self.model_dump(exclude=exclude)
         data["dataset"] = self.dataset.key()
         data["evaluation"] = self.evaluation.key()
         data["sparse"] = self.sparse.key() if self.sparse else None
+        data["base"], data["finetune"] = self.base.key(), self.finetune.key()
         # settings added later hash as before while unset (or, for a MACs target, unused)
         if not self.prune.ignore:
             data["prune"].pop("ignore")
+        if tuple(self.prune.dims) == DEFAULT_LM_DIMS:
+            data["prune"].pop("dims")
         if self.prune.target_metric == "macs":
             data["prune"].pop("target_metric")
         if self.prune.target_metric != "latency":

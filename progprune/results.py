@@ -95,6 +95,13 @@ class ResultRow:
     architecture_of: str | None = None  # scratch: combo_id of the method row whose pruned architecture it trained
     scratch_epochs: int | None = None  # scratch: epochs trained from the re-initialised architecture
     scratch_seconds: float | None = None
+    # tasks (progprune.tasks): blank in older tables: image_classification
+    task: str | None = None  # image_classification | causal_lm
+    # causal LMs: exp(mean next-token loss) on the test split; top-1/top-5 columns are next-token
+    base_perplexity: float | None = None
+    pruned_perplexity: float | None = None  # before fine-tuning
+    final_perplexity: float | None = None
+    pruned_shape: str | None = None  # causal LMs: JSON of the config's widths after pruning
 
 
 def compose(*records, **columns) -> ResultRow:

@@ -16,6 +16,9 @@ from progprune.fields import (Bool, Grid, Int, Items, Num, OneOf, Opt, Text, int
 MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seed range
 SPEEDUP = {"gt": 1, "le": 10_000}  # a target speedup's bounds
 TARGET_METRICS = ("macs", "latency", "params")  # what a target speedup is a speedup of
+TASK_NAMES = ("image_classification", "causal_lm")  # progprune.tasks registers each
+LM_DIMS = ("heads", "mlp", "hidden", "layers")  # what a causal LM can prune (pruning.dims)
+DEFAULT_LM_DIMS = ("heads", "mlp")
 CONTROLS = ("random", "scratch")  # progprune.controls: what each is
 
 
@@ -109,6 +112,19 @@ class TrainConfig(_Node):
     milestones: Milestones = ()  # multistep: epochs at which lr *= gamma
     gamma: Num(gt=0, le=1) = 0.1
     augment: Opt(Bool) = None  # random crop + flip; null: on, except for digits (8x8 glyphs)
+    # sgd: SGD with `momentum` and the epoch schedule; adamw: AdamW (causal LMs' recipe), its
+    # schedule stepped per batch: a linear warm-up over `warmup` of the steps, then `schedule`
+    optimizer: OneOf("sgd", "adamw") = "sgd"
+    warmup: Num(ge=0, lt=1) = 0.0  # fraction of the training's steps with a linear warm-up
+
+    def key(self) -> dict:
+        """What identifies this training (hashed into keys): settings added later hash as
+        before while at their defaults."""
+        return {k: v for k, v in self.model_dump().items()
+                if k not in _TRAIN_ADDED or v != type(self).model_fields[k].default}
+
+
+_TRAIN_ADDED = ("optimizer", "warmup", "gradient_checkpointing")
 
 
 class FinetuneConfig(TrainConfig):
@@ -119,6 +135,9 @@ class FinetuneConfig(TrainConfig):
     num_workers: Int(0, 1024) = 1  # Ray Train workers; 0 = train inside the prune task
     use_gpu: Bool = False
     max_failures: Int(0, 100) = 1  # Ray Train worker restarts before the combination fails
+    # causal LMs: recompute activations in the backward (transformers' gradient checkpointing):
+    # less memory, about a third more compute
+    gradient_checkpointing: Bool = False
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self):
@@ -188,6 +207,10 @@ class PruningConfig(_Node):
     # module names kept whole besides the classifier head (fnmatch: "features.0.*", "*.se.*")
     ignore: Annotated[Items(Text, "a list of module-name patterns", 1000),
                       BeforeValidator(one_or_many)] = ()
+    # causal LMs: what is pruned: whole attention heads (with grouped-query attention, whole
+    # KV groups with their query heads), MLP channels, the hidden size, whole decoder layers
+    dims: Annotated[Items(OneOf(*LM_DIMS), f"a list of dims ({', '.join(LM_DIMS)})", len(LM_DIMS),
+                          AfterValidator(_distinct)), BeforeValidator(one_or_many)] = DEFAULT_LM_DIMS
 
 
 class PruneConfig(PruningConfig):

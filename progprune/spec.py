@@ -58,7 +58,7 @@ def load_spec_dict(data: Any, source: str = "<spec>", *, check_paths: bool = Tru
                      if p.path == "pruning.method" else p for p in problems_of(e, SweepSpec)]
     problems += _registry_problems(data, check_paths)
     if spec is not None:
-        problems += _sparse_problems(spec) + _runtime_problems(spec) + _control_problems(spec)
+        problems += _sparse_problems(spec) + _runtime_problems(spec) + _control_problems(spec) + _task_problems(spec)
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)
     return _resolve_defaults(spec)
@@ -81,8 +81,18 @@ def _files(data: dict, base_dir: str, check: bool) -> tuple[dict, list[Problem]]
     ds = data.get("dataset")
     if isinstance(ds, dict) and "data_dir" in ds:
         data["dataset"] = {**ds, "data_dir": absolute(ds["data_dir"])}
+    def hf_absolute(name):  # hf:PATH resolves like a checkpoint (hf:org/name stays as written)
+        if not (_text(name) and name.startswith("hf:")):
+            return name
+        path = name[3:]
+        return "hf:" + absolute(path) if path.startswith((".", "/", "~")) or os.path.isdir(
+            os.path.join(base_dir, path)) else name
+
+    if isinstance(data.get("models"), str):
+        data["models"] = hf_absolute(data["models"])
     if isinstance(data.get("models"), list):
-        data["models"] = models = [dict(m) if isinstance(m, dict) else m for m in data["models"]]
+        data["models"] = models = [{**m, "name": hf_absolute(m.get("name"))} if isinstance(m, dict) and "name" in m
+                                   else dict(m) if isinstance(m, dict) else hf_absolute(m) for m in data["models"]]
         for i, m in enumerate(models):
             if not (isinstance(m, dict) and "checkpoint" in m):
                 continue
@@ -112,7 +122,11 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
     from progprune.models import name_problems
     from progprune.pruning import get_method
 
-    out = [p for where, name in _names(data, "models") for p in name_problems(where, name)]
+    out = [p for where, name in _names(data, "models") if not name.startswith("hf:")
+           for p in name_problems(where, name)]
+    if check_paths:
+        out += [Problem(where, e.message) for where, name in _names(data, "models") if name.startswith("hf:")
+                for e in _hf_problem(name)]
     for where, name in _names(data, "methods"):
         try:
             get_method(name)
@@ -128,6 +142,16 @@ def _registry_problems(data: dict, check_paths: bool) -> list[Problem]:
     except (ProgpruneError, OSError) as e:
         out.append(Problem(getattr(e, "field", None) or "dataset", getattr(e, "message", None) or str(e)))
     return out
+
+
+def _hf_problem(name: str) -> list:
+    from progprune.lm.models import local_dir
+
+    try:
+        local_dir(name)
+    except BadInput as e:
+        return [e]
+    return []
 
 
 def _names(data: dict, key: str):
@@ -202,6 +226,15 @@ def _control_problems(spec: SweepSpec) -> list[Problem]:
     return out
 
 
+def _task_problems(spec: SweepSpec) -> list[Problem]:
+    """What the spec's task cannot run (an image model in an LM sweep, and the reverse)."""
+    from progprune.tasks import get_task
+    from progprune.tasks.causal_lm import image_only_problems
+
+    task = get_task(spec.task)
+    return task.spec_problems(spec) if hasattr(task, "spec_problems") else image_only_problems(spec)
+
+
 def _runtime_problems(spec: SweepSpec, device=None) -> list[Problem]:
     """The runtime and exports can run here: their packages installed, the precision one the
     runtime runs (and, with `device`, one it runs on that device)."""
@@ -233,7 +266,7 @@ def _resolve_defaults(spec: SweepSpec) -> SweepSpec:
     """Defaults that depend on other settings or a registry, filled so the resolved spec
     states them: each method says whether it learns sparsity and carries its recipe's
     values (slim's reg, ...) where neither it nor `sparse_learning:` sets them."""
-    aug = spec.dataset.name != "digits"  # flips and crops turn 8x8 digits into other glyphs
+    aug = spec.dataset.name not in ("digits", "text")  # flips and crops turn 8x8 digits into other glyphs
     update = {"output": spec.output or f"./runs/{spec.name}",
               "methods": tuple(_with_recipe(spec, entry) for entry in spec.methods)}
     for section in ("base_training", "finetune"):

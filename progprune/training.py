@@ -73,12 +73,23 @@ def evaluate(model: nn.Module, splits: Splits, split: str, device) -> tuple[floa
     has bf16 or fp16. Only training uses mixed precision. Outputs that are not finite
     (nan/inf logits) raise `NonFiniteOutputs`: argmax over NaNs is no accuracy.
     """
+    m = evaluate_metrics(model, splits, split, device)
+    return m["top1"], m["top5"]
+
+
+@torch.no_grad()
+def evaluate_metrics(model: nn.Module, splits: Splits, split: str, device) -> dict:
+    """`evaluate`'s top-1 and top-5 and the mean cross-entropy ("nll", nats) over every
+    prediction of `split`: one per image, or one per token for a causal LM, whose logits
+    are (batch, tokens, vocab) against targets (batch, tokens)."""
     model.eval()
     device = torch.device(device)
     correct1 = correct5 = total = 0
+    nll = 0.0
     for xb, yb in splits.batches(split, splits.eval_batch_size, device=device):
         with torch.autocast(device.type, enabled=False):  # also inside a caller's autocast
             out = logits_of(model(xb)).float()
+        out, yb = _flat(out, yb)
         if not torch.isfinite(out).all():
             raise NonFiniteOutputs(split, int((~torch.isfinite(out)).any(dim=1).sum()), len(out))
         k = min(5, out.shape[1])
@@ -86,8 +97,16 @@ def evaluate(model: nn.Module, splits: Splits, split: str, device) -> tuple[floa
         hit = top.eq(yb.view(-1, 1))
         correct1 += hit[:, 0].sum().item()
         correct5 += hit.any(dim=1).sum().item()
+        nll += F.cross_entropy(out, yb, reduction="sum").item()
         total += len(yb)
-    return correct1 / max(total, 1), correct5 / max(total, 1)
+    n = max(total, 1)
+    return {"top1": correct1 / n, "top5": correct5 / n, "nll": nll / n}
+
+
+def _flat(out: torch.Tensor, y: torch.Tensor):
+    """(predictions, classes) and (predictions,): a causal LM's (batch, tokens, vocab)
+    logits against (batch, tokens) targets become one prediction per token."""
+    return (out.reshape(-1, out.shape[-1]), y.reshape(-1)) if out.dim() > 2 else (out, y)
 
 
 @torch.no_grad()
@@ -217,6 +236,25 @@ def _scheduler(opt, cfg: TrainConfig, epochs: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
 
 
+def _per_step_schedule(opt, cfg: TrainConfig, total_steps: int):
+    """adamw: the learning rate per batch: linear warm-up over `cfg.warmup` of the steps,
+    then cosine to 0 (or multistep's milestones, in epochs turned to steps by the caller)."""
+    warm = int(cfg.warmup * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        left = max(total_steps - warm, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warm, left) / left))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _optimizer(params, cfg: TrainConfig):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False)
+
+
 def fit(
     model: nn.Module,
     splits: Splits,
@@ -249,9 +287,14 @@ def fit(
     t0 = time.perf_counter()
     model.to(device)
     net = wrap(model) if wrap else model
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=False)
-    sched = _scheduler(opt, cfg, cfg.epochs)
+    opt = _optimizer(net.parameters(), cfg)
+    per_rank = max(1, cfg.batch_size // world_size)
+    drop_last = splits.size("train") > cfg.batch_size
+    # adamw steps its schedule per batch (warm-up, then cosine); sgd per epoch
+    per_step = cfg.optimizer == "adamw"
+    steps_per_epoch = max(1, (splits.size("train") // cfg.batch_size) if drop_last else
+                          math.ceil(splits.size("train") / cfg.batch_size))
+    sched = _per_step_schedule(opt, cfg, cfg.epochs * steps_per_epoch) if per_step else _scheduler(opt, cfg, cfg.epochs)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     start_epoch, best_top1, best_epoch, best_state, history = 0, -1.0, -1, None, []
@@ -260,7 +303,7 @@ def fit(
         start_epoch = int(resume["epoch"]) + 1
         with warnings.catch_warnings():  # replaying the schedule, not skipping an optimizer step
             warnings.simplefilter("ignore")
-            for _ in range(start_epoch):
+            for _ in range(start_epoch * (steps_per_epoch if per_step else 1)):
                 sched.step()
         # after the replay: the saved optimizer state carries the lr the schedule had reached
         opt.load_state_dict(resume["optimizer"])
@@ -274,13 +317,11 @@ def fit(
         total_loss, n = 0.0, 0
         # cfg.batch_size is the global batch: each of the world_size workers takes its share,
         # so DDP keeps the recipe's batch and learning rate (the spec checks it divides)
-        per_rank = max(1, cfg.batch_size // world_size)
         for xb, yb in splits.batches("train", per_rank, shuffle=True, augment=cfg.augment, generator=gen,
-                                     device=device, rank=rank, world_size=world_size,
-                                     drop_last=splits.size("train") > cfg.batch_size):
+                                     device=device, rank=rank, world_size=world_size, drop_last=drop_last):
             with _autocast(device):
-                out = logits_of(net(xb))
-                loss = F.cross_entropy(out, yb)
+                out, target = _flat(logits_of(net(xb)), yb)
+                loss = F.cross_entropy(out, target)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if after_backward:
@@ -288,6 +329,8 @@ def fit(
                 after_backward(model)
             scaler.step(opt)
             scaler.update()
+            if per_step:
+                sched.step()
             value = loss.item()  # CPU-GPU sync once per batch; fine at this size
             if not math.isfinite(value):
                 if epoch == start_epoch and n == 0 and resume is None and not torch.isfinite(out).all():
@@ -300,7 +343,8 @@ def fit(
         bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:  # the last step can turn weights to nan behind a finite loss
             raise TrainingDiverged(stage, epoch + 1, opt.param_groups[0]["lr"], f"non-finite weights ({bad})")
-        sched.step()
+        if not per_step:
+            sched.step()
         if after_epoch:
             after_epoch(epoch)
         val_top1, _ = evaluate(model, splits, "val", device)

@@ -31,6 +31,8 @@ EXPECTED = [
     ("target_metric", "string"), ("macs_speedup", "double"), ("achieved_ci_low", "double"),
     ("achieved_ci_high", "double"), ("target_points", "int64"),
     ("control", "string"), ("architecture_of", "string"), ("scratch_epochs", "int64"), ("scratch_seconds", "double"),
+    ("task", "string"), ("base_perplexity", "double"), ("pruned_perplexity", "double"),
+    ("final_perplexity", "double"), ("pruned_shape", "string"),
 ]
 
 

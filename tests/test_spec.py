@@ -197,7 +197,7 @@ def test_yaml_scalars(tmp_path):
         ({"models": [{"name": "vgg12"}]}, "models[0].name: unknown model 'vgg12'"),
         ({"finetune__epoch": 3}, "finetune.epoch: unknown field; did you mean 'epochs'?"),
         ({"finetun": {}}, "finetun: unknown field; did you mean 'finetune'?"),
-        ({"zzz": 1}, "zzz: unknown field; valid: name, dataset"),
+        ({"zzz": 1}, "zzz: unknown field; valid: name, task, dataset"),
         # issue 24: controls
         ({"controls": ["lottery"]}, "controls[0]: must be one of random, scratch, got 'lottery'"),
         ({"controls": ["random", "random"]}, "controls: must be a list of controls (random, scratch)"),

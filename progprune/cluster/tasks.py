@@ -23,11 +23,11 @@ import tempfile
 import ray
 
 from progprune import pipeline
-from progprune.artifacts import load_artifact, save_artifact
+from progprune.artifacts import load_artifact
 from progprune.config import ComboConfig, ResourcesConfig
-from progprune.data import load_dataset
-from progprune.export import export_artifact, record_exports, run_meta
+from progprune.export import export_artifact, record_exports
 from progprune.pipeline import BaseInfo, Finetuned, Pruned
+from progprune.tasks import needs_sparse, task_of
 from progprune.results import ResultRow, write_rows
 from progprune.storage import LAYOUT, Store
 from progprune.storage.layout import export_name
@@ -52,22 +52,16 @@ def _logger(cfg: ComboConfig, per_base: bool = False):
     return log
 
 
-def _save(store: Store, model, cfg: ComboConfig, splits, parts: tuple, history=None, meta=None) -> str:
+def _save(store: Store, model, cfg: ComboConfig, data, parts: tuple, history=None, meta=None) -> str:
     """Store the model's artifact; returns its location as rows show it."""
     with tempfile.TemporaryDirectory() as d:
-        store.put_file(_write(os.path.join(d, parts[-1]), model, cfg, splits, history, meta), *parts)
+        store.put_file(task_of(cfg).save(os.path.join(d, parts[-1]), model, cfg, data, history, meta), *parts)
     return store.display(*parts)
 
 
-def _write(path: str, model, cfg: ComboConfig, splits, history=None, meta=None) -> str:
-    return save_artifact(path, model, model_name=cfg.model, num_classes=splits.num_classes,
-                         input_shape=splits.input_shape, history=history, meta=meta)
-
-
-def _load(store: Store, cfg: ComboConfig, splits, parts: tuple):
+def _load(store: Store, cfg: ComboConfig, data, parts: tuple):
     with store.local_copy(*parts) as p:
-        return load_artifact(p, model_name=cfg.model, num_classes=splits.num_classes,
-                             input_shape=splits.input_shape)
+        return task_of(cfg).load(p, cfg, data)
 
 
 # ---- tasks ----------------------------------------------------------------------------
@@ -75,43 +69,43 @@ def _load(store: Store, cfg: ComboConfig, splits, parts: tuple):
 def base_task(cfg: ComboConfig, store_uri: str, retrain: bool = False) -> BaseInfo:
     """Train (or load) the base model once per (model, dataset, seed) and store it.
     `retrain` (the plan found none, or --force) ignores a stored file from an earlier run."""
-    store = Store(store_uri)
-    splits = load_dataset(cfg.dataset, seed=cfg.seed)
+    store, task = Store(store_uri), task_of(cfg)
+    data = task.load_data(cfg)
     if store.exists(*LAYOUT.base(cfg)) and not retrain:
-        _, info = _load(store, cfg, splits, LAYOUT.base(cfg))
-        names = {f.name for f in dataclasses.fields(BaseInfo)}
-        return BaseInfo(**{k: v for k, v in info["meta"].items() if k in names})
+        _, info = _load(store, cfg, data, LAYOUT.base(cfg))
+        names = {f.name for f in dataclasses.fields(task.base_info)}
+        return task.base_info(**{k: v for k, v in info["meta"].items() if k in names})
     device = pick_device()
-    model, base = pipeline.base_stage(cfg, splits, device, _logger(cfg, per_base=True))
+    model, base = task.base_stage(cfg, data, device, _logger(cfg, per_base=True))
     meta = dataclasses.asdict(base) | {"device": device_label(device), "trained_at": pipeline.now()}
-    _save(store, model, cfg, splits, LAYOUT.base(cfg), meta=meta)
+    _save(store, model, cfg, data, LAYOUT.base(cfg), meta=meta)
     return base
 
 
 @ray.remote
 def sparse_task(cfg: ComboConfig, store_uri: str, base: BaseInfo, retrain: bool = False) -> BaseInfo:
     """Sparse learning once per (base, method, settings), stored for every speedup."""
-    store = Store(store_uri)
-    splits = load_dataset(cfg.dataset, seed=cfg.seed)
+    store, task = Store(store_uri), task_of(cfg)
+    data = task.load_data(cfg)
     if retrain or not store.exists(*LAYOUT.sparse(cfg)):
-        model, _ = _load(store, cfg, splits, LAYOUT.base(cfg))
-        pipeline.sparse_stage(cfg, model, splits, pick_device(), _logger(cfg))
-        _save(store, model, cfg, splits, LAYOUT.sparse(cfg), meta={"base": dataclasses.asdict(base)})
+        model, _ = _load(store, cfg, data, LAYOUT.base(cfg))
+        task.sparse_stage(cfg, model, data, pick_device(), _logger(cfg))
+        _save(store, model, cfg, data, LAYOUT.sparse(cfg), meta={"base": dataclasses.asdict(base)})
     return base
 
 
 @ray.remote
 def prune_task(cfg: ComboConfig, store_uri: str, base: BaseInfo) -> Pruned:
     """Stage 3 of one combination on this worker's device; the pruned model goes to the store."""
-    store = Store(store_uri)
+    store, task = Store(store_uri), task_of(cfg)
     device = pick_device()
-    splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    src = LAYOUT.sparse(cfg) if pipeline.needs_sparse(cfg) else LAYOUT.base(cfg)
-    model, _ = _load(store, cfg, splits, src)
-    pruned = pipeline.prune_combination(cfg, model, base, splits, device, _logger(cfg))
+    data = task.load_data(cfg)
+    src = LAYOUT.sparse(cfg) if needs_sparse(cfg) else LAYOUT.base(cfg)
+    model, _ = _load(store, cfg, data, src)
+    pruned = pipeline.prune_combination(cfg, model, base, data, device, _logger(cfg))
     history = pruned.prune.outcome.history
-    pruned.artifact = _save(store, model, cfg, splits, LAYOUT.pruned(cfg), history=history,
-                            meta=run_meta(cfg.combo_id(), splits))
+    pruned.artifact = _save(store, model, cfg, data, LAYOUT.pruned(cfg), history=history,
+                            meta=task.run_meta(cfg, data))
     pruned.prune.outcome.history = []  # large; it lives in the artifact
     return pruned
 
@@ -149,11 +143,11 @@ def _export(store: Store, cfg: ComboConfig, parts: tuple) -> list[str]:
 
 
 def _finetune_here(cfg: ComboConfig, store: Store) -> Finetuned:
-    device = pick_device()
-    splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    model, _ = _load(store, cfg, splits, LAYOUT.pruned(cfg))
-    ft = pipeline.finetune_combination(cfg, model, splits, device, _logger(cfg))
-    ft.artifact = _save(store, model, cfg, splits, LAYOUT.final(cfg), meta=run_meta(cfg.combo_id(), splits))
+    device, task = pick_device(), task_of(cfg)
+    data = task.load_data(cfg)
+    model, _ = _load(store, cfg, data, LAYOUT.pruned(cfg))
+    ft = pipeline.finetune_combination(cfg, model, data, device, _logger(cfg))
+    ft.artifact = _save(store, model, cfg, data, LAYOUT.final(cfg), meta=task.run_meta(cfg, data))
     return ft
 
 
@@ -175,7 +169,7 @@ def scratch_task(cfg: ComboConfig, store_uri: str, method: Pruned | None, status
 
     def save(model, splits):
         return _save(store, model, cfg, splits, LAYOUT.final(cfg), history=history,
-                     meta=run_meta(cfg.combo_id(), splits))
+                     meta=task_of(cfg).run_meta(cfg, splits))
     row = scratch_row(cfg, history, status, pick_device(), _logger(cfg), save)
     write_fragment(store, row)
     return row
@@ -198,8 +192,9 @@ def _train_loop(config: dict) -> None:
     # a cluster may declare GPUs it does not have (ray start --num-gpus=1 on a CPU
     # machine): use CUDA only where torch really sees it
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-    splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    model, _ = _load(store, cfg, splits, LAYOUT.pruned(cfg))
+    task = task_of(cfg)
+    data = task.load_data(cfg)
+    model, _ = _load(store, cfg, data, LAYOUT.pruned(cfg))
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -224,13 +219,13 @@ def _train_loop(config: dict) -> None:
     fit_kwargs = dict(rank=rank, world_size=world, on_epoch=on_epoch, resume=resume,
                       wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=device))
     if rank:
-        pipeline.finetune_stage(cfg, model, splits, device, **fit_kwargs)
+        task.finetune_stage(cfg, model, data, device, **fit_kwargs)
         ray.train.report({})  # every rank reports as often as rank 0
         return
-    ft = pipeline.finetune_combination(cfg, model, splits, device, _logger(cfg), **fit_kwargs)
+    ft = pipeline.finetune_combination(cfg, model, data, device, _logger(cfg), **fit_kwargs)
     ft.resumed_from_epoch = None if resume is None else int(resume["epoch"])
     with tempfile.TemporaryDirectory() as d:  # the model carries its own history
-        _write(os.path.join(d, "final.pt"), model, cfg, splits, meta=run_meta(cfg.combo_id(), splits))
+        task.save(os.path.join(d, "final.pt"), model, cfg, data, meta=task.run_meta(cfg, data))
         figures = dataclasses.asdict(ft)
         with open(os.path.join(d, "finetuned.json"), "w", encoding="utf-8") as f:
             json.dump(figures, f)  # for a restart after this report (above)

@@ -52,3 +52,16 @@ def load(spec: str):
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer saved beside `hf:PATH`'s model, offline; BadInput when there is none
+    (a causal LM's text is tokenized with its own tokenizer)."""
+    from transformers import AutoTokenizer
+
+    path = local_dir(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise BadInput(f"{path} has no tokenizer that loads offline ({str(e).splitlines()[0]}); save the "
+                       "model's tokenizer there (tokenizer.save_pretrained)", field="model") from None
