@@ -11,12 +11,9 @@ import time
 from dataclasses import dataclass, field
 
 
-from progprune.artifacts import load_base_weights
 from progprune.config import ComboConfig
-from progprune.data import load_dataset
 from progprune.errors import BadInput, SpecError, sigterm_unwinds
-from progprune.models import build_model, check_input_size
-from progprune.pipeline import needs_sparse
+from progprune.tasks import get_task, needs_sparse
 from progprune.results import ResultRow, rows_to_table
 from progprune.spec import SweepSpec, check_runtime, dump_yaml
 from progprune.storage import LAYOUT, Store
@@ -74,29 +71,12 @@ def _table(store: Store, combos: list[ComboConfig]) -> ResultsTable:
 
 
 def preflight(spec: SweepSpec) -> int:
-    """Checks that need the data: class count, base checkpoints that really load, models
-    that take the data's image size."""
+    """Checks that need the data, by the spec's task (images: class count, base checkpoints
+    that really load, models that take the data's image size); the class count (a causal
+    LM's: its vocabulary)."""
     # the tasks' kind of device (the image's packages are the driver's: onnxruntime's providers)
     check_runtime(spec, "cuda" if spec.resources.gpus_per_task > 0 else "cpu")
-    splits = load_dataset(spec.dataset, seed=spec.seeds[0])
-    problems = []
-    for i, m in enumerate(spec.models):
-        try:
-            if m.checkpoint:
-                model, _ = load_base_weights(m.checkpoint, m.name, splits.num_classes, splits.input_shape,
-                                             reset_head=m.reset_head)
-            else:
-                model = build_model(m.name, splits.num_classes, splits.input_shape)
-        except BadInput as e:
-            problems.append(f"models[{i}].checkpoint: {e}")
-            continue
-        try:
-            check_input_size(model, m.name, splits.input_shape, splits.num_classes)
-        except BadInput as e:
-            problems.append(str(e))
-    if problems:
-        raise SpecError(problems)
-    return splits.num_classes
+    return get_task(spec.task).preflight(spec)
 
 
 def print_plan(plan: Plan, out) -> None:

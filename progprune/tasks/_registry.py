@@ -4,7 +4,7 @@ A task owns its data, its loss and metrics, its base model, how it prunes (which
 stay whole, the example input it traces and counts with), and how its models are saved
 and reloaded. The pipeline (`progprune.pipeline`), the Ray layer (`progprune.cluster`), the
 store and the report call a task through `Task` and know nothing image- or text-specific.
-Tasks register in `TASKS` (`progprune tasks`... listed by `progprune models`); the package's
+Tasks register in `TASKS` (the spec's `task:`; `progprune models` lists each); the package's
 `__init__` imports them to fill it, so this module imports neither.
 """
 from __future__ import annotations
@@ -57,6 +57,11 @@ class Task:
 
     def load(self, path: str, cfg: ComboConfig, data):
         """(model, info dict with "meta" and "pruning_history") from what `save` wrote."""
+        raise NotImplementedError
+
+    def preflight(self, spec) -> int:
+        """A sweep driver's checks before any task starts (SpecError); the class count rows
+        of combinations that fail before they measure it carry."""
         raise NotImplementedError
 
     def run_meta(self, cfg: ComboConfig, data) -> dict:

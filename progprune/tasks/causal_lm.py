@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from progprune.config import ComboConfig
-from progprune.errors import BadInput, Problem
+from progprune.errors import BadInput, Problem, SpecError
 from progprune.pruning.progress import PruneProgress
 from progprune.records import BaseInfo, Log, _noop
 from progprune.tasks._registry import TASKS, Task
@@ -159,6 +159,29 @@ class CausalLM(Task):
 
     def run_meta(self, cfg, data):
         return {"combo_id": cfg.combo_id(), "task": self.name, "seq_len": data.input_shape[0]}
+
+    def preflight(self, spec) -> int:
+        """Each model's family can be pruned and its tokenizer loads (offline); the first
+        one's vocabulary size. The text itself is tokenized (and cached) by the tasks, on
+        the nodes that read it."""
+        from transformers import AutoConfig
+
+        from progprune.lm.models import FAMILIES, load_tokenizer, local_dir
+
+        problems, vocab = [], None
+        for i, m in enumerate(spec.models):
+            try:
+                kind = AutoConfig.from_pretrained(local_dir(m.name), local_files_only=True).model_type
+                if kind not in FAMILIES:
+                    raise BadInput(f"model architecture {kind!r} is not supported for pruning; supported: "
+                                   f"{', '.join(sorted(FAMILIES))}")
+                tok = load_tokenizer(m.name)
+                vocab = vocab or len(tok)
+            except (BadInput, ValueError, OSError) as e:
+                problems.append(f"models[{i}]: {getattr(e, 'message', None) or str(e).splitlines()[0]}")
+        if problems:
+            raise SpecError(problems)
+        return vocab
 
     # ---- the spec -----------------------------------------------------------------------
     def spec_problems(self, spec) -> list[Problem]:

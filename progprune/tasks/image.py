@@ -17,6 +17,7 @@ import torch.nn as nn
 from progprune.artifacts import load_artifact, load_base_weights, save_artifact
 from progprune.config import ComboConfig
 from progprune.data import Splits, load_dataset
+from progprune.errors import BadInput, SpecError
 from progprune.export import run_meta
 from progprune.models import build_model, check_input_size, example_inputs
 from progprune.pruning import PruneOutcome, get_method, make_pruner, prune_to_target, why_unreachable
@@ -234,6 +235,29 @@ class ImageClassification(Task):
 
     def run_meta(self, cfg, data):
         return run_meta(cfg.combo_id(), data)
+
+    def preflight(self, spec) -> int:
+        """The driver's checks that need the data: base checkpoints that really load, models
+        that take the data's image size; the class count."""
+        splits = load_dataset(spec.dataset, seed=spec.seeds[0])
+        problems = []
+        for i, m in enumerate(spec.models):
+            try:
+                if m.checkpoint:
+                    model, _ = load_base_weights(m.checkpoint, m.name, splits.num_classes, splits.input_shape,
+                                                 reset_head=m.reset_head)
+                else:
+                    model = build_model(m.name, splits.num_classes, splits.input_shape)
+            except BadInput as e:
+                problems.append(f"models[{i}].checkpoint: {e}")
+                continue
+            try:
+                check_input_size(model, m.name, splits.input_shape, splits.num_classes)
+            except BadInput as e:
+                problems.append(str(e))
+        if problems:
+            raise SpecError(problems)
+        return splits.num_classes
 
 
 TASKS.register(ImageClassification.name, ImageClassification())
