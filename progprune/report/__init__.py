@@ -40,7 +40,7 @@ REQUIRED = [c for c in T.GROUP if c != "target_metric"] + ["seed", "status"]
 # the user's and stays. A non-empty directory without the marker is refused.
 MARKER = ".progprune-report"
 REPORT_FILES = ("report.md", "report.html", "summary.csv", _plots.ACCURACY[0], _plots.LATENCY[0],
-                _plots.LATENCY_ACCURACY[0], _plots.C.PLOT[0])
+                _plots.LATENCY_ACCURACY[0], _plots.C.PLOT[0], _plots.PERPLEXITY[0])
 _ONE_LINE_MARKER_FILES = REPORT_FILES[:5]  # what a report could write when its marker was one line
 
 

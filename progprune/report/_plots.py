@@ -20,6 +20,8 @@ ACCURACY = ("accuracy_vs_speedup.png", "Final top-1 vs achieved MACs speedup, pe
             "control")  # (file, caption)
 LATENCY = ("latency_vs_speedup.png", "Measured latency speedup vs MACs speedup (y = x dashed; red X: MACs "
            "fell but latency rose)")
+PERPLEXITY = ("perplexity_vs_speedup.png", "Causal LMs: final perplexity vs speedup reached, per method "
+              "(log scale, lower is better; the unpruned model dotted)")
 LATENCY_ACCURACY = ("accuracy_vs_latency.png", "Final top-1 vs measured latency speedup, per method, with the "
                     "Pareto front on latency (black steps: the points no other beats in both) and the unpruned "
                     "control")
@@ -39,6 +41,8 @@ def draw(agg: pd.DataFrame, base: pd.DataFrame, directory: str, frame: pd.DataFr
         plots["latency"] = latency_plot(agg, directory)
     if (agg["latency_speedup_mean"].notna() & agg["final_top1_mean"].notna()).any():
         plots["latency_accuracy"] = latency_accuracy_plot(agg, base, directory)
+    if agg["final_perplexity_mean"].notna().any():
+        plots["perplexity"] = perplexity_plot(agg, directory)
     if frame is not None and (agg["control"].notna() & agg["final_top1_mean"].notna()).any():
         plots["controls"] = C.plot(frame, agg, _draw, directory)
     return plots
@@ -109,6 +113,21 @@ def _control(base: pd.DataFrame):
                 ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, linewidth=0)
             ax.plot([1.0], [mean], marker="*", markersize=11, color="black", linestyle="none")
     return control
+
+
+def perplexity_plot(agg: pd.DataFrame, directory: str) -> tuple[str, str]:
+    """Causal LMs: final perplexity (lower is better, log scale) against the speedup reached in
+    the target's metric, with each model's base perplexity dotted."""
+    def base(ax, sub):
+        ax.set_yscale("log")
+        for v in sub["base_perplexity_mean"].dropna().unique()[:1]:
+            ax.axhline(v, color="grey", linestyle=":", linewidth=1, label="unpruned")
+
+    ppl = agg[agg["final_perplexity_mean"].notna()]
+    _draw(ppl, "Final perplexity vs speedup reached (mean ± std over seeds; lower is better)", "final perplexity",
+          "final_perplexity", 1, os.path.join(directory, PERPLEXITY[0]), base, x="achieved_speedup",
+          xlabel="speedup reached (base / pruned, in the target's metric)")
+    return PERPLEXITY
 
 
 def accuracy_plot(agg: pd.DataFrame, base: pd.DataFrame, directory: str) -> tuple[str, str]:

@@ -21,8 +21,13 @@ PANEL = ["dataset", "model"]
 # aggregated as <name>_mean / <name>_std over ok seeds; achieved_speedup is in the target's metric
 # (the MACs speedup for a MACs target), the others are what the summary's columns show, in order
 METRICS = ("achieved_speedup", "macs_speedup", "compression_ratio", "base_top1", "pruned_top1",
-           "pruned_top1_bn", "final_top1", "latency_speedup")
-SHOWN = METRICS[1:]  # SUMMARY_HEADERS' columns from "MACs speedup" on
+           "pruned_top1_bn", "final_top1", "latency_speedup", "base_perplexity", "pruned_perplexity",
+           "final_perplexity")
+SHOWN = METRICS[1:8]  # SUMMARY_HEADERS' columns from "MACs speedup" on
+PERPLEXITY = METRICS[8:]  # causal LMs (lower is better): columns only where some row has them
+PERPLEXITY_HEADERS = ["Base perplexity", "Pruned perplexity (before FT)", "Final perplexity"]
+PERPLEXITY_LEGEND = (" Causal LMs: perplexity = exp(mean next-token loss) on the test split, lower is better; "
+                     "their top-1 columns are next-token top-1.")
 METRIC_NAMES = {"macs": "MACs", "latency": "latency", "params": "params"}
 MIN_POINTS = 5  # ShrinkBench: curves over >= 5 operating points, not single points
 SUMMARY_HEADERS = ["Method", "Target", "MACs speedup", "Compression (params)", "Base top-1 %",
@@ -190,17 +195,23 @@ def _ms(metric: str, mean, std=None) -> str:
     """A cell: mean ± std (no std for one seed), top-1 in %, the ratios with an x."""
     if pd.isna(mean):
         return "–"
-    scale, suffix = (100, "") if "top1" in metric else (1, "x")
+    scale, suffix = (100, "") if "top1" in metric else (1, "") if "perplexity" in metric else (1, "x")
     text = f"{mean * scale:.2f}{suffix}"
     return text if pd.isna(std) else f"{text} ± {std * scale:.2f}"
 
 
+def has_perplexity(agg: pd.DataFrame) -> bool:
+    return bool(len(agg)) and bool(agg["final_perplexity_mean"].notna().any() or agg["base_perplexity_mean"].notna().any())
+
+
 def summary_headers(agg: pd.DataFrame) -> list[str]:
-    """SUMMARY_HEADERS, with the stop rule's column where some target is in latency."""
-    if not (agg["target_metric"] == "latency").any():
-        return SUMMARY_HEADERS
-    at = SUMMARY_HEADERS.index("Latency speedup") + 1
-    return SUMMARY_HEADERS[:at] + [STOP_RULE] + SUMMARY_HEADERS[at:]
+    """SUMMARY_HEADERS, with the stop rule's column where some target is in latency and the
+    perplexity columns where some row is a causal LM's."""
+    heads = SUMMARY_HEADERS
+    if (agg["target_metric"] == "latency").any():
+        at = heads.index("Latency speedup") + 1
+        heads = heads[:at] + [STOP_RULE] + heads[at:]
+    return heads[:-1] + PERPLEXITY_HEADERS + heads[-1:] if has_perplexity(agg) else heads
 
 
 def _stop_rule(r: pd.Series) -> str:
@@ -211,19 +222,20 @@ def _stop_rule(r: pd.Series) -> str:
     return _ms("achieved_speedup", r["achieved_speedup_mean"]) + interval
 
 
-def _summary_row(r: pd.Series, stop_rule: bool) -> list[str]:
+def _summary_row(r: pd.Series, stop_rule: bool, perplexity: bool = False) -> list[str]:
     cells = [_ms(m, r[f"{m}_mean"], r[f"{m}_std"]) for m in SHOWN]  # SUMMARY_HEADERS' order
     cells[-1] += " (latency rose)" if r["latency_rose"] else ""
     n = f"{r['n']}" + (f" (+{r['not_ok']} not ok)" if r["not_ok"] else "")
+    ppl = [_ms(m, r[f"{m}_mean"], r[f"{m}_std"]) for m in PERPLEXITY] if perplexity else []
     return [r["method"], target_label(r["target_speedup"], r["target_metric"]), *cells,
-            *([_stop_rule(r)] if stop_rule else []), n]
+            *([_stop_rule(r)] if stop_rule else []), *ppl, n]
 
 
 def panels(agg: pd.DataFrame):
     """(dataset / model title, [row cells]) per panel of the summary (summary_headers' columns)."""
-    stop_rule = STOP_RULE in summary_headers(agg)
+    stop_rule, ppl = STOP_RULE in summary_headers(agg), has_perplexity(agg)
     for (dataset, model), sub in agg.groupby(PANEL, sort=True):
-        yield f"{dataset} / {model}", [_summary_row(r, stop_rule) for _, r in sub.iterrows()]
+        yield f"{dataset} / {model}", [_summary_row(r, stop_rule, ppl) for _, r in sub.iterrows()]
 
 
 def problem_headers(probs: pd.DataFrame) -> list[str]:
@@ -298,7 +310,8 @@ def markdown(df: pd.DataFrame, agg: pd.DataFrame, probs: pd.DataFrame, plots: di
 def legend(agg: pd.DataFrame) -> str:
     """LEGEND; what a target in another metric and the stop rule's column mean, where present."""
     return (LEGEND + ("" if in_macs_only(agg) else METRIC_LEGEND)
-            + (STOP_LEGEND if STOP_RULE in summary_headers(agg) else ""))
+            + (STOP_LEGEND if STOP_RULE in summary_headers(agg) else "")
+            + (PERPLEXITY_LEGEND if has_perplexity(agg) else ""))
 
 
 def read_as_note(df: pd.DataFrame) -> str | None:
