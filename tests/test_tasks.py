@@ -1,0 +1,141 @@
+"""The task seam (progprune.tasks), proven by its second task: a Hugging Face causal LM
+pruned, fine-tuned and reported through the same `progprune prune` and `progprune sweep`
+as the image classifiers, offline, on a tiny random-initialised model and real English text
+(the documentation topics that ship with Python)."""
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import progprune, progprune_in_process, tiny_causal_lm
+
+SEQ = "32"
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """(text folder with train/val/test, {family: hf:PATH}) of tiny models with a BPE
+    tokenizer trained on the corpus."""
+    from pydoc_data.topics import topics
+
+    from progprune.lm import text
+
+    root = tmp_path_factory.mktemp("lm")
+    corpus = "\n\n".join(topics[k] for k in sorted(topics))[:120_000]
+    data = root / "text"
+    data.mkdir()
+    cut1, cut2 = int(len(corpus) * 0.8), int(len(corpus) * 0.9)
+    for name, part in (("train", corpus[:cut1]), ("val", corpus[cut1:cut2]), ("test", corpus[cut2:])):
+        (data / f"{name}.txt").write_text(part, encoding="utf-8")
+    tok = text.train_tokenizer([data / "train.txt"], vocab_size=384)
+    models = {}
+    for family in ("llama", "qwen2"):
+        d = root / family
+        tiny_causal_lm(family, vocab_size=len(tok)).save_pretrained(d)
+        tok.save_pretrained(d)
+        models[family] = f"hf:{d}"
+    return data, models
+
+
+def _lm_flags(data, **over):
+    flags = {"--dataset": "text", "--data-dir": str(data), "--seq-len": SEQ, "--target-metric": "params",
+             "--method": "l2", "--iterative-steps": "4", "--finetune-epochs": "1", "--optimizer": "adamw",
+             "--finetune-lr": "0.003", "--warmup": "0.1", "--batch-size": "16", "--eval-batch-size": "32"}
+    flags.update(over)
+    return [x for k, v in flags.items() if v is not None for x in (k, v)]
+
+
+def test_prune_a_causal_lm_fine_tune_it_and_export_it_for_transformers(lm, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from progprune.lm.artifact import load_lm
+
+    data, models = lm
+    out = tmp_path / "out"
+    r = progprune_in_process("prune", "--model", models["qwen2"], "--speedup", "1.5", *_lm_flags(data),
+                             "--output", out, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["task"] == "causal_lm" and row["dataset"] == "text" and row["status"] == "ok"
+    assert row["target_metric"] == "params" and row["achieved_speedup"] >= 1.5
+    assert row["achieved_speedup"] == pytest.approx(row["base_params"] / row["pruned_params"])
+    for k in ("base_perplexity", "pruned_perplexity", "final_perplexity"):
+        assert math.isfinite(row[k]) and row[k] > 1
+    # a random-initialised model learns from one epoch of text: fine-tuning lowers perplexity
+    assert row["final_perplexity"] < row["pruned_perplexity"]
+    shape = json.loads(row["pruned_shape"])
+    assert shape["num_key_value_heads"] * 2 == shape["num_attention_heads"]  # whole KV groups (GQA 4 on 2)
+    assert "perplexity base" in r.stderr and "next-token top-1" in r.stderr  # the summary, with --json on stderr
+    table = pq.read_table(out / "result.parquet").to_pylist()
+    assert [t["combo_id"] for t in table] == [row["combo_id"]]
+
+    # export: a directory transformers loads offline, logits identical to the artifact's model
+    r = progprune_in_process("export", out / "pruned.pt", "--format", "hf", "--output", tmp_path / "hf")
+    assert r.returncode == 0, r.stdout + r.stderr
+    model, _, _ = load_lm(out / "pruned.pt")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    ids = torch.tensor([tok("The with statement is used to wrap a block")["input_ids"]])
+    with torch.no_grad():
+        a = model.eval()(input_ids=ids, use_cache=False).logits
+        b = again(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert again.config.num_key_value_heads == shape["num_key_value_heads"]
+
+
+@pytest.mark.parametrize("over, field, words", [
+    ({"--method": "slim"}, "--method", "does not apply to causal LMs"),
+    ({"--target-metric": "latency"}, "--target-metric", "causal LMs prune to params or macs"),
+    ({"--dataset": "digits", "--data-dir": None, "--seq-len": None}, "--dataset", "reads the text data set"),
+    ({"--dims": "heads,wings"}, "--dims", "heads, mlp, hidden, layers"),
+])
+def test_what_a_causal_lm_cannot_run_is_one_line_before_any_work(lm, tmp_path, over, field, words):
+    data, models = lm
+    r = progprune_in_process("prune", "--model", models["llama"], "--speedup", "1.5", *_lm_flags(data, **over),
+                             "--output", tmp_path / "out")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert field in r.stderr and words in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_model_with_the_text_data_and_an_hf_model_under_the_image_task_are_refused(lm, tmp_path):
+    data, models = lm
+    r = progprune_in_process("prune", "--model", "resnet20", "--speedup", "1.5", "--dataset", "text",
+                             "--data-dir", data)
+    assert r.returncode == 2 and "text data set is for task causal_lm" in r.stderr, r.stderr
+    r = progprune_in_process("prune", "--model", models["llama"], "--speedup", "1.5", "--task",
+                             "image_classification", "--dataset", "digits")
+    assert r.returncode == 2 and "set task: causal_lm" in r.stderr, r.stderr
+
+
+def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm, cluster, tmp_path):
+    """2 models x 2 params targets on a real Ray cluster, fine-tuned on Ray Train (one worker):
+    four ok rows, each reloadable, and the report's perplexity columns and plot."""
+    import yaml
+
+    from helpers import read_results
+
+    data, models = lm
+    spec = {"name": "lm-sweep", "task": "causal_lm", "models": [models["llama"], models["qwen2"]],
+            "speedups": [1.25, 1.5], "methods": ["l2"],
+            "dataset": {"name": "text", "data_dir": str(data), "seq_len": int(SEQ), "eval_batch_size": 32},
+            "pruning": {"target_metric": "params", "iterative_steps": 4},
+            "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.003, "optimizer": "adamw", "warmup": 0.1,
+                         "num_workers": 1},
+            "output": str(tmp_path / "out")}
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = progprune("sweep", path, "--address", cluster.address)
+    assert r.returncode == 0, r.stdout + r.stderr
+    df = read_results(tmp_path / "out")
+    assert len(df) == 4 and set(df.status) == {"ok"}, df.error.tolist()
+    assert set(df.task) == {"causal_lm"} and (df.finetune_workers == 1).all()
+    assert (df.achieved_speedup >= df.target_speedup).all()
+    assert (df.final_perplexity < df.pruned_perplexity).all()
+    r = progprune("report", tmp_path / "out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "Final perplexity" in report and "perplexity_vs_speedup.png" in report
+    assert (tmp_path / "out" / "report" / "perplexity_vs_speedup.png").stat().st_size > 1000
