@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BeforeValidator, StrictStr, create_model, f
 
 from progprune.fields import Bool, Grid, Int, Items, Num, OneOf, Opt, Text, interval, named, one_or_many, worded
 from progprune.sections import (  # noqa: F401 - re-exported: the sections are the spec's
-    CONTROLS, EXPORT_FORMATS, MAX_SEED, RUNTIMES, SPEEDUP, TARGET_METRICS, DatasetConfig, EvaluationConfig,
+    CONTROLS, EXPORT_FORMATS, MAX_SEED, RUNTIMES, SPEEDUP, TARGET_METRICS, TEXT, DatasetConfig, EvaluationConfig,
     FinetuneConfig, ModelEntry, PruneConfig, PruningConfig, ResourcesConfig, ScratchConfig, SparseConfig,
     TrainConfig, _distinct, _Node, _storage_uri, scratch_overrides)
 
