@@ -16,7 +16,8 @@ from pydantic import AfterValidator, BeforeValidator, StrictStr, create_model, f
 
 from progprune.fields import Bool, Grid, Int, Items, Num, OneOf, Opt, Text, interval, named, one_or_many, worded
 from progprune.sections import (  # noqa: F401 - re-exported: the sections are the spec's
-    CONTROLS, DEFAULT_LM_DIMS, EXPORT_FORMATS, LM_DIMS, MAX_SEED, RUNTIMES, SPEEDUP, TARGET_METRICS, TASK_NAMES, DatasetConfig, EvaluationConfig,
+    CONTROLS, DEFAULT_LM_DIMS, EXPORT_FORMATS, LM_DIMS, MAX_SEED, RUNTIMES, SPEEDUP, TARGET_METRICS, TASK_NAMES, TEXT,
+    DatasetConfig, EvaluationConfig,
     FinetuneConfig, ModelEntry, PruneConfig, PruningConfig, ResourcesConfig, ScratchConfig, SparseConfig,
     TrainConfig, _distinct, _Node, _storage_uri, scratch_overrides)
 

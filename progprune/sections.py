@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Optional
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, create_model, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, create_model,
+                      field_validator, model_validator)
 
 from progprune.errors import show
 from progprune.fields import (Bool, Grid, Int, Items, Num, OneOf, Opt, Text, interval, invalid,
@@ -20,6 +21,7 @@ TASK_NAMES = ("image_classification", "causal_lm")  # progprune.tasks registers 
 LM_DIMS = ("heads", "mlp", "hidden", "layers")  # what a causal LM can prune (pruning.dims)
 DEFAULT_LM_DIMS = ("heads", "mlp")
 CONTROLS = ("random", "scratch")  # progprune.controls: what each is
+TEXT = "text"  # the data set of token blocks (task causal_lm; progprune.lm.data)
 
 
 def _increasing(v: tuple) -> tuple:
@@ -84,20 +86,36 @@ class DatasetConfig(_Node):
     # images per evaluation batch (validation each epoch, test, every data set): 128 at 224 px
     # is 77 MB per float copy. Changes no accuracy, so it is not part of any key
     eval_batch_size: Int(1, 65_536) = 128
+    # text (task causal_lm): tokens the model sees per block (targets: the next seq_len,
+    # blocks at stride seq_len); null: 512. Image sets refuse it
+    seq_len: Opt(Int(2, 1_048_576)) = None
+    text_field: Text = "text"  # text: the field of a .jsonl line that holds its document
 
     @model_validator(mode="before")
     @classmethod
     def _size_of_the_data(cls, data):
         if isinstance(data, dict) and data.get("image_size") is None:
             data = {**data, "image_size": 224 if data.get("name") == "imagefolder" else 32}
+        if isinstance(data, dict) and data.get("name") == TEXT and data.get("seq_len") is None:
+            data = {**data, "seq_len": 512}
         return data
+
+    @field_validator("seq_len", "text_field")
+    @classmethod
+    def _for_text_only(cls, v, info: ValidationInfo):
+        name = info.data.get("name")
+        if name is not None and name != TEXT and v != cls.model_fields[info.field_name].default:
+            raise invalid(f"read by the {TEXT} data set only (task causal_lm); {name} would ignore "
+                          "it: remove it")
+        return v
 
     def key(self) -> dict:
         """What identifies the data the models see (hashed into base and combination keys):
-        settings added later hash as before while unset; loader_workers and eval_batch_size
-        change no result."""
+        settings added later hash as before while unset (or at their default);
+        loader_workers and eval_batch_size change no result."""
         return {k: v for k, v in self.model_dump(exclude={"loader_workers", "eval_batch_size"}).items()
-                if v is not None or k not in ("mean", "std")}
+                if (v is not None or k not in ("mean", "std", "seq_len"))
+                and not (k == "text_field" and v == "text")}
 
 
 class TrainConfig(_Node):

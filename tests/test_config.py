@@ -223,3 +223,24 @@ def test_shipped_specs_keep_their_combo_ids(name):
     assert (hashlib.sha256(",".join(ids).encode()).hexdigest()[:16], ids[0]) == _SHIPPED_IDS[name]
     timed = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"runtime": "onnxruntime"})})
     assert timed.combinations()[0].combo_id() != ids[0]  # a latency in another runtime is another row
+
+
+def test_text_settings_default_for_text_refused_elsewhere_and_hash_as_before():
+    """Issue 21: dataset.seq_len (null: 512 for text) and text_field are the text set's; an
+    image set refuses them by name, and while unset they leave every key as it was."""
+    from progprune.config import DatasetConfig
+    from progprune.errors import SpecError
+
+    plain = DatasetConfig(name="digits")
+    assert "seq_len" not in plain.key() and "text_field" not in plain.key()
+    text = DatasetConfig(name="text", data_dir="d")
+    assert (text.seq_len, text.text_field) == (512, "text") and text.key()["seq_len"] == 512
+    assert DatasetConfig(name="text", data_dir="d", seq_len=64).key() != text.key()
+    assert DatasetConfig(name="text", data_dir="d", text_field="body").key()["text_field"] == "body"
+    for setting in ({"seq_len": 64}, {"text_field": "body"}):
+        with pytest.raises(SpecError) as e:
+            load_spec_dict({"name": "t", "models": "resnet20", "speedups": 2,
+                            "dataset": {"name": "cifar10", "data_dir": "c", **setting}}, check_paths=False)
+        (k,) = setting
+        assert e.value.problems == [f"dataset.{k}: read by the text data set only (task causal_lm); "
+                                    "cifar10 would ignore it: remove it"]

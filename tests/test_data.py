@@ -23,7 +23,7 @@ def _check_splits(s: Splits, num_classes: int):
 
 
 def test_registry_names():
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic", "text"]
     with pytest.raises(ProgpruneError, match="unknown dataset 'mnist'; valid: cifar10, cifar100"):
         check_dataset(DatasetConfig(name="mnist"))
     with pytest.raises(ProgpruneError, match="^dataset.name: unknown dataset 'CIFAR10'; did you mean 'cifar10'"):
@@ -45,13 +45,14 @@ def test_one_registry_shape_and_no_circle():
     with pytest.raises(ValueError, match="dataset 'digits' registered twice"):
         register_dataset("digits")(lambda cfg, seed: None)
     assert DATASETS.get("digits").num_classes == 10  # still the original
-    for module in ("progprune.data.folder", "progprune.data.memory", "progprune.data._registry"):
+    for module in ("progprune.data.folder", "progprune.data.memory", "progprune.data._registry",
+                   "progprune.data.text", "progprune.lm.data"):
         code = f"import {module}, progprune.data as d; print(d.list_datasets())"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == str(list_datasets()), module
     lines = CliRunner().invoke(main, ["datasets"]).output.splitlines()
     assert [ln.split()[0] for ln in lines] == list_datasets()
-    assert [ln.endswith("[data_dir]") for ln in lines] == [True, True, False, True, False]
+    assert [ln.endswith("[data_dir]") for ln in lines] == [True, True, False, True, False, True]
 
 
 @pytest.fixture(scope="module")
