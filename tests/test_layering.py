@@ -5,7 +5,8 @@ import sys
 CORE = ["progprune.pipeline", "progprune.controls", "progprune.pruning", "progprune.training", "progprune.data",
         "progprune.models", "progprune.artifacts", "progprune.results", "progprune.spec",
         "progprune.storage", "progprune.sweep", "progprune.report", "progprune.cli",
-        "progprune.lm.models", "progprune.lm.groups", "progprune.lm.prune", "progprune.lm.text"]
+        "progprune.lm.models", "progprune.lm.groups", "progprune.lm.prune", "progprune.lm.text",
+        "progprune.lm.count"]
 
 
 def test_core_modules_do_not_import_ray():
