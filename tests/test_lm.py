@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM  # the llm extra, also in .[test]
 
 from progprune.errors import BadInput
 from progprune.lm import models, text
+from progprune.lm.artifact import export_hf, is_lm_artifact, load_lm, save_lm
 from progprune.lm.prune import count_macs, count_params, prune_lm, prune_to_params
 from tests.helpers import tiny_causal_lm, write_pydoc_corpus
 
@@ -236,3 +237,64 @@ def test_bad_pruning_settings_are_one_line():
     with pytest.raises(BadInput, match=r"20.0x macs is out of reach .* MACs per token"):
         prune_lm(model, 20.0, metric="macs", dims=("mlp",))
     assert count_params(model) == count_params(tiny_causal_lm("llama", vocab_size=300))  # nothing cut
+
+
+@pytest.mark.parametrize("family,dims", [("llama", ("heads", "mlp", "hidden", "layers")),
+                                         ("gpt2", ("mlp", "layers"))])
+def test_save_load_export_round_trip(family, dims, corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, tok, _ = corpus
+    model = tiny_causal_lm(family, vocab_size=len(tok))
+    result = prune_lm(model, 1.6, steps=2, dims=dims)
+    path = save_lm(tmp_path / "pruned.pt", model, tok, history=result.history, meta={"speedup": 1.6})
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    assert (raw["format"], raw["version"]) == ("progprune-lm", 1) and "tokenizer.json" in raw["tokenizer_files"]
+    if family == "gpt2":  # tied: the weight is stored once
+        assert raw["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+        assert "lm_head.weight" not in raw["state_dict"]
+    assert is_lm_artifact(path)
+
+    again, tok2, info = load_lm(path)
+    assert info["history"] == result.history and info["meta"] == {"speedup": 1.6}
+    assert not again.training and count_params(again) == count_params(model)
+    if family == "gpt2":
+        assert again.lm_head.weight is again.transformer.wte.weight
+    sample = "def f(x):\n    return x"
+    assert tok2(sample)["input_ids"] == tok(sample)["input_ids"]
+    ids = torch.tensor([tok(sample)["input_ids"]])
+    assert torch.equal(_logits(model, ids), _logits(again, ids))
+
+    out = export_hf(path, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert hf_tok(sample)["input_ids"] == tok(sample)["input_ids"]
+    assert torch.allclose(_logits(hf, ids), _logits(again, ids), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "pruned.pt"]  # no staging left
+    (tmp_path / "empty").mkdir()
+    assert export_hf(path, tmp_path / "empty") == str(tmp_path / "empty")  # an empty dir is fine
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_artifact_bad_inputs_are_one_line(corpus, tmp_path):
+    _, tok, _ = corpus
+    image_like = tmp_path / "image.pt"
+    torch.save({"format": "progprune.artifact/1", "state_dict": {}}, image_like)
+    (tmp_path / "notes.txt").write_text("hello")
+    for path in (image_like, tmp_path / "notes.txt"):
+        assert not is_lm_artifact(path)
+        with pytest.raises(BadInput, match="is not a progprune LM artifact"):
+            load_lm(path)
+    with pytest.raises(BadInput, match="does not exist"):
+        load_lm(tmp_path / "missing.pt")
+    path = save_lm(tmp_path / "lm.pt", tiny_causal_lm("llama", vocab_size=len(tok)), None)
+    assert load_lm(path)[1] is None  # no tokenizer saved, none loaded
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(BadInput, match="already exists and is not an empty directory") as e:
+        export_hf(path, busy)
+    assert "\n" not in str(e.value) and sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+    with pytest.raises(BadInput, match="is not a progprune LM artifact"):
+        export_hf(image_like, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
