@@ -6,15 +6,15 @@ from pathlib import Path
 from ..errors import BadInput
 
 PREFIX = "hf:"
-# model_type -> what can be pruned with the hidden size kept (GPT-2's config has no
-# head_dim: it is hidden_size // n_head on reload, so its heads stay whole and only its
-# MLP narrows)
+# model_type -> the dims progprune can prune so that transformers reloads the result. GPT-2's
+# config has no head_dim (it is n_embd // n_head on reload, and c_attn's q/k/v are n_embd
+# wide), so its heads and hidden size stay whole: its MLP narrows and its layers go.
 FAMILIES = {
-    "llama": ("heads", "mlp"),
-    "mistral": ("heads", "mlp"),
-    "qwen2": ("heads", "mlp"),
-    "qwen3": ("heads", "mlp"),
-    "gpt2": ("mlp",),
+    "llama": ("heads", "mlp", "hidden", "layers"),
+    "mistral": ("heads", "mlp", "hidden", "layers"),
+    "qwen2": ("heads", "mlp", "hidden", "layers"),
+    "qwen3": ("heads", "mlp", "hidden", "layers"),
+    "gpt2": ("mlp", "layers"),
 }
 
 
