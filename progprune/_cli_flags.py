@@ -58,6 +58,8 @@ _FLAGS = [
     ("--control", ["controls"], "strs", "also run these controls at the same target: random (random importance), "
      "scratch (the pruned architecture trained from scratch); their rows follow in result.parquet"),
     ("--scratch-epochs", ["scratch.epochs"], int, "epochs of the scratch control (default: base + fine-tune epochs)"),
+    ("--seq-len", ["dataset.seq_len"], int, "text: tokens per block the causal LM sees (default 512)"),
+    ("--text-field", ["dataset.text_field"], str, "text: the field of a .jsonl line holding its text"),
     ("--task", ["task"], str, "what is pruned: {tasks} (default: causal_lm for an hf: model, else images)"),
     ("--dims", ["pruning.dims"], "strs", "causal LMs: what is pruned, comma-separated: heads, mlp, hidden, layers"),
     ("--optimizer", ["finetune.optimizer"], str, "fine-tuning optimizer: sgd, or adamw (causal LMs' recipe)"),

@@ -234,7 +234,12 @@ def _row_line(row: ResultRow) -> str:
     base = "" if row.base_top1 is None else f"{100 * row.base_top1:.2f} -> "
     acc = "" if row.final_top1 is None else f" top-1 {base}{100 * row.final_top1:.2f}%"
     macs = row.macs_speedup if row.macs_speedup is not None else row.achieved_speedup  # a row of before issue 20
-    return f"{row.status:<11} {what}: {macs:.3f}x MACs, {row.latency_speedup:.2f}x latency{acc}"
+    if row.final_perplexity is not None or row.base_perplexity is not None:  # a causal LM: lower is better
+        f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        return (f"{row.status:<11} {what}: {row.achieved_speedup:.3f}x {row.target_metric}, {macs:.3f}x MACs, "
+                f"perplexity {f(row.base_perplexity)} -> {f(row.final_perplexity)}")
+    latency = "" if row.latency_speedup is None else f", {row.latency_speedup:.2f}x latency"
+    return f"{row.status:<11} {what}: {macs:.3f}x MACs{latency}{acc}"
 
 
 HEARTBEAT_S = 60.0  # plain-text progress: a line at least this often while nothing changes
