@@ -249,7 +249,7 @@ def test_data_dir_is_refused_where_nothing_reads_it(tmp_path, name):
     from progprune.spec import load_spec_dict
 
     with pytest.raises(ProgpruneError, match=f"^dataset.data_dir: {name} reads no files, so {tmp_path} "
-                                             "would be ignored; .* \\(cifar10, cifar100, imagefolder\\)$"):
+                                             "would be ignored; .* \\(cifar10, cifar100, imagefolder, text\\)$"):
         check_dataset(DatasetConfig(name=name, data_dir=str(tmp_path)))
     spec = {"name": "s", "models": ["resnet20"], "speedups": [2], "dataset": {"name": name, "data_dir": str(tmp_path)}}
     for check_paths in (True, False):  # not a file check: the cluster's files would not change it

@@ -281,3 +281,21 @@ def test_registered_text_set_checks_cheaply_and_needs_a_tokenizer(corpus, tmp_pa
         load_dataset(_cfg(folder))
     assert str(e.value) == ("dataset.name: dataset text needs a tokenizer: it is for task causal_lm; "
                             "set task: causal_lm and an hf: model")
+
+
+def test_a_pickled_copy_reopens_or_rebuilds_its_cache(corpus, tmp_path):
+    """What a Ray Train worker gets: the token maps are not pickled (only paths), and a
+    node without the cache tokenizes anew to the same ids."""
+    import pickle
+
+    folder, tok = corpus
+    s = load_text(_cfg(folder), tok, cache_dir=tmp_path / "c")
+    want = np.array(s.tokens("train"))
+    blob = pickle.dumps(s)
+    assert len(blob) < want.nbytes // 2  # the maps stayed behind
+    assert np.array_equal(pickle.loads(blob).tokens("train"), want)
+    shutil.rmtree(tmp_path / "c")  # another node: no cache there
+    copy = pickle.loads(blob)
+    assert np.array_equal(copy.tokens("train"), want) and (copy.folder / "meta.json").is_file()
+    x, y = next(copy.batches("train", 2))
+    assert torch.equal(x[0, 1:], y[0, :-1])

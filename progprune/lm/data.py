@@ -201,15 +201,17 @@ def _dtype(tokenizer) -> np.dtype:
 
 
 def _write_split(files, text_field: str, tokenizer, out: Path) -> int:
-    """Tokenize a split's documents into `out` (raw ids, EOS between documents): its length."""
+    """Tokenize a split's documents into `out` (raw ids, EOS between documents): its length.
+    Pieces go to the tokenizer about HARD characters at a time, across documents."""
     encode, eos, dtype = _encoder(tokenizer), _eos(tokenizer), _dtype(tokenizer)
     limit = np.iinfo(dtype).max
     n = 0
     with open(out, "wb") as f:
-        def write(texts):
+        def write(items):  # pieces, and None for an EOS
             nonlocal n
-            for ids in encode(texts):
-                a = np.asarray(ids, dtype=np.int64)
+            encoded = iter(encode([t for t in items if t is not None]))
+            for t in items:
+                a = np.asarray([eos] if t is None else next(encoded), dtype=np.int64)
                 if len(a) and a.max() > limit:
                     raise BadInput(f"the tokenizer gave id {a.max()} beyond its own length "
                                    f"{len(tokenizer)}; give a consistent tokenizer", field="model")
@@ -219,10 +221,7 @@ def _write_split(files, text_field: str, tokenizer, out: Path) -> int:
         batch, size = [], 0
         for i, doc in enumerate(_documents(files, text_field)):
             if i:
-                write(batch)
-                batch, size = [], 0
-                np.array([eos], dtype=dtype).tofile(f)
-                n += 1
+                batch.append(None)
             for piece in doc:
                 batch.append(piece)
                 size += len(piece)
@@ -239,7 +238,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
-        spec.pop("padding", None), spec.pop("truncation", None)
+        for setting in ("padding", "truncation"):
+            spec.pop(setting, None)
     else:
         spec = {"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab()}
     text = json.dumps([spec, _eos(tokenizer)], sort_keys=True)
