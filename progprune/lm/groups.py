@@ -83,7 +83,7 @@ def _elementwise(p: torch.Tensor, how) -> torch.Tensor:
     if how == "taylor":
         g = p.grad
         return torch.zeros_like(w) if g is None else (w * g.detach().float()).abs()
-    return w.abs().pow(how)
+    return w.square() if how == 2 else w.abs() if how == 1 else w.abs().pow(how)
 
 
 def _is_conv1d(module) -> bool:
