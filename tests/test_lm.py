@@ -146,7 +146,11 @@ def test_macs_counter_and_planned_counts_are_exact(family):
     model = tiny_causal_lm(family, vocab_size=300)
     assert count_macs(model, 48) == _eager_macs_per_token(model, 48)
     dims = ("mlp", "layers") if family == "gpt2" else ("heads", "mlp", "hidden", "layers")
-    result = prune_lm(model, 1.7, metric="macs", steps=2, dims=dims, seq_len=48)
+    seen = []
+    result = prune_lm(model, 1.7, metric="macs", steps=2, dims=dims, seq_len=48,
+                      on_step=lambda *a: seen.append(a))
+    assert [s[:2] for s in seen] == [(1, 2), (2, 2)] and seen[-1][2] == result.achieved
+    assert seen[0][2] == result.base_macs / result.history[0]["macs"] < result.achieved
     assert result.macs == count_macs(model, 48) == _eager_macs_per_token(model, 48)
     assert result.base_macs / result.macs == result.achieved >= 1.7
     assert result.params == count_params(model) < result.base_params

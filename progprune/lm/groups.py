@@ -55,9 +55,9 @@ class UnitGroup:
         `how` = p for sum |w|^p, or "taylor" for sum |w * dL/dw| (the gradient the last
         backward left in `.grad`; none counts as zero)."""
         if self.kind == "layers":
-            return torch.stack([sum((_elementwise(p, how).sum() for p in layer.parameters()),
-                                    torch.zeros(())) for layer in self.extra["modules"]])
-        total = torch.zeros(self.units)
+            return torch.stack([sum(_elementwise(p, how).sum().cpu() for p in layer.parameters())
+                                for layer in self.extra["modules"]])
+        total = torch.zeros(self.units, device=self.members[0].module.weight.device)
         for m in self.members:
             if m.axis == "vec":
                 rows = _elementwise(m.module.weight, how)
@@ -69,7 +69,7 @@ class UnitGroup:
             if m.axis in ("out", "vec") and isinstance(bias, torch.Tensor):
                 rows = rows + _elementwise(bias, how)
             total += rows.reshape(self.units, m.width).sum(1)
-        return total
+        return total.cpu()  # ranked beside seeded CPU draws, on any device
 
     def remove(self, units: list[int], skip_layers=()) -> None:
         for m in self.members:
@@ -83,7 +83,7 @@ def _elementwise(p: torch.Tensor, how) -> torch.Tensor:
     if how == "taylor":
         g = p.grad
         return torch.zeros_like(w) if g is None else (w * g.detach().float()).abs()
-    return w.abs().pow(how)
+    return w.square() if how == 2 else w.abs() if how == 1 else w.abs().pow(how)
 
 
 def _is_conv1d(module) -> bool:

@@ -148,10 +148,15 @@ def _taylor_grads(model, calib: torch.Tensor) -> None:
     """One causal-LM loss backward on `calib`: gradients in every parameter's `.grad`."""
     model.zero_grad(set_to_none=True)
     ids = calib.to(next(model.parameters()).device)
-    with torch.enable_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-        loss.backward()
+    was_training = model.training
+    model.eval()  # no dropout: the ranking is the model's, not a random mask's
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+            loss.backward()
+    finally:
+        model.train(was_training)
 
 
 def _step(model, groups, widths, how, gen) -> None:
