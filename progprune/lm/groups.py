@@ -166,7 +166,7 @@ def _hidden_group(model, layers) -> UnitGroup:
     return UnitGroup("hidden", -1, members, units=embed.weight.shape[1], extra={"head_dim": hd})
 
 
-def declare(model, dims=("heads", "mlp")) -> list[UnitGroup]:
+def declare(model, dims) -> list[UnitGroup]:
     """The groups of the kinds in `dims` (checked by the caller against the family)."""
     gpt2 = family(model) == "gpt2"
     layers = decoder_layers(model)

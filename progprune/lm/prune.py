@@ -23,11 +23,12 @@ import torch_pruning as tp
 from ..errors import BadInput
 from .count import Counter
 from .groups import UnitGroup, declare, decoder_layers, is_tied, remove_layers, sync_config
+from ..sections import DEFAULT_LM_DIMS, LM_DIMS
 from .models import FAMILIES, family
 
 IMPORTANCES = {"l1": 1, "l2": 2, "random": None, "taylor": "taylor"}
-DIMS = ("heads", "mlp", "hidden", "layers")
-DEFAULT_DIMS = ("heads", "mlp")
+DIMS = LM_DIMS
+DEFAULT_DIMS = DEFAULT_LM_DIMS  # the schema's pruning.dims (dims=None)
 METRICS = ("params", "macs")
 
 
@@ -75,7 +76,7 @@ def _check(model, speedup, metric, importance, steps, dims, calib):
         raise BadInput(f"speedup must be >= 1 and steps >= 1 (got {speedup}, {steps})",
                        field="speedup")
     kind = family(model)
-    dims = tuple(dims)
+    dims = DEFAULT_DIMS if dims is None else tuple(dims)
     for d in dims:
         if d not in DIMS:
             raise BadInput(f"pruning dim {d!r} is unknown; use some of {', '.join(DIMS)}",
@@ -180,7 +181,7 @@ def _step(model, groups, widths, how, gen) -> None:
 
 
 def prune_lm(model, speedup: float, *, metric: str = "params", importance: str = "l2",
-             steps: int = 8, dims=DEFAULT_DIMS, seed: int = 0, calib=None, seq_len: int = 128,
+             steps: int = 8, dims=None, seed: int = 0, calib=None, seq_len: int = 128,
              on_step=None) -> LmPruneResult:
     """Prune `model` in place until its `metric` ("params": all parameters; "macs": MACs per
     token at `seq_len`, see lm/count.py) is at most base / `speedup`, in `steps` equal steps.
@@ -243,7 +244,7 @@ def prune_lm(model, speedup: float, *, metric: str = "params", importance: str =
 
 
 def prune_to_params(model, speedup: float, *, importance: str, steps: int,
-                    dims=DEFAULT_DIMS, seed: int = 0) -> LmPruneResult:
+                    dims=None, seed: int = 0) -> LmPruneResult:
     """Prune `model` in place until its parameters are at most base / `speedup`."""
     return prune_lm(model, speedup, metric="params", importance=importance, steps=steps,
                     dims=dims, seed=seed)
