@@ -23,13 +23,24 @@ def export_command(artifact, fmt, output, force, trust_factory):
     version (ONNX metadata_props; TorchScript's progprune.json extra file). A causal LM's
     artifact exports as `hf`: a directory that AutoModelForCausalLM.from_pretrained and
     AutoTokenizer load offline."""
-    from progprune.export import export_artifact, read_metadata
+    import os
 
+    from progprune.errors import BadInput
+    from progprune.export import FORMATS, export_artifact, read_metadata
+    from progprune.lm.artifact import export_hf, is_lm_artifact
+
+    lm = os.path.isfile(artifact) and is_lm_artifact(artifact)
+    if fmt == "hf" and os.path.isfile(artifact) and not lm:
+        raise BadInput(f"{artifact} is an image model's artifact; --format hf exports a causal LM's (task "
+                       "causal_lm): use --format onnx or torchscript", field="--format")
+    if fmt in FORMATS and lm:
+        raise BadInput(f"{artifact} is a causal LM's artifact: export it with --format hf (a directory "
+                       "transformers loads)", field="--format")
     if fmt == "hf":
-        from progprune.lm.artifact import export_hf
-
         click.echo(f"wrote {export_hf(artifact, output)} (hf: config.json, weights, tokenizer)")
         return
+    if fmt not in FORMATS:
+        raise BadInput(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}, hf", field="--format")
 
     path = export_artifact(artifact, fmt, output, force=force, trust_factory=trust_factory)
     meta = read_metadata(path)

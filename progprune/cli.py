@@ -87,6 +87,11 @@ def models_cmd():
         click.echo(name)
     for _, form, what in KINDS:
         click.echo(f"{form} ({what})")
+    from progprune.lm.models import FAMILIES
+
+    families = ", ".join(f"{k} ({'/'.join(v)})" for k, v in sorted(FAMILIES.items()))
+    click.echo(f"hf:PATH (task causal_lm: a Hugging Face causal LM saved with save_pretrained, loaded "
+               f"offline; families and what they prune: {families})")
 
 
 @main.command("methods")

@@ -139,3 +139,24 @@ def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm,
     report = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "Final perplexity" in report and "perplexity_vs_speedup.png" in report
     assert (tmp_path / "out" / "report" / "perplexity_vs_speedup.png").stat().st_size > 1000
+
+
+def test_export_refuses_the_other_task_s_format_in_one_line(lm, tmp_path):
+    """hf is a causal LM's format, onnx/torchscript an image model's: each the other way round
+    is one line naming --format, and nothing is written."""
+    from progprune.artifacts import save_artifact
+    from progprune.lm.artifact import save_lm
+    from progprune.lm.models import load
+    from progprune.models import build_model
+
+    _, models = lm
+    model, tok = load(models["llama"])
+    lm_path = save_lm(str(tmp_path / "lm.pt"), model, tok)
+    image = save_artifact(str(tmp_path / "img.pt"), build_model("resnet20", 10, (3, 32, 32)),
+                          model_name="resnet20", num_classes=10, input_shape=(3, 32, 32))
+    for path, fmt, words in ((lm_path, "onnx", "export it with --format hf"),
+                             (image, "hf", "use --format onnx or torchscript"),
+                             (image, "safetensors", "valid: onnx, torchscript, hf")):
+        r = progprune_in_process("export", path, "--format", fmt, "--output", tmp_path / "x")
+        assert r.returncode == 2 and "--format" in r.stderr and words in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
