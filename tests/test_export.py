@@ -118,7 +118,7 @@ def test_a_missing_artifact(tmp_path):
 
 def test_unknown_format(pruned, tmp_path):
     line = _refused(pruned, "--format", "tflite", "--output", tmp_path / "m.tflite", watch=tmp_path)
-    assert line == "error: --format: unknown export format 'tflite'; valid: onnx, torchscript"
+    assert line == "error: --format: unknown export format 'tflite'; valid: onnx, torchscript, hf"
 
 
 @pytest.mark.parametrize("where, words", [
