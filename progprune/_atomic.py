@@ -92,7 +92,10 @@ class StagedDir:
             missing.append(d)
             d = os.path.dirname(d)
         for d in reversed(missing):
-            os.mkdir(d)
+            try:
+                os.mkdir(d)
+            except FileExistsError:  # another process made it meanwhile: not ours to remove
+                continue
             self._made.append(d)
         self.path = make_dir_new(home, self.prefix)
         return self.path

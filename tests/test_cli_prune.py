@@ -43,7 +43,8 @@ def test_models_lists_the_registry():
     lines = proc.stdout.splitlines()
     assert lines[: len(list_models())] == list_models()
     assert [ln.split(" ")[0] for ln in lines[len(list_models()):]] == ["tv:NAME", "timm:NAME",
-                                                                       "py:package.module:factory"]
+                                                                       "py:package.module:factory", "hf:PATH"]
+    assert "qwen2 (heads/mlp/hidden/layers)" in lines[-1] and "gpt2 (mlp/layers)" in lines[-1]
 
 
 def test_methods_lists_the_registry():
