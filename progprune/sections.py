@@ -21,7 +21,7 @@ TASK_NAMES = ("image_classification", "causal_lm")  # progprune.tasks registers 
 LM_DIMS = ("heads", "mlp", "hidden", "layers")  # what a causal LM can prune (pruning.dims)
 DEFAULT_LM_DIMS = ("heads", "mlp")
 CONTROLS = ("random", "scratch")  # progprune.controls: what each is
-TEXT = "text"  # the data set of token blocks (task causal_lm; progprune.lm.data)
+TEXT = "text"  # the data set of token blocks (task causal_lm; progprune.data.text)
 
 
 def _increasing(v: tuple) -> tuple:

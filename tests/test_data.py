@@ -46,7 +46,7 @@ def test_one_registry_shape_and_no_circle():
         register_dataset("digits")(lambda cfg, seed: None)
     assert DATASETS.get("digits").num_classes == 10  # still the original
     for module in ("progprune.data.folder", "progprune.data.memory", "progprune.data._registry",
-                   "progprune.data.text", "progprune.lm.data"):
+                   "progprune.data.text"):
         code = f"import {module}, progprune.data as d; print(d.list_datasets())"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == str(list_datasets()), module

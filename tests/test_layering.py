@@ -6,7 +6,7 @@ CORE = ["progprune.pipeline", "progprune.controls", "progprune.pruning", "progpr
         "progprune.models", "progprune.artifacts", "progprune.results", "progprune.spec",
         "progprune.storage", "progprune.sweep", "progprune.report", "progprune.cli",
         "progprune.lm.models", "progprune.lm.groups", "progprune.lm.prune", "progprune.lm.text",
-        "progprune.lm.data", "progprune.lm.count", "progprune.lm.artifact", "progprune.tasks", "progprune.records"]
+        "progprune.lm.count", "progprune.lm.artifact", "progprune.tasks", "progprune.records"]
 
 
 def test_core_modules_do_not_import_ray():

@@ -5,7 +5,7 @@ Every loader returns an object with `size(split)`, `batches(split, ...)`, `mean`
 * `memory`: digits, CIFAR-10/100 and synthetic, held whole on the device as uint8 and
   augmented a batch at a time as tensor ops (`batches`);
 * `folder`: imagefolder, streamed: its images are decoded per batch in worker processes;
-* `text`: text for causal LMs, registered here, loaded by `progprune.lm.data` (token blocks).
+* `text`: text for causal LMs, registered here, loaded by `progprune.data.text` (token blocks).
 Nothing here downloads.
 """
 from progprune.data._registry import (

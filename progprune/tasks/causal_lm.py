@@ -1,7 +1,7 @@
 """The causal-LM task: Hugging Face causal LMs (`hf:PATH`) on the `text` data set.
 
 Data: the model's own tokenizer over the text files, cached as token ids and streamed in
-`seq_len` blocks (`progprune.lm.data`). Base: the model's own weights (trained further only
+`seq_len` blocks (`progprune.data.text`). Base: the model's own weights (trained further only
 when `base_training.epochs` asks). Pruning: the declared groups of `progprune.lm.groups`
 (heads as whole KV groups, MLP channels, optionally the hidden size and whole layers),
 progressively to a `params` or `macs` (per token) target (`progprune.lm.prune`).
@@ -73,7 +73,7 @@ class CausalLM(Task):
 
     # ---- data and models ----------------------------------------------------------------
     def load_data(self, cfg: ComboConfig):
-        from progprune.lm.data import load_text
+        from progprune.data.text import load_text
         from progprune.lm.models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)

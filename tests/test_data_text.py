@@ -1,4 +1,4 @@
-"""The `text` data set (progprune.lm.data): layouts, the token-id cache, blocks, shards, and
+"""The `text` data set (progprune.data.text): layouts, the token-id cache, blocks, shards, and
 every bad input as one line. Real text (Python's own documentation topics), a real BPE
 tokenizer trained here (vocab 512), real files."""
 import json
@@ -16,7 +16,7 @@ from progprune.config import DatasetConfig
 from progprune.data import check_dataset, list_datasets, load_dataset
 from progprune.errors import BadInput
 from progprune.lm import text
-from progprune.lm.data import CACHE_ENV, PIECE, load_text
+from progprune.data.text import CACHE_ENV, PIECE, load_text
 from tests.helpers import write_pydoc_corpus
 
 SEQ = 32
