@@ -148,7 +148,7 @@ def _hf_problem(name: str) -> list:
     from progprune.lm.models import local_dir
 
     try:
-        local_dir(name)
+        local_dir(name, download=False)  # hf:org/name not cached here: the workers fetch it
     except BadInput as e:
         return [e]
     return []

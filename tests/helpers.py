@@ -166,10 +166,10 @@ def write_pydoc_corpus(folder, val_fraction: float = 0.1):
 
 
 def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0):
-    """A randomly initialised 2-layer transformers model of `family` (llama, qwen2 with
-    grouped-query attention: 4 heads on 2 KV heads, gpt2), built from its config."""
+    """A randomly initialised 2-layer transformers model of `family` (llama; qwen2, qwen3 and
+    mistral with grouped-query attention: 4 heads on 2 KV heads; gpt2), built from its config."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, num_hidden_layers=2, hidden_size=64,
@@ -178,6 +178,10 @@ def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0):
         cfg = LlamaConfig(num_key_value_heads=4, **common)
     elif family == "qwen2":
         cfg = Qwen2Config(num_key_value_heads=2, **common)
+    elif family == "qwen3":  # q/k norms per head, grouped-query attention
+        cfg = Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
+    elif family == "mistral":
+        cfg = MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
     elif family == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=4, n_inner=512,
                          n_positions=128, bos_token_id=0, eos_token_id=0)

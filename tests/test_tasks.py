@@ -111,8 +111,9 @@ def test_an_image_model_with_the_text_data_and_an_hf_model_under_the_image_task_
 
 
 def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm, cluster, tmp_path):
-    """2 models x 2 params targets on a real Ray cluster, fine-tuned on Ray Train (one worker):
-    four ok rows, each reloadable, and the report's perplexity columns and plot."""
+    """2 models x 2 params targets on a real Ray cluster, fine-tuned on Ray Train with two
+    workers (DDP over disjoint shards of the token blocks): four ok rows and the report's
+    perplexity columns and plot."""
     import yaml
 
     from helpers import read_results
@@ -123,7 +124,7 @@ def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm,
             "dataset": {"name": "text", "data_dir": str(data), "seq_len": int(SEQ), "eval_batch_size": 32},
             "pruning": {"target_metric": "params", "iterative_steps": 4},
             "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.003, "optimizer": "adamw", "warmup": 0.1,
-                         "num_workers": 1},
+                         "num_workers": 2},
             "output": str(tmp_path / "out")}
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -131,7 +132,7 @@ def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm,
     assert r.returncode == 0, r.stdout + r.stderr
     df = read_results(tmp_path / "out")
     assert len(df) == 4 and set(df.status) == {"ok"}, df.error.tolist()
-    assert set(df.task) == {"causal_lm"} and (df.finetune_workers == 1).all()
+    assert set(df.task) == {"causal_lm"} and (df.finetune_workers == 2).all()
     assert (df.achieved_speedup >= df.target_speedup).all()
     assert (df.final_perplexity < df.pruned_perplexity).all()
     r = progprune("report", tmp_path / "out")
@@ -160,3 +161,45 @@ def test_export_refuses_the_other_task_s_format_in_one_line(lm, tmp_path):
         r = progprune_in_process("export", path, "--format", fmt, "--output", tmp_path / "x")
         assert r.returncode == 2 and "--format" in r.stderr and words in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_an_hf_hub_name_resolves_from_the_cache_and_an_uncached_one_is_one_line(lm, tmp_path):
+    """hf:org/name is read from the Hugging Face cache (HF_HOME honoured, no download here):
+    a real prune of a model placed in a cache laid out as huggingface_hub lays it out; with
+    the hub switched off an uncached name is one line, exit 2, before any work."""
+    import shutil
+
+    from helpers import run_env
+
+    data, models = lm
+    home = tmp_path / "hf-home"
+    repo = home / "hub" / "models--tiny-org--tiny-qwen"
+    commit = "0" * 40
+    shutil.copytree(models["qwen2"][3:], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**run_env(), "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    r = progprune("prune", "--model", "hf:tiny-org/tiny-qwen", "--speedup", "1.25",
+                  *_lm_flags(data, **{"--finetune-epochs": "0", "--iterative-steps": "2"}),
+                  "--output", tmp_path / "out", "--json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["model"] == "hf:tiny-org/tiny-qwen" and row["task"] == "causal_lm"
+    assert row["achieved_speedup"] >= 1.25 and math.isfinite(row["pruned_perplexity"])
+    r = progprune("prune", "--model", "hf:tiny-org/not-there", "--speedup", "1.25", *_lm_flags(data),
+                  "--output", tmp_path / "out2", env=env)
+    assert r.returncode == 2 and "is not in the Hugging Face cache" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out2").exists()
+
+
+def test_a_binary_text_file_is_one_line_naming_it_and_nothing_is_written(lm, tmp_path):
+    import shutil
+
+    data, models = lm
+    bad = tmp_path / "text"
+    shutil.copytree(data, bad)
+    (bad / "val.txt").write_bytes(b"fine text\x00\x01\x02 then bytes")
+    r = progprune_in_process("prune", "--model", models["llama"], "--speedup", "1.5", *_lm_flags(bad),
+                             "--output", tmp_path / "out")
+    assert r.returncode == 2 and "val.txt" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -26,15 +26,51 @@ def family(model) -> str:
     return kind
 
 
-def local_dir(spec: str) -> Path:
-    """`hf:PATH` -> the directory, checked to hold a config.json."""
+def is_repo_id(spec: str) -> bool:
+    """`hf:org/name` (a Hugging Face Hub id) rather than a directory: exactly one slash, no
+    leading ./ or / or ~, and no such directory here."""
+    name = spec[len(PREFIX):]
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+            and all(part and not part.startswith(".") for part in name.split("/")))
+
+
+def local_dir(spec: str, *, download: bool = True) -> Path | None:
+    """`hf:PATH` -> the directory, checked to hold a config.json. `hf:org/name` -> its snapshot
+    in the Hugging Face cache (HF_HOME honoured), else, where `download` and the hub is not
+    switched off (HF_HUB_OFFLINE=1), downloaded into that cache; None when `download` is
+    False and it is not cached (a driver leaves the download to the workers)."""
     if not spec.startswith(PREFIX):
         raise BadInput(f"{spec!r} is not an hf: model; write hf:PATH", field="model")
+    if is_repo_id(spec):
+        return _from_hub(spec[len(PREFIX):], download)
     path = Path(spec[len(PREFIX):]).expanduser()
     if not (path / "config.json").is_file():
         raise BadInput(f"{path} has no config.json: give hf:PATH a directory written by "
                        "save_pretrained", field="model")
     return path
+
+
+def _from_hub(repo: str, download: bool) -> Path | None:
+    import os
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # noqa: BLE001 - huggingface_hub raises several kinds for "not cached"
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not download:
+        return None
+    if offline:
+        raise BadInput(f"hf:{repo} is not in the Hugging Face cache ({HF_HUB_CACHE}) and the hub is off "
+                       "(HF_HUB_OFFLINE=1); download it there, or give hf:PATH a local directory", field="model")
+    try:
+        return Path(snapshot_download(repo))
+    except Exception as e:  # noqa: BLE001 - network, auth, no such repo: one line
+        raise BadInput(f"hf:{repo} could not be downloaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                       f"fill the cache ({HF_HUB_CACHE}) or give hf:PATH a local directory", field="model") from None
 
 
 def load(spec: str):

@@ -171,7 +171,10 @@ class CausalLM(Task):
         problems, vocab = [], None
         for i, m in enumerate(spec.models):
             try:
-                kind = AutoConfig.from_pretrained(local_dir(m.name), local_files_only=True).model_type
+                path = local_dir(m.name, download=False)
+                if path is None:  # hf:org/name not cached on the driver: the workers fetch it
+                    continue
+                kind = AutoConfig.from_pretrained(path, local_files_only=True).model_type
                 if kind not in FAMILIES:
                     raise BadInput(f"model architecture {kind!r} is not supported for pruning; supported: "
                                    f"{', '.join(sorted(FAMILIES))}")
