@@ -45,8 +45,9 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 # version, pinned in pyproject.toml).
 COPY --chown=1000:100 pyproject.toml docker/constraints.txt ./
 # The `export` extra too (onnx, onnxruntime): `progprune export`, `export: [onnx]` and
-# evaluation.runtime: onnxruntime on the cluster (CPU provider; docker/lock.py's IMAGE_EXTRA).
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['export']))" > /tmp/requirements.txt \
+# evaluation.runtime: onnxruntime on the cluster (CPU provider); and `llm` (transformers,
+# tokenizers): task causal_lm (docker/lock.py's IMAGE_EXTRAS).
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['export'] + p['optional-dependencies']['llm']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt -c constraints.txt \
     && rm /tmp/requirements.txt
 

@@ -41,7 +41,9 @@ PLATFORMS = [f"manylinux_2_{v}_x86_64" for v in range(28, 4, -1)] + [
 TORCH_OWN = re.compile(r"^(nvidia-.*|cuda-.*|triton)$")
 
 
-IMAGE_EXTRA = "export"  # the extra the image installs beside the dependencies (onnx, onnxruntime)
+# the extras the image installs beside the dependencies: export (onnx, onnxruntime) and llm
+# (transformers, tokenizers: task causal_lm, ray_jobs/llm_*.yaml)
+IMAGE_EXTRAS = ("export", "llm")
 
 
 def canonical(name: str) -> str:
@@ -59,7 +61,8 @@ def inputs(pyproject: Path = PYPROJECT, dockerfile: Path = DOCKERFILE) -> list[s
     """What the lock is resolved from: the dependencies and the image's extra, plus torch at
     the image's version."""
     project = tomllib.loads(pyproject.read_text())["project"]
-    deps = [*project["dependencies"], *project.get("optional-dependencies", {}).get(IMAGE_EXTRA, [])]
+    extras = project.get("optional-dependencies", {})
+    deps = [*project["dependencies"], *(d for x in IMAGE_EXTRAS for d in extras.get(x, []))]
     return [*deps, f"torch=={dockerfile_torch_version(dockerfile)}"]
 
 
