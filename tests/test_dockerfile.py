@@ -161,3 +161,13 @@ def test_lock_mismatch_is_caught(tmp_path):
     assert any("torch: locked" in p for p in lock.problems(LOCK_TEXT, dockerfile=dockerfile))
     # a hand edit that breaks the format
     assert lock.problems(LOCK_TEXT + "numpy>=1\n")
+
+
+def test_image_installs_the_extras_the_lock_covers():
+    """The dependency layer installs exactly lock.IMAGE_EXTRAS (export, and llm for task
+    causal_lm), so the lock pins what the image installs."""
+    steps = kc.dockerfile_instructions()
+    (deps,) = [s for s in steps if "optional-dependencies" in s]
+    assert re.findall(r"\['optional-dependencies'\]\['([a-z]+)'\]", deps) == list(lock.IMAGE_EXTRAS)
+    pins, _ = lock.parse(LOCK_TEXT)
+    assert {"transformers", "tokenizers", "onnxruntime"} <= set(pins)

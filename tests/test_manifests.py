@@ -37,7 +37,7 @@ def test_tools_present():
 
 
 def test_expected_overlays():
-    assert {"gpu", "cpu-smoke"} <= {p.name for p in OVERLAYS}
+    assert {"gpu", "cpu-smoke", "gpu-imagenet", "gpu-s3", "gpu-llm"} <= {p.name for p in OVERLAYS}
 
 
 @pytest.mark.parametrize("overlay", [p.name for p in OVERLAYS])
@@ -97,6 +97,39 @@ def test_overlay_recipes(rendered):
         pod = w["template"]["spec"]
         assert "tolerations" not in pod
         assert "nvidia.com/gpu" not in str(pod) and "num-gpus" not in w["rayStartParams"]
+
+
+def test_llm_overlay(rendered):
+    """gpu-llm: the causal-LM recipe on 1-GPU workers, its token and transformers caches on
+    the shared volume for the head (the driver's preflight) and every worker, no Hub calls."""
+    objs = rendered["gpu-llm"]
+    assert _spec_name(objs) == "llm-qwen2p5-0p5b"
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap"]
+    assert yaml.safe_load(cm["data"]["spec.yaml"])["task"] == "causal_lm"
+    rj = _rayjob(objs)
+    assert rj["metadata"]["name"] == "progprune-llm-qwen2p5-0p5b"
+    assert rj["spec"]["entrypoint"] == "python -m progprune sweep /config/spec.yaml --output /data/results/llm-qwen2p5-0p5b"
+    cluster = rj["spec"]["rayClusterSpec"]
+    (g,) = cluster["workerGroupSpecs"]
+    assert g["rayStartParams"]["num-gpus"] == "1" and g["maxReplicas"] >= 4  # 2 fine-tunes x 2 Train workers
+    limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1" and limits["memory"] == "48Gi"
+    for pod in (cluster["headGroupSpec"]["template"]["spec"], g["template"]["spec"]):
+        c = pod["containers"][0]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env == {"PROGPRUNE_CACHE": "/data/cache/progprune", "HF_HOME": "/data/cache/huggingface",
+                       "HF_HUB_OFFLINE": "1"}
+        assert any(m["mountPath"] == "/data" for m in c["volumeMounts"])
+
+
+def test_llm_overlay_spec_is_checked_as_a_causal_lm(rendered, versions):
+    """progprune's own loader reads the gpu-llm ConfigMap as a causal-LM spec: an image-only
+    method or target in it is a problem of the rendered overlay."""
+    objs = copy.deepcopy(rendered["gpu-llm"])
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap"]
+    cm["data"]["spec.yaml"] = cm["data"]["spec.yaml"].replace("methods: [l2, taylor]", "methods: [l2, slim]")
+    problems = kc.all_problems(objs, **versions)
+    assert any("methods[1]: slim does not apply to causal LMs" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("overlay", [p.name for p in OVERLAYS])

@@ -18,6 +18,11 @@ FAMILIES = {
 }
 
 
+# what save_pretrained writes for a tokenizer (fast: tokenizer.json; slow BPE: vocab.json;
+# SentencePiece: tokenizer.model), any one of which AutoTokenizer loads from
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def family(model) -> str:
     kind = getattr(model.config, "model_type", None)
     if kind not in FAMILIES:
@@ -85,17 +90,26 @@ def load(spec: str):
                        field="model") from None
     family(model)
     tokenizer = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if has_tokenizer(path):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
 
 
+def has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(spec: str):
     """The tokenizer saved beside `hf:PATH`'s model, offline; BadInput when there is none
-    (a causal LM's text is tokenized with its own tokenizer)."""
+    (a causal LM's text is tokenized with its own tokenizer). Checked by its files first:
+    given a directory with none, transformers 5 builds an empty tokenizer of the config's
+    model type (one token; every text encodes to no ids) instead of failing."""
     from transformers import AutoTokenizer
 
     path = local_dir(spec)
+    if not has_tokenizer(path):
+        raise BadInput(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's "
+                       "tokenizer there (tokenizer.save_pretrained)", field="model")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (ValueError, OSError, KeyError) as e:

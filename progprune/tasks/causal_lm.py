@@ -174,11 +174,16 @@ class CausalLM(Task):
                 path = local_dir(m.name, download=False)
                 if path is None:  # hf:org/name not cached on the driver: the workers fetch it
                     continue
-                kind = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+                config = AutoConfig.from_pretrained(path, local_files_only=True)
+                kind = config.model_type
                 if kind not in FAMILIES:
                     raise BadInput(f"model architecture {kind!r} is not supported for pruning; supported: "
                                    f"{', '.join(sorted(FAMILIES))}")
                 tok = load_tokenizer(m.name)
+                rows = getattr(config, "vocab_size", None)
+                if rows is not None and len(tok) > rows:  # ids past the embedding: another model's tokenizer
+                    raise BadInput(f"its tokenizer has {len(tok):,} tokens but the model's embedding has {rows:,} "
+                                   "rows: save the model's own tokenizer beside it")
                 vocab = vocab or len(tok)
             except (BadInput, ValueError, OSError) as e:
                 problems.append(f"models[{i}]: {getattr(e, 'message', None) or str(e).splitlines()[0]}")
