@@ -68,6 +68,7 @@ def test_prune_a_causal_lm_fine_tune_it_and_export_it_for_transformers(lm, tmp_p
     shape = json.loads(row["pruned_shape"])
     assert shape["num_key_value_heads"] * 2 == shape["num_attention_heads"]  # whole KV groups (GQA 4 on 2)
     assert "perplexity base" in r.stderr and "next-token top-1" in r.stderr  # the summary, with --json on stderr
+    assert row["base_epochs"] == 0 and "training base" not in r.stderr  # an hf: model is its own base
     table = pq.read_table(out / "result.parquet").to_pylist()
     assert [t["combo_id"] for t in table] == [row["combo_id"]]
 
@@ -135,6 +136,7 @@ def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm,
     assert set(df.task) == {"causal_lm"} and (df.finetune_workers == 2).all()
     assert (df.achieved_speedup >= df.target_speedup).all()
     assert (df.final_perplexity < df.pruned_perplexity).all()
+    assert (df.base_epochs == 0).all() and "training base" not in r.stdout + r.stderr
     r = progprune("report", tmp_path / "out")
     assert r.returncode == 0, r.stdout + r.stderr
     report = (tmp_path / "out" / "report" / "report.md").read_text()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import BadInput
 
 PREFIX = "hf:"
@@ -84,7 +86,9 @@ def load(spec: str):
 
     path = local_dir(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        # float32 whatever the checkpoint's dtype (the Hub's are often bf16): AdamW on bf16
+        # weights rounds most of a small update away; bf16 autocast on a GPU keeps the speed
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (ValueError, OSError, KeyError) as e:
         raise BadInput(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}",
                        field="model") from None
