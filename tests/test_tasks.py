@@ -205,3 +205,33 @@ def test_a_binary_text_file_is_one_line_naming_it_and_nothing_is_written(lm, tmp
                              "--output", tmp_path / "out")
     assert r.returncode == 2 and "val.txt" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_gradient_checkpointing_trains_the_same_weights(lm):
+    """finetune.gradient_checkpointing recomputes activations in the backward: the same
+    updates as without it (no dropout in these models), and it is switched off again after."""
+    import copy
+
+    from progprune.config import SweepSpec
+    from progprune.tasks import get_task
+
+    data_dir, models = lm
+    task = get_task("causal_lm")
+    spec = SweepSpec.model_validate({
+        "name": "gc", "models": [models["llama"]], "speedups": [1.5], "methods": ["l2"],
+        "dataset": {"name": "text", "data_dir": str(data_dir), "seq_len": 16},
+        "base_training": {"epochs": 0},
+        "finetune": {"epochs": 1, "batch_size": 64, "optimizer": "adamw", "lr": 0.003, "num_workers": 0}})
+    cfg = spec.combinations()[0]
+    data = task.load_data(cfg)
+    cpu = torch.device("cpu")
+    model, _ = task.base_stage(cfg, data, cpu)
+    runs = []
+    for on in (False, True):
+        m = copy.deepcopy(model)
+        c = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"gradient_checkpointing": on})})
+        task.finetune_stage(c, m, data, cpu)
+        assert not m.is_activation_checkpointing
+        runs.append(m.state_dict())
+    assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-5) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], model.state_dict()[k]) for k in runs[0])  # it trained

@@ -124,8 +124,9 @@ class CausalLM(Task):
         n = cfg.finetune.epochs
         if n > 0:
             log(f"fine-tuning for {n} epochs")
-        if cfg.finetune.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+        checkpointing = cfg.finetune.gradient_checkpointing
+        if checkpointing:  # transformers 5.24 names it activation checkpointing (the old name is deprecated)
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
 
         def epoch_done(m, state):
             log(f"  finetune epoch {m['epoch'] + 1}/{n} loss {m['loss']:.3f} "
@@ -137,8 +138,8 @@ class CausalLM(Task):
             return fit(model, data, cfg.finetune, device, seed=cfg.seed, on_epoch=epoch_done, stage="fine-tune",
                        **fit_kwargs)
         finally:
-            if cfg.finetune.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-                model.gradient_checkpointing_disable()
+            if checkpointing:
+                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
     def evaluate(self, model, data, split, device) -> dict:
         m = evaluate_metrics(model, data, split, device)
