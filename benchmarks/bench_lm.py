@@ -25,7 +25,7 @@ fine-tuning throughput through Ray Train vs a plain loop. One run, one table eac
 Every training and evaluation runs with --threads torch threads (1 by default: the dev
 machine has 2 cores shared with other work; the load average is printed at start and end).
 
-    python benchmarks/bench_lm.py            # about 12-15 minutes on the 2-core dev machine
+    python benchmarks/bench_lm.py            # 11 minutes on the shared 2-core dev machine
     python benchmarks/bench_lm.py --quick    # tiny sizes, about 2 minutes: does it work
 """
 from __future__ import annotations
