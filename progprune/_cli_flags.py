@@ -33,7 +33,7 @@ _FLAGS = [
     ("--tolerance", ["pruning.tolerance"], float, "accepted overshoot of a MACs or params target (fraction)"),
     ("--latency-tolerance", ["pruning.latency_tolerance"], float, "accepted overshoot of a latency target "
      "(fraction; the stop rule aims at its middle)"),
-    ("--base-epochs", ["base_training.epochs"], int, "base training epochs; 0 keeps the seeded random init"),
+    ("--base-epochs", ["base_training.epochs"], int, "base training epochs; 0 keeps the seeded random init (an hf: model: 0 unless set, its own weights)"),
     ("--base-lr", ["base_training.lr"], float, "base training learning rate"),
     ("--sl-epochs", ["methods[0].epochs"], int, "sparse learning epochs ({sparse_methods})"),
     ("--sl-lr", ["methods[0].lr"], float, "sparse learning learning rate"),

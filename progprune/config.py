@@ -40,6 +40,18 @@ def method_overrides(entry) -> dict:
     return {k: v for k, v in entry.model_dump(exclude={"name", "sparse"}).items() if v is not None}
 
 
+def _own_base(base):
+    """A causal LM's base_training: an hf: model is its own base, so its epochs are 0 unless
+    the spec sets them (images: TrainConfig's default, a base trained from scratch)."""
+    if base is None:
+        return {"epochs": 0}
+    if isinstance(base, dict):
+        return base if "epochs" in base else {**base, "epochs": 0}
+    if isinstance(base, TrainConfig) and "epochs" not in base.model_fields_set:
+        return base.model_copy(update={"epochs": 0})
+    return base
+
+
 class SweepSpec(_Node):
     """A sweep spec: models x speedups x methods x seeds and the settings they share."""
 
@@ -86,6 +98,8 @@ class SweepSpec(_Node):
             name = first.get("name") if isinstance(first, dict) else first
             data = {**data, "task": "causal_lm" if isinstance(name, str) and name.startswith("hf:")
                     else "image_classification"}
+        if isinstance(data, dict) and data.get("task") == "causal_lm":
+            data = {**data, "base_training": _own_base(data.get("base_training"))}
         return data
 
     def combinations(self) -> list[ComboConfig]:

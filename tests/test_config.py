@@ -41,6 +41,33 @@ def test_prune_and_sweep_share_defaults_and_combo_id(tmp_path):
     assert other.combo_id() != one.combo_id()
 
 
+def test_an_hf_model_is_its_own_base_unless_the_spec_trains_it():
+    """Task causal_lm: base_training.epochs is 0 unless set (README: the model is its own
+    base); it was TrainConfig's 15 epochs of SGD at lr 0.05 on the text, silently. Images
+    keep the schema's default."""
+    from progprune.config import TrainConfig
+
+    lm = {"name": "lm", "models": ["hf:/models/m"], "speedups": [2], "dataset": {"name": "text", "data_dir": "/d"}}
+    default = SweepSpec.model_fields["base_training"].default.epochs
+    assert default > 0
+    assert SweepSpec.model_validate(lm).base_training.epochs == 0
+    assert SweepSpec.model_validate({**lm, "task": "causal_lm"}).base_training.epochs == 0
+    partial = SweepSpec.model_validate({**lm, "base_training": {"lr": 0.01}}).base_training
+    assert (partial.epochs, partial.lr) == (0, 0.01)
+    assert SweepSpec.model_validate({**lm, "base_training": {"epochs": 2}}).base_training.epochs == 2
+    assert SweepSpec.model_validate({**lm, "base_training": TrainConfig(lr=0.01)}).base_training.epochs == 0
+    assert SweepSpec.model_validate({**lm, "base_training": TrainConfig(epochs=3)}).base_training.epochs == 3
+    # `progprune prune hf:PATH` without --base-epochs; with it
+    flags = {"model": "hf:/models/m", "speedup": 2.0, "dataset": "text", "data_dir": "/d", "batch_size": 8}
+    (combo,) = SweepSpec.model_validate(one_combination_spec(flags)).combinations()
+    assert (combo.base.epochs, combo.base.batch_size) == (0, 8)
+    (combo,) = SweepSpec.model_validate(one_combination_spec({**flags, "base_epochs": 1})).combinations()
+    assert combo.base.epochs == 1
+    # images: unchanged
+    (combo,) = SweepSpec.model_validate(one_combination_spec({"model": "resnet20", "speedup": 2.0})).combinations()
+    assert combo.base.epochs == default
+
+
 def test_defaults_live_in_the_schema_alone():
     s = load_spec_dict(one_combination_spec({"model": "resnet20", "speedup": 2.0}))
     d = SweepSpec.model_fields
