@@ -273,9 +273,6 @@ def _resolve_defaults(spec: SweepSpec) -> SweepSpec:
         node = getattr(spec, section)
         if node.augment is None:
             update[section] = node.model_copy(update={"augment": aug})
-    if spec.task == "causal_lm" and "epochs" not in spec.base_training.model_fields_set:
-        # an hf: model is its own base: trained further only when base_training.epochs says so
-        update["base_training"] = update.get("base_training", spec.base_training).model_copy(update={"epochs": 0})
     spec = spec.model_copy(update=update)
     if "scratch" in spec.controls and spec.scratch.epochs is None:  # stated: base + fine-tune epochs
         spec = spec.model_copy(update={"scratch": spec.scratch.model_copy(
