@@ -163,6 +163,9 @@ def _schema_default(path: str):
     if field:
         info = info.annotation.model_fields[field] if hasattr(info.annotation, "model_fields") else None
     default = info.get_default() if info and not info.is_required() else None
+    if isinstance(default, tuple) and not path.endswith("[0]") and "[0]." not in path and all(
+            isinstance(v, str) for v in default):  # a list the flag sets whole: all of it
+        return ",".join(default) or None
     if isinstance(default, tuple):  # a grid's first entry; an empty list shows no default
         default = default[0] if default else None
     return getattr(default, "name", default)  # a methods: entry shows as its name
