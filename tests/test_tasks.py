@@ -111,6 +111,7 @@ def test_an_image_model_with_the_text_data_and_an_hf_model_under_the_image_task_
     assert r.returncode == 2 and "set task: causal_lm" in r.stderr, r.stderr
 
 
+@pytest.mark.ray
 def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm, cluster, tmp_path):
     """2 models x 2 params targets on a real Ray cluster, fine-tuned on Ray Train with two
     workers (DDP over disjoint shards of the token blocks): four ok rows and the report's
