@@ -72,9 +72,9 @@ def install() -> None:
     """Ray's worker setup hook: wrap the stages named in $FAULTS in this worker process."""
     if not os.environ.get("FAULTS"):
         return
-    from progprune import pipeline
+    from progprune.tasks import image  # the image task's stages, which its Task methods look up at call time
 
-    prune_stage, finetune_stage = pipeline.prune_stage, pipeline.finetune_stage
+    prune_stage, finetune_stage = image.prune_stage, image.finetune_stage
 
     def faulty_prune(cfg, *args, **kwargs):
         for kind in _matches(cfg, "prune"):
@@ -94,4 +94,4 @@ def install() -> None:
 
         return finetune_stage(cfg, *args, on_epoch=epoch_done, **kwargs)
 
-    pipeline.prune_stage, pipeline.finetune_stage = faulty_prune, faulty_finetune
+    image.prune_stage, image.finetune_stage = faulty_prune, faulty_finetune
