@@ -220,7 +220,7 @@ class ImageClassification(Task):
         return prune_stage(cfg, model, data, device, log)
 
     def finetune_stage(self, cfg, model, data, device, log=_noop, on_epoch=None, **fit_kwargs):
-        return finetune_stage(cfg, model, data, device, log, on_epoch, **fit_kwargs)
+        return finetune_stage(cfg, model, data, device, log, on_epoch=on_epoch, **fit_kwargs)
 
     def evaluate(self, model, data, split, device):
         top1, top5 = evaluate(model, data, split, device)
