@@ -51,12 +51,14 @@ test: install
 	{ $(MAKE) -s $(VENV_TV)/.torch > $(TV_LOG) 2>&1 || { echo "background install of $(VENV_TV) failed:"; cat $(TV_LOG); }; } & tv=$$!; \
 	$(MAKE) test-main; a=$$?; wait $$tv; $(MAKE) test-realmodels; b=$$?; test $$a -eq 0 -a $$b -eq 0
 
-# PYTEST_ARGS: e.g. "-n 2 --dist loadgroup" (pytest-xdist; conftest keeps every Ray test on
-# one worker). Off by default: on a 2-core machine the Ray tests' waits then run beside
-# CPU-bound tests, and two such runs hit timeouts that serial runs never do.
+# Two pytest-xdist workers: the Ray and docker tests (tests/conftest.py: markers ray, docker)
+# run on one of them, one after another, while the rest spreads over both; much of the Ray
+# tests' time is waiting. One torch thread per worker (OMP_NUM_THREADS, unless set): two
+# workers on 2 cores. XDIST= runs it serially; PYTEST_ARGS adds arguments (e.g. --cov=progprune).
+XDIST       ?= -n 2 --dist loadgroup
 PYTEST_ARGS ?=
 test-main: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not realmodels" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -p no:cacheprovider -m "not realmodels" $(XDIST) $(PYTEST_ARGS)
 
 test-realmodels: install-tv
 	$(PY_TV) -m pytest -q -p no:cacheprovider -m realmodels tests/test_real_models.py

@@ -9,16 +9,40 @@ from progprune.config import DatasetConfig
 from progprune.data import load_dataset
 
 
+# Under pytest-xdist (`make test-main` runs `-n 2 --dist loadgroup`) the tests of one
+# xdist_group run on one worker, one after another, while the rest spreads over both workers.
+# "ray": every test that starts or uses a Ray cluster (the session `cluster` below, a LocalRay
+# of its own, an embedded Ray, whose dashboard agent takes the fixed port 52365, `ray job
+# submit`): the session cluster is started once, two clusters never compete for the CPUs each
+# declares, and none meets another on a port. "docker": test_image.py, which starts and stops
+# its own dockerd and builds one image; its containers run with --network none, so the
+# embedded Ray in one binds nothing on this machine and it may run beside the Ray tests.
+GROUP_OF_MARKER = {"ray": "ray", "docker": "docker"}  # a test with both goes with docker
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), every test that starts
-    or uses a Ray cluster runs on one worker, one after another: the session cluster is
-    started once, and two workers' clusters never compete for the 2 CPUs each declares.
-    The other tests spread over the remaining workers meanwhile."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
+    loadgroup = getattr(config.option, "loadgroup", False)  # set in xdist's workers under --dist loadgroup
     for item in items:
-        if item.get_closest_marker("ray") is not None:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        groups = [g for m, g in GROUP_OF_MARKER.items() if item.get_closest_marker(m) is not None]
+        if "cluster" in getattr(item, "fixturenames", ()) and "ray" not in groups:
+            # one session cluster per xdist worker: a user outside the group would start a second
+            raise pytest.UsageError(f"{item.nodeid} uses the session `cluster` fixture: mark it "
+                                    "@pytest.mark.ray (tests/conftest.py)")
+        if groups and loadgroup:
+            item.add_marker(pytest.mark.xdist_group(groups[-1]))
+            _join_group(item, groups[-1])
+
+
+def _join_group(item, group: str) -> None:
+    """What pytest-xdist's loadgroup does with the xdist_group mark: the node id becomes
+    "<id>@<group>", which its scheduler splits to keep a group on one worker. xdist 3.8 sets
+    `item._nodeid`, which pytest 9.2 no longer reads (an item's id is `item._id`), so there
+    the groups were silently ignored and Ray tests ran on both workers at once."""
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture(scope="session")

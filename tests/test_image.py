@@ -29,7 +29,7 @@ import pytest
 
 import k8s_checks as kc
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(3600)]
 
 REPO = kc.REPO
 RAY_VERSION = kc.dockerfile_ray_version()

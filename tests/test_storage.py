@@ -603,3 +603,28 @@ def test_a_store_that_never_answers_is_given_up_after_the_deadline(tmp_path):
         err = _one_line_run("report", uri, env=env, timeout=60)
     assert err.startswith(f"error: results: cannot reach {uri} (s3://): no answer within 1s "
                           "(PROGPRUNE_STORE_PROBE_S); S3 needs credentials"), err
+
+
+# ---- the local lock file's answers when another claimant got there between two steps --------
+# (what a race between two sweeps leaves; arranged here on disk, so each answer is checked
+# every run rather than only when the race happens to occur)
+def test_local_lock_io_when_the_lock_vanished_or_changed_between_two_steps(tmp_path):
+    import json
+
+    from progprune.storage.lockio import LocalLockIO
+
+    io = LocalLockIO(str(tmp_path / ".lock"))
+    rec = lambda token: json.dumps({"token": token}).encode()  # noqa: E731
+    assert io.read() is None  # nothing there: no record, no error
+    assert io.take_over(rec("stale"), rec("mine")) is False  # it vanished: nothing taken
+    io.remove(rec("mine"))  # removing what is not there is fine
+    assert io.create(rec("other")) is True
+    # another claimant replaced the record we judged stale: it is put back, we do not take it
+    assert io.take_over(rec("stale"), rec("mine")) is False
+    assert io.read() == rec("other")
+    # someone else's lock is not ours to remove: it stays
+    io.remove(rec("mine"))
+    assert io.read() == rec("other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing moved aside is left
+    io.remove(rec("other"))
+    assert io.read() is None and list(tmp_path.iterdir()) == []
