@@ -46,7 +46,7 @@ class LocalRay:
         # auth is explicit: a token file left in ~/.ray by any embedded ray.init() would
         # otherwise switch token auth on for `ray start` too
         self.bin_dir = Path(bin_dir) if bin_dir is not None else BIN
-        merged = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+        merged = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0", **(env or {})}
         self.env = {k: v for k, v in merged.items() if v is not None}
         self.env.pop("RAY_ADDRESS", None)
 
