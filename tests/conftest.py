@@ -40,8 +40,10 @@ def _join_group(item, group: str) -> None:
     `item._nodeid`, which pytest 9.2 no longer reads (an item's id is `item._id`), so there
     the groups were silently ignored and Ray tests ran on both workers at once."""
     if hasattr(item, "_id"):
-        from _pytest.nodeid import coerce_node_id
-
+        try:
+            from _pytest.nodeid import coerce_node_id
+        except ImportError:  # a pytest whose ids xdist's own `_nodeid` still sets
+            return
         item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
