@@ -47,7 +47,7 @@ COPY --chown=1000:100 pyproject.toml docker/constraints.txt ./
 # The `export` extra too (onnx, onnxruntime): `progprune export`, `export: [onnx]` and
 # evaluation.runtime: onnxruntime on the cluster (CPU provider); and `llm` (transformers,
 # tokenizers): task causal_lm (docker/lock.py's IMAGE_EXTRAS).
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + x['export'] + x['llm']))" > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['export'] + p['optional-dependencies']['llm']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt -c constraints.txt \
     && rm /tmp/requirements.txt
 
