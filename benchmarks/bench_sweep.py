@@ -7,7 +7,7 @@ global, seed 0, base 3 epochs, fine-tune 2 epochs, on a synthetic 10-class datas
 - sequential: `pipeline.run_combination` per combination in this process, as
   `progprune prune` runs it: each combination trains its own base model;
 - sequential, shared base: the base is trained once per (model, seed) with
-  `pipeline.base_stage`, saved, and each combination loads it via `base_checkpoint`:
+  `tasks.image.base_stage`, saved, and each combination loads it via `base_checkpoint`:
   this separates the base-sharing win from the parallelism win;
 - sweep, Ray Train: `progprune sweep SPEC --output D` as a subprocess (embedded Ray,
   2 CPUs, cpus_per_task 1, max_concurrent 2), fine-tuning in 1 Ray Train worker;
@@ -40,7 +40,8 @@ import yaml
 
 from progprune.artifacts import save_artifact
 from progprune.data import load_dataset
-from progprune.pipeline import base_stage, run_combination
+from progprune.pipeline import run_combination
+from progprune.tasks.image import base_stage
 from progprune.spec import load_spec
 
 from _common import cpu_name

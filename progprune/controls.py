@@ -29,7 +29,8 @@ from progprune.data import Splits, load_dataset
 from progprune.errors import CombinationFailed
 from progprune.macs import count_exact
 from progprune.models import build_model, example_inputs
-from progprune.pipeline import Log, _noop, build_row, measure_pair, now, run_stages
+from progprune.pipeline import Log, _noop, build_row, now, run_stages
+from progprune.tasks.image import measure_pair
 from progprune.pruning import replay_history
 from progprune.results import ResultRow
 from progprune.storage.layout import PRUNE_LAYOUT

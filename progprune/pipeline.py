@@ -28,12 +28,9 @@ from progprune.records import BaseInfo, Finetuned, Log, Pruned, _noop, now
 from progprune.results import ResultRow, compose
 from progprune.storage.layout import PRUNE_LAYOUT
 from progprune.tasks import needs_sparse, task_of
-from progprune.tasks.image import (  # noqa: F401 - the image task's stages, as callers knew them
-    PruneInfo, base_stage, finetune_stage, measure_pair, prune_settings, prune_stage, sparse_stage)
-from progprune.pruning.progress import PruneProgress  # noqa: F401
 from progprune.training import device_label
 
-__all__ = ["BaseInfo", "Finetuned", "Log", "Pruned", "PruneInfo", "PruneProgress", "needs_sparse", "now"]
+__all__ = ["BaseInfo", "Finetuned", "Log", "Pruned", "needs_sparse", "now"]
 
 def versions() -> dict:
     def v(pkg):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 
 from progprune.config import ComboConfig
-from progprune.errors import BadInput, SpecError, sigterm_unwinds
+from progprune.errors import BadInput, sigterm_unwinds
 from progprune.tasks import get_task, needs_sparse
 from progprune.results import ResultRow, rows_to_table
 from progprune.spec import SweepSpec, check_runtime, dump_yaml

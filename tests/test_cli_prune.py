@@ -654,7 +654,7 @@ def test_a_long_prune_shows_its_progress(monkeypatch):
     """Issue 25: a prune that takes long says so: steps done, the speedup reached, the time
     so far and an estimate of what is left, at most every PruneProgress.EVERY_S seconds
     (10 s; 0 here, so every step shows)."""
-    from progprune.pipeline import PruneProgress
+    from progprune.pruning.progress import PruneProgress
 
     monkeypatch.setattr(PruneProgress, "EVERY_S", 0.0)
     r = _in("prune", "--model", "resnet20", "--speedup", "2", *FAST_4)
@@ -672,7 +672,7 @@ def test_a_long_prune_shows_its_progress(monkeypatch):
 
 
 def test_the_progress_estimate_extrapolates_log_speedup():
-    from progprune.pipeline import PruneProgress
+    from progprune.pruning.progress import PruneProgress
 
     said = []
     p = PruneProgress(4.0, 400, said.append)
@@ -822,7 +822,7 @@ def test_a_latency_target_rounds_channels_as_its_runtime_prefers_unless_the_spec
     latency target that sets no round_to uses the runtime's multiple, a set one is kept, and a
     MACs target is left as Torch-Pruning's recipe has it."""
     from progprune.config import SweepSpec
-    from progprune.pipeline import prune_settings
+    from progprune.tasks.image import prune_settings
 
     def combo(**pruning):
         spec = SweepSpec(name="t", models=["resnet20"], speedups=[2.0], pruning=pruning,

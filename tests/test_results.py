@@ -71,7 +71,8 @@ def test_a_combinations_row_is_its_stages_columns():
     pruned is the sparse-learned one (the trained base moves to base_top1_pre_sparse),
     Ray Train's artifact and workers win over the pruned model's, a diverged fine-tune
     keeps what ran before it and no artifact."""
-    from progprune.pipeline import BaseInfo, Finetuned, PruneInfo, Pruned, build_row
+    from progprune.pipeline import BaseInfo, Finetuned, Pruned, build_row
+    from progprune.tasks.image import PruneInfo
     from progprune.pruning import PruneOutcome
     from progprune.spec import load_spec_dict
 
