@@ -51,9 +51,10 @@ test: install
 	{ $(MAKE) -s $(VENV_TV)/.torch > $(TV_LOG) 2>&1 || { echo "background install of $(VENV_TV) failed:"; cat $(TV_LOG); }; } & tv=$$!; \
 	$(MAKE) test-main; a=$$?; wait $$tv; $(MAKE) test-realmodels; b=$$?; test $$a -eq 0 -a $$b -eq 0
 
-# Two pytest-xdist workers: the Ray and docker tests (tests/conftest.py: markers ray, docker)
-# run on one of them, one after another, while the rest spreads over both; much of the Ray
-# tests' time is waiting. One torch thread per worker (OMP_NUM_THREADS, unless set): two
+# Two pytest-xdist workers: the Ray tests on the session cluster or an embedded Ray, those
+# with Ray clusters of their own, and the docker tests (tests/conftest.py: markers ray,
+# ray(own_cluster=True), docker) each run on one worker, one after another, while the rest
+# spreads over both; much of the Ray tests' time is waiting. One torch thread per worker (OMP_NUM_THREADS, unless set): two
 # workers on 2 cores. XDIST= runs it serially; PYTEST_ARGS adds arguments (e.g. --cov=progprune).
 XDIST       ?= -n 2 --dist loadgroup
 PYTEST_ARGS ?=

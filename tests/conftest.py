@@ -13,22 +13,34 @@ from progprune.data import load_dataset
 # xdist_group run on one worker, one after another, while the rest spreads over both workers.
 # "ray": every test that starts or uses a Ray cluster (the session `cluster` below, a LocalRay
 # of its own, an embedded Ray, whose dashboard agent takes the fixed port 52365, `ray job
-# submit`): the session cluster is started once, two clusters never compete for the CPUs each
-# declares, and none meets another on a port. "docker": test_image.py, which starts and stops
-# its own dockerd and builds one image; its containers run with --network none, so the
-# embedded Ray in one binds nothing on this machine and it may run beside the Ray tests.
+# submit`): the session cluster is started once, and none meets another on a port.
+# "ray-own": tests marked `ray(own_cluster=True)`, which start only clusters of their own
+# (LocalRay: `ray start --head` on free ports, a temp dir of its own; no embedded Ray, not the
+# session `cluster`), so they may run on the other worker beside the "ray" group.
+# "docker": test_image.py, which starts and stops its own dockerd and builds one image; its
+# containers run with --network none, so the embedded Ray in one binds nothing on this
+# machine and it may run beside the Ray tests.
 GROUP_OF_MARKER = {"ray": "ray", "docker": "docker"}  # a test with both goes with docker
+OWN_CLUSTER_GROUP = "ray-own"
+
+
+def _groups(item) -> list[str]:
+    groups = [g for m, g in GROUP_OF_MARKER.items() if item.get_closest_marker(m) is not None]
+    ray = item.get_closest_marker("ray")
+    if ray is not None and ray.kwargs.get("own_cluster"):
+        groups[groups.index("ray")] = OWN_CLUSTER_GROUP
+    return groups
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     loadgroup = getattr(config.option, "loadgroup", False)  # set in xdist's workers under --dist loadgroup
     for item in items:
-        groups = [g for m, g in GROUP_OF_MARKER.items() if item.get_closest_marker(m) is not None]
+        groups = _groups(item)
         if "cluster" in getattr(item, "fixturenames", ()) and "ray" not in groups:
             # one session cluster per xdist worker: a user outside the group would start a second
             raise pytest.UsageError(f"{item.nodeid} uses the session `cluster` fixture: mark it "
-                                    "@pytest.mark.ray (tests/conftest.py)")
+                                    "@pytest.mark.ray, without own_cluster (tests/conftest.py)")
         if groups and loadgroup:
             item.add_marker(pytest.mark.xdist_group(groups[-1]))
             _join_group(item, groups[-1])

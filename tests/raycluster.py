@@ -14,13 +14,20 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+# Ray's fixed defaults (GCS, dashboard, client server, dashboard agent): an embedded Ray
+# binds 52365 while a LocalRay may be up on the other xdist worker (conftest's groups)
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
+
+
 def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free now, none of them a port Ray binds by default."""
     socks, ports = [], []
-    for _ in range(n):
+    while len(ports) < n:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
+        socks.append(s)  # held until all are drawn: the kernel hands out each port once
+        if s.getsockname()[1] not in RAY_DEFAULT_PORTS:
+            ports.append(s.getsockname()[1])
     for s in socks:
         s.close()
     return ports

@@ -177,7 +177,7 @@ def _pip_installed(cluster: LocalRay) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.ray
+@pytest.mark.ray(own_cluster=True)  # a LocalRay of its own, from another Python: beside the session's
 @pytest.mark.timeout(2400)
 def test_sweep_via_ray_job_submit_on_a_cluster_without_progprune(cluster_python, tmp_path):
     env_over = _clean_env(cluster_python)

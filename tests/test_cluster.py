@@ -69,6 +69,7 @@ def _local_ray(**kw) -> LocalRay:
         shutil.rmtree(c.temp_dir, ignore_errors=True)
 
 
+@pytest.mark.ray(own_cluster=True)  # a LocalRay of its own and `ray job submit`: no embedded Ray
 def test_job_api_needs_the_token(tmp_path):
     token = secrets.token_hex(32)  # the shape Ray's own generator makes
     py = sys.executable

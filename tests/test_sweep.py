@@ -225,7 +225,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert (tmp_path / "taken").read_text() == "a user's file\n" and not (tmp_path / "out").exists()
 
 
-@pytest.mark.ray
+@pytest.mark.ray(own_cluster=True)  # a cluster of its own: it may run beside the session's
 def test_one_gpu_cluster_does_not_deadlock(tmp_path):
     """Every prune task asks for the only (logical) GPU and every fine-tune asks Ray Train
     for a GPU worker: with the prune task holding its GPU while waiting, this hangs. Two
