@@ -168,13 +168,14 @@ class MetricSearch:
         whose MACs the line through the bracket (log metric against log MACs, the last
         candidate below the target and the last above the window) puts at the aim (regula
         falsi). The first candidate inside the window is kept; after SETTLE candidates, the
-        one that cleared nearest the target (the overshoot itself if none did)."""
+        one that cleared nearest the target (measurements are noisy: not the last one
+        timed), or the overshoot itself if none cleared nearer."""
         loop = self.loop
         before, lo, lo_est = self.before
         hi, history = loop.pruner.current_step, loop.pruner.pruning_history()
-        start, chosen, kept = loop.marks[lo], None, est
+        start, hi_est, best = loop.marks[lo], est, None  # best: (step, model, estimate) nearest the target
         for _ in range(SETTLE):
-            step = self._step_for_aim(lo, lo_est, hi, kept)
+            step = self._step_for_aim(lo, lo_est, hi, hi_est)
             if step is None:
                 break
             try:
@@ -188,12 +189,15 @@ class MetricSearch:
             if not self._clears(e):
                 lo, lo_est = step, e
                 continue
-            hi, chosen, kept = step, cand, e
+            hi, hi_est = step, e
+            if best is None or e.speedup <= best[2].speedup:  # a tie: the earlier step (less pruned)
+                best = (step, cand, e)
             if e.speedup <= self.window:
                 break
-        if chosen is not None:
-            loop.keep(hi, chosen)
-        return kept
+        if best is None or best[2].speedup > est.speedup:
+            return est  # nothing nearer the target than the overshoot itself
+        loop.keep(best[0], best[1])
+        return best[2]
 
     def _step_for_aim(self, lo: int, lo_est: Speedup, hi: int, hi_est: Speedup) -> int | None:
         """The step strictly between `lo` and `hi` whose MACs speedup is nearest the one where
