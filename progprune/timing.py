@@ -1,5 +1,6 @@
-"""Paired timing: a candidate model's latency speedup over a base, with a confidence
-interval, from forward passes timed interleaved round by round. No Ray here.
+"""The one way progprune times a model (`Timer`): every latency column of a row
+(training.measure_latency_stats) and a latency target's stop rule (`PairedTimer`: a
+candidate's speedup over a base, with a confidence interval) time forwards alike. No Ray here.
 
 A latency target stops on these estimates (progprune.pruning.targets). Each round times
 the base and the candidate (each the fastest of a short burst of forwards), the order
@@ -22,6 +23,8 @@ import torch
 Forward = Callable[[torch.Tensor], object]  # runs one forward, returns when its result is ready
 
 CONFIDENCE = 0.95
+BURST = 3  # forwards a side per round, the fastest counted ...
+LONG_MS = 20.0  # ... when the first model's forward is shorter than this; 1 when it is longer
 
 
 @dataclass(frozen=True)
@@ -65,36 +68,70 @@ def cuda_sync(device) -> Callable[[], None]:
     return lambda: None
 
 
-class PairedTimer:
-    """Times candidates against one base forward on one input, interleaved."""
+class Timer:
+    """How progprune times a forward, for the stop rule (PairedTimer) and for every latency
+    column (training.measure_latency_stats) alike: each model the fastest of `burst` back-
+    to-back forwards on one input, synchronised; models timed interleaved, round by round,
+    the order reversed every other round.
 
-    def __init__(self, base: Forward, x: torch.Tensor, warmup: int = 3, burst: int = 3,
-                 sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
-                 scope: Callable[[], ContextManager] = contextlib.nullcontext):
-        """`scope()`: entered around every timing (e.g. the thread count to time with)."""
-        self.base, self.x, self.warmup, self.burst = base, x, warmup, burst
+    `burst` None: BURST, or 1 when the first model warmed up takes LONG_MS or more a forward
+    (such a forward spans many scheduler slices, so one interruption is a small share of
+    it, and a burst would triple the cost of timing a large model). Every model a Timer
+    times gets the same burst, so their ratio compares like with like."""
+
+    def __init__(self, x: torch.Tensor, burst: int | None = None, sync: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.x, self.burst = x, burst
         self.sync = sync or cuda_sync(x.device)
-        self.clock, self.scope = clock, scope
-        with scope():
-            self._warm(base)
+        self.clock = clock
 
-    def _warm(self, fn: Forward) -> None:
-        for _ in range(self.warmup):
+    def warm(self, fn: Forward, n: int) -> None:
+        fastest = math.inf
+        for _ in range(n):
+            self.sync()
+            t0 = self.clock()
             fn(self.x)
-        self.sync()
+            self.sync()
+            fastest = min(fastest, (self.clock() - t0) * 1000.0)
+        if self.burst is None:
+            self.burst = 1 if fastest >= LONG_MS and fastest < math.inf else BURST
 
-    def _time(self, fn: Forward) -> float:
-        """The fastest of `burst` forwards: a forward that the scheduler interrupted (another
-        process, an interrupt) is not one of the model's, and the shortest of a few back to
-        back leaves it out."""
+    def once(self, fn: Forward) -> float:
+        """The fastest of `burst` forwards, in ms: a forward that the scheduler interrupted
+        (another process, an interrupt) is not one of the model's, and the shortest of a few
+        back to back leaves it out."""
         best = math.inf
-        for _ in range(self.burst):
+        for _ in range(self.burst or BURST):
             self.sync()
             t0 = self.clock()
             fn(self.x)
             self.sync()
             best = min(best, self.clock() - t0)
         return best * 1000.0
+
+    def rounds(self, fns: list[Forward], n: int, first: int = 0) -> list[list[float]]:
+        """`n` rounds of every forward in `fns`, in order in even rounds and reversed in odd
+        ones (`first`: the index of the first round, so that rounds added later keep
+        alternating): per forward its `n` times in ms."""
+        times: list[list[float]] = [[] for _ in fns]
+        order = list(range(len(fns)))
+        for r in range(first, first + n):
+            for i in (order if r % 2 == 0 else order[::-1]):
+                times[i].append(self.once(fns[i]))
+        return times
+
+
+class PairedTimer:
+    """Times candidates against one base forward on one input, interleaved (a Timer)."""
+
+    def __init__(self, base: Forward, x: torch.Tensor, warmup: int = 3, burst: int | None = None,
+                 sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
+                 scope: Callable[[], ContextManager] = contextlib.nullcontext):
+        """`scope()`: entered around every timing (e.g. the thread count to time with)."""
+        self.base, self.x, self.warmup, self.scope = base, x, warmup, scope
+        self.timer = Timer(x, burst, sync, clock)
+        with scope():
+            self.timer.warm(base, warmup)
 
     def speedup(self, candidate: Forward, rounds: int) -> Speedup:
         """`rounds` interleaved rounds of base and candidate."""
@@ -109,25 +146,19 @@ class Samples:
     """The paired rounds of one candidate so far; `add(n)` times n more and returns the
     estimate from all of them."""
 
-    def __init__(self, timer: PairedTimer, candidate: Forward):
-        self.timer, self.candidate = timer, candidate
+    def __init__(self, paired: PairedTimer, candidate: Forward):
+        self.paired, self.candidate = paired, candidate
         self.base_ms: list[float] = []
         self.cand_ms: list[float] = []
 
     def add(self, rounds: int) -> Speedup:
-        t = self.timer
-        with t.scope(), torch.no_grad():
+        p = self.paired
+        with p.scope(), torch.no_grad():
             if not self.base_ms:
-                t._warm(self.candidate)
-            for _ in range(rounds):
-                if len(self.base_ms) % 2:
-                    c = t._time(self.candidate)
-                    b = t._time(t.base)
-                else:
-                    b = t._time(t.base)
-                    c = t._time(self.candidate)
-                self.base_ms.append(b)
-                self.cand_ms.append(c)
+                p.timer.warm(self.candidate, p.warmup)
+            b, c = p.timer.rounds([p.base, self.candidate], rounds, first=len(self.base_ms))
+        self.base_ms += b
+        self.cand_ms += c
         return from_times(self.base_ms, self.cand_ms)
 
 
@@ -137,11 +168,3 @@ def from_times(base_ms: list[float], cand_ms: list[float]) -> Speedup:
     low, high = median_interval(ratios)
     return Speedup(statistics.median(ratios), low, high, len(ratios),
                    statistics.median(base_ms), statistics.median(cand_ms))
-
-
-def eager(model: torch.nn.Module) -> Forward:
-    """The model's own forward, without autograd."""
-    def forward(x):
-        with torch.no_grad():
-            return model(x)
-    return forward

@@ -25,6 +25,7 @@ from progprune.data import Splits
 from progprune.errors import CombinationFailed
 from progprune.models import logits_of
 from progprune.runtimes import get_runtime, torch_threads
+from progprune.timing import Timer
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -177,16 +178,18 @@ def device_label(device) -> str:
 def measure_latency_stats(models, input_shape, device, batch_size: int = 1, warmup: int = 5,
                           repeats: int = 20, noisy_rel_iqr: float = 0.25, runtime: str | None = None,
                           precision: str | None = None, threads: int | None = None) -> list[Latency]:
-    """Time one forward pass of each model `repeats` times, after warm-up, in `runtime` at
+    """Time each model's forward in `repeats` rounds after warm-up, in `runtime` at
     `precision` (progprune.runtimes) with `threads` intra-op threads (None: torch's as they
     are); per model the median, the interquartile range and whether that spread is too
     large to trust. runtime/precision None: the schema's defaults (evaluation.runtime, ...).
 
-    The models are timed interleaved (a, b, a, b, ...) so that load from anything else on
-    the machine falls on both alike: their ratio is what a speedup claim rests on. Each
-    runtime's prepared forward returns when its result is ready (it synchronises a GPU), so
-    the wall clock around it is what a caller of that runtime waits. The models are left
-    as they were (eval mode).
+    The one timer (progprune.timing.Timer), as a latency target's stop rule times: in each
+    round every model the fastest of a burst of forwards, the models interleaved (the
+    order reversed every other round) so that load from anything else on the machine falls
+    on all alike: their ratio is what a speedup claim rests on. Each runtime's prepared
+    forward returns when its result is ready (it synchronises a GPU), so the wall clock
+    around it is what a caller of that runtime waits. The models are left as they were
+    (eval mode).
     """
     runtime = runtime or EvaluationConfig.model_fields["runtime"].default
     precision = precision or EvaluationConfig.model_fields["precision"].default
@@ -195,20 +198,15 @@ def measure_latency_stats(models, input_shape, device, batch_size: int = 1, warm
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     device = torch.device(device)
     x = torch.randn(batch_size, *input_shape, device=device)
+    timer = Timer(x)
     with torch_threads(threads) as n_threads:
         runs = []
         for m in models:
             m.eval()
             runs.append(rt.prepare(m, x, device, precision, n_threads))
         for run in runs:
-            for _ in range(warmup):
-                run(x)
-        times: list[list[float]] = [[] for _ in models]
-        for _ in range(repeats):
-            for i, run in enumerate(runs):
-                t0 = time.perf_counter()
-                run(x)
-                times[i].append((time.perf_counter() - t0) * 1000)
+            timer.warm(run, warmup)
+        times = timer.rounds(runs, repeats)
     label = device_label(device)
     out = []
     for t in times:

@@ -760,7 +760,8 @@ def test_latency_target_end_to_end_and_a_remeasure_agrees_within_a_wide_band(tmp
     (a wide band: this machine is shared; bench_latency.py measures the landing)."""
     from progprune.artifacts import load_pruned
     from progprune.models import build_model
-    from progprune.timing import PairedTimer, eager
+    from progprune.runtimes import get_runtime
+    from progprune.timing import PairedTimer
 
     out = tmp_path / "run"
     proc = _run("prune", "--model", "resnet20", *FAST_4, "--speedup", "1.5", "--target-metric", "latency",
@@ -777,7 +778,11 @@ def test_latency_target_end_to_end_and_a_remeasure_agrees_within_a_wide_band(tmp
     torch.manual_seed(0)
     pruned = load_pruned(out / "pruned.pt")
     base = build_model("resnet20", 4).eval()
-    est = PairedTimer(eager(base), torch.randn(1, 3, 32, 32), warmup=5).speedup(eager(pruned), 60)
+    x = torch.randn(1, 3, 32, 32)
+
+    def eager(m):
+        return get_runtime("eager").prepare(m, x, "cpu", "fp32", None)
+    est = PairedTimer(eager(base), x, warmup=5).speedup(eager(pruned), 60)
     assert 0.6 * 1.5 <= est.speedup <= 2.5 * 1.5, est
 
 

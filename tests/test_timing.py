@@ -74,3 +74,17 @@ def test_from_times_is_the_median_of_the_rounds_ratios():
     assert (est.low, est.high) == (1.0, 5.0)  # n = 7: the whole range at 95%
     exact = Speedup.exact(1.5)
     assert (exact.speedup, exact.low, exact.high, exact.rounds) == (1.5, 1.5, 1.5, 0)
+
+
+@pytest.mark.parametrize("ms, burst", [(10.0, 3), (30.0, 1)])
+def test_the_burst_follows_the_first_models_forward(ms, burst):
+    """A forward of LONG_MS or more is timed once a round (an interruption is a small share of
+    it); a shorter one the fastest of 3. The base decides for every model the timer times."""
+    clock = Clock()
+    base = _forward(clock, "b", ms)
+    timer = PairedTimer(base, torch.zeros(1), warmup=2, clock=clock)
+    assert timer.timer.burst == burst
+    cand = _forward(clock, "c", 50.0 - ms)  # a candidate on the other side of LONG_MS: same burst
+    clock.calls.clear()
+    timer.speedup(cand, rounds=2)
+    assert clock.calls == ["c"] * 2 + ["b"] * burst + ["c"] * burst + ["c"] * burst + ["b"] * burst

@@ -295,20 +295,25 @@ class _Sleep(nn.Module):
 
 
 def test_latency_stats_report_spread_threads_and_device():
-    steady, jumpy = _Sleep([30]), _Sleep([5, 5, 60, 60])
-    a, b = measure_latency_stats([steady, jumpy], (3, 8, 8), CPU, warmup=1, repeats=12)
-    for st in (a, b):
+    # the fastest of each burst of 3 counts: a model whose whole bursts alternate between 5
+    # and 60 ms is spread out; one slow forward inside a burst is not (an interruption)
+    steady, jumpy, hiccup = _Sleep([30]), _Sleep([5, 5, 5, 60, 60, 60]), _Sleep([20, 20, 80])
+    a, b, c = measure_latency_stats([steady, jumpy, hiccup], (3, 8, 8), CPU, warmup=0, repeats=12)
+    for st in (a, b, c):
         assert isinstance(st, Latency) and st.runs == 12
         assert st.threads == torch.get_num_threads() and st.device == "cpu"
     assert a.median_ms >= 30 and not a.noisy and a.iqr_ms < 0.25 * a.median_ms
-    assert b.noisy and b.iqr_ms > 40  # half the runs at 5 ms, half at 60 ms
+    assert b.noisy and b.iqr_ms > 40  # half the rounds at 5 ms, half at 60 ms
+    assert not c.noisy and 20 <= c.median_ms < 60  # the 80 ms forward is left out every burst
 
 
-def test_latency_is_timed_interleaved():
+def test_latency_is_the_one_timer_interleaved():
+    """The latency columns are timed as the stop rule times (progprune.timing.Timer): each
+    model the fastest of a burst of 3, the order reversed every other round."""
     log = []
     models = [_Sleep([0], log, "a"), _Sleep([0], log, "b")]
     measure_latency_stats(models, (3, 8, 8), CPU, warmup=2, repeats=3)
-    assert "".join(log) == "aabb" + "ab" * 3  # warm-up each, then a, b, a, b, ...
+    assert "".join(log) == "aabb" + "aaabbb" + "bbbaaa" + "aaabbb"  # warm-up each, then the rounds
 
 
 def test_too_few_runs_are_flagged_noisy():

@@ -178,6 +178,7 @@ class ProgressiveLoop:
         self.steps = _Steps(model, pruner, example_inputs, settings, self.method, calib,
                             self.base_macs, self.base_macs)
         self.marks = {pruner.current_step: len(pruner.pruning_history())}  # step -> history length
+        self.step_macs = {pruner.current_step: self.base_macs}  # step -> the MACs after it
         self.kept: tuple[int, list] | None = None  # (step, history) of a prefix put in place (keep())
 
     @property
@@ -193,6 +194,7 @@ class ProgressiveLoop:
             while macs > target_macs and not self.exhausted:
                 macs = steps.step(macs)
                 self.marks[pruner.current_step] = len(pruner.pruning_history())
+                self.step_macs[pruner.current_step] = macs
                 if self.on_step:
                     self.on_step(pruner.current_step, self.base_macs / macs)
             self.model.zero_grad(set_to_none=True)

@@ -9,7 +9,9 @@ for the aim, the middle of the accepted window [target, target x (1 + tolerance)
 from the window a move covers 80% of the predicted way, so the last moves are short ones
 from below. A timed metric is measured in few rounds far from the
 target and in more while the answer is open near it; the target is reached only when the measurement's 95%
-interval lies at or above it (docs/design.md, "Latency targets"). The target is
+interval lies at or above it (docs/design.md, "Latency targets"). A move that lands above the
+window is settled back over its steps by interpolation (regula falsi in log-log on the
+MACs each step reached), a few candidates at most. The target is
 unreachable when the schedule or the cap ends first, or when the metric flattens: the MACs
 speedup doubled since the metric last grew by 2%.
 """
@@ -29,7 +31,7 @@ from progprune.errors import BadInput
 from progprune.macs import count_exact
 from progprune.models import logits_of, sync_attention
 from progprune.pruning.loop import ProgressiveLoop, PruneOutcome, check_speedup, progressive_prune
-from progprune.timing import PairedTimer, Speedup, eager
+from progprune.timing import PairedTimer, Speedup
 
 # model -> add(rounds): its speedup in the target metric from all the rounds so far (a
 # counted metric ignores rounds)
@@ -51,6 +53,7 @@ APPROACH = 0.8  # the share of the predicted way a move covers while far
 MAX_JUMP = 2.0  # a move at most doubles the MACs speedup
 FLAT_MACS = 2.0  # unreachable: the MACs speedup doubled since the metric last grew ...
 FLAT_GAIN = 1.02  # ... by this factor
+SETTLE = 4  # candidates timed at most while settling an overshooting move back into the window
 
 
 @dataclass
@@ -74,16 +77,23 @@ class MetricSearch:
 
     def _estimate(self, model: nn.Module) -> Speedup:
         """`model`'s speedup: `coarse` rounds, then, while the answer is open, as many again
-        (up to `most`): open while the interval straddles the target, or while the estimate
-        is within 10% of it and has fewer than `fine` rounds (the fit needs it there)."""
+        (up to `most`); see `_open`."""
         add = self.measure(model)
         est = add(self.rounds.coarse)
         if not self.timed:
             return est
-        while est.rounds < self.rounds.most and not self._clears(est) and (
-                est.high >= self.target or (est.speedup * FAR >= self.target and est.rounds < self.rounds.fine)):
+        while est.rounds < self.rounds.most and self._open(est):
             est = add(min(est.rounds, self.rounds.most - est.rounds))
         return est
+
+    def _open(self, est: Speedup) -> bool:
+        """Whether more rounds would change the decision: the interval straddles the target;
+        or, with fewer than `fine` rounds, the estimate is within 10% below the target (the
+        fit needs it there), or it clears the target above the window with an interval that
+        reaches into the window (it may be inside: to settle back or not)."""
+        if not self._clears(est):
+            return est.high >= self.target or (est.speedup * FAR >= self.target and est.rounds < self.rounds.fine)
+        return est.speedup > self.window >= est.low and est.rounds < self.rounds.fine
 
     def _clears(self, est: Speedup) -> bool:
         """The stop rule: the 95% interval's lower end at or above the target (a counted
@@ -141,40 +151,69 @@ class MetricSearch:
         while True:
             if self._clears(est):
                 if est.speedup > self.window and self.before is not None:
-                    est = self._back_off(est)
+                    est = self._settle(est)
                 return True, est
             if loop.exhausted or (self.points and self._flattened()):
                 return False, est
-            # the model before the move: where a move that overshoots is bisected back from
-            self.before = (copy.deepcopy(loop.model), loop.pruner.current_step)
+            # the model before the move: where a move that overshoots is settled back from
+            self.before = (copy.deepcopy(loop.model), loop.pruner.current_step,
+                           self.points[-1].estimate if self.points else Speedup.exact(1.0))
             loop.run_to(loop.base_macs / self._next_macs_speedup(est))
             est = self._record()
 
-    def _back_off(self, est: Speedup) -> Speedup:
-        """The last move overshot the window: bisect over its steps, each a prefix of the
-        recorded history replayed on the model before the move, for the first step whose
-        measurement clears the target; that model takes the pruned model's place."""
+    def _settle(self, est: Speedup) -> Speedup:
+        """The last move overshot the window: search its steps for one whose measurement
+        clears the target inside the window. Each candidate is the prefix of the recorded
+        history up to a step, replayed on the model before the move; the step is the one
+        whose MACs the line through the bracket (log metric against log MACs, the last
+        candidate below the target and the last above the window) puts at the aim (regula
+        falsi). The first candidate inside the window is kept; after SETTLE candidates, the
+        one that cleared nearest the target (measurements are noisy: not the last one
+        timed), or the overshoot itself if none cleared nearer."""
         loop = self.loop
-        before, lo = self.before
+        before, lo, lo_est = self.before
         hi, history = loop.pruner.current_step, loop.pruner.pruning_history()
-        start, chosen = loop.marks[lo], None
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
+        start, hi_est, best = loop.marks[lo], est, None  # best: (step, model, estimate) nearest the target
+        for _ in range(SETTLE):
+            step = self._step_for_aim(lo, lo_est, hi, hi_est)
+            if step is None:
+                break
             try:
-                cand = _replayed(before, history[start: loop.marks[mid]], loop.example_inputs)
+                cand = _replayed(before, history[start: loop.marks[step]], loop.example_inputs)
             # broad on purpose: a history Torch-Pruning cannot replay keeps the overshoot
             except Exception as e:  # noqa: BLE001
                 self.log(f"  cannot step back ({type(e).__name__}: {e}); keeping step {loop.pruner.current_step}")
                 break
             e = self._estimate(cand)
-            self._show(e, f"at step {mid} (stepping back)")
-            if self._clears(e):
-                hi, chosen, est = mid, cand, e
-            else:
-                lo = mid
-        if chosen is not None:
-            loop.keep(hi, chosen)
-        return est
+            self._show(e, f"at {loop.base_macs / loop.step_macs[step]:.3f}x MACs, step {step} (stepping back)")
+            if not self._clears(e):
+                lo, lo_est = step, e
+                continue
+            hi, hi_est = step, e
+            if best is None or e.speedup <= best[2].speedup:  # a tie: the earlier step (less pruned)
+                best = (step, cand, e)
+            if e.speedup <= self.window:
+                break
+        if best is None or best[2].speedup > est.speedup:
+            return est  # nothing nearer the target than the overshoot itself
+        loop.keep(best[0], best[1])
+        return best[2]
+
+    def _step_for_aim(self, lo: int, lo_est: Speedup, hi: int, hi_est: Speedup) -> int | None:
+        """The step strictly between `lo` and `hi` whose MACs speedup is nearest the one where
+        the line through (log MACs speedup, log metric speedup) at lo and hi reaches the aim
+        (the middle of the bracket when the line does not rise); None if no step lies between."""
+        macs = self.loop.step_macs
+        inner = [s for s in range(lo + 1, hi) if s in macs]
+        if not inner:
+            return None
+        x0, x1 = (math.log(self.loop.base_macs / macs[s]) for s in (lo, hi))
+        y0, y1 = (math.log(max(e.speedup, 1e-9)) for e in (lo_est, hi_est))
+        if y1 - y0 > 1e-9:
+            x = x0 + (math.log(self.aim) - y0) * (x1 - x0) / (y1 - y0)
+        else:
+            x = (x0 + x1) / 2
+        return min(inner, key=lambda s: abs(math.log(self.loop.base_macs / macs[s]) - x))
 
     def best(self) -> Speedup:
         return max((p.estimate for p in self.points), key=lambda e: e.speedup, default=Speedup.exact(1.0))
@@ -209,7 +248,7 @@ def prune_to_metric(loop: ProgressiveLoop, metric: str, target: float, measure: 
 
 
 def prune_to_target(model, pruner, example_inputs, target: float, settings, *, timer: PairedTimer | None = None,
-                    prepare: Callable = eager, calib=None, on_step=None, log=None) -> PruneOutcome:
+                    prepare: Callable | None = None, calib=None, on_step=None, log=None) -> PruneOutcome:
     """Prune `model` in place until its speedup in `settings.target_metric` reaches
     `target`: MACs (the progressive loop alone), parameters (counted after each move) or
     latency (`timer` times `prepare(model)` against its base, interleaved)."""
@@ -225,8 +264,8 @@ def prune_to_target(model, pruner, example_inputs, target: float, settings, *, t
         return prune_to_metric(loop, metric, target, measure, settings.tolerance, timed=False, log=log)
     if metric != "latency":
         raise BadInput(f"target_metric must be one of {', '.join(TARGET_METRICS)}, got {metric!r}")
-    if timer is None:
-        raise ValueError("a latency target needs a PairedTimer of the base model")
+    if timer is None or prepare is None:
+        raise ValueError("a latency target needs a PairedTimer of the base model and the runtime's prepare")
     return prune_to_metric(loop, metric, target, lambda m: timer.samples(prepare(m)).add,
                            settings.latency_tolerance, timed=True, log=log)
 
