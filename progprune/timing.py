@@ -94,7 +94,7 @@ class Timer:
             self.sync()
             fastest = min(fastest, (self.clock() - t0) * 1000.0)
         if self.burst is None:
-            self.burst = 1 if fastest >= LONG_MS and fastest < math.inf else BURST
+            self.burst = 1 if LONG_MS <= fastest < math.inf else BURST
 
     def once(self, fn: Forward) -> float:
         """The fastest of `burst` forwards, in ms: a forward that the scheduler interrupted
@@ -128,7 +128,7 @@ class PairedTimer:
                  sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
                  scope: Callable[[], ContextManager] = contextlib.nullcontext):
         """`scope()`: entered around every timing (e.g. the thread count to time with)."""
-        self.base, self.x, self.warmup, self.scope = base, x, warmup, scope
+        self.base, self.warmup, self.scope = base, warmup, scope
         self.timer = Timer(x, burst, sync, clock)
         with scope():
             self.timer.warm(base, warmup)

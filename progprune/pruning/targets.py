@@ -185,7 +185,7 @@ class MetricSearch:
                 self.log(f"  cannot step back ({type(e).__name__}: {e}); keeping step {loop.pruner.current_step}")
                 break
             e = self._estimate(cand)
-            self._show(e, f"at {loop.base_macs / loop.step_macs[step]:.3f}x MACs, step {step} (stepping back)")
+            self._show(e, f"at {self._macs_x(step):.3f}x MACs, step {step} (stepping back)")
             if not self._clears(e):
                 lo, lo_est = step, e
                 continue
@@ -203,17 +203,20 @@ class MetricSearch:
         """The step strictly between `lo` and `hi` whose MACs speedup is nearest the one where
         the line through (log MACs speedup, log metric speedup) at lo and hi reaches the aim
         (the middle of the bracket when the line does not rise); None if no step lies between."""
-        macs = self.loop.step_macs
-        inner = [s for s in range(lo + 1, hi) if s in macs]
+        inner = [s for s in range(lo + 1, hi) if s in self.loop.step_macs]
         if not inner:
             return None
-        x0, x1 = (math.log(self.loop.base_macs / macs[s]) for s in (lo, hi))
+        x0, x1 = (math.log(self._macs_x(s)) for s in (lo, hi))
         y0, y1 = (math.log(max(e.speedup, 1e-9)) for e in (lo_est, hi_est))
         if y1 - y0 > 1e-9:
             x = x0 + (math.log(self.aim) - y0) * (x1 - x0) / (y1 - y0)
         else:
             x = (x0 + x1) / 2
-        return min(inner, key=lambda s: abs(math.log(self.loop.base_macs / macs[s]) - x))
+        return min(inner, key=lambda s: abs(math.log(self._macs_x(s)) - x))
+
+    def _macs_x(self, step: int) -> float:
+        """The MACs speedup the loop reached at `step`."""
+        return self.loop.base_macs / self.loop.step_macs[step]
 
     def best(self) -> Speedup:
         return max((p.estimate for p in self.points), key=lambda e: e.speedup, default=Speedup.exact(1.0))
