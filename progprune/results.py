@@ -43,7 +43,7 @@ class ResultRow:
     final_top5: float | None = None
     base_latency_ms: float | None = None
     pruned_latency_ms: float | None = None
-    latency_speedup: float | None = None
+    latency_speedup: float | None = None  # median of the paired rounds' base / pruned ms
     device: str | None = None
     finetune_epochs: int | None = None
     finetune_seconds: float | None = None

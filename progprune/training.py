@@ -25,7 +25,7 @@ from progprune.data import Splits
 from progprune.errors import CombinationFailed
 from progprune.models import logits_of
 from progprune.runtimes import get_runtime, torch_threads
-from progprune.timing import Timer
+from progprune.timing import Timer, from_times
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -159,6 +159,9 @@ class Latency:
     noisy: bool  # iqr_ms > noisy_rel_iqr * median_ms: too spread out to trust one figure
     runtime: str  # progprune.runtimes: what ran the forward (eager, onnxruntime, ...)
     precision: str  # fp32, fp16, bf16
+    # the first model timed / this one: the median of the rounds' paired ratios, as a latency
+    # target's stop rule estimates it (progprune.timing.from_times); 1.0 for the first model
+    speedup: float = 1.0
 
     @property
     def rel_iqr(self) -> float:
@@ -181,7 +184,10 @@ def measure_latency_stats(models, input_shape, device, batch_size: int = 1, warm
     """Time each model's forward in `repeats` rounds after warm-up, in `runtime` at
     `precision` (progprune.runtimes) with `threads` intra-op threads (None: torch's as they
     are); per model the median, the interquartile range and whether that spread is too
-    large to trust. runtime/precision None: the schema's defaults (evaluation.runtime, ...).
+    large to trust, and its speedup over the first model (the median of the rounds' paired
+    ratios: the statistic a latency target stops on, so a row's latency_speedup and its
+    stop rule's estimate differ only by noise). runtime/precision None: the schema's defaults
+    (evaluation.runtime, ...).
 
     The one timer (progprune.timing.Timer), as a latency target's stop rule times: in each
     round every model the fastest of a burst of forwards, the models interleaved (the
@@ -210,12 +216,13 @@ def measure_latency_stats(models, input_shape, device, batch_size: int = 1, warm
     label = device_label(device)
     out = []
     for t in times:
+        paired = from_times(times[0], t).speedup
         median = statistics.median(t)
         q1, _, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (t[0],) * 3
         iqr = q3 - q1
         out.append(Latency(median_ms=median, iqr_ms=iqr, runs=len(t), threads=n_threads, device=label,
                            noisy=len(t) < 5 or iqr > noisy_rel_iqr * median, runtime=runtime,
-                           precision=precision))
+                           precision=precision, speedup=paired))
     return out
 
 

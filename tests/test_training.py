@@ -345,3 +345,16 @@ def test_outputs_nan_before_any_update_are_not_blamed_on_the_learning_rate(synth
         fit(model, synthetic_splits, CFG, CPU, stage="base training")
     assert str(e.value).startswith("base training: before any update, the model's outputs are not finite "
                                    "(nan or inf) for 64 of the first 64 train images: no learning rate is to blame")
+
+
+def test_latency_speedup_is_the_median_of_paired_rounds():
+    """A row's latency_speedup is estimated as the stop rule estimates (the median of the
+    rounds' paired ratios), not as the ratio of the two medians: a round where only one side
+    was slowed (here the candidate's third) is one round's outlier, not the answer."""
+    burst = lambda per_round: [ms for ms in per_round for _ in range(3)]  # noqa: E731
+    base = _Sleep(burst([20, 20, 20, 60, 60]))
+    cand = _Sleep(burst([10, 10, 30, 30, 30]))
+    a, b = measure_latency_stats([base, cand], (3, 8, 8), CPU, warmup=0, repeats=5)
+    assert a.speedup == 1.0
+    assert b.median_ms >= 30 and a.median_ms < 30  # the medians' ratio would be ~0.67x
+    assert 1.8 < b.speedup <= 2.0  # rounds 2, 2, 0.67, 2, 2

@@ -93,6 +93,9 @@ class PruneInfo:
     # measured when sparse learning changed it from the base
     unreachable: str | None = None  # why the target was not reached (status "unreachable")
     round_to: int | None = None  # the channel multiple pruned to (a latency target's default)
+    # the median of the paired rounds' base ms / pruned ms (training.Latency.speedup); None:
+    # the ratio of the medians
+    latency_speedup: float | None = None
 
     def columns(self) -> dict:
         o = self.outcome
@@ -105,7 +108,7 @@ class PruneInfo:
             "crossing": o.crossing, "crossing_cut": o.crossing_cut, "macs_counter": o.macs_counter,
             "pruned_top1": self.pruned_top1, "pruned_top1_bn": self.pruned_top1_bn,
             "base_latency_ms": self.base_latency_ms, "pruned_latency_ms": self.pruned_latency_ms,
-            "latency_speedup": self.base_latency_ms / self.pruned_latency_ms,
+            "latency_speedup": self.latency_speedup or self.base_latency_ms / self.pruned_latency_ms,
             "base_latency_iqr_ms": self.base_latency_iqr_ms, "pruned_latency_iqr_ms": self.pruned_latency_iqr_ms,
             "latency_threads": self.latency_threads, "latency_noisy": self.latency_noisy,
         }
@@ -152,7 +155,7 @@ def prune_stage(cfg: ComboConfig, model: nn.Module, splits: Splits, device, log:
     return PruneInfo(outcome, top1, top5, lb.median_ms, lp.median_ms, lb.iqr_ms, lp.iqr_ms,
                      lb.threads, lb.noisy or lp.noisy, top1_bn, unpruned,
                      None if outcome.status == "ok" else why_unreachable(outcome, settings, cfg.target_speedup),
-                     settings.round_to)
+                     settings.round_to, lp.speedup)
 
 
 def measure_pair(cfg: ComboConfig, base: nn.Module, model: nn.Module, splits: Splits, device):
