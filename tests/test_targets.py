@@ -74,15 +74,24 @@ def test_a_smooth_latency_lands_in_the_window_in_few_points():
     assert (out.macs, out.params) == count_exact(model, ex)
 
 
+def test_near_the_target_a_flattening_latency_is_followed_by_its_secant():
+    """Latency flattens as MACs fall (overheads): near the target the move follows the local
+    slope, not the chord from the dense model, so it is not short of the window (a point
+    short of it, straddling the target from below, would cost another timed point)."""
+    model, _, out, fake, lines = _search(lambda m: 2.2 * m / (m + 1.2), 1.5)
+    assert out.status == "ok" and 1.5 <= fake.speedup_of(model) <= 1.5 * 1.05
+    assert [t[0] for t in fake.rounds] == [10, 20, 10], lines  # far, near (for the fit), inside
+
+
 def test_the_interval_must_clear_the_target_not_the_estimate():
     # a wide interval (+-10%): the estimate passes the target well before its low end does
     model, _, out, fake, _ = _search(lambda m: m ** 0.6, 2.0, spread=0.10, tolerance=0.30)
     assert out.status == "ok"
     assert out.metric_low >= 2.0
     assert out.metric_speedup >= 2.0 / 0.9 - 1e-9
-    # rounds grow while the answer is open: 10 far below, up to 160 while the interval straddles
+    # rounds grow while the answer is open: 10 far below, more while the interval straddles
     ends = [t[0] for t in fake.rounds]
-    assert ends[0] == 10 and max(ends) == 160 and set(ends) <= {10, 20, 40, 80, 160}
+    assert ends[0] == 10 and max(ends) > 10 and set(ends) <= {10, 20, 40, 80, 160}
 
 
 def test_an_overshooting_move_is_settled_back_and_its_history_reloads():
@@ -175,22 +184,30 @@ def test_a_real_latency_target_keeps_the_model_usable():
     assert isinstance(model, nn.Module) and model(torch.randn(1, 3, 32, 32)).shape == (1, NUM_CLASSES)
 
 
-def _rounds_to_decide(speedup, spread, target=2.0, tolerance=0.05):
+def _rounds_to_decide(speedup, spread, target=2.0, tolerance=0.05, last=False):
     """The rounds `_estimate` takes on a measurement that stays at `speedup` +- `spread`."""
     fake = FakeLatency(1, None, None, spread)
     fake.speedup_of = lambda _m: speedup
     search = MetricSearch(None, target, fake, tolerance, timed=True)
-    return search._estimate(None).rounds
+    return search._estimate(None, last=last).rounds
 
 
 def test_more_rounds_only_while_the_decision_is_open():
     assert _rounds_to_decide(1.0, 0.01) == 10  # far below: the coarse rounds decide
-    assert _rounds_to_decide(1.9, 0.01) == 40  # within 10% below: the fine rounds, for the fit
-    assert _rounds_to_decide(2.0, 0.01) == 160  # straddles the target: up to the most
+    assert _rounds_to_decide(1.9, 0.01) == 20  # within 10% below: the fine rounds, for the fit
+    # straddles the target with the estimate at or above the window's middle (2.05): up to the most
+    assert _rounds_to_decide(2.06, 0.04) == 160
+    # straddles it below the middle: the fine rounds, then a short move to the middle
+    assert _rounds_to_decide(2.0, 0.01) == 20
+    assert _rounds_to_decide(1.99, 0.02) == 20
+    assert _rounds_to_decide(1.5, 0.40) == 20  # a wide interval far below: likewise
+    # ... unless no move can follow (the schedule ran out): then up to the most
+    assert _rounds_to_decide(2.0, 0.01, last=True) == 160
+    assert _rounds_to_decide(1.99, 0.02, last=True) == 20  # below the target: unreachable
     assert _rounds_to_decide(2.05, 0.01) == 10  # clears, inside the window: done
     assert _rounds_to_decide(2.3, 0.01) == 10  # clears, plainly above the window: done
     # clears above the window with an interval reaching into it: it may be inside, so the fine rounds
-    assert _rounds_to_decide(2.13, 0.03) == 40
+    assert _rounds_to_decide(2.13, 0.03) == 20
 
 
 def test_a_jump_over_the_window_keeps_the_clearing_step_nearest_the_target():

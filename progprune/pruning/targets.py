@@ -3,11 +3,11 @@ targets: the loop stays the method's (its ranking, its small steps); this decide
 to drive it, from measurements of the metric at a few points along the way.
 
 The search moves forward only (pruning is not undone). From the points measured so far it
-fits log(metric speedup) against log(MACs speedup) (the larger slope of the chord from the
-base and the secant through the last two points; 1 before the first point), and drives the loop to the MACs speedup the fit predicts
-for the aim, the middle of the accepted window [target, target x (1 + tolerance)]. Far
-from the window a move covers 80% of the predicted way, so the last moves are short ones
-from below. A timed metric is measured in few rounds far from the
+fits log(metric speedup) against log(MACs speedup) (far from the aim the larger slope of
+the chord from the base and the secant through the last two points, near it the secant; 1
+before the first point), and drives the loop to the MACs speedup the fit predicts for the
+aim, the middle of the accepted window [target, target x (1 + tolerance)]. Far from the
+window a move covers 80% of the predicted way, so the search nears it from below. A timed metric is measured in few rounds far from the
 target and in more while the answer is open near it; the target is reached only when the measurement's 95%
 interval lies at or above it (docs/design.md, "Latency targets"). A move that lands above the
 window is settled back over its steps by interpolation (regula falsi in log-log on the
@@ -44,7 +44,7 @@ class Rounds:
     as many again, to at least `fine` near the target and at most `most`."""
 
     coarse: int = 10
-    fine: int = 40
+    fine: int = 20
     most: int = 160
 
 
@@ -75,24 +75,31 @@ class MetricSearch:
         self.before: tuple[nn.Module, int] | None = None
         self.flat = ""  # why the metric is judged flat (unreachable), if it is
 
-    def _estimate(self, model: nn.Module) -> Speedup:
+    def _estimate(self, model: nn.Module, last: bool = False) -> Speedup:
         """`model`'s speedup: `coarse` rounds, then, while the answer is open, as many again
-        (up to `most`); see `_open`."""
+        (up to `most`); see `_open`. `last`: no move can follow (the schedule has run out)."""
         add = self.measure(model)
         est = add(self.rounds.coarse)
         if not self.timed:
             return est
-        while est.rounds < self.rounds.most and self._open(est):
+        while est.rounds < self.rounds.most and self._open(est, last):
             est = add(min(est.rounds, self.rounds.most - est.rounds))
         return est
 
-    def _open(self, est: Speedup) -> bool:
-        """Whether more rounds would change the decision: the interval straddles the target;
-        or, with fewer than `fine` rounds, the estimate is within 10% below the target (the
-        fit needs it there), or it clears the target above the window with an interval that
-        reaches into the window (it may be inside: to settle back or not)."""
+    def _open(self, est: Speedup, last: bool = False) -> bool:
+        """Whether more rounds would change the decision: with fewer than `fine` rounds, the
+        interval straddles the target or the estimate is within 10% below it (the fit needs
+        it there), or it clears the target above the window with an interval that reaches
+        into the window (it may be inside: to settle back or not). After that, up to `most`,
+        the interval straddles the target with the estimate at or above the aim (the
+        window's middle), or, when no move can follow (`last`), at or above the target. An
+        estimate below the aim is moved on from: a short move to the aim costs fewer rounds
+        than proving that a point at the window's edge clears it (or that one below it does
+        not)."""
         if not self._clears(est):
-            return est.high >= self.target or (est.speedup * FAR >= self.target and est.rounds < self.rounds.fine)
+            if est.rounds < self.rounds.fine:
+                return est.high >= self.target or est.speedup * FAR >= self.target
+            return est.high >= self.target and est.speedup >= (self.target if last else self.aim)
         return est.speedup > self.window >= est.low and est.rounds < self.rounds.fine
 
     def _clears(self, est: Speedup) -> bool:
@@ -105,16 +112,19 @@ class MetricSearch:
         self.log(f"  {self.metric} {est.speedup:.3f}x{interval} {where}")
 
     def _record(self) -> Speedup:
-        est = self._estimate(self.loop.model)
+        est = self._estimate(self.loop.model, last=self.loop.exhausted)
         p = Point(self.loop.pruner.current_step, self.loop.base_macs / self.loop.macs, est)
         self.points.append(p)
         self._show(est, f"at {p.macs_speedup:.3f}x MACs, step {p.step}")
         return est
 
-    def _slope(self) -> float:
-        """d log(metric) / d log(MACs): the larger of the chord from the base and the secant
-        through the last two points (when they lie at least 10% apart in MACs), so that a
-        move errs short; 1 before the first point."""
+    def _slope(self, near: bool) -> float:
+        """d log(metric) / d log(MACs) from the chord from the base and the secant through the
+        last two points (when they lie at least 10% apart in MACs); 1 before the first point.
+        Far from the aim the larger of the two, so that a move errs short; near it (`near`)
+        the secant: latency flattens as MACs fall, so the chord overstates the local slope
+        and a move short of the window would cost another timed point, while a move past it
+        is settled back over its steps (a candidate or two)."""
         if not self.points:
             return 1.0
         pts = [(0.0, 0.0)] + [(math.log(p.macs_speedup), math.log(max(p.estimate.speedup, 1e-9)))
@@ -122,14 +132,16 @@ class MetricSearch:
         (x0, y0), (x1, y1) = pts[-2], pts[-1]
         slope = y1 / x1 if x1 > 1e-6 else 1.0
         if x1 - x0 >= math.log(1.1):
-            slope = max(slope, (y1 - y0) / (x1 - x0))
+            secant = (y1 - y0) / (x1 - x0)
+            slope = secant if near else max(slope, secant)
         return min(max(slope, 0.1), 2.0)
 
     def _next_macs_speedup(self, est: Speedup) -> float:
         m = self.loop.base_macs / self.loop.macs
         need = self.aim / max(est.speedup, 1e-9)
-        share = APPROACH if need > self.aim / self.target else 1.0
-        nxt = m * math.exp(share * math.log(max(need, 1.0)) / self._slope())
+        near = need <= FAR
+        share = 1.0 if near else APPROACH
+        nxt = m * math.exp(share * math.log(max(need, 1.0)) / self._slope(near))
         least = m * (1 + 1e-3)  # at least a step's worth
         return min(max(nxt, least), m * MAX_JUMP)
 
