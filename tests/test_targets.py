@@ -224,3 +224,37 @@ def test_a_jump_over_the_window_keeps_the_clearing_step_nearest_the_target():
     tried = [int(line.split("step ")[1].split(" ")[0]) for line in back]
     cleared = [s for s, line in zip(tried, back) if float(line.split()[1].rstrip("x")) >= 2.0]
     assert out.steps == min(cleared + [out.steps])
+
+
+def test_settling_skips_steps_that_pruned_nothing_more():
+    """With round_to, several steps can end at the same widths (the same MACs): a candidate
+    at the MACs of a bracket end is the model already timed, so it is not timed again."""
+    from types import SimpleNamespace
+
+    loop = SimpleNamespace(base_macs=100, step_macs={10: 50, 11: 45, 12: 45, 13: 45, 14: 40})
+    search = MetricSearch(loop, 2.0, None, 0.05, timed=True)
+    low, high = Speedup(1.8, 1.78, 1.82, 20, math.nan, math.nan), Speedup(2.3, 2.28, 2.32, 20, math.nan, math.nan)
+    assert search._step_for_aim(10, low, 14, high) == 11
+    assert search._step_for_aim(11, low, 14, high) is None  # 12 and 13 are step 11's model
+    assert search._step_for_aim(10, low, 11, high) is None
+
+
+def test_a_settle_candidate_is_timed_to_a_decision():
+    """No move follows a settle candidate: one straddling the target at or above it gets
+    rounds up to the most (`last`), as at the end of the schedule."""
+    def curve(m):
+        return m ** 0.15 if m < 2.5 else 2.5 ** 0.15 * (m / 2.5) ** 3
+
+    model, ex, cfg, pruner = _setup()
+    loop = ProgressiveLoop(model, pruner, ex, cfg)
+    search = MetricSearch(loop, 2.0, FakeLatency(loop.base_macs, ex, curve), 0.05, timed=True)
+    calls, estimate = [], search._estimate
+
+    def spy(m, last=False):
+        calls.append((m is loop.model, last))
+        return estimate(m, last)
+    search._estimate = spy
+    reached, _ = search.run()
+    candidates = [last for on_loop, last in calls if not on_loop]
+    assert reached and candidates and all(candidates)
+    assert not any(last for on_loop, last in calls if on_loop)  # the schedule did not run out

@@ -196,7 +196,7 @@ class MetricSearch:
             except Exception as e:  # noqa: BLE001
                 self.log(f"  cannot step back ({type(e).__name__}: {e}); keeping step {loop.pruner.current_step}")
                 break
-            e = self._estimate(cand)
+            e = self._estimate(cand, last=True)  # no move follows a candidate: settle it here
             self._show(e, f"at {self._macs_x(step):.3f}x MACs, step {step} (stepping back)")
             if not self._clears(e):
                 lo, lo_est = step, e
@@ -214,8 +214,11 @@ class MetricSearch:
     def _step_for_aim(self, lo: int, lo_est: Speedup, hi: int, hi_est: Speedup) -> int | None:
         """The step strictly between `lo` and `hi` whose MACs speedup is nearest the one where
         the line through (log MACs speedup, log metric speedup) at lo and hi reaches the aim
-        (the middle of the bracket when the line does not rise); None if no step lies between."""
-        inner = [s for s in range(lo + 1, hi) if s in self.loop.step_macs]
+        (the middle of the bracket when the line does not rise); None if no step lies between.
+        A step at the MACs of `lo` or `hi` is left out: it pruned nothing more (a round_to
+        multiple not yet crossed), so it is the model already timed."""
+        ends = {self.loop.step_macs.get(lo), self.loop.step_macs.get(hi)}
+        inner = [s for s in range(lo + 1, hi) if s in self.loop.step_macs and self.loop.step_macs[s] not in ends]
         if not inner:
             return None
         x0, x1 = (math.log(self._macs_x(s)) for s in (lo, hi))
