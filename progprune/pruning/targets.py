@@ -217,8 +217,9 @@ class MetricSearch:
         (the middle of the bracket when the line does not rise); None if no step lies between.
         A step at the MACs of `lo` or `hi` is left out: it pruned nothing more (a round_to
         multiple not yet crossed), so it is the model already timed."""
-        ends = {self.loop.step_macs.get(lo), self.loop.step_macs.get(hi)}
-        inner = [s for s in range(lo + 1, hi) if s in self.loop.step_macs and self.loop.step_macs[s] not in ends]
+        macs = self.loop.step_macs
+        ends = {macs.get(lo), macs.get(hi)}
+        inner = [s for s in range(lo + 1, hi) if s in macs and macs[s] not in ends]
         if not inner:
             return None
         x0, x1 = (math.log(self._macs_x(s)) for s in (lo, hi))
