@@ -29,8 +29,10 @@ $(VENV)/.installed: pyproject.toml
 
 install-tv: $(VENV_TV)/.installed
 
-# torch + torchvision (~2 min from local disk): `make test` starts this in the background
-# while the main suite runs; nothing in it touches the working tree.
+# torch + torchvision (~2 min from local disk), then the project with its test and models
+# extras: `make test` runs both in the background while the main suite runs. The second only
+# rewrites progprune.egg-info in the working tree, which the image's build context, the
+# runtime env's upload and the tests all leave out.
 $(VENV_TV)/.torch:
 	test -x $(PY_TV) || $(PYTHON) -m venv $(VENV_TV)
 	$(PY_TV) -m pip install -q $(TORCH_INDEX) $(TV_SPEC)
@@ -44,11 +46,11 @@ demo: install
 	$(VENV)/bin/progprune sweep ray_jobs/digits_smoke.yaml
 
 # both suites run; the second one even when the first failed, and make fails if either did.
-# The second environment's torch installs in the background meanwhile (its log is shown if it
-# fails; test-realmodels then retries it in the foreground).
+# The second environment installs in the background meanwhile (its log is shown if it fails;
+# test-realmodels then retries it in the foreground).
 TV_LOG := $(or $(TMPDIR),/tmp)/progprune-venv-tv-$(shell id -u).log
 test: install
-	{ $(MAKE) -s $(VENV_TV)/.torch > $(TV_LOG) 2>&1 || { echo "background install of $(VENV_TV) failed:"; cat $(TV_LOG); }; } & tv=$$!; \
+	{ $(MAKE) -s $(VENV_TV)/.installed > $(TV_LOG) 2>&1 || { echo "background install of $(VENV_TV) failed:"; cat $(TV_LOG); }; } & tv=$$!; \
 	$(MAKE) test-main; a=$$?; wait $$tv; $(MAKE) test-realmodels; b=$$?; test $$a -eq 0 -a $$b -eq 0
 
 # Two pytest-xdist workers: the Ray tests on the session cluster or an embedded Ray, those
@@ -61,8 +63,11 @@ PYTEST_ARGS ?=
 test-main: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -p no:cacheprovider -m "not realmodels" $(XDIST) $(PYTEST_ARGS)
 
+# the torchvision/timm tests are CPU-bound model pruning, independent of each other: two
+# workers, one torch thread each (XDIST_TV= runs them serially)
+XDIST_TV    ?= -n 2
 test-realmodels: install-tv
-	$(PY_TV) -m pytest -q -p no:cacheprovider -m realmodels tests/test_real_models.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY_TV) -m pytest -q -p no:cacheprovider -m realmodels $(XDIST_TV) $(PYTEST_ARGS) tests/test_real_models.py
 
 clean-runs:
 	rm -rf runs/

@@ -113,16 +113,18 @@ def test_an_image_model_with_the_text_data_and_an_hf_model_under_the_image_task_
 
 @pytest.mark.ray
 def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm, cluster, tmp_path):
-    """2 models x 2 params targets on a real Ray cluster, fine-tuned on Ray Train with two
-    workers (DDP over disjoint shards of the token blocks): four ok rows and the report's
-    perplexity columns and plot."""
+    """2 models (llama, qwen2) at a params target on a real Ray cluster, each fine-tuned on
+    Ray Train with two workers (DDP over disjoint shards of the token blocks): two ok rows and
+    the report's perplexity columns and plot. (One target each: a second target was two more
+    Train runs, ~110 s of CI, and checked nothing the first does not; targets as an axis are
+    test_sweep's.)"""
     import yaml
 
     from helpers import read_results
 
     data, models = lm
     spec = {"name": "lm-sweep", "task": "causal_lm", "models": [models["llama"], models["qwen2"]],
-            "speedups": [1.25, 1.5], "methods": ["l2"],
+            "speedups": [1.5], "methods": ["l2"],
             "dataset": {"name": "text", "data_dir": str(data), "seq_len": int(SEQ), "eval_batch_size": 32},
             "pruning": {"target_metric": "params", "iterative_steps": 4},
             "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.003, "optimizer": "adamw", "warmup": 0.1,
@@ -133,7 +135,8 @@ def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm,
     r = progprune("sweep", path, "--address", cluster.address)
     assert r.returncode == 0, r.stdout + r.stderr
     df = read_results(tmp_path / "out")
-    assert len(df) == 4 and set(df.status) == {"ok"}, df.error.tolist()
+    assert len(df) == 2 and set(df.status) == {"ok"}, df.error.tolist()
+    assert sorted(df.model) == sorted([models["llama"], models["qwen2"]])
     assert set(df.task) == {"causal_lm"} and (df.finetune_workers == 2).all()
     assert (df.achieved_speedup >= df.target_speedup).all()
     assert (df.final_perplexity < df.pruned_perplexity).all()
