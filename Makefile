@@ -31,8 +31,8 @@ install-tv: $(VENV_TV)/.installed
 
 # torch + torchvision (~2 min from local disk), then the project with its test and models
 # extras: `make test` runs both in the background while the main suite runs. The second only
-# rewrites progprune.egg-info in the working tree, which the image's build context, the
-# runtime env's upload and the tests all leave out.
+# rewrites progprune.egg-info in the working tree, which no test reads and which the image's
+# build context (.dockerignore) and the runtime env's upload (excludes) leave out.
 $(VENV_TV)/.torch:
 	test -x $(PY_TV) || $(PYTHON) -m venv $(VENV_TV)
 	$(PY_TV) -m pip install -q $(TORCH_INDEX) $(TV_SPEC)

@@ -116,8 +116,8 @@ def test_a_causal_lm_sweep_on_the_local_ray_cluster_writes_rows_and_a_report(lm,
     """2 models (llama, qwen2) at a params target on a real Ray cluster, each fine-tuned on
     Ray Train with two workers (DDP over disjoint shards of the token blocks): two ok rows and
     the report's perplexity columns and plot. (One target each: a second target was two more
-    Train runs, ~110 s of CI, and checked nothing the first does not; targets as an axis are
-    test_sweep's.)"""
+    Train runs, about half of the test's 222 s here, and checked nothing the first does not;
+    targets as a sweep axis are test_sweep's.)"""
     import yaml
 
     from helpers import read_results
